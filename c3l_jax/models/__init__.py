@@ -1,0 +1,1 @@
+"""Pure Flax NNX model definitions (no pipeline knowledge)."""

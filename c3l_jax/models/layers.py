@@ -1,0 +1,134 @@
+"""Shared building blocks: annotated dense/norm layers, attention, activations, stacked-layer scan.
+
+Every weight carries logical axis names as `out_sharding` metadata (see `c3l_jax.sharding` for the rules
+that map them onto the mesh):
+  `layers` (stacked decoder/encoder layers), `vocab`, `embed` (model width), `mlp`, `heads`,
+  `kv_heads`, `head_dim`, `vision_embed`, `vision_mlp`, `vision_heads`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def dtype_of(name: str | Any) -> Any:
+  return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def dense(in_features: int, out_features: int, axes: Axes, *, bias: bool, dtype: Any,
+          param_dtype: Any, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
+  """`nnx.Linear` whose kernel `[in, out]` (and bias `[out]`) carry logical axis names."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.initializers.normal(std), rngs=rngs,
+      kernel_metadata={"out_sharding": axes}, bias_metadata={"out_sharding": axes[-1:]})
+
+
+def layer_norm(features: int, axis: str, *, eps: float, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """torch-exact LayerNorm (two-pass variance) with annotated scale and bias."""
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+      rngs=rngs, scale_metadata={"out_sharding": (axis,)}, bias_metadata={"out_sharding": (axis,)})
+
+
+class RMSNorm(nnx.Module):
+  """Llama RMSNorm exactly as transformers: normalise in float32, cast back, then scale."""
+
+  def __init__(self, features: int, *, eps: float, param_dtype: Any):
+    self.weight = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=("embed",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(in_dtype) * x32.astype(in_dtype)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads, softmax in float32.
+
+  Args:
+    q: `[B, T, H, D]` queries.
+    k, v: `[B, S, K, D]` keys / values, `H % K == 0` (GQA; `K == H` is MHA).
+    mask: boolean `[B, T, S]` (True = attend) or None for full attention.
+  Returns:
+    `[B, T, H, D]` in `q.dtype`.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (d ** -0.5)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`num` copies of a layer with parameters stacked on a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=num)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num,
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(r: nnx.Rngs) -> nnx.Module:
+    return make(r)
+
+  return create(rngs)
+
+
+def scan_layers(layers: nnx.Module, body: Callable[..., tuple[Any, Any]], carry: Any,
+                xs: Any = None, *, scan: bool = True, remat: bool = False,
+                num: int | None = None) -> tuple[Any, Any]:
+  """Apply stacked `layers` in order: `carry, y_i = body(layer_i, carry, xs_i)`.
+
+  Functional core: the stacked module is split once and each layer is merged inside the loop body.
+  `scan=True` lowers to one `lax.scan` (compile time independent of depth); `scan=False` unrolls it.
+  `remat=True` rematerialises each layer's activations in the backward pass. `num` applies only the
+  first `num` layers (e.g. CLIP features taken from the penultimate layer never run the last one).
+  """
+  graphdef, state = nnx.split(layers)
+  if num is not None:
+    state = jax.tree.map(lambda a: a[:num], state)
+
+  def step(c, inputs):
+    layer_state, x = inputs
+    return body(nnx.merge(graphdef, layer_state), c, x)
+
+  if remat:
+    step = jax.checkpoint(step, prevent_cse=not scan)
+  length = jax.tree.leaves(state)[0].shape[0]
+  return jax.lax.scan(step, carry, (state, xs), unroll=1 if scan else length)
+
+
+def causal_mask(query_pos: jax.Array, key_pos: jax.Array, key_valid: jax.Array) -> jax.Array:
+  """`[B, T, S]` mask: key s visible to query t iff valid and `key_pos[s] <= query_pos[t]`.
+
+  Positions are slot indices in the (padded) sequence, so padding never attends or is attended.
+  """
+  return (key_pos[:, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :]
+
