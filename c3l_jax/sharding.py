@@ -10,7 +10,7 @@ materialised on one device.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -101,7 +101,6 @@ def init_model(cfg: LlavaConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> Llav
   graphdef, abstract = abstract_model(cfg)
   shardings = state_shardings(abstract, mesh)
 
-  @jax.jit
   def create():
     return nnx.state(LlavaVLM(cfg, rngs=nnx.Rngs(seed)))
 
@@ -140,4 +139,4 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 __all__ = ["LOGICAL_RULES", "MESH_AXES", "abstract_model", "batch_sharding", "init_model",
-           "load_model", "make_mesh", "mesh_shape", "shard_batch", "state_shardings", "Callable"]
+           "load_model", "make_mesh", "mesh_shape", "shard_batch", "state_shardings"]
