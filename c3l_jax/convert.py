@@ -36,7 +36,6 @@ _SAFETENSORS_DTYPES = {
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 _IGNORED = (
-    re.compile(r"vision\.post_layernorm\..*"),  # LLaVA never uses CLIP's pooled output
     re.compile(r"vision\.embeddings\.position_ids"),  # buffer in old checkpoints
     re.compile(r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),  # buffer in old checkpoints
 )
@@ -93,6 +92,8 @@ def conversion_plan(cfg: LlavaConfig) -> dict[str, tuple[tuple[str, ...], int | 
   plan["vision.embeddings.position_embedding.weight"] = (vt + ("position_embedding",), None, _ID)
   plan["vision.pre_layrnorm.weight"] = (vt + ("pre_layrnorm", "scale"), None, _ID)
   plan["vision.pre_layrnorm.bias"] = (vt + ("pre_layrnorm", "bias"), None, _ID)
+  plan["vision.post_layernorm.weight"] = (vt + ("post_layernorm", "scale"), None, _ID)
+  plan["vision.post_layernorm.bias"] = (vt + ("post_layernorm", "bias"), None, _ID)
   for i in range(v.num_hidden_layers):
     src = f"vision.encoder.layers.{i}."
     for hf, ours in (("self_attn.q_proj", "q_proj"), ("self_attn.k_proj", "k_proj"),

@@ -110,3 +110,15 @@ def test_converter_errors_are_clear(tmp_path):
   cfg_path.write_text(json.dumps(cfg))
   proc = convert_cli(str(tmp_path / "hf"), str(tmp_path / "o"))
   assert proc.returncode != 0 and "not a LLaVA config" in proc.stderr
+
+
+def test_clip_pooled_output_matches_transformers(tmp_path):
+  import torch
+
+  hf = make_hf_llava(str(tmp_path / "hf"))
+  assert convert_cli(str(tmp_path / "hf"), str(tmp_path / "ours")).returncode == 0
+  _, pixels, _ = llava_inputs(hf, batch=2)
+  with torch.no_grad():
+    want = hf.model.vision_tower(torch.as_tensor(pixels)).pooler_output.numpy()
+  got = np.asarray(_load(str(tmp_path / "ours")).vision_tower.pooled(pixels))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

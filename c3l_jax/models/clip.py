@@ -4,7 +4,8 @@ patch conv (no bias) + CLS + learned positions -> `pre_layrnorm` -> pre-LN encod
 (LayerNorm, MHA with biases, LayerNorm, MLP with quick_gelu). `hidden_states[0]` is the pre-layernormed
 embedding and `hidden_states[i]` the output of layer i, exactly as transformers numbers them, so
 `vision_feature_layer=-2` is the penultimate layer's output (the last layer is never computed).
-`post_layernorm` is not used by LLaVA and is not part of this module.
+`post_layernorm` (CLIP's pooled-output norm) is not used by LLaVA; it is kept so that checkpoints
+round-trip and parameter counts equal transformers', and serves `pooled()`.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class CLIPVisionTower(nnx.Module):
     self.layers = L.stacked(
         lambda r: CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
         cfg.num_hidden_layers, rngs)
+    self.post_layernorm = L.layer_norm(d, "vision_embed", eps=cfg.layer_norm_eps, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
     self.scan = scan
     self.remat = remat
@@ -95,3 +98,8 @@ class CLIPVisionTower(nnx.Module):
     last, inputs = L.scan_layers(self.layers, body, x, scan=self.scan, remat=self.remat, num=needed)
     # inputs[i] is the input of layer i, i.e. hidden_states[i]; hidden_states[needed] is `last`.
     return [last if i == needed else inputs[i] for i in index]
+
+  def pooled(self, pixel_values: jax.Array) -> jax.Array:
+    """CLIP's pooled output: `post_layernorm` of the last layer's CLS state, `[B, D]`."""
+    (last,) = self(pixel_values, (self.cfg.num_hidden_layers,))
+    return self.post_layernorm(last[:, 0])
