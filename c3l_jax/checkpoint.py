@@ -3,11 +3,13 @@
 Layout of a model directory (what `python -m c3l_jax.convert` writes and every stage loads):
 ```
 DIR/c3l_model.json      LlavaConfig.to_json(): the architecture (runtime dtype fields are run config)
-DIR/params/             orbax PyTree checkpoint of the parameter tree (layers stacked on axis 0)
+DIR/params/<a.b.c>/     one orbax PyTree checkpoint per parameter (dotted path; layers stacked on axis 0)
 DIR/*.json, *.model ... the HF tokenizer / processor / chat-template files, copied verbatim
 ```
-Parameters are restored straight into their target shardings and dtypes (no host copy of the whole
-model), see `c3l_jax.sharding.load_model`.
+One orbax item per parameter (rather than one for the whole tree) is what lets the converter stream: orbax
+copies everything it is asked to save before writing, so saving a 7B tree at once needs twice its size in
+RAM. Parameters are restored straight into their target shardings and dtypes, one at a time, see
+`c3l_jax.sharding.load_model`.
 """
 
 from __future__ import annotations
@@ -52,11 +54,25 @@ def save_model_config(path: str, cfg: LlavaConfig) -> None:
     f.write(cfg.to_json())
 
 
-def save_params(path: str, params: Any) -> None:
-  """Save a nested dict of arrays (numpy or jax) as `path/params` (overwrites)."""
-  target = os.path.join(os.path.abspath(path), PARAMS_DIR)
+def _param_dir(path: str, keys: tuple[str, ...]) -> str:
+  return os.path.join(os.path.abspath(path), PARAMS_DIR, ".".join(keys))
+
+
+def save_param(path: str, keys: tuple[str, ...], value: Any) -> None:
+  """Save one parameter (numpy or jax array) as `path/params/<keys joined by '.'>`."""
   with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(target, params, force=True)
+    ckptr.save(_param_dir(path, keys), {"value": value}, force=True)
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(str(k.key) for k in keys): v for keys, v in flat}
+
+
+def save_params(path: str, params: Any) -> None:
+  """Save a nested dict of arrays, one orbax item per leaf."""
+  for keys, value in _flat(params).items():
+    save_param(path, keys, value)
 
 
 def restore_params(path: str, abstract: Any) -> Any:
@@ -65,10 +81,22 @@ def restore_params(path: str, abstract: Any) -> Any:
   Args:
     abstract: nested dict of `jax.ShapeDtypeStruct` (with `.sharding`) mirroring the saved tree; dtypes
       may differ from the saved ones (e.g. fp16 on disk, fp32 or bf16 in memory): values are cast.
+  Raises:
+    CheckpointError: listing the parameters the model expects but the directory lacks, and those the
+      directory has but the model does not know.
   """
-  target = os.path.join(os.path.abspath(path), PARAMS_DIR)
-  restore_args = jax.tree.map(
-      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
-      abstract)
+  flat = _flat(abstract)
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  saved = {tuple(n.split(".")) for n in os.listdir(params_dir)}
+  missing = sorted(".".join(k) for k in set(flat) - saved)
+  extra = sorted(".".join(k) for k in saved - set(flat))
+  if missing or extra:
+    raise CheckpointError(f"{path}: parameters missing {missing} / not in the model {extra}")
+  values = {}
   with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(target, item=abstract, restore_args=restore_args)
+    for keys, a in flat.items():
+      args = {"value": ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)}
+      values[keys] = ckptr.restore(_param_dir(path, keys), item={"value": a},
+                                   restore_args=args)["value"]
+  treedef = jax.tree_util.tree_structure(abstract)
+  return jax.tree_util.tree_unflatten(treedef, [values[k] for k in flat])

@@ -6,8 +6,8 @@ Reads `config.json` and the (single or sharded) `*.safetensors` files, maps ever
 parameter tree (`c3l_jax.models.vlm.LlavaVLM`, layers stacked on axis 0), writes it with orbax, and copies
 the tokenizer / processor / chat-template files so the output is all a run needs.
 
-Streaming: tensors are memory-mapped one at a time and copied into their slot of the preallocated output
-tree, so peak memory is about one copy of the model (plus one tensor), not two. Accepted key layouts:
+Streaming: each Flax parameter is assembled from its tensors (layers stacked), saved and freed before the
+next, so peak memory is about twice the largest stacked parameter, a fraction of the model. Accepted key layouts:
 `vision_tower.vision_model.*` / `vision_tower.*` / `model.vision_tower.*`, `language_model.model.*` /
 `model.language_model.*`, and `lm_head.*` / `language_model.lm_head.*` (transformers 4.x, 5.x and the
 original llava-hf uploads).
@@ -20,10 +20,11 @@ import os
 import re
 import shutil
 import struct
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
+import tqdm
 from absl import app, flags, logging
 
 from c3l_jax import checkpoint
@@ -45,8 +46,24 @@ class ConversionError(ValueError):
   """The input directory cannot be converted; the message says why."""
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yield `(name, array)` from one safetensors file, memory-mapped (bfloat16 included).
+class TensorRef(NamedTuple):
+  """Where one tensor lives in a safetensors file."""
+
+  file: str
+  offset: int  # absolute byte offset of the data
+  dtype: np.dtype
+  shape: tuple[int, ...]
+
+  def read(self) -> np.ndarray:
+    """Read just this tensor (`np.fromfile`, no memory map: converted tensors leave no resident pages)."""
+    with open(self.file, "rb") as f:
+      f.seek(self.offset)
+      data = np.fromfile(f, dtype=self.dtype, count=int(np.prod(self.shape, dtype=np.int64)))
+    return data.reshape(self.shape)
+
+
+def read_safetensors_index(path: str) -> dict[str, TensorRef]:
+  """Tensor name -> `TensorRef` from one safetensors file's header (bfloat16 included).
 
   `safetensors`' numpy backend cannot represent bfloat16, so the (tiny, documented) format is read
   directly: an 8-byte little-endian header size, a JSON header, then raw little-endian tensor bytes.
@@ -55,13 +72,19 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     (header_size,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(header_size))
   header.pop("__metadata__", None)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+  refs = {}
   for name, info in header.items():
     if info["dtype"] not in _SAFETENSORS_DTYPES:
       raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    yield name, data[start:end].view(dtype).reshape(info["shape"])
+    refs[name] = TensorRef(path, 8 + header_size + info["data_offsets"][0],
+                           np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"]))
+  return refs
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yield `(name, array)` for every tensor of one safetensors file, one at a time."""
+  for name, ref in sorted(read_safetensors_index(path).items(), key=lambda kv: kv[1].offset):
+    yield name, ref.read()
 
 
 def canonical_name(key: str) -> str | None:
@@ -165,7 +188,12 @@ def _list(names: list[str], limit: int = 20) -> str:
 
 
 def convert(hf_path: str, out: str, dtype: str | None = None) -> LlavaConfig:
-  """Convert `hf_path` into the model directory `out`; returns the model config.
+  """Convert `hf_path` into the model directory `out` (replaced if present); returns the model config.
+
+  Every tensor name is checked against the plan before any data is read. Then each parameter of the
+  Flax tree is assembled (layers stacked), shape-checked against the model and saved on its own, so
+  peak memory is about twice the largest stacked parameter, not the model. The output is written to
+  `out.partial` and renamed into place when complete.
 
   Args:
     dtype: storage dtype of the parameters (`float32`, `bfloat16`, `float16`); None keeps each tensor's.
@@ -174,38 +202,17 @@ def convert(hf_path: str, out: str, dtype: str | None = None) -> LlavaConfig:
       tensors (all of them listed), or a tensor whose shape disagrees with the config.
   """
   cfg = read_hf_config(hf_path)
-  files = _weight_files(hf_path)
   plan = conversion_plan(cfg)
-  target_dtype = None if dtype is None else np.dtype(getattr(ml_dtypes, dtype, dtype))
-  tree: dict[str, Any] = {}
-  seen: set[str] = set()
+  refs: dict[str, TensorRef] = {}
   unexpected: list[str] = []
-  num_layers = {"vision_tower": cfg.vision.num_hidden_layers, "language_model": cfg.text.num_hidden_layers}
-  for file in files:
-    for key, tensor in iter_safetensors(file):
+  for file in _weight_files(hf_path):
+    for key, ref in read_safetensors_index(file).items():
       name = canonical_name(key)
-      if name is None or name not in plan:
-        if name is None or not any(p.fullmatch(name) for p in _IGNORED):
-          unexpected.append(key)
-        continue
-      path, layer, transform = plan[name]
-      value = transform(tensor)
-      node = tree
-      for part in path[:-1]:
-        node = node.setdefault(part, {})
-      leaf_dtype = target_dtype or value.dtype
-      if layer is None:
-        node[path[-1]] = np.array(value, dtype=leaf_dtype)
-      else:
-        if path[-1] not in node:
-          node[path[-1]] = np.empty((num_layers[path[0]],) + value.shape, leaf_dtype)
-        slot = node[path[-1]]
-        if slot.shape[1:] != value.shape:
-          raise ConversionError(f"tensor {key} has shape {tensor.shape}, inconsistent with the other "
-                                "layers or the config")
-        slot[layer] = value
-      seen.add(name)
-  missing = sorted(set(plan) - seen)
+      if name in plan:
+        refs[name] = ref
+      elif name is None or not any(p.fullmatch(name) for p in _IGNORED):
+        unexpected.append(key)
+  missing = sorted(set(plan) - set(refs))
   if missing or unexpected:
     parts = []
     if missing:
@@ -213,29 +220,54 @@ def convert(hf_path: str, out: str, dtype: str | None = None) -> LlavaConfig:
     if unexpected:
       parts.append(f"unexpected tensors ({len(unexpected)}): {_list(sorted(unexpected))}")
     raise ConversionError(f"{hf_path}: " + "; ".join(parts))
-  _check_shapes(cfg, tree)
-  os.makedirs(out, exist_ok=True)
-  checkpoint.save_params(out, tree)
-  checkpoint.save_model_config(out, cfg)
-  _copy_processor_files(hf_path, out)
+
+  expected = _expected_shapes(cfg)
+  leaves: dict[tuple[str, ...], list[tuple[int | None, str]]] = {}
+  for name, (path, layer, _) in plan.items():
+    leaves.setdefault(path, []).append((layer, name))
+  partial = out.rstrip("/") + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  target_dtype = None if dtype is None else np.dtype(getattr(ml_dtypes, dtype, dtype))
+  for path, sources in tqdm.tqdm(sorted(leaves.items()), desc="convert", unit="param"):
+    value = _assemble(path, sources, plan, refs, expected[path], target_dtype)
+    checkpoint.save_param(partial, path, value)
+    del value
+  checkpoint.save_model_config(partial, cfg)
+  _copy_processor_files(hf_path, partial)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(partial, out)
   return cfg
 
 
-def _check_shapes(cfg: LlavaConfig, tree: dict[str, Any]) -> None:
-  """Every converted array must have exactly the shape the Flax model declares."""
+def _assemble(path: tuple[str, ...], sources: list[tuple[int | None, str]], plan, refs,
+              shape: tuple[int, ...], dtype: np.dtype | None) -> np.ndarray:
+  """One Flax parameter from its HF tensor(s): transformed, stacked over layers, shape-checked."""
+  value = None
+  for layer, name in sources:
+    part = plan[name][2](refs[name].read())
+    want = shape if layer is None else shape[1:]
+    if part.shape != want:
+      raise ConversionError(f"tensor {name} has shape {refs[name].shape}: after conversion "
+                            f"{part.shape}, but the config implies {want} for {'.'.join(path)}")
+    if layer is None:
+      return np.asarray(part, dtype=dtype or part.dtype)
+    if value is None:
+      value = np.empty(shape, dtype or part.dtype)
+    value[layer] = part
+  return value
+
+
+def _expected_shapes(cfg: LlavaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Parameter path -> shape, from `jax.eval_shape` of the Flax model (nothing allocated)."""
   import jax
   from flax import nnx
+
   from c3l_jax.models.vlm import LlavaVLM
 
-  abstract = nnx.eval_shape(lambda: LlavaVLM(cfg, rngs=nnx.Rngs(0)))
-  expected = nnx.state(abstract, nnx.Param).to_pure_dict()
-  flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  flat_tree = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
-  wrong = [f"{jax.tree_util.keystr(k)}: {flat_tree[k].shape} != {v.shape}"
-           for k, v in flat_expected.items() if k in flat_tree and flat_tree[k].shape != v.shape]
-  absent = sorted(jax.tree_util.keystr(k) for k in set(flat_expected) - set(flat_tree))
-  if wrong or absent:
-    raise ConversionError(f"converted tree disagrees with the model: {_list(wrong + absent)}")
+  abstract = nnx.state(nnx.eval_shape(lambda: LlavaVLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract))[0]
+  return {tuple(k.key for k in keys): tuple(v.shape) for keys, v in flat}
 
 
 def _copy_processor_files(hf_path: str, out: str) -> None:
