@@ -119,3 +119,81 @@ def rewrite_layout(src: str, dst: str, rename, shards: int = 1) -> None:
   if shards > 1:
     with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
       json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+# The llava-hf LLaVA-1.5 chat template (as shipped in llava-hf/llava-1.5-7b-hf's chat_template.json).
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
+    "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+_CORPUS = """a the red blue green yellow circle square triangle is are there in on of left right
+above below what color shape how many objects image picture question answer describe small large
+one two three four five sides next to and with a an it this that which where why because yes no
+USER ASSISTANT Question Answer the object at top bottom middle of image sky ground tree car dog cat
+""".split()
+
+
+def make_tiny_processor(path: str, image_size: int = 28, patch_size: int = 14,
+                        strategy: str = "default", vocab_size: int = 128):
+  """A LLaVA processor whose tokenizer has exactly `vocab_size` ids, `<image>` being the last one.
+
+  The tokenizer is a small SentencePiece-style (Metaspace) BPE trained on a fixed word list, with a
+  `<s>` prefix like Llama's; the image processor is CLIP's at `image_size`; the chat template is
+  llava-hf's LLaVA-1.5 template. Saved under `path` (next to a model made by `make_hf_llava`).
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+  specials = ["<unk>", "<s>", "</s>", "<pad>"]
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  sentences = [" ".join(_CORPUS[i:i + 7]) for i in range(0, len(_CORPUS), 3)] * 4
+  tok.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=vocab_size - 1,
+                                                         special_tokens=specials))
+  filler = [f"<extra_{i}>" for i in range(vocab_size - 1 - tok.get_vocab_size())]
+  tok.add_tokens(filler)
+  tok.add_special_tokens(["<image>"])
+  assert tok.get_vocab_size() == vocab_size and tok.token_to_id("<image>") == vocab_size - 1
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                     special_tokens=[("<s>", 1)])
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                      unk_token="<unk>", pad_token="<pad>")
+  image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size})
+  processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                             patch_size=patch_size, vision_feature_select_strategy=strategy,
+                             chat_template=LLAVA15_CHAT_TEMPLATE, num_additional_image_tokens=1)
+  processor.save_pretrained(path)
+  return processor
+
+
+def torch_answer_logprobs(model, prompt_ids, answer_ids, pixel_values=None):
+  """Per-token log p(answer_t | prompt, answer_<t) `[n]` and full log-softmax rows `[n, V]`."""
+  import torch
+
+  ids = torch.as_tensor([list(prompt_ids) + list(answer_ids)], dtype=torch.long)
+  kwargs = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values[None])}
+  with torch.no_grad():
+    logits = model(input_ids=ids, **kwargs).logits[0].double()
+  logp = torch.log_softmax(logits, dim=-1)
+  start = len(prompt_ids)
+  rows = logp[start - 1:start - 1 + len(answer_ids)]
+  token = rows[torch.arange(len(answer_ids)), torch.as_tensor(answer_ids)]
+  return token.numpy(), rows.numpy()
+
+
+def torch_i2c(model, prompt_image, prompt_text, answer, pixel_values, mode="eq1"):
+  """S(I2C) (eq. 1 or full KL), logp_image, logp_text from transformers' PyTorch LLaVA."""
+  lv, fv = torch_answer_logprobs(model, prompt_image, answer, pixel_values)
+  ld, fd = torch_answer_logprobs(model, prompt_text, answer)
+  if mode == "eq1":
+    i2c = float(np.sum(np.exp(lv) * (lv - ld)))
+  else:
+    i2c = float(np.sum(np.exp(fv) * (fv - fd)))
+  return dict(i2c=i2c, logp_image=float(lv.sum()), logp_text=float(ld.sum()), n_tokens=len(answer))

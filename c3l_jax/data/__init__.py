@@ -1,0 +1,1 @@
+"""Data: records (JSONL), images, prompts."""
