@@ -29,8 +29,12 @@ def hf_llava_config(vision: dict | None = None, text: dict | None = None, **top)
 
 
 def make_hf_llava(path: str, seed: int = 0, vision: dict | None = None, text: dict | None = None,
-                  **top):
-  """A random `LlavaForConditionalGeneration` saved (safetensors) under `path`; returns the model."""
+                  logit_scale: float = 1.0, **top):
+  """A random `LlavaForConditionalGeneration` saved (safetensors) under `path`; returns the model.
+
+  `logit_scale` multiplies the (untied) LM head so next-token distributions are far from uniform, which
+  makes probability-weighted quantities such as S(I2C) large enough to compare meaningfully.
+  """
   import torch
   from transformers import LlavaForConditionalGeneration
 
@@ -41,6 +45,8 @@ def make_hf_llava(path: str, seed: int = 0, vision: dict | None = None, text: di
   with torch.no_grad():
     for p in model.parameters():
       p.add_(0.02 * torch.randn_like(p))
+    if logit_scale != 1.0 and not model.config.tie_word_embeddings:
+      model.lm_head.weight.mul_(logit_scale)
   model.save_pretrained(path)
   return model
 
@@ -131,7 +137,7 @@ LLAVA15_CHAT_TEMPLATE = (
     "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
     "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
-_CORPUS = """a the red blue green yellow circle square triangle is are there in on of left right
+_CORPUS = """USER: ASSISTANT: ? . , : a the red blue green yellow circle square triangle is are there in on of left right
 above below what color shape how many objects image picture question answer describe small large
 one two three four five sides next to and with a an it this that which where why because yes no
 USER ASSISTANT Question Answer the object at top bottom middle of image sky ground tree car dog cat
