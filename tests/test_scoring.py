@@ -113,3 +113,28 @@ def test_empty_answer_and_bad_mode_are_rejected(setup):
   bad = scoring.ScoreInput("grey", items[0].prompt_image, items[0].prompt_text, [])
   with pytest.raises(ValueError, match="empty answer"):
     _scorer(path, builder, _one_device(), hf).score([bad], pixels)
+
+
+def test_unexpanded_image_token_is_expanded(setup):
+  """Older llava-hf processors (no patch_size) leave one <image> token; the builder expands it."""
+  hf, path, builder, items, pixels = setup
+  image_id = hf.config.image_token_index
+  processor = load_processor(path)
+
+  class LegacyProcessor:  # returns the prompt with a single, unexpanded <image> token
+    tokenizer = processor.tokenizer
+    apply_chat_template = processor.apply_chat_template
+
+    def __call__(self, images, text, return_tensors):
+      out = processor(images=images, text=text, return_tensors=return_tensors)
+      ids = out["input_ids"][0].tolist()
+      first = ids.index(image_id)
+      out["input_ids"] = np.asarray([[t for i, t in enumerate(ids) if t != image_id or i == first]])
+      return out
+
+  image = _images()["odd"]
+  want, _ = PromptBuilder(processor, image_id, 4).encode_prompt("where is the dog?", image)
+  got, _ = PromptBuilder(LegacyProcessor(), image_id, 4).encode_prompt("where is the dog?", image)
+  assert got == want and got.count(image_id) == 4
+  with pytest.raises(ValueError, match="image tokens"):
+    PromptBuilder(processor, image_id, 9).encode_prompt("hi", image)

@@ -36,11 +36,21 @@ class EncodedQA:
 
 
 class PromptBuilder:
-  """Renders LLaVA-style prompts through `processor.apply_chat_template`."""
+  """Renders LLaVA-style prompts through `processor.apply_chat_template`.
 
-  def __init__(self, processor: Any):
+  Args:
+    processor: the checkpoint's HF processor (`load_processor`).
+    image_token_id / image_seq_length: from the model config. When given, every encoded image prompt
+      is checked to hold exactly one run of `image_seq_length` image tokens; a processor saved without
+      `patch_size` (older llava-hf uploads) leaves a single `<image>` token, which is expanded here.
+  """
+
+  def __init__(self, processor: Any, image_token_id: int | None = None,
+               image_seq_length: int | None = None):
     self.processor = processor
     self.tokenizer = processor.tokenizer
+    self.image_token_id = image_token_id
+    self.image_seq_length = image_seq_length
 
   def conversation(self, question: str, with_image: bool) -> list[dict]:
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
@@ -56,7 +66,20 @@ class PromptBuilder:
     if image is None:
       return self.tokenizer(text, add_special_tokens=True).input_ids, None
     out = self.processor(images=image, text=text, return_tensors="np")
-    return out["input_ids"][0].tolist(), out["pixel_values"][0]
+    return self._expand_image(out["input_ids"][0].tolist()), out["pixel_values"][0]
+
+  def _expand_image(self, ids: list[int]) -> list[int]:
+    if self.image_token_id is None or self.image_seq_length is None:
+      return ids
+    count = ids.count(self.image_token_id)
+    if count == self.image_seq_length:
+      return ids
+    if count == 1:
+      at = ids.index(self.image_token_id)
+      return ids[:at] + [self.image_token_id] * self.image_seq_length + ids[at + 1:]
+    raise ValueError(f"the processor produced {count} image tokens; the model expects "
+                     f"{self.image_seq_length} (check the processor's patch_size / "
+                     "vision_feature_select_strategy)")
 
   def encode_answer(self, answer: str) -> list[int]:
     return self.tokenizer(answer, add_special_tokens=False).input_ids
