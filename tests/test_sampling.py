@@ -123,3 +123,18 @@ def test_top_k_and_top_p_filtering():
   np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
   greedy = sampling.sample_logits(logits[:1], keys[:1], sampling.SamplingConfig())
   assert int(greedy[0]) == 0
+
+
+def test_sharded_generation_equals_single_device(models, tmp_path):
+  hf, model = models
+  prompts, pixels = _prompts(hf, [3, 8, 5, 1])
+  tokens, mask = sampling.pad_prompts(prompts, 8, 0)
+  cfg = sampling.SamplingConfig(max_new_tokens=6)
+  want, _ = sampling.generate(model, tokens, mask, pixels, cfg)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  graphdef, state = nnx.split(model)
+  shardings = sharding.state_shardings(state, mesh)
+  sharded = nnx.merge(graphdef, jax.device_put(state, shardings))
+  batch = sharding.shard_batch((tokens, mask, pixels), mesh)
+  got, _ = sampling.generate(sharded, *batch, cfg)
+  np.testing.assert_array_equal(got, want)
