@@ -1,0 +1,193 @@
+"""Pipeline stages and the checks `launch.py` runs before any device work.
+
+Stages read files and write files under WORKDIR; nothing else passes between them (DESIGN.md, "Data
+flow"). Each stage is the module `c3l_jax.pipeline.<name>` with a function
+
+    run(config: ml_collections.ConfigDict, workdir: str) -> dict   # the stage's metrics
+
+loaded lazily by `get_stage`, so importing this package (and validating a config) imports neither jax
+nor any stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Sequence
+
+from absl import logging
+
+STAGE_ORDER: tuple[str, ...] = (
+    "initial", "filter", "score", "select", "train", "final", "export", "eval")
+# Stages that never load the model; every other stage needs `config.model.checkpoint`.
+MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
+
+MODEL_CONFIG_FILE = "c3l_model.json"  # same name as c3l_jax.checkpoint.MODEL_CONFIG (kept jax-free here)
+CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
+
+# Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.family": ("llava15",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("xla",),
+    "generation.mode": ("two_step",),
+    "scoring.mode": ("eq1", "full_kl"),
+    "train.objective": ("c3l", "vlit", "align"),
+    "train.optimizer": ("adamw",),
+}
+
+# Numeric fields and the range they must lie in: (low, low_inclusive, high, high_inclusive).
+_RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "select.top_fraction": (0.0, False, 1.0, True),
+    "generation.top_p": (0.0, False, 1.0, True),
+    "generation.temperature": (0.0, True, math.inf, False),
+    "generation.top_k": (0, True, math.inf, False),
+    "generation.max_new_tokens": (1, True, math.inf, False),
+    "generation.num_final": (1, True, math.inf, False),
+    "generation.prompt_bucket": (1, True, math.inf, False),
+    "data.batch_size": (1, True, math.inf, False),
+    "data.eval_batch_size": (1, True, math.inf, False),
+    "scoring.batch_size": (1, True, math.inf, False),
+    "train.batch_size": (1, True, math.inf, False),
+    "train.steps": (0, True, math.inf, False),
+    "train.warmup_steps": (0, True, math.inf, False),
+    "train.grad_accum": (1, True, math.inf, False),
+    "train.grad_clip": (0.0, True, math.inf, False),
+    "train.learning_rate": (0.0, True, math.inf, False),
+    "train.weight_decay": (0.0, True, math.inf, False),
+    "train.tau": (0.0, False, math.inf, False),
+    "train.max_negatives": (0, True, math.inf, False),
+    "train.checkpoint_every": (1, True, math.inf, False),
+}
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line, printed by launch.py after `error: `."""
+
+
+def _get(config: Any, path: str) -> Any:
+  value = config
+  for key in path.split("."):
+    value = value[key]
+  return value
+
+
+def parse_stages(spec: str) -> tuple[str, ...]:
+  """`"score, filter"` -> `("filter", "score")`: known names, deduplicated, in pipeline order."""
+  names = [s.strip() for s in str(spec).split(",") if s.strip()]
+  if not names:
+    raise ConfigError(f"config.stages is empty (valid stages: {', '.join(STAGE_ORDER)})")
+  unknown = [n for n in names if n not in STAGE_ORDER]
+  if unknown:
+    raise ConfigError(f"config.stages: unknown stage {unknown[0]!r} "
+                      f"(valid stages, run in this order: {', '.join(STAGE_ORDER)})")
+  return tuple(s for s in STAGE_ORDER if s in names)
+
+
+def check_config(config: Any) -> tuple[str, ...]:
+  """Check every value that types alone do not; return the stages to run. Raises `ConfigError`."""
+  stages = parse_stages(config.stages)
+  for path, valid in CHOICES.items():
+    value = _get(config, path)
+    if value not in valid:
+      raise ConfigError(f"config.{path}={value!r} is not valid (valid: {', '.join(valid)})")
+  for path, (lo, lo_incl, hi, hi_incl) in _RANGES.items():
+    value = _get(config, path)
+    ok = (value >= lo if lo_incl else value > lo) and (value <= hi if hi_incl else value < hi)
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+      interval = f"{'[' if lo_incl else '('}{lo}, {hi}{']' if hi_incl else ')'}"
+      raise ConfigError(f"config.{path}={value!r} is out of range (must be in {interval})")
+  sizes = {axis: _get(config, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
+  if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
+    raise ConfigError(f"config.mesh {sizes} is not valid (sizes must be positive, or -1 = the rest "
+                      "of the devices for at most one axis)")
+  trainable = config.train.trainable
+  if isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable):
+    raise ConfigError(f"config.train.trainable={trainable!r} must be a tuple of regex strings, "
+                      "e.g. --config.train.trainable=\"('connector', 'decoder')\"")
+  for pattern in trainable:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"config.train.trainable: {pattern!r} is not a valid regex ({e})") from None
+  return stages
+
+
+def needs_model(stages: Sequence[str]) -> tuple[str, ...]:
+  return tuple(s for s in stages if s not in MODEL_FREE_STAGES)
+
+
+def is_implemented(name: str) -> bool:
+  """Whether `c3l_jax.pipeline.<name>` exists (found without importing it)."""
+  return importlib.util.find_spec(f"{__name__}.{name}") is not None
+
+
+def implemented_stages() -> tuple[str, ...]:
+  return tuple(s for s in STAGE_ORDER if is_implemented(s))
+
+
+def environment_problems(config: Any, stages: Sequence[str]) -> list[str]:
+  """What stops these stages from running here: a missing model directory, unimplemented stages."""
+  problems = []
+  model_stages = needs_model(stages)
+  path = config.model.checkpoint
+  if model_stages:
+    if not path:
+      problems.append(f"model.checkpoint is not set but stage(s) {', '.join(model_stages)} need a model "
+                      f"({CONVERT_HINT}, then pass --config.model.checkpoint=DIR)")
+    elif not os.path.isdir(path):
+      problems.append(f"model.checkpoint {path!r} does not exist ({CONVERT_HINT})")
+    elif not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
+      problems.append(f"model.checkpoint {path!r} has no {MODEL_CONFIG_FILE}: not a c3l-jax model "
+                      f"directory ({CONVERT_HINT})")
+  available = ", ".join(implemented_stages()) or "none"
+  for name in stages:
+    if not is_implemented(name):
+      problems.append(f"stage {name!r} is not implemented yet (available: {available})")
+  return problems
+
+
+def get_stage(name: str) -> Callable[[Any, str], dict]:
+  """The `run(config, workdir) -> metrics` function of stage `name` (imports its module)."""
+  if name not in STAGE_ORDER:
+    raise ValueError(f"unknown stage {name!r} (valid: {', '.join(STAGE_ORDER)})")
+  return importlib.import_module(f"{__name__}.{name}").run
+
+
+def _json_default(obj: Any) -> Any:
+  if hasattr(obj, "tolist"):  # numpy / jax scalars and arrays
+    return obj.tolist()
+  return str(obj)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Write `obj` as JSON atomically (tmp file + rename)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=_json_default)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, dict]:
+  """Run `stages` in order; merge each one's metrics into WORKDIR/metrics.json as `{stage: metrics}`."""
+  metrics_path = os.path.join(workdir, "metrics.json")
+  metrics: dict[str, dict] = {}
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      metrics = json.load(f)
+  for name in stages:
+    logging.info("stage %s: start", name)
+    start = time.perf_counter()
+    result = get_stage(name)(config, workdir)
+    metrics[name] = dict(result or {})
+    write_json(metrics_path, metrics)
+    logging.info("stage %s: done in %.1fs: %s", name, time.perf_counter() - start,
+                 json.dumps(metrics[name], default=_json_default))
+  return metrics

@@ -1,0 +1,1 @@
+"""ml_collections config files: `python launch.py --config=configs/<name>.py[:arg]`."""

@@ -1,0 +1,81 @@
+"""Shared defaults for every c3l-jax config (see DESIGN.md, "Configuration").
+
+Every field has a typed default (no `None`), so `--config.a.b=v` overrides are parsed and
+type-checked by ml_collections/absl: an unknown key or a value of the wrong type (`abc` for a float)
+is rejected. Fields with a closed set of choices or a range are checked by
+`c3l_jax.pipeline.check_config` before any device work; the choices are noted next to each field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """The unlocked base config; `configs/<name>.py:get_config()` specialise and lock it."""
+  config = ml_collections.ConfigDict()
+
+  # Comma-separated subset of: initial, filter, score, select, train, final, export, eval.
+  # Stages always run in that pipeline order, whatever order they are listed in.
+  config.stages = "initial,filter,score,select,train,final,export"
+  config.seed = 0
+  config.strict = False  # True: fail on the first bad input instead of quarantining it.
+  config.distributed = False  # True: call jax.distributed.initialize() first (multi-host).
+
+  config.model = ml_collections.ConfigDict()
+  config.model.family = "llava15"  # llava15
+  config.model.checkpoint = ""  # project model directory (c3l_model.json + params/); '' = none
+  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
+  config.model.param_dtype = "float32"  # float32 | bfloat16 | float16
+  config.model.scan_layers = True
+  config.model.remat = False
+  config.model.attention = "xla"  # xla
+
+  # Mesh axis sizes; -1 = the rest of the devices (at most one axis).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  config.data = ml_collections.ConfigDict()
+  config.data.records = ""  # JSONL records (see DESIGN.md, "Records")
+  config.data.image_root = ""  # record `image` paths are relative to this directory
+  config.data.coco_dir = ""
+  config.data.batch_size = 8
+  config.data.eval_batch_size = 8
+
+  config.generation = ml_collections.ConfigDict()
+  config.generation.mode = "two_step"
+  config.generation.max_new_tokens = 256
+  config.generation.temperature = 0.0  # 0 = greedy
+  config.generation.top_p = 1.0
+  config.generation.top_k = 0  # 0 = off
+  config.generation.num_final = 5000
+  config.generation.prompt_bucket = 64  # prompts are padded to a multiple of this many tokens
+
+  config.scoring = ml_collections.ConfigDict()
+  config.scoring.mode = "eq1"  # eq1 | full_kl
+  config.scoring.length_norm = False
+  config.scoring.batch_size = 8
+
+  config.select = ml_collections.ConfigDict()
+  config.select.top_fraction = 0.1  # in (0, 1]
+
+  config.train = ml_collections.ConfigDict()
+  config.train.objective = "c3l"  # c3l | vlit | align
+  config.train.optimizer = "adamw"  # adamw
+  config.train.learning_rate = 2e-5
+  config.train.weight_decay = 1e-5
+  config.train.batch_size = 2
+  config.train.steps = 1000
+  config.train.warmup_steps = 0
+  config.train.grad_clip = 1.0  # global-norm clip
+  config.train.grad_accum = 1
+  config.train.ce_weight = 1.0
+  config.train.contrastive_weight = 1.0
+  config.train.tau = 0.1
+  config.train.max_negatives = 4
+  config.train.checkpoint_every = 500
+  config.train.trainable = ("connector", "decoder")  # regexes over parameter paths
+
+  return config
