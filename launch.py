@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from c3l_jax import pipeline
+from c3l_jax.data.records import BadInput
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -124,7 +125,10 @@ def main(argv: Sequence[str]) -> None:
   if config.distributed:
     import jax  # pylint: disable=g-import-not-at-top  (kept out of the validation path)
     jax.distributed.initialize()
-  pipeline.run_stages(config, workdir, stages)
+  try:
+    pipeline.run_stages(config, workdir, stages)
+  except BadInput as e:  # strict mode, or an input no stage can start from
+    _fail(str(e))
   logging.info("done: metrics in %s", os.path.join(workdir, "metrics.json"))
 
 

@@ -56,7 +56,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.scoring = ml_collections.ConfigDict()
   config.scoring.mode = "eq1"  # eq1 | full_kl
   config.scoring.length_norm = False
-  config.scoring.batch_size = 8
+  config.scoring.batch_size = 8  # QA rows per device batch
+  config.scoring.prefix_sharing = True  # one KV cache per image's shared prefix (equal to naive)
+  config.scoring.shard_size = 512  # records per output shard (the unit of resumption)
 
   config.select = ml_collections.ConfigDict()
   config.select.top_fraction = 0.1  # in (0, 1]

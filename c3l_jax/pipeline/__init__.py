@@ -54,6 +54,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "data.batch_size": (1, True, math.inf, False),
     "data.eval_batch_size": (1, True, math.inf, False),
     "scoring.batch_size": (1, True, math.inf, False),
+    "scoring.shard_size": (1, True, math.inf, False),
     "train.batch_size": (1, True, math.inf, False),
     "train.steps": (0, True, math.inf, False),
     "train.warmup_steps": (0, True, math.inf, False),

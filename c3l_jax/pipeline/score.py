@@ -1,0 +1,104 @@
+"""The `score` stage: S(I2C) (eq. 1, `c3l_jax.scoring`) for every record of `config.data.records`.
+
+Writes `WORKDIR/score/part-*.jsonl` (the input records plus `i2c`, `logp_image`, `logp_text`,
+`n_tokens`) in shards of `config.scoring.shard_size` records; bad inputs (bad JSON lines, missing or
+empty fields, duplicate ids, missing / corrupt / oversized images, sequences longer than the model's
+context) go to `WORKDIR/score/rejected.jsonl` with a reason, or stop the run under `config.strict`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import tqdm
+from absl import logging
+
+from c3l_jax import scoring, sharding
+from c3l_jax.data.images import ImageError, load_image
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.data.records import BadInput, read_records, reject
+from c3l_jax.pipeline import shards
+
+
+def load_model_from_config(config: Any, mesh: jax.sharding.Mesh):
+  return sharding.load_model(config.model.checkpoint, mesh, dtype=config.model.dtype,
+                             param_dtype=config.model.param_dtype,
+                             scan_layers=config.model.scan_layers, remat=config.model.remat)
+
+
+def run(config: Any, workdir: str) -> dict:
+  stage_dir = os.path.join(workdir, "score")
+  if not config.data.records:
+    raise BadInput("config.data.records is not set: the score stage needs a JSONL file of records")
+  records, upfront = read_records(config.data.records, strict=config.strict)
+  size = config.scoring.shard_size
+  chunks = [records[i:i + size] for i in range(0, len(records), size)]
+  todo = [i for i in range(len(chunks)) if not shards.is_done(stage_dir, i)]
+
+  if todo:
+    mesh = sharding.make_mesh(config.mesh)
+    model = load_model_from_config(config, mesh)
+    builder = PromptBuilder(load_processor(config.model.checkpoint), model.cfg.image_token_id,
+                            model.cfg.image_seq_length)
+    scorer = scoring.Scorer(
+        model, mesh,
+        scoring.ScoringConfig(mode=config.scoring.mode, length_norm=config.scoring.length_norm,
+                              prefix_sharing=config.scoring.prefix_sharing,
+                              batch_rows=config.scoring.batch_size),
+        model.cfg.image_token_id, builder.pad_id)
+    max_len = model.cfg.text.max_position_embeddings
+    bar = tqdm.tqdm(total=sum(len(chunks[i]) for i in todo), desc="score", unit="rec")
+    tokens = 0
+    start = time.perf_counter()
+    for index in todo:
+      rows, rejected = _score_chunk(config, chunks[index], builder, scorer, max_len)
+      shards.write_shard(stage_dir, index, rows, rejected)
+      tokens += sum(r["n_tokens"] for r in rows)
+      bar.update(len(chunks[index]))
+      bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+      logging.info("score: shard %d done (%d scored, %d rejected)", index, len(rows), len(rejected))
+    bar.close()
+
+  written = sum(shards.read_shard_counts(stage_dir, i)[0] for i in range(len(chunks)))
+  n_rejected = shards.gather_rejected(stage_dir, upfront)
+  return {"read": len(records) + len(upfront), "written": written, "rejected": n_rejected}
+
+
+def _score_chunk(config, chunk, builder: PromptBuilder, scorer: scoring.Scorer, max_len: int):
+  """Encode (quarantining bad images / over-long sequences) and score one shard's records."""
+  rejected, keep, items, pixels = [], [], [], {}
+  images: dict[str, Any] = {}  # path -> RGB image, or the ImageError it raised
+  for rec in chunk:
+    try:
+      if rec["image"] not in images:
+        try:
+          images[rec["image"]] = load_image(os.path.join(config.data.image_root, rec["image"]))
+        except ImageError as e:
+          images[rec["image"]] = e
+      if isinstance(images[rec["image"]], ImageError):
+        raise images[rec["image"]]
+      enc = builder.encode_qa(rec["question"], rec["answer"], images[rec["image"]])
+      if not enc.answer:
+        raise ImageError("answer tokenizes to nothing")
+      if len(enc.prompt_image) + len(enc.answer) > max_len:
+        raise ImageError(f"sequence of {len(enc.prompt_image) + len(enc.answer)} tokens is over the "
+                         f"model's context of {max_len}")
+    except ImageError as e:
+      if config.strict:
+        raise BadInput(f"record {rec['id']!r}: {e}") from None
+      rejected.append(reject(rec, str(e), id=rec["id"]))
+      continue
+    pixels[rec["image"]] = enc.pixel_values
+    keep.append(rec)
+    items.append(scoring.ScoreInput(rec["image"], enc.prompt_image, enc.prompt_text, enc.answer))
+  rows = []
+  if items:
+    for rec, result in zip(keep, scorer.score(items, pixels)):
+      rows.append({**rec, **result})
+  return rows, rejected
+
+
+__all__ = ["run"]

@@ -1,0 +1,114 @@
+"""`launch.py --config.stages=score`: outputs, torch parity, quarantine, strict mode and resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.data.images import load_image
+from hf_reference import REPO, convert_cli, make_hf_llava, make_tiny_processor, torch_i2c
+
+GOOD = [
+    ("g1", "grey.png", "what color is the circle?", "the circle is red"),
+    ("g2", "grey.png", "how many objects are there?", "three"),
+    ("r1", "rgba.png", "describe the image", "a small blue square is on the left"),
+    ("o1", "odd.jpg", "where is the dog?", "next to the car"),
+    ("o2", "odd.jpg", "is there a cat?", "no"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("stage")
+  hf = make_hf_llava(str(root / "hf"), logit_scale=8.0)
+  make_tiny_processor(str(root / "hf"))
+  assert convert_cli(str(root / "hf"), str(root / "model")).returncode == 0
+  images = root / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  PIL.Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), mode="L").save(images / "grey.png")
+  PIL.Image.fromarray(rng.integers(0, 255, (32, 48, 4), dtype=np.uint8), mode="RGBA").save(images / "rgba.png")
+  PIL.Image.fromarray(rng.integers(0, 255, (37, 23, 3), dtype=np.uint8)).save(images / "odd.jpg")
+  (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+  (images / "empty.png").write_bytes(b"")
+  (images / "notes.jpg").write_bytes(b"plain text, not an image\n")
+  lines = [json.dumps(dict(id=i, image=im, question=q, answer=a)) for i, im, q, a in GOOD]
+  bad = {
+      '{"id": "x1", "image": "grey.png", "question": "q?"': "malformed JSON",
+      json.dumps(dict(id="x2", image="grey.png", question="what?")): "missing field 'answer'",
+      json.dumps(dict(id="x3", image="grey.png", question="what?", answer="  ")): "empty field 'answer'",
+      json.dumps(dict(id="g1", image="grey.png", question="again?", answer="yes")): "duplicate id",
+      json.dumps(dict(id="x5", image="missing.png", question="what?", answer="a dog")): "missing image",
+      json.dumps(dict(id="x6", image="corrupt.jpg", question="what?", answer="a dog")): "corrupt or truncated",
+      json.dumps(dict(id="x7", image="empty.png", question="what?", answer="a dog")): "zero-byte",
+      json.dumps(dict(id="x9", image="notes.jpg", question="what?", answer="a dog")): "not an image",
+  }
+  records = root / "records.jsonl"
+  with open(records, "wb") as f:
+    for line in lines[:3] + list(bad) + lines[3:]:
+      f.write(line.encode() + b"\n")
+    f.write(b'{"id": "x8", "image": "grey.png", "question": "\xff\xfe", "answer": "a"}\n')
+  bad["x8"] = "not valid UTF-8"
+  return dict(root=root, hf=hf, records=str(records), images=str(images),
+              model=str(root / "model"), reasons=list(bad.values()))
+
+
+def _launch(corpus, workdir, *extra):
+  cmd = [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
+         "--config.stages=score", f"--config.model.checkpoint={corpus['model']}",
+         f"--config.data.records={corpus['records']}", f"--config.data.image_root={corpus['images']}",
+         "--config.scoring.shard_size=2", *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _outputs(workdir):
+  parts = sorted(p for p in os.listdir(os.path.join(workdir, "score")) if p.endswith(".jsonl")
+                 and p.startswith("part-") and "rejected" not in p)
+  data = b"".join(open(os.path.join(workdir, "score", p), "rb").read() for p in parts)
+  return parts, data
+
+
+def test_score_stage_end_to_end(corpus, tmp_path):
+  proc = _launch(corpus, tmp_path / "w")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  parts, data = _outputs(tmp_path / "w")
+  assert len(parts) == 5  # 9 readable records (4 with bad images), shards of 2
+  rows = [json.loads(line) for line in data.decode().splitlines()]
+  assert [r["id"] for r in rows] == [g[0] for g in GOOD]
+  builder = PromptBuilder(load_processor(corpus["model"]))
+  for row in rows:
+    enc = builder.encode_qa(row["question"], row["answer"],
+                            load_image(os.path.join(corpus["images"], row["image"])))
+    want = torch_i2c(corpus["hf"], enc.prompt_image, enc.prompt_text, enc.answer, enc.pixel_values)
+    assert row["n_tokens"] == want["n_tokens"]
+    for k in ("i2c", "logp_image", "logp_text"):
+      assert abs(row[k] - want[k]) <= 1e-3 + 1e-3 * abs(want[k])
+  rejected = [json.loads(line) for line in open(tmp_path / "w" / "score" / "rejected.jsonl")]
+  assert len(rejected) == len(corpus["reasons"])
+  for reason in corpus["reasons"]:
+    assert sum(reason in r["reason"] for r in rejected) == 1, (reason, rejected)
+  metrics = json.load(open(tmp_path / "w" / "metrics.json"))["score"]
+  assert metrics == {"read": 14, "written": 5, "rejected": 9}
+  assert metrics["read"] == metrics["written"] + metrics["rejected"]
+
+  # Resumption: a rerun skips finished shards; losing one shard's marker re-scores just that one,
+  # and the output is byte-identical.
+  os.remove(tmp_path / "w" / "score" / "part-00001.done")
+  os.remove(tmp_path / "w" / "score" / "part-00001.jsonl")
+  proc = _launch(corpus, tmp_path / "w")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _outputs(tmp_path / "w") == (parts, data)
+
+
+def test_strict_mode_stops_at_first_bad_input(corpus, tmp_path):
+  proc = _launch(corpus, tmp_path / "w", "--config.strict=True")
+  assert proc.returncode != 0
+  assert "records.jsonl:4" in proc.stderr and "malformed JSON" in proc.stderr
