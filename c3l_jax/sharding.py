@@ -120,7 +120,7 @@ def load_model(path: str, mesh: jax.sharding.Mesh, **runtime: Any) -> LlavaVLM:
   graphdef, abstract = abstract_model(cfg)
   shardings = state_shardings(abstract, mesh)
   targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                         abstract.to_pure_dict(), shardings.to_pure_dict())
+                         nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
   restored = checkpoint.restore_params(path, targets)
   nnx.replace_by_pure_dict(abstract, restored)
   return nnx.merge(graphdef, abstract)
