@@ -25,6 +25,23 @@ def load_processor(model_dir: str) -> Any:
   return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
 
 
+# VIGC-format generation instructions, one per instruction type (the generator's input besides the
+# image); the target is "Question: {q} Answer: {a}" followed by EOS.
+VIGC_INSTRUCTIONS = {
+    "conversation": "Generate a question about this image that can be answered by looking at it, "
+                    "then answer it.",
+    "detailed_description": "Generate an instruction asking for a detailed description of this image, "
+                            "then give the description.",
+    "complex_reasoning": "Generate a question about this image that needs reasoning about its content, "
+                         "then answer it.",
+}
+INSTRUCTION_TYPES = tuple(VIGC_INSTRUCTIONS)
+
+
+def vigc_target(question: str, answer: str) -> str:
+  return f"Question: {question} Answer: {answer}"
+
+
 @dataclasses.dataclass
 class EncodedQA:
   """Token ids of one (question, answer) pair, with and without the image."""
@@ -88,6 +105,20 @@ class PromptBuilder:
     prompt_image, pixels = self.encode_prompt(question, image)
     prompt_text, _ = self.encode_prompt(question, None)
     return EncodedQA(prompt_image, prompt_text, self.encode_answer(answer), pixels)
+
+  def encode_vigc(self, instruction_type: str, question: str, answer: str, image: Any
+                  ) -> tuple[list[int], list[int], list[int], np.ndarray | None]:
+    """Generator training example: (prompt ids, target ids + EOS, sample ids without EOS, pixels).
+
+    The prompt is the image + the VIGC instruction of `instruction_type`; the target and the sample
+    text are "Question: {q} Answer: {a}" (the sample feeds the contrastive loss's embeddings).
+    """
+    if instruction_type not in VIGC_INSTRUCTIONS:
+      raise ValueError(f"unknown instruction_type {instruction_type!r} "
+                       f"(valid: {', '.join(INSTRUCTION_TYPES)})")
+    prompt, pixels = self.encode_prompt(VIGC_INSTRUCTIONS[instruction_type], image)
+    sample = self.encode_answer(vigc_target(question, answer))
+    return prompt, sample + list(self.eos_ids), sample, pixels
 
   @property
   def eos_ids(self) -> tuple[int, ...]:

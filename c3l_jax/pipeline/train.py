@@ -1,0 +1,137 @@
+"""The `train` stage: fine-tune the generator (C3L), or a downstream model on VLIT data.
+
+`train.objective`:
+  c3l   scored records (WORKDIR/score/part-*.jsonl, else `data.records` with an `i2c` field): L_r on the
+        top `select.top_fraction` by S(I2C) in VIGC format, L_c (eq. 3) on image groups (>= 2 samples).
+  vlit  plain instruction tuning: CE on (image + question -> answer) conversations of `data.records`
+        (that is how the generated dataset fine-tunes a downstream model).
+
+Resumable (`WORKDIR/train/checkpoints`, orbax) and preemptible (SIGTERM saves). Writes the loss history
+to `WORKDIR/train/history.jsonl` and the trained model (no projection head) to `WORKDIR/train/generator`,
+a model directory the `final` stage loads like any converted checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+from typing import Any
+
+import jax
+from flax import nnx
+
+from c3l_jax import checkpoint, losses, sharding
+from c3l_jax import train as trainer_lib
+from c3l_jax.data.images import ImageError, load_image
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.data.records import BadInput, read_records, write_jsonl
+from c3l_jax.pipeline.score import load_model_from_config
+
+REQUIRED_C3L = ("id", "image", "question", "answer")
+
+
+def training_records(config: Any, workdir: str) -> list[dict]:
+  parts = sorted(glob.glob(os.path.join(workdir, "score", "part-*.jsonl")))
+  parts = [p for p in parts if not p.endswith(".rejected.jsonl")]
+  if parts:
+    rows = []
+    for path in parts:
+      with open(path, encoding="utf-8") as f:
+        rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+  if not config.data.records:
+    raise BadInput("the train stage needs scored records: run the score stage first or set "
+                   "config.data.records")
+  rows, rejected = read_records(config.data.records, strict=True)
+  del rejected
+  return rows
+
+
+def select_top(rows: list[dict], fraction: float) -> list[dict]:
+  """The top `fraction` of rows by S(I2C), globally (ties: input order)."""
+  ranked = sorted(range(len(rows)), key=lambda i: (-rows[i]["i2c"], i))
+  return [rows[i] for i in ranked[:max(1, math.ceil(fraction * len(rows)))]]
+
+
+def export_generator(vlm, base_dir: str, out: str) -> None:
+  """Save the VLM (not the head) as a self-contained model directory."""
+  tmp = out + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  checkpoint.save_params(tmp, jax.device_get(nnx.to_pure_dict(nnx.state(vlm, nnx.Param))))
+  arch = vlm.cfg
+  checkpoint.save_model_config(tmp, arch)
+  for name in os.listdir(base_dir):
+    src = os.path.join(base_dir, name)
+    if os.path.isfile(src) and name != checkpoint.MODEL_CONFIG:
+      shutil.copy2(src, os.path.join(tmp, name))
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+
+
+def run(config: Any, workdir: str) -> dict:
+  stage_dir = os.path.join(workdir, "train")
+  os.makedirs(stage_dir, exist_ok=True)
+  objective = config.train.objective
+  if objective not in ("c3l", "vlit"):
+    raise BadInput(f"train.objective={objective!r} is not implemented yet (available: c3l, vlit)")
+  rows = training_records(config, workdir)
+  cfg = trainer_lib.TrainConfig.from_config(config.train)
+  if objective == "vlit":
+    cfg = trainer_lib.TrainConfig(**{**cfg.__dict__, "contrastive_weight": 0.0, "ce_weight": 1.0})
+
+  mesh = sharding.make_mesh(config.mesh)
+  vlm = load_model_from_config(config, mesh)
+  builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
+                          vlm.cfg.image_seq_length)
+  images: dict[str, Any] = {}
+
+  def image(rec):
+    if rec["image"] not in images:
+      images[rec["image"]] = load_image(os.path.join(config.data.image_root, rec["image"]))
+    return images[rec["image"]]
+
+  ce_examples, groups = [], []
+  try:
+    if objective == "vlit":
+      for rec in rows:
+        prompt, pixels = builder.encode_prompt(rec["question"], image(rec))
+        target = builder.encode_answer(rec["answer"]) + list(builder.eos_ids)
+        ce_examples.append({"prompt": prompt, "target": target, "pixels": pixels})
+    else:
+      encoded = {}
+      for rec in rows:
+        kind = rec.get("instruction_type", "conversation")
+        prompt, target, sample, pixels = builder.encode_vigc(kind, rec["question"], rec["answer"],
+                                                             image(rec))
+        encoded[rec["id"]] = {"prompt": prompt, "target": target, "sample": sample, "pixels": pixels}
+      if cfg.ce_weight:
+        ce_examples = [encoded[r["id"]] for r in select_top(rows, config.select.top_fraction)]
+      if cfg.contrastive_weight:
+        for positive, members in losses.select_groups([r["i2c"] for r in rows],
+                                                      [r["image"] for r in rows],
+                                                      config.train.max_negatives):
+          first = encoded[rows[members[0]]["id"]]
+          groups.append({"prompt": first["prompt"], "pixels": first["pixels"],
+                         "samples": [encoded[rows[m]["id"]]["sample"] for m in members],
+                         "positive": members.index(positive)})
+        if not groups:
+          raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
+                         "(set --config.train.contrastive_weight=0 to train with CE only)")
+  except ImageError as e:
+    raise BadInput(f"train: {e}") from None
+
+  model = trainer_lib.Generator(vlm, rngs=nnx.Rngs(config.seed))
+  trainer = trainer_lib.Trainer(model, mesh, cfg, os.path.join(stage_dir, "checkpoints"),
+                                config.train.checkpoint_every)
+  trainer.restore_latest()
+  history = trainer.run(trainer_lib.batch_fn(
+      ce_examples, groups, cfg, config.train.batch_size, config.train.batch_size,
+      1 + config.train.max_negatives, builder.pad_id, config.seed))
+  write_jsonl(os.path.join(stage_dir, "history.jsonl"), history)
+  export_generator(trainer.model().vlm, config.model.checkpoint, os.path.join(stage_dir, "generator"))
+  return {"steps": trainer.step, "ce_examples": len(ce_examples), "groups": len(groups),
+          "first_loss": history[0]["loss"] if history else None,
+          "last_loss": history[-1]["loss"] if history else None}

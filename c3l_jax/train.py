@@ -1,0 +1,323 @@
+r"""The C3L generator trainer: L = ce_weight * L_r + contrastive_weight * L_c (paper, Sec. 3.3).
+
+L_r is the token cross-entropy of VIGC-format examples (image + generation instruction -> "Question: q
+Answer: a" + EOS) drawn from the top `select.top_fraction` samples by S(I2C); L_c is the contrastive
+loss of eq. 3 over image groups (positive = the group's highest-S(I2C) sample, negatives = the others),
+see `c3l_jax.losses`. Either weight may be 0 (the paper's ablation rows); a zero weight removes that
+term from the compiled step entirely.
+
+Functional core: the model (`LlavaVLM` + projection head ξ) is split once into trainable and frozen
+states (regexes over parameter paths, `train.trainable`); the jitted step merges them, differentiates
+w.r.t. the trainable state only and donates it and the optimizer state. Parameters stay in
+`param_dtype` (fp32 master weights) while `dtype` sets the compute (bf16).
+
+Determinism and resumption: batch k of the run is a pure function of (seed, k) (a fresh permutation per
+epoch), so the data-iterator position is the step; the step's PRNG key is `fold_in(seed, step)`. A
+checkpoint holds the trainable state, the optimizer state, the step and the loss history, so a resumed
+run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import signal
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from c3l_jax import losses, sharding
+from c3l_jax.models.llama import positions_and_mask
+from c3l_jax.models.vlm import LlavaVLM
+
+# Shorthands accepted in `train.trainable` (any other entry is a regex searched in the parameter path,
+# e.g. "language_model/layers/(q|v)_proj").
+TRAINABLE_ALIASES = {
+    "connector": r"^vlm/multi_modal_projector/",
+    "decoder": r"^vlm/language_model/",
+    "vision": r"^vlm/vision_tower/",
+    "head": r"^head/",
+}
+
+
+class NonFiniteError(FloatingPointError):
+  """A non-finite loss or gradient; the message names the step."""
+
+
+class Generator(nnx.Module):
+  """What the C3L trainer optimises: the VLM plus the contrastive projection head ξ."""
+
+  def __init__(self, vlm: LlavaVLM, *, rngs: nnx.Rngs):
+    self.vlm = vlm
+    self.head = losses.ProjectionHead(vlm.cfg.text.hidden_size, param_dtype=jnp.float32, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  learning_rate: float = 2e-5
+  weight_decay: float = 1e-5
+  warmup_steps: int = 0
+  steps: int = 100
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  ce_weight: float = 1.0
+  contrastive_weight: float = 1.0
+  tau: float = 0.1
+  trainable: tuple[str, ...] = ("connector", "decoder", "head")
+
+  @classmethod
+  def from_config(cls, train: Any) -> "TrainConfig":
+    return cls(learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+               warmup_steps=train.warmup_steps, steps=train.steps, grad_clip=train.grad_clip,
+               grad_accum=train.grad_accum, ce_weight=train.ce_weight,
+               contrastive_weight=train.contrastive_weight, tau=train.tau,
+               trainable=tuple(train.trainable) + ("head",))
+
+
+def trainable_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
+  """NNX filter: a parameter is trainable iff its '/'-joined path matches one of `patterns`."""
+  regexes = [re.compile(TRAINABLE_ALIASES.get(p, p)) for p in patterns]
+
+  def match(path: tuple, value: Any) -> bool:
+    name = "/".join(str(k) for k in path)
+    return isinstance(value, nnx.Param) and any(r.search(name) for r in regexes)
+
+  return match
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW with linear warmup + cosine decay and global-norm clipping; MultiSteps accumulation."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
+  opt = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+      optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  return optax.MultiSteps(opt, cfg.grad_accum) if cfg.grad_accum > 1 else opt
+
+
+def ce_loss(vlm: LlavaVLM, batch: dict) -> jax.Array:
+  """L_r: next-token CE on the target tokens of `tokens [B, T]` (weights mark the targets)."""
+  x = vlm.embed_image_and_text(batch["tokens"], batch.get("pixels"))
+  positions, mask3 = positions_and_mask(batch["mask"], batch["tokens"].shape)
+  hidden, _ = vlm.language_model.decode_hidden(x, positions, mask3)
+  logits = vlm.language_model.logits(hidden[:, :-1])
+  loss, _ = losses.token_cross_entropy(logits, batch["tokens"][:, 1:], batch["weights"][:, 1:])
+  return loss
+
+
+def contrastive_term(model: Generator, batch: dict, tau: float) -> jax.Array:
+  """L_c (eq. 3): anchors = final hidden states over image + instruction; samples = input embeddings."""
+  vlm, lm = model.vlm, model.vlm.language_model
+  x = vlm.embed_image_and_text(batch["anchor_tokens"], batch["anchor_pixels"])
+  positions, mask3 = positions_and_mask(batch["anchor_mask"], batch["anchor_tokens"].shape)
+  hidden, _ = lm.decode_hidden(x, positions, mask3)
+  h_anchor = losses.pooled_representation(model.head, hidden, batch["anchor_mask"])
+  h_samples = losses.pooled_representation(model.head, lm.embed(batch["sample_tokens"]),
+                                           batch["sample_mask"])
+  return losses.contrastive_loss(h_samples, batch["sample_valid"], batch["positive"], h_anchor, tau,
+                                 batch["group_valid"])
+
+
+def total_loss(model: Generator, batch: dict, cfg: TrainConfig) -> tuple[jax.Array, dict]:
+  parts = {}
+  loss = jnp.zeros((), jnp.float32)
+  if cfg.ce_weight:
+    parts["ce"] = ce_loss(model.vlm, batch["ce"])
+    loss += cfg.ce_weight * parts["ce"]
+  if cfg.contrastive_weight:
+    parts["contrastive"] = contrastive_term(model, batch["con"], cfg.tau)
+    loss += cfg.contrastive_weight * parts["contrastive"]
+  return loss, parts
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "cfg"), donate_argnums=(1, 2))
+def train_step(graphdef, trainable, opt_state, frozen, batch, *, optimizer, cfg: TrainConfig):
+  """One optimisation step. Returns new trainable state, optimizer state and metrics."""
+
+  def loss_fn(params):
+    return total_loss(nnx.merge(graphdef, params, frozen), batch, cfg)
+
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, **parts}
+
+
+class Trainer:
+  """Owns the split model, the optimizer and the checkpoint manager of one training run."""
+
+  def __init__(self, model: Generator, mesh: jax.sharding.Mesh, cfg: TrainConfig,
+               checkpoint_dir: str | None = None, checkpoint_every: int = 0):
+    self.mesh, self.cfg = mesh, cfg
+    state = nnx.state(model)  # place every parameter (the new head included) on the mesh
+    nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+    self.graphdef, self.trainable, self.frozen = nnx.split(
+        model, trainable_filter(cfg.trainable), ...)
+    if not jax.tree.leaves(self.trainable):
+      raise ValueError(f"train.trainable {cfg.trainable} matches no parameter")
+    self.optimizer = make_optimizer(cfg)
+    self.opt_state = jax.jit(self.optimizer.init)(self.trainable)
+    self.step = 0
+    self.history: list[dict[str, float]] = []
+    self.checkpoint_every = checkpoint_every
+    self.manager = None
+    if checkpoint_dir:
+      self.manager = ocp.CheckpointManager(
+          checkpoint_dir, options=ocp.CheckpointManagerOptions(
+              max_to_keep=2, enable_async_checkpointing=False),
+          item_names=("state", "meta"))
+    self._preempted = False
+
+  # -- checkpoints -----------------------------------------------------------------------------------
+  def _state_tree(self) -> dict:
+    return {"trainable": nnx.to_pure_dict(self.trainable), "opt_state": self.opt_state}
+
+  def save(self) -> None:
+    if self.manager is None:
+      return
+    self.manager.save(self.step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(self._state_tree()),
+        meta=ocp.args.JsonSave({"step": self.step, "history": self.history})), force=True)
+    self.manager.wait_until_finished()
+
+  def restore_latest(self) -> bool:
+    """Resume from the newest checkpoint, if any; returns whether one was found."""
+    if self.manager is None or self.manager.latest_step() is None:
+      return False
+    step = self.manager.latest_step()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state_tree())
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    nnx.replace_by_pure_dict(self.trainable, restored["state"]["trainable"])
+    self.opt_state = restored["state"]["opt_state"]
+    self.step = int(restored["meta"]["step"])
+    self.history = list(restored["meta"]["history"])
+    logging.info("resumed training from step %d", self.step)
+    return True
+
+  # -- loop ------------------------------------------------------------------------------------------
+  def run(self, batches: Callable[[int], dict]) -> list[dict[str, float]]:
+    """Train until `cfg.steps`; `batches(k)` returns step k's host batch (a pure function of k).
+
+    Saves every `checkpoint_every` steps, at the end, and when SIGTERM arrives (then raises
+    `SystemExit(143)` after saving). Raises `NonFiniteError` naming the step on a NaN/inf loss or
+    gradient, before the bad update is kept.
+    """
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    try:
+      while self.step < self.cfg.steps:
+        batch = sharding.shard_batch(batches(self.step), self.mesh)
+        trainable, opt_state, metrics = train_step(
+            self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
+            optimizer=self.optimizer, cfg=self.cfg)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not all(np.isfinite(v) for v in metrics.values()):
+          raise NonFiniteError(f"non-finite loss or gradient at step {self.step}: {metrics}")
+        self.trainable, self.opt_state = trainable, opt_state
+        self.step += 1
+        self.history.append({"step": self.step, **metrics})
+        logging.log_every_n_seconds(logging.INFO, "train step %d: %s", 10, self.step, metrics)
+        if self._preempted:
+          self.save()
+          raise SystemExit(143)
+        if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+          self.save()
+      self.save()
+      return self.history
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint after the current step")
+    self._preempted = True
+
+  def model(self) -> Generator:
+    return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+# -- host-side batches -----------------------------------------------------------------------------
+
+def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
+  """Indices of step `step`'s batch of size `batch` over `n` items: a fresh permutation per epoch."""
+  per_epoch = max(1, n // batch) if n >= batch else 1
+  epoch, k = divmod(step, per_epoch)
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  idx = perm[k * batch:(k + 1) * batch]
+  if len(idx) < batch:  # fewer items than a batch: wrap around deterministically
+    idx = np.resize(perm, batch)
+  return idx
+
+
+def _right_pad(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(rows), width), pad, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+  return tokens, mask
+
+
+def _bucket(n: int, b: int) -> int:
+  return max(b, -(-n // b) * b)
+
+
+def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
+  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked)."""
+  seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
+  tokens, mask = _right_pad(seqs, _bucket(max(map(len, seqs)), bucket), pad_id)
+  weights = np.zeros_like(mask, dtype=np.float32)
+  for i, e in enumerate(examples):
+    weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
+  out = {"tokens": tokens, "mask": mask, "weights": weights}
+  if examples[0].get("pixels") is not None:
+    out["pixels"] = np.stack([e["pixels"] for e in examples])
+  return out
+
+
+def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32) -> dict:
+  """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity."""
+  anchor_tokens, anchor_mask = _right_pad([g["prompt"] for g in groups],
+                                          _bucket(max(len(g["prompt"]) for g in groups), bucket), pad_id)
+  width = _bucket(max(len(s) for g in groups for s in g["samples"]), bucket)
+  sample_tokens = np.full((len(groups), max_samples, width), pad_id, np.int32)
+  sample_mask = np.zeros((len(groups), max_samples, width), np.int32)
+  sample_valid = np.zeros((len(groups), max_samples), bool)
+  for gi, g in enumerate(groups):
+    for si, s in enumerate(g["samples"][:max_samples]):
+      sample_tokens[gi, si, :len(s)], sample_mask[gi, si, :len(s)] = s, 1
+      sample_valid[gi, si] = True
+  return {"anchor_tokens": anchor_tokens, "anchor_mask": anchor_mask,
+          "anchor_pixels": np.stack([g["pixels"] for g in groups]),
+          "sample_tokens": sample_tokens, "sample_mask": sample_mask, "sample_valid": sample_valid,
+          "positive": np.asarray([g["positive"] for g in groups], np.int32),
+          "group_valid": np.asarray([len(g["samples"]) >= 2 for g in groups])}
+
+
+def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConfig, batch_size: int,
+             group_batch: int, max_samples: int, pad_id: int, seed: int) -> Callable[[int], dict]:
+  """`step -> host batch`, deterministic in (seed, step)."""
+
+  def make(step: int) -> dict:
+    batch = {}
+    if cfg.ce_weight:
+      idx = epoch_order(len(ce_examples), step, batch_size, seed)
+      batch["ce"] = ce_batch([ce_examples[i] for i in idx], pad_id)
+    if cfg.contrastive_weight:
+      idx = epoch_order(len(groups), step, group_batch, seed + 1)
+      batch["con"] = contrastive_batch([groups[i] for i in idx], pad_id, max_samples)
+    return batch
+
+  return make
+
+
+__all__ = ["Generator", "NonFiniteError", "TrainConfig", "Trainer", "batch_fn", "ce_batch",
+           "contrastive_batch", "epoch_order", "make_optimizer", "train_step", "trainable_filter"]
