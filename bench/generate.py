@@ -1,0 +1,206 @@
+r"""Greedy generation throughput: c3l_jax's `sampling.generate` against transformers' `generate`.
+
+One process, the same random LLaVA weights (transformers -> convert -> c3l_jax, fp32) and the same
+batch: `--batch` prompts, each `[bos] + 4 text tokens + <image> x 256 + 10..25 question tokens` with
+its own image, left-padded; greedy, exactly `--new_tokens` new tokens (no EOS stop on either side).
+
+    transformers: hf.generate(input_ids, pixel_values=..., attention_mask=..., max_new_tokens=64,
+                              do_sample=False, eos_token_id=None, min_new_tokens=64, pad_token_id=0)
+    c3l_jax:      sampling.generate(model, *sampling.pad_prompts(prompts, bucket=64, pad_id=0), pixels,
+                                    SamplingConfig(max_new_tokens=64))
+
+Each side is warmed up once (JAX compiles there), then timed in interleaved rounds; best-of-rounds
+is reported, as new tokens / s (batch x new tokens over the whole call, prefill included).
+Achieved FLOP/s counts the FLOPs each implementation executes (padding and full-cache attention
+included; see `bench/common.py`) over its best time, as a fraction of a plain fp32 matmul in the same
+framework measured in the same run (once; see bench/score.py on load). torch uses `--threads`
+(default 2) intra-op threads. transformers' generation_config keeps eos_token_id=2, so its
+min_new_tokens processor may mask that token while c3l_jax (no eos_ids) does not; the argmax landing
+on it is a ~1/vocab event, and a mismatch would show in the equality report. Token-for-token equality with transformers is reported per
+row (random models can have near-ties in the argmax, so a mismatch is reported, not fatal).
+Not a test: timings are printed, never asserted.
+
+    python bench/generate.py              # batch 8 x 64 new tokens, the mid-size model
+    python bench/generate.py --small      # smoke test
+    python bench/generate.py --profile    # also time prefill and decode of each implementation
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from bench import common  # noqa: E402
+
+PAD = 0
+BOS = 1
+BUCKET = 64
+
+
+def make_data(models: common.Models, batch: int, seed: int):
+  """Prompts (token lists of slightly different lengths) and pixels `[B, 3, H, W]`."""
+  a = models.arch
+  rng = np.random.default_rng(seed)
+  lo, hi = 3, models.image_token_id
+  system = rng.integers(lo, hi, size=4).tolist()
+  prompts = []
+  for _ in range(batch):
+    question = rng.integers(lo, hi, size=int(rng.integers(10, 26))).tolist()
+    prompts.append([BOS] + system + [models.image_token_id] * a.image_tokens + question)
+  pixels = rng.standard_normal((batch, 3, a.image_size, a.image_size)).astype(np.float32)
+  return prompts, pixels
+
+
+def left_pad(prompts):
+  width = max(len(p) for p in prompts)
+  ids = np.full((len(prompts), width), PAD, np.int64)
+  mask = np.zeros((len(prompts), width), np.int64)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):] = p
+    mask[i, width - len(p):] = 1
+  return ids, mask
+
+
+def hf_generate(hf, ids, mask, pixels, new_tokens):
+  import torch
+
+  with torch.no_grad():
+    out = hf.generate(torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
+                      attention_mask=torch.from_numpy(mask), max_new_tokens=new_tokens,
+                      do_sample=False, eos_token_id=None, min_new_tokens=new_tokens, pad_token_id=PAD)
+  return out[:, ids.shape[1]:].numpy()
+
+
+def hf_flops(a: common.Arch, prompts, new_tokens):
+  """(executed, unpadded): prefill of the left-padded batch (LM head on the last position only,
+  `logits_to_keep=1`), every CLIP layer, then `new_tokens - 1` one-token steps over a growing cache."""
+  b, t = len(prompts), max(len(p) for p in prompts)
+  ex = (common.vision_flops(a, b, all_layers=True) + common.decoder_flops(a, b, t, t)
+        + common.head_flops(a, b))
+  un = common.vision_flops(a, b, all_layers=True) + sum(
+      common.decoder_flops(a, 1, len(p), len(p)) for p in prompts) + common.head_flops(a, b)
+  for i in range(1, new_tokens):
+    ex += common.decoder_flops(a, b, 1, t + i) + common.head_flops(a, b)
+    un += sum(common.decoder_flops(a, 1, 1, len(p) + i) for p in prompts) + common.head_flops(a, b)
+  return ex, un
+
+
+def ours_flops(a: common.Arch, prompts, tokens_shape, new_tokens):
+  """(executed, unpadded) of `sampling._generate`: prefill of the bucketed batch against all
+  T + N cache slots, vision up to the feature layer, then N loop steps each attending to all slots
+  (the last step's logits are not used)."""
+  b, t = tokens_shape
+  slots = t + new_tokens
+  ex = (common.vision_flops(a, b, all_layers=False) + common.decoder_flops(a, b, t, slots)
+        + common.head_flops(a, b))
+  ex += new_tokens * (common.decoder_flops(a, b, 1, slots) + common.head_flops(a, b))
+  un = common.vision_flops(a, b, all_layers=False) + sum(
+      common.decoder_flops(a, 1, len(p), len(p)) for p in prompts) + common.head_flops(a, b)
+  for i in range(1, new_tokens):
+    un += sum(common.decoder_flops(a, 1, 1, len(p) + i) for p in prompts) + common.head_flops(a, b)
+  return ex, un
+
+
+def profile(models, tokens, mask, pixels, ids, hmask, new_tokens):
+  """Prefill-only times (1 new token) vs the full call, on each side."""
+  from c3l_jax import sampling
+
+  out = {}
+  cfg1 = sampling.SamplingConfig(max_new_tokens=1)
+  sampling.generate(models.jax_model, tokens, mask, pixels, cfg1)  # compile
+  pre = min(common.time_once(lambda: sampling.generate(models.jax_model, tokens, mask, pixels, cfg1))[0]
+            for _ in range(2))
+  cfg = sampling.SamplingConfig(max_new_tokens=new_tokens)
+  full = min(common.time_once(lambda: sampling.generate(models.jax_model, tokens, mask, pixels, cfg))[0]
+             for _ in range(2))
+  out["ours"] = (pre, full)
+  hf_generate(models.hf, ids, hmask, pixels, 1)
+  pre = min(common.time_once(lambda: hf_generate(models.hf, ids, hmask, pixels, 1))[0]
+            for _ in range(2))
+  full = min(common.time_once(lambda: hf_generate(models.hf, ids, hmask, pixels, new_tokens))[0]
+             for _ in range(2))
+  out["transformers"] = (pre, full)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--small", action="store_true", help="tiny model (smoke test)")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=5, help="timed rounds (best is reported)")
+  ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0 = torch default)")
+  ap.add_argument("--image_token", type=int, default=None, help="image token id (default vocab - 1)")
+  ap.add_argument("--check_rows", type=int, default=None, help="rows compared token for token "
+                  "(default: all)")
+  ap.add_argument("--profile", action="store_true", help="time prefill alone on each side")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args()
+
+  from c3l_jax import sampling
+
+  threads = common.setup_threads(args.threads)
+  t0 = time.perf_counter()
+  models = common.build_models(args.small, args.image_token, seed=args.seed)
+  print(common.header(models, threads))
+  print(f"build + save + convert + load: {time.perf_counter() - t0:.1f}s ({models.workdir}); "
+        f"load average {os.getloadavg()[0]:.2f}")
+  mm = common.matmul_flops_per_s()
+  print(f"matmul fp32 2048^3: jax {common.gflops(mm['jax'])}, torch {common.gflops(mm['torch'])}")
+
+  prompts, pixels = make_data(models, args.batch, args.seed)
+  tokens, mask = sampling.pad_prompts(prompts, bucket=BUCKET, pad_id=PAD)
+  ids, hmask = left_pad(prompts)
+  n = args.new_tokens
+  print(f"data: batch {args.batch}, prompt lengths {sorted(len(p) for p in prompts)}; transformers "
+        f"pads to {ids.shape[1]}, ours to {tokens.shape[1]} (bucket {BUCKET}); {n} new tokens, greedy")
+  print(f"transformers generation_config.eos_token_id = {models.hf.generation_config.eos_token_id}")
+
+  cfg = sampling.SamplingConfig(max_new_tokens=n, pad_id=PAD)  # no eos_ids: all n are generated
+  fns = {
+      "ours": lambda: sampling.generate(models.jax_model, tokens, mask, pixels, cfg)[0],
+      "transformers": lambda: hf_generate(models.hf, ids, hmask, pixels, n),
+  }
+  timing, outputs = common.compare(fns, args.repeats)
+
+  ours, ref = np.asarray(outputs["ours"]), outputs["transformers"]
+  rows = args.check_rows or args.batch
+  same = [bool(np.array_equal(ours[i], ref[i])) for i in range(rows)]
+  first = [int(np.argmax(ours[i] != ref[i])) if not s else n for i, s in enumerate(same)]
+  print(f"token-for-token: {sum(same)}/{rows} rows identical to transformers over {n} tokens; "
+        f"first differing step per row: {first}")
+
+  a = models.arch
+  flops = {"ours": ours_flops(a, prompts, tokens.shape, n), "transformers": hf_flops(a, prompts, n)}
+  rate = {}
+  for name, t in timing.items():
+    ex, un = flops[name]
+    probe = mm["torch" if name == "transformers" else "jax"]
+    rate[name] = args.batch * n / t.best
+    print(f"{name:13s} {t}")
+    print(f"{'':13s} {rate[name]:.1f} new tok/s; executed {common.gflop(ex)} ({un / ex:.0%} of it "
+          f"unpadded work) -> {common.gflops(ex / t.best)} = {ex / t.best / probe:.0%} of "
+          f"{'torch' if name == 'transformers' else 'jax'} matmul")
+  print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+  if args.profile:
+    for name, (pre, full) in profile(models, tokens, mask, pixels, ids, hmask, n).items():
+      print(f"profile {name:13s}: prefill + 1 token {pre:.3f}s, full call {full:.3f}s -> "
+            f"decode {full - pre:.3f}s for {n - 1} steps ({(full - pre) / (n - 1) * 1e3:.1f} ms/step)")
+
+  ratio = rate["ours"] / rate["transformers"]
+  ex = flops["ours"][0]
+  print(f"generate: ours {rate['ours']:.1f} new tok/s, transformers {rate['transformers']:.1f} new "
+        f"tok/s, ratio {ratio:.2f}x (target >= 2x), ours FLOP/s = "
+        f"{ex / timing['ours'].best / mm['jax']:.0%} of matmul")
+
+
+if __name__ == "__main__":
+  main()
