@@ -81,7 +81,7 @@ def _full_pass(graphdef, state, tokens, mask, pixel_values, answer_pos, full: bo
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefix_cache(graphdef, state, prefix, pixel_values) -> KVCache:
-  """KV cache `[L, G, P, K, Dh]` of the shared prefixes `[G, P]` (image tokens included)."""
+  """KV cache `[L, G, K, P, Dh]` of the shared prefixes `[G, P]` (image tokens included)."""
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   x = model.embed_image_and_text(prefix, pixel_values)
@@ -96,9 +96,9 @@ def _suffix_pass(graphdef, state, cache: KVCache, suffix, suffix_mask, answer_po
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   g, q, ts = suffix.shape
-  p = cache.k.shape[2]
+  p = cache.k.shape[KVCache.SLOT_AXIS]
   b = g * q
-  expand = lambda c: jnp.pad(jnp.repeat(c, q, axis=1), ((0, 0), (0, 0), (0, ts), (0, 0), (0, 0)))
+  expand = lambda c: jnp.pad(jnp.repeat(c, q, axis=1), ((0, 0), (0, 0), (0, 0), (0, ts), (0, 0)))
   full_cache = KVCache(expand(cache.k), expand(cache.v))
   tokens, valid = suffix.reshape(b, ts), suffix_mask.reshape(b, ts).astype(jnp.bool_)
   positions = p + jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)

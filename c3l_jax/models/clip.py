@@ -38,8 +38,10 @@ class CLIPEncoderLayer(nnx.Module):
     """`[B, N, D] -> [B, N, D]`."""
     b, n, d = x.shape
     heads = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)
+    kv_heads = lambda t: heads(t).transpose(0, 2, 1, 3)
     h = self.layer_norm1(x)
-    attn = L.attention(heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h)), None)
+    attn = L.attention(heads(self.q_proj(h)), kv_heads(self.k_proj(h)), kv_heads(self.v_proj(h)),
+                       None)
     x = x + self.out_proj(attn.reshape(b, n, d))
     h = self.layer_norm2(x)
     return x + self.fc2(L.activation(self.act)(self.fc1(h)))

@@ -72,20 +72,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
 
   Args:
     q: `[B, T, H, D]` queries.
-    k, v: `[B, S, K, D]` keys / values, `H % K == 0` (GQA; `K == H` is MHA).
+    k, v: `[B, K, S, D]` keys / values, heads-major (the KV-cache layout: each head's keys are
+      contiguous, which XLA's CPU and GPU dots prefer), `H % K == 0` (GQA; `K == H` is MHA).
     mask: boolean `[B, T, S]` (True = attend) or None for full attention.
   Returns:
     `[B, T, H, D]` in `q.dtype`.
   """
   b, t, h, d = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
   logits = logits * (d ** -0.5)
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 

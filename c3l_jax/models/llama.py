@@ -23,14 +23,16 @@ from c3l_jax.models.configs import LlamaConfig, RopeConfig
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values, `[L, B, S, K, Dh]` each (S = cache slots)."""
+  """Per-layer keys and values, `[L, B, K, S, Dh]` each (K = KV heads, S = cache slots)."""
 
   k: jax.Array
   v: jax.Array
 
+  SLOT_AXIS = 3
+
   @classmethod
   def zeros(cls, cfg: LlamaConfig, batch: int, slots: int, dtype) -> "KVCache":
-    shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, slots, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -95,31 +97,39 @@ class LlamaBlock(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               cache: tuple[jax.Array, jax.Array] | None, write_index: jax.Array | None,
+               cache: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None,
+               write_index: jax.Array | None = None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One block.
 
     Args:
       x: `[B, T, D]`.  cos/sin: `[B, T, Dh]`.  mask: `[B, T, S]` over the keys attended to.
-      cache: this layer's `(k, v)` `[B, S, K, Dh]`, or None (keys are this call's `T` tokens, S = T).
-      write_index: scalar slot where this call's keys/values are written into the cache.
+      cache: the whole stacked cache `(k, v)` `[L, B, K, S, Dh]`, or None (keys are this call's `T`
+        tokens, S = T). This call's keys/values are written in place at `[layer, :, :, write_index]`,
+        so a decode step moves one token's keys, not the cache.
     Returns:
-      `[B, T, D]` and the keys/values attended to (the updated cache, or this call's `[B, T, K, Dh]`).
+      `[B, T, D]` and the updated stacked cache, or this call's keys/values `[B, K, T, Dh]`.
     """
     b, t, _ = x.shape
     h = self.input_layernorm(x)
     q = apply_rope(self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
     k = apply_rope(self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-    v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    k = k.transpose(0, 2, 1, 3)
+    v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
     if cache is not None:
-      start = (0, write_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+      start = (layer, 0, 0, write_index, 0)
+      ck = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
+      cv = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
+      k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+      kv_out = (ck, cv)
+    else:
+      kv_out = (k, v)
     attn = L.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     x = x + self.o_proj(attn.reshape(b, t, self.num_heads * self.head_dim))
     h = self.post_attention_layernorm(x)
     x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
-    return x, (k, v)
+    return x, kv_out
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -158,18 +168,28 @@ class LlamaForCausalLM(nnx.Module):
       cache: optional fixed-size `KVCache`; this call's keys/values are written at `write_index`.
     Returns:
       final hidden states `[B, T, D]` (after the final norm) and the KV cache (the updated one, or this
-      call's keys/values `[L, B, T, K, Dh]` when no cache was given).
+      call's keys/values `[L, B, K, T, Dh]` when no cache was given).
     """
     cos, sin = rope_cos_sin(self.cfg, positions)
+    x = x.astype(self.dtype)
+    if cache is None:
+      def body(layer, h, _):
+        return layer(h, cos, sin, mask)
+
+      x, kv = L.scan_layers(self.layers, body, x, scan=self.scan, remat=self.remat)
+      return self.norm(x), KVCache(*kv)
+
     index = jnp.asarray(write_index, jnp.int32)
 
-    def body(layer, h, layer_cache):
-      return layer(h, cos, sin, mask, layer_cache, index)
+    def cached_body(layer, carry, i):
+      h, ck, cv = carry
+      h, (ck, cv) = layer(h, cos, sin, mask, (ck, cv), i, index)
+      return (h, ck, cv), None
 
-    x, kv = L.scan_layers(self.layers, body, x.astype(self.dtype),
-                          None if cache is None else tuple(cache), scan=self.scan,
-                          remat=self.remat)
-    return self.norm(x), KVCache(*kv)
+    (x, ck, cv), _ = L.scan_layers(self.layers, cached_body, (x, cache.k, cache.v),
+                                   jnp.arange(self.cfg.num_hidden_layers), scan=self.scan,
+                                   remat=self.remat)
+    return self.norm(x), KVCache(ck, cv)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """`[B, T, D] -> [B, T, V]` (float32)."""
