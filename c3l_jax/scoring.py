@@ -196,8 +196,9 @@ class Scorer:
       else:
         key = (it.image_key, i)
       groups.setdefault(key, []).append(i)
-    # Without prefix sharing every row is its own group (q = 1) and carries its own pixels.
-    q = 1 << (max(len(v) for v in groups.values()) - 1).bit_length()
+    # Q = the most QA any image has (one static shape per run; no power-of-two rounding, which would
+    # turn 5 QA per image into 8 rows). Without prefix sharing every row is its own group (q = 1).
+    q = max(len(v) for v in groups.values())
     g = _round_up(max(1, self.cfg.batch_rows // q), self.batch_multiple)
     # Split groups larger than q, then order by prefix length so a batch shares one length.
     chunks = [(key, idx[s:s + q]) for key, idx in groups.items() for s in range(0, len(idx), q)]
