@@ -8,8 +8,9 @@ with no image (the same conversation without its image part). Per record we repo
 per-token term by the full-vocabulary KL(P_t^v || P_t^d); `length_norm` divides by `n_tokens`.
 
 Prefix sharing: the QA pairs of one image share the system prompt and the image tokens (576 of ~650
-tokens for LLaVA-1.5). Their KV cache is computed once per image; every QA suffix of that image is
-scored against it. The text-only pass is short and batched separately. Both equal the naive two full
+tokens for LLaVA-1.5). Their KV cache is computed once per image; the image's QA suffixes are packed
+into one row (segment-masked: each attends to the prefix and causally to itself) and scored against it,
+so the prefix cache is never copied per QA. The text-only pass is short and batched separately. Both equal the naive two full
 forwards to float tolerance (tested). Only the answer positions go through the LM head.
 """
 
@@ -91,23 +92,31 @@ def _prefix_cache(graphdef, state, prefix, pixel_values) -> KVCache:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "full"))
-def _suffix_pass(graphdef, state, cache: KVCache, suffix, suffix_mask, answer_pos, full: bool):
-  """Teacher forcing of suffixes `[G, Q, Ts]` (right-padded) against their image's prefix cache."""
+def _suffix_pass(graphdef, state, cache: KVCache, packed, segments, positions, answer_pos,
+                 full: bool):
+  """Teacher forcing of each image's QA suffixes, packed into one row, against the image's prefix.
+
+  Args:
+    cache: prefix KV cache `[L, G, K, P, Dh]`.
+    packed: `[G, W]` the Q suffixes of image g concatenated (then padding).
+    segments: `[G, W]` which suffix (1..Q) a token belongs to; 0 = padding.
+    positions: `[G, W]` RoPE positions, each suffix starting at P.
+    answer_pos: `[G, Q * A]` indices into `packed` of every suffix's answer tokens.
+  A token attends to the whole prefix and causally to its own suffix only, so the result equals
+  scoring each suffix in its own row, without copying the prefix cache per QA.
+  """
   model = nnx.merge(graphdef, state)
   lm = model.language_model
-  g, q, ts = suffix.shape
+  g, w = packed.shape
   p = cache.k.shape[KVCache.SLOT_AXIS]
-  b = g * q
-  expand = lambda c: jnp.pad(jnp.repeat(c, q, axis=1), ((0, 0), (0, 0), (0, 0), (0, ts), (0, 0)))
-  full_cache = KVCache(expand(cache.k), expand(cache.v))
-  tokens, valid = suffix.reshape(b, ts), suffix_mask.reshape(b, ts).astype(jnp.bool_)
-  positions = p + jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-  key_valid = jnp.concatenate([jnp.ones((b, p), jnp.bool_), valid], axis=1)
-  slots = jnp.arange(p + ts)
-  mask3 = L.causal_mask(jnp.broadcast_to(p + jnp.arange(ts), (b, ts)),
-                        jnp.broadcast_to(slots, (b, p + ts)), key_valid)
-  hidden, _ = lm.decode_hidden(lm.embed(tokens), positions, mask3, full_cache, p)
-  return _gather_answer_logprobs(lm, hidden, tokens, answer_pos.reshape(b, -1), full)
+  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, w), (0, 0)))
+  same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+  own = same & (jnp.arange(w)[None, :] <= jnp.arange(w)[:, None])[None]
+  to_prefix = jnp.broadcast_to((segments > 0)[:, :, None], (g, w, p))
+  mask3 = jnp.concatenate([to_prefix, own], axis=-1)
+  hidden, _ = lm.decode_hidden(lm.embed(packed), positions, mask3,
+                               KVCache(pad(cache.k), pad(cache.v)), p)
+  return _gather_answer_logprobs(lm, hidden, packed, answer_pos, full)
 
 
 @functools.partial(jax.jit, static_argnames=("mode",))
@@ -226,18 +235,37 @@ class Scorer:
     if cfg.prefix_sharing:
       p = batch.prefix_len
       prefixes = [list(rows[j * batch.q].prompt_image[:p]) for j in range(len(batch.images))]
-      suffixes = [list(r.prompt_image[p:]) + list(r.answer) for r in rows]
-      ts = _round_up(max(len(s) for s in suffixes), cfg.suffix_bucket)
-      suffix, suffix_mask = _right_pad(suffixes, ts, self.pad_id)
-      pos, valid = _answer_positions([len(r.prompt_image) - p for r in rows], n_ans, a)
       g = len(batch.images)
+      packed_rows, seg_rows, pos_rows, ans_rows = [], [], [], []
+      for j in range(g):
+        toks, segs, poss, anss = [], [], [], []
+        for k in range(batch.q):
+          row = j * batch.q + k
+          if batch.rows[row] is None:
+            anss.append(np.zeros(a, np.int32))  # padding row: any index, masked by `valid`
+            continue
+          r = rows[row]
+          suffix = list(r.prompt_image[p:]) + list(r.answer)
+          start = len(toks) + len(r.prompt_image) - p
+          anss.append(start + np.minimum(np.arange(a), len(r.answer) - 1))
+          toks += suffix
+          segs += [k + 1] * len(suffix)
+          poss += list(range(p, p + len(suffix)))
+        packed_rows.append(toks)
+        seg_rows.append(segs)
+        pos_rows.append(poss)
+        ans_rows.append(np.concatenate(anss))
+      width = _round_up(max(map(len, packed_rows)), cfg.suffix_bucket)
+      packed, _ = _right_pad(packed_rows, width, self.pad_id)
+      segments, _ = _right_pad(seg_rows, width, 0)
+      positions, _ = _right_pad(pos_rows, width, p)
+      _, valid = _answer_positions([0] * len(rows), n_ans, a)
       prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
       cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
-      suffix, suffix_mask, pos_d = self._put(suffix.reshape(g, batch.q, ts),
-                                             suffix_mask.reshape(g, batch.q, ts),
-                                             pos.reshape(g, batch.q, a))
-      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache, suffix, suffix_mask, pos_d,
-                                    full)
+      packed, segments, positions, ans = self._put(packed, segments, positions,
+                                                   np.stack(ans_rows).astype(np.int32))
+      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache, packed, segments, positions,
+                                    ans, full)
     else:
       seqs = [list(r.prompt_image) + list(r.answer) for r in rows]
       width = _round_up(max(len(s) for s in seqs), cfg.text_bucket)
