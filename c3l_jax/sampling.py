@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from c3l_jax.data.batching import left_pad, round_up
 from c3l_jax.models import layers as L
 from c3l_jax.models.llama import KVCache
 
@@ -50,21 +51,10 @@ class _LoopState:
   done: jax.Array  # [B] bool
 
 
-def bucket_length(n: int, bucket: int) -> int:
-  return max(bucket, -(-n // bucket) * bucket)
-
-
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad token lists to one length, a multiple of `bucket`: `tokens [B, T]`, `mask [B, T]`."""
-  width = bucket_length(max(len(p) for p in prompts), bucket)
-  tokens = np.full((len(prompts), width), pad_id, np.int32)
-  mask = np.zeros((len(prompts), width), np.int32)
-  for i, p in enumerate(prompts):
-    if len(p):
-      tokens[i, width - len(p):] = p
-      mask[i, width - len(p):] = 1
-  return tokens, mask
+  return left_pad(prompts, round_up(max(len(p) for p in prompts), bucket), pad_id)
 
 
 def sample_logits(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> jax.Array:

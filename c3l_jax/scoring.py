@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from c3l_jax import sharding
+from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.models import layers as L
 from c3l_jax.models.llama import KVCache, positions_and_mask
 
@@ -53,10 +54,6 @@ class ScoreInput:
   prompt_image: Sequence[int]
   prompt_text: Sequence[int]
   answer: Sequence[int]
-
-
-def _round_up(n: int, m: int) -> int:
-  return max(m, -(-n // m) * m)
 
 
 def _gather_answer_logprobs(lm, hidden: jax.Array, tokens: jax.Array, answer_pos: jax.Array,
@@ -130,15 +127,6 @@ def _combine(logp_v, logp_d, full_v, full_d, valid, mode: str):
   return (jnp.sum(logp_v * valid, -1), jnp.sum(logp_d * valid, -1), jnp.sum(terms * valid, -1))
 
 
-def _right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    tokens[i, :len(r)] = r
-    mask[i, :len(r)] = 1
-  return tokens, mask
-
-
 def _answer_positions(starts: Sequence[int], lengths: Sequence[int], width: int
                       ) -> tuple[np.ndarray, np.ndarray]:
   """`[B, A]` indices of the answer tokens (clamped for padding) and their validity mask."""
@@ -208,7 +196,7 @@ class Scorer:
     # Q = the most QA any image has (one static shape per run; no power-of-two rounding, which would
     # turn 5 QA per image into 8 rows). Without prefix sharing every row is its own group (q = 1).
     q = max(len(v) for v in groups.values())
-    g = _round_up(max(1, self.cfg.batch_rows // q), self.batch_multiple)
+    g = round_up(max(1, self.cfg.batch_rows // q), self.batch_multiple)
     # Split groups larger than q, then order by prefix length so a batch shares one length.
     chunks = [(key, idx[s:s + q]) for key, idx in groups.items() for s in range(0, len(idx), q)]
     chunks.sort(key=lambda c: len(c[0][1]) if self.cfg.prefix_sharing else 0)
@@ -228,7 +216,7 @@ class Scorer:
     filler = real[0]
     rows = [items[i] if i is not None else filler for i in batch.rows]
     n_ans = [len(r.answer) if i is not None else 0 for r, i in zip(rows, batch.rows)]
-    a = _round_up(max(n_ans), cfg.answer_bucket)
+    a = round_up(max(n_ans), cfg.answer_bucket)
     first_image = next(k for k in batch.images if k is not None)
     pix = np.stack([pixels[k if k is not None else first_image] for k in batch.images])
 
@@ -255,10 +243,10 @@ class Scorer:
         seg_rows.append(segs)
         pos_rows.append(poss)
         ans_rows.append(np.concatenate(anss))
-      width = _round_up(max(map(len, packed_rows)), cfg.suffix_bucket)
-      packed, _ = _right_pad(packed_rows, width, self.pad_id)
-      segments, _ = _right_pad(seg_rows, width, 0)
-      positions, _ = _right_pad(pos_rows, width, p)
+      width = round_up(max(map(len, packed_rows)), cfg.suffix_bucket)
+      packed, _ = right_pad(packed_rows, width, self.pad_id)
+      segments, _ = right_pad(seg_rows, width, 0)
+      positions, _ = right_pad(pos_rows, width, p)
       _, valid = _answer_positions([0] * len(rows), n_ans, a)
       prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
       cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
@@ -268,15 +256,15 @@ class Scorer:
                                     ans, full)
     else:
       seqs = [list(r.prompt_image) + list(r.answer) for r in rows]
-      width = _round_up(max(len(s) for s in seqs), cfg.text_bucket)
-      tokens, mask = _right_pad(seqs, width, self.pad_id)
+      width = round_up(max(len(s) for s in seqs), cfg.text_bucket)
+      tokens, mask = right_pad(seqs, width, self.pad_id)
       pos, valid = _answer_positions([len(r.prompt_image) for r in rows], n_ans, a)
       logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, pos),
                                   full)
 
     seqs = [list(r.prompt_text) + list(r.answer) for r in rows]
-    width = _round_up(max(len(s) for s in seqs), cfg.text_bucket)
-    tokens, mask = _right_pad(seqs, width, self.pad_id)
+    width = round_up(max(len(s) for s in seqs), cfg.text_bucket)
+    tokens, mask = right_pad(seqs, width, self.pad_id)
     pos_t, _ = _answer_positions([len(r.prompt_text) for r in rows], n_ans, a)
     tokens, mask, pos_t = self._put(tokens, mask, pos_t)
     logp_d, full_d = _full_pass(self.graphdef, self.state, tokens, mask, None, pos_t, full)

@@ -34,6 +34,7 @@ from absl import logging
 from flax import nnx
 
 from c3l_jax import losses, sharding
+from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.models.vlm import LlavaVLM
 
@@ -258,22 +259,10 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
   return idx
 
 
-def _right_pad(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.full((len(rows), width), pad, np.int32)
-  mask = np.zeros((len(rows), width), np.int32)
-  for i, r in enumerate(rows):
-    tokens[i, :len(r)], mask[i, :len(r)] = r, 1
-  return tokens, mask
-
-
-def _bucket(n: int, b: int) -> int:
-  return max(b, -(-n // b) * b)
-
-
 def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
   """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked)."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
-  tokens, mask = _right_pad(seqs, _bucket(max(map(len, seqs)), bucket), pad_id)
+  tokens, mask = right_pad(seqs, round_up(max(map(len, seqs)), bucket), pad_id)
   weights = np.zeros_like(mask, dtype=np.float32)
   for i, e in enumerate(examples):
     weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
@@ -285,9 +274,9 @@ def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
 
 def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32) -> dict:
   """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity."""
-  anchor_tokens, anchor_mask = _right_pad([g["prompt"] for g in groups],
-                                          _bucket(max(len(g["prompt"]) for g in groups), bucket), pad_id)
-  width = _bucket(max(len(s) for g in groups for s in g["samples"]), bucket)
+  anchor_tokens, anchor_mask = right_pad([g["prompt"] for g in groups],
+                                          round_up(max(len(g["prompt"]) for g in groups), bucket), pad_id)
+  width = round_up(max(len(s) for g in groups for s in g["samples"]), bucket)
   sample_tokens = np.full((len(groups), max_samples, width), pad_id, np.int32)
   sample_mask = np.zeros((len(groups), max_samples, width), np.int32)
   sample_valid = np.zeros((len(groups), max_samples), bool)
