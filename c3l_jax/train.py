@@ -146,7 +146,7 @@ def train_step(graphdef, trainable, opt_state, frozen, batch, *, optimizer, cfg:
     return total_loss(nnx.merge(graphdef, params, frozen), batch, cfg)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   trainable = optax.apply_updates(trainable, updates)
   return trainable, opt_state, {"loss": loss, "grad_norm": grad_norm, **parts}

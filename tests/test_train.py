@@ -1,0 +1,222 @@
+"""C3L training: loss goes down, CE-only equals a hand-written optax loop, frozen parts stay frozen,
+8 devices equal 1, and a SIGKILLed run resumes bit-exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import PIL.Image
+import pytest
+from flax import nnx
+
+from c3l_jax import sharding
+from c3l_jax import train as T
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from hf_reference import REPO, convert_cli, make_hf_llava, make_tiny_processor
+
+QAS = [  # image, question, answer, i2c
+    ("a.png", "what color is the circle?", "the circle is red", 0.9),
+    ("a.png", "how many sides does a triangle have?", "three", 0.1),
+    ("a.png", "is there a dog?", "no", 0.4),
+    ("b.png", "where is the square?", "on the left", 0.7),
+    ("b.png", "what is the sky?", "blue", 0.2),
+    ("c.png", "describe the image", "a small green triangle above a car", 0.8),
+    ("c.png", "what is a cat?", "an animal", 0.05),
+    ("d.png", "what shape is red?", "the circle", 0.6),
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train")
+  make_hf_llava(str(root / "hf"))
+  make_tiny_processor(str(root / "hf"))
+  assert convert_cli(str(root / "hf"), str(root / "model")).returncode == 0
+  (root / "images").mkdir()
+  rng = np.random.default_rng(0)
+  for name in "abcd":
+    PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        root / "images" / f"{name}.png")
+  records = root / "records.jsonl"
+  with open(records, "w") as f:
+    for i, (img, q, a, s) in enumerate(QAS):
+      f.write(json.dumps(dict(id=f"r{i}", image=img, question=q, answer=a, i2c=s)) + "\n")
+  builder = PromptBuilder(load_processor(str(root / "model")), 127, 4)
+  examples, groups = [], {}
+  for img, q, a, s in QAS:
+    prompt, target, sample, pixels = builder.encode_vigc(
+        "conversation", q, a, PIL.Image.open(root / "images" / img).convert("RGB"))
+    examples.append({"prompt": prompt, "target": target, "pixels": pixels})
+    g = groups.setdefault(img, {"prompt": prompt, "pixels": pixels, "samples": [], "scores": []})
+    g["samples"].append(sample)
+    g["scores"].append(s)
+  group_list = [dict(g, positive=int(np.argmax(g["scores"]))) for g in groups.values()]
+  return dict(root=root, model=str(root / "model"), records=str(records), builder=builder,
+              examples=examples, groups=group_list)
+
+
+def _mesh(n=1):
+  if n == 1:
+    return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+
+
+def _trainer(world, mesh, **kw):
+  cfg = T.TrainConfig(**{"learning_rate": 1e-3, "steps": 4, "warmup_steps": 1, **kw})
+  vlm = sharding.load_model(world["model"], mesh)
+  return T.Trainer(T.Generator(vlm, rngs=nnx.Rngs(0)), mesh, cfg)
+
+
+def _batches(world, cfg, batch=4):
+  return T.batch_fn(world["examples"], world["groups"], cfg, batch, 4, 3, world["builder"].pad_id, 0)
+
+
+def test_training_lowers_the_combined_loss_and_respects_frozen_parts(world):
+  trainer = _trainer(world, _mesh(), learning_rate=3e-3, steps=8, warmup_steps=0)
+  before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param)))  # copies: the step donates
+  first = T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
+                       trainer.cfg)[0]
+  history = trainer.run(_batches(world, trainer.cfg))
+  assert {"ce", "contrastive", "loss"} <= set(history[0])
+  after = nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param))
+  last = T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
+                      trainer.cfg)[0]
+  assert float(last) < float(first) - 0.05
+  changed = lambda tree: any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
+                             for a, b in zip(jax.tree.leaves(tree[0]), jax.tree.leaves(tree[1])))
+  assert changed((before["vlm"]["language_model"], after["vlm"]["language_model"]))
+  assert changed((before["vlm"]["multi_modal_projector"], after["vlm"]["multi_modal_projector"]))
+  assert changed((before["head"], after["head"]))
+  assert not changed((before["vlm"]["vision_tower"], after["vlm"]["vision_tower"]))
+
+
+def test_contrastive_gradient_reaches_decoder_and_connector(world):
+  trainer = _trainer(world, _mesh(), ce_weight=0.0, trainable=("connector", "decoder", "vision", "head"))
+  batch = jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0))
+
+  def loss(params):
+    return T.total_loss(nnx.merge(trainer.graphdef, params, trainer.frozen), batch, trainer.cfg)[0]
+
+  grads = nnx.to_pure_dict(jax.grad(loss)(trainer.trainable))
+  norm = lambda t: float(optax.tree.norm(t))
+  assert norm(grads["vlm"]["language_model"]["layers"]) > 0
+  assert norm(grads["vlm"]["multi_modal_projector"]) > 0
+  assert norm(grads["head"]) > 0
+  # The vision tower only feeds the anchor through the connector; with the default trainable set it is
+  # frozen, i.e. not part of the differentiated state at all.
+  default = _trainer(world, _mesh(), ce_weight=0.0)
+  assert "vision_tower" not in nnx.to_pure_dict(default.trainable)["vlm"]
+
+
+def test_ce_only_equals_hand_written_optax_loop(world):
+  cfg_kw = dict(contrastive_weight=0.0, steps=3, warmup_steps=1, learning_rate=1e-3, grad_clip=1.0)
+  trainer = _trainer(world, _mesh(), **cfg_kw)
+  make = _batches(world, trainer.cfg)
+  vlm = sharding.load_model(world["model"], _mesh())
+  graphdef, params, frozen = nnx.split(T.Generator(vlm, rngs=nnx.Rngs(0)),
+                                       T.trainable_filter(trainer.cfg.trainable), ...)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 1, 3)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-5))
+  state = opt.init(params)
+
+  def ce(params, batch):  # written from scratch: logits, log-softmax, masked mean over targets
+    model = nnx.merge(graphdef, params, frozen)
+    logits = model.vlm(batch["tokens"], batch["pixels"], batch["mask"])[:, :-1]
+    logp = jax.nn.log_softmax(logits, -1)
+    picked = jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
+    w = batch["weights"][:, 1:]
+    return -jnp.sum(picked * w) / jnp.sum(w)
+
+  for step in range(3):
+    batch = jax.tree.map(jnp.asarray, make(step)["ce"])
+    grads = jax.grad(ce)(params, batch)
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  trainer.run(make)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5),
+               nnx.to_pure_dict(trainer.trainable), nnx.to_pure_dict(params))
+
+
+def test_eight_devices_follow_the_single_device_trajectory(world):
+  one = _trainer(world, _mesh(1), steps=3)
+  eight = _trainer(world, _mesh(8), steps=3)
+  h1, h8 = one.run(_batches(world, one.cfg)), eight.run(_batches(world, eight.cfg))
+  for a, b in zip(h1, h8):
+    for k in ("loss", "ce", "contrastive"):
+      assert abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k]))
+
+
+def test_non_finite_loss_stops_with_the_step(world):
+  trainer = _trainer(world, _mesh(), steps=3)
+  good = _batches(world, trainer.cfg)
+
+  def poisoned(step):
+    batch = good(step)
+    if step == 1:
+      batch["ce"]["pixels"] = batch["ce"]["pixels"] * np.nan
+    return batch
+
+  with pytest.raises(T.NonFiniteError, match="step 1"):
+    trainer.run(poisoned)
+
+
+def _launch(world, workdir, steps, every):
+  cmd = [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
+         "--config.stages=train", f"--config.model.checkpoint={world['model']}",
+         f"--config.data.records={world['records']}",
+         f"--config.data.image_root={world['root'] / 'images'}", f"--config.train.steps={steps}",
+         f"--config.train.checkpoint_every={every}", "--config.train.learning_rate=0.001",
+         "--config.train.batch_size=2", "--config.select.top_fraction=0.5"]
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _result(workdir):
+  from c3l_jax.checkpoint import load_model_config, restore_params
+  from c3l_jax.sharding import abstract_model
+
+  _, abstract = abstract_model(load_model_config(str(workdir / "train" / "generator")))
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                        nnx.to_pure_dict(abstract))
+  params = restore_params(str(workdir / "train" / "generator"), target)
+  history = (workdir / "train" / "history.jsonl").read_text()
+  return params, history
+
+
+def test_sigkill_and_resume_is_bit_exact(world, tmp_path):
+  steps = 6
+  straight = _launch(world, tmp_path / "straight", steps, 100)
+  out, err = straight.communicate(timeout=600)
+  assert straight.returncode == 0, err[-3000:]
+
+  killed = _launch(world, tmp_path / "killed", steps, 1)
+  ckpt = tmp_path / "killed" / "train" / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    done = [int(p) for p in os.listdir(ckpt) if p.isdigit()] if ckpt.exists() else []
+    if done and max(done) >= steps // 2:
+      break
+    assert killed.poll() is None, killed.stderr.read()[-3000:]
+    time.sleep(0.2)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / "killed" / "train" / "generator").exists()  # it really died mid-run
+  resumed = _launch(world, tmp_path / "killed", steps, 1)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-3000:]
+  assert "resumed training from step" in err
+
+  p1, h1 = _result(tmp_path / "straight")
+  p2, h2 = _result(tmp_path / "killed")
+  assert h1 == h2 and len(h1.splitlines()) == steps
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p2)
