@@ -63,7 +63,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.learning_rate": (0.0, True, math.inf, False),
     "train.weight_decay": (0.0, True, math.inf, False),
     "train.tau": (0.0, False, math.inf, False),
-    "train.max_negatives": (0, True, math.inf, False),
+    "train.max_negatives": (1, True, math.inf, False),
     "train.checkpoint_every": (1, True, math.inf, False),
 }
 
