@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from bench import common  # noqa: E402
+from c3l_jax.data import batching  # noqa: E402
 
 PAD = 0
 BOS = 1
@@ -59,13 +60,9 @@ def make_data(models: common.Models, batch: int, seed: int):
 
 
 def left_pad(prompts):
-  width = max(len(p) for p in prompts)
-  ids = np.full((len(prompts), width), PAD, np.int64)
-  mask = np.zeros((len(prompts), width), np.int64)
-  for i, p in enumerate(prompts):
-    ids[i, width - len(p):] = p
-    mask[i, width - len(p):] = 1
-  return ids, mask
+  """Left-padded int64 ids and mask for torch (the project's padding helper, widened)."""
+  ids, mask = batching.left_pad(prompts, max(len(p) for p in prompts), PAD)
+  return ids.astype(np.int64), mask.astype(np.int64)
 
 
 def hf_generate(hf, ids, mask, pixels, new_tokens):

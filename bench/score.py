@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from bench import common  # noqa: E402
+from c3l_jax.data import batching  # noqa: E402
 
 PAD = 0
 BOS = 1
@@ -73,13 +74,9 @@ def make_data(models: common.Models, n_images: int, qa_per_image: int, seed: int
 
 
 def _right_pad(seqs):
-  width = max(len(s) for s in seqs)
-  ids = np.full((len(seqs), width), PAD, np.int64)
-  mask = np.zeros((len(seqs), width), np.int64)
-  for i, s in enumerate(seqs):
-    ids[i, :len(s)] = s
-    mask[i, :len(s)] = 1
-  return ids, mask
+  """Right-padded int64 ids and mask for torch (the project's padding helper, widened)."""
+  ids, mask = batching.right_pad(seqs, max(len(s) for s in seqs), PAD)
+  return ids.astype(np.int64), mask.astype(np.int64)
 
 
 def hf_answer_logprobs(hf, prompts, answers, pixel_values=None):
