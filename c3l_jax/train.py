@@ -182,7 +182,7 @@ class Trainer:
     return {"trainable": nnx.to_pure_dict(self.trainable), "opt_state": self.opt_state}
 
   def save(self) -> None:
-    if self.manager is None:
+    if self.manager is None or self.manager.latest_step() == self.step:
       return
     self.manager.save(self.step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(self._state_tree()),

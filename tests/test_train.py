@@ -170,14 +170,22 @@ def test_non_finite_loss_stops_with_the_step(world):
 
 
 def _launch(world, workdir, steps, every):
+  """Start a training run; its output goes to a file (an unread pipe would fill up and block it)."""
   cmd = [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
          "--config.stages=train", f"--config.model.checkpoint={world['model']}",
          f"--config.data.records={world['records']}",
          f"--config.data.image_root={world['root'] / 'images'}", f"--config.train.steps={steps}",
          f"--config.train.checkpoint_every={every}", "--config.train.learning_rate=0.001",
          "--config.train.batch_size=2", "--config.select.top_fraction=0.5"]
-  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  os.makedirs(workdir, exist_ok=True)
+  log = open(os.path.join(workdir, "launch.log"), "a")
+  return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _wait(proc, workdir):
+  proc.wait(timeout=600)
+  return proc.returncode, (workdir / "launch.log").read_text()
 
 
 def _result(workdir):
@@ -194,10 +202,9 @@ def _result(workdir):
 
 
 def test_sigkill_and_resume_is_bit_exact(world, tmp_path):
-  steps = 6
-  straight = _launch(world, tmp_path / "straight", steps, 100)
-  out, err = straight.communicate(timeout=600)
-  assert straight.returncode == 0, err[-3000:]
+  steps = 4
+  rc, log = _wait(_launch(world, tmp_path / "straight", steps, 100), tmp_path / "straight")
+  assert rc == 0, log[-3000:]
 
   killed = _launch(world, tmp_path / "killed", steps, 1)
   ckpt = tmp_path / "killed" / "train" / "checkpoints"
@@ -206,15 +213,14 @@ def test_sigkill_and_resume_is_bit_exact(world, tmp_path):
     done = [int(p) for p in os.listdir(ckpt) if p.isdigit()] if ckpt.exists() else []
     if done and max(done) >= steps // 2:
       break
-    assert killed.poll() is None, killed.stderr.read()[-3000:]
+    assert killed.poll() is None, (tmp_path / "killed" / "launch.log").read_text()[-3000:]
     time.sleep(0.2)
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   assert not (tmp_path / "killed" / "train" / "generator").exists()  # it really died mid-run
-  resumed = _launch(world, tmp_path / "killed", steps, 1)
-  out, err = resumed.communicate(timeout=600)
-  assert resumed.returncode == 0, err[-3000:]
-  assert "resumed training from step" in err
+  rc, log = _wait(_launch(world, tmp_path / "killed", steps, 1), tmp_path / "killed")
+  assert rc == 0, log[-3000:]
+  assert "resumed training from step" in log
 
   p1, h1 = _result(tmp_path / "straight")
   p2, h2 = _result(tmp_path / "killed")
