@@ -45,6 +45,7 @@ TRAINABLE_ALIASES = {
     "decoder": r"^vlm/language_model/",
     "vision": r"^vlm/vision_tower/",
     "head": r"^head/",
+    "temperature": r"^temperature/",
 }
 
 
@@ -53,11 +54,13 @@ class NonFiniteError(FloatingPointError):
 
 
 class Generator(nnx.Module):
-  """What the C3L trainer optimises: the VLM plus the contrastive projection head ξ."""
+  """What the trainer optimises: the VLM, the C3L projection head ξ and the CG-VLM temperature
+  (each auxiliary part is trained only by the objective that uses it)."""
 
   def __init__(self, vlm: LlavaVLM, *, rngs: nnx.Rngs):
     self.vlm = vlm
     self.head = losses.ProjectionHead(vlm.cfg.text.hidden_size, param_dtype=jnp.float32, rngs=rngs)
+    self.temperature = losses.CGVLMTemperature()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +75,17 @@ class TrainConfig:
   contrastive_weight: float = 1.0
   tau: float = 0.1
   trainable: tuple[str, ...] = ("connector", "decoder", "head")
+  objective: str = "c3l"  # c3l (and vlit: c3l with contrastive_weight 0) | align
 
   @classmethod
   def from_config(cls, train: Any) -> "TrainConfig":
+    aux = ("temperature",) if train.objective == "align" else ("head",)
     return cls(learning_rate=train.learning_rate, weight_decay=train.weight_decay,
                warmup_steps=train.warmup_steps, steps=train.steps, grad_clip=train.grad_clip,
                grad_accum=train.grad_accum, ce_weight=train.ce_weight,
                contrastive_weight=train.contrastive_weight, tau=train.tau,
-               trainable=tuple(train.trainable) + ("head",))
+               trainable=tuple(train.trainable) + aux,
+               objective="align" if train.objective == "align" else "c3l")
 
 
 def trainable_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
@@ -126,13 +132,25 @@ def contrastive_term(model: Generator, batch: dict, tau: float) -> jax.Array:
                                  batch["group_valid"])
 
 
+def alignment_term(model: Generator, batch: dict) -> jax.Array:
+  """CG-VLM: projected patch features of each image vs the token embeddings of its caption."""
+  patches = model.vlm.encode_images(batch["pixels"])
+  embeddings = model.vlm.language_model.embed(batch["caption_tokens"])
+  return losses.cgvlm_alignment_loss(patches, None, embeddings, batch["caption_mask"],
+                                     model.temperature.log_temperature[...])
+
+
 def total_loss(model: Generator, batch: dict, cfg: TrainConfig) -> tuple[jax.Array, dict]:
+  """`ce_weight` x CE + `contrastive_weight` x (eq. 3 for c3l | CG-VLM alignment for align)."""
   parts = {}
   loss = jnp.zeros((), jnp.float32)
   if cfg.ce_weight:
     parts["ce"] = ce_loss(model.vlm, batch["ce"])
     loss += cfg.ce_weight * parts["ce"]
-  if cfg.contrastive_weight:
+  if cfg.contrastive_weight and cfg.objective == "align":
+    parts["alignment"] = alignment_term(model, batch["align"])
+    loss += cfg.contrastive_weight * parts["alignment"]
+  elif cfg.contrastive_weight:
     parts["contrastive"] = contrastive_term(model, batch["con"], cfg.tau)
     loss += cfg.contrastive_weight * parts["contrastive"]
   return loss, parts
@@ -297,10 +315,15 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
 
   def make(step: int) -> dict:
     batch = {}
+    idx = epoch_order(len(ce_examples), step, batch_size, seed)
     if cfg.ce_weight:
-      idx = epoch_order(len(ce_examples), step, batch_size, seed)
       batch["ce"] = ce_batch([ce_examples[i] for i in idx], pad_id)
-    if cfg.contrastive_weight:
+    if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
+      tokens, mask = right_pad([ce_examples[i]["caption"] for i in idx],
+                               round_up(max(len(ce_examples[i]["caption"]) for i in idx), 32), pad_id)
+      batch["align"] = {"pixels": np.stack([ce_examples[i]["pixels"] for i in idx]),
+                        "caption_tokens": tokens, "caption_mask": mask}
+    elif cfg.contrastive_weight:
       idx = epoch_order(len(groups), step, group_batch, seed + 1)
       batch["con"] = contrastive_batch([groups[i] for i in idx], pad_id, max_samples)
     return batch

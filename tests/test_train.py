@@ -226,3 +226,28 @@ def test_sigkill_and_resume_is_bit_exact(world, tmp_path):
   p2, h2 = _result(tmp_path / "killed")
   assert h1 == h2 and len(h1.splitlines()) == steps
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p2)
+
+
+def test_cgvlm_align_objective_trains_connector_and_temperature_only(world):
+  builder = world["builder"]
+  examples = [dict(e, caption=builder.encode_answer(a)) for e, (_, _, a, _) in zip(world["examples"], QAS)]
+  cfg = T.TrainConfig(learning_rate=3e-3, steps=6, warmup_steps=0, objective="align",
+                      trainable=("connector", "temperature"))
+  vlm = sharding.load_model(world["model"], _mesh())
+  trainer = T.Trainer(T.Generator(vlm, rngs=nnx.Rngs(0)), _mesh(), cfg)
+  make = T.batch_fn(examples, [], cfg, 4, 4, 3, builder.pad_id, 0)
+  batch0 = make(0)
+  assert set(batch0) == {"ce", "align"}
+  before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param)))
+  first = float(T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, batch0), cfg)[1]["alignment"])
+  history = trainer.run(make)
+  assert "alignment" in history[0] and "contrastive" not in history[0]
+  last = float(T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, batch0), cfg)[1]["alignment"])
+  assert last < first
+  after = nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param))
+  moved = lambda a, b: any(np.abs(np.asarray(x) - np.asarray(y)).max() > 0
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(before["vlm"]["multi_modal_projector"], after["vlm"]["multi_modal_projector"])
+  assert moved(before["temperature"], after["temperature"])
+  for frozen in ("language_model", "vision_tower"):
+    assert not moved(before["vlm"][frozen], after["vlm"][frozen])

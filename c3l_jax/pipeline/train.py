@@ -5,6 +5,10 @@
         top `select.top_fraction` by S(I2C) in VIGC format, L_c (eq. 3) on image groups (>= 2 samples).
   vlit  plain instruction tuning: CE on (image + question -> answer) conversations of `data.records`
         (that is how the generated dataset fine-tunes a downstream model).
+  align CG-VLM: records with a `caption`; CE of image + "describe briefly" -> caption, plus the CG-VLM
+        alignment loss (weight `train.contrastive_weight`) between projected patches and caption token
+        embeddings, with a learnable temperature. Stage 1 of the paper trains the connector only:
+        --config.train.trainable="('connector',)".
 
 Resumable (`WORKDIR/train/checkpoints`, orbax) and preemptible (SIGTERM saves). Writes the loss history
 to `WORKDIR/train/history.jsonl` and the trained model (no projection head) to `WORKDIR/train/generator`,
@@ -30,11 +34,12 @@ from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
 from c3l_jax.pipeline.score import load_model_from_config
 
-REQUIRED_C3L = ("id", "image", "question", "answer")
+CAPTION_INSTRUCTION = "Describe the image briefly."
 
 
-def training_records(config: Any, workdir: str) -> list[dict]:
-  parts = sorted(glob.glob(os.path.join(workdir, "score", "part-*.jsonl")))
+def training_records(config: Any, workdir: str, objective: str = "c3l") -> list[dict]:
+  """Scored records for c3l (WORKDIR/score, else data.records); data.records for vlit / align."""
+  parts = sorted(glob.glob(os.path.join(workdir, "score", "part-*.jsonl"))) if objective == "c3l" else []
   parts = [p for p in parts if not p.endswith(".rejected.jsonl")]
   if parts:
     rows = []
@@ -45,7 +50,9 @@ def training_records(config: Any, workdir: str) -> list[dict]:
   if not config.data.records:
     raise BadInput("the train stage needs scored records: run the score stage first or set "
                    "config.data.records")
-  rows, rejected = read_records(config.data.records, strict=True)
+  required = ("id", "image", "caption") if objective == "align" else ("id", "image", "question",
+                                                                      "answer")
+  rows, rejected = read_records(config.data.records, required=required, strict=True)
   del rejected
   return rows
 
@@ -75,9 +82,7 @@ def run(config: Any, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, "train")
   os.makedirs(stage_dir, exist_ok=True)
   objective = config.train.objective
-  if objective not in ("c3l", "vlit"):
-    raise BadInput(f"train.objective={objective!r} is not implemented yet (available: c3l, vlit)")
-  rows = training_records(config, workdir)
+  rows = training_records(config, workdir, objective)
   cfg = trainer_lib.TrainConfig.from_config(config.train)
   if objective == "vlit":
     cfg = trainer_lib.TrainConfig(**{**cfg.__dict__, "contrastive_weight": 0.0, "ce_weight": 1.0})
@@ -95,7 +100,16 @@ def run(config: Any, workdir: str) -> dict:
 
   ce_examples, groups = [], []
   try:
-    if objective == "vlit":
+    if objective == "align":
+      for rec in rows:
+        if not str(rec.get("caption", "")).strip():
+          raise BadInput(f"train.objective=align needs a non-empty 'caption' in every record; "
+                         f"record {rec.get('id')!r} has none")
+        prompt, pixels = builder.encode_prompt(CAPTION_INSTRUCTION, image(rec))
+        caption = builder.encode_answer(rec["caption"])
+        ce_examples.append({"prompt": prompt, "target": caption + list(builder.eos_ids),
+                            "caption": caption, "pixels": pixels})
+    elif objective == "vlit":
       for rec in rows:
         prompt, pixels = builder.encode_prompt(rec["question"], image(rec))
         target = builder.encode_answer(rec["answer"]) + list(builder.eos_ids)
