@@ -234,7 +234,7 @@ class Trainer:
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     try:
       while self.step < self.cfg.steps:
-        batch = sharding.shard_batch(batches(self.step), self.mesh)
+        batch = sharding.shard_batch(sharding.process_slice(batches(self.step)), self.mesh)
         trainable, opt_state, metrics = train_step(
             self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
             optimizer=self.optimizer, cfg=self.cfg)
