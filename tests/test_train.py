@@ -278,3 +278,18 @@ def test_two_processes_match_one(world, tmp_path):
   for a, b in zip(one, two):
     for k in ("loss", "ce", "contrastive"):
       assert abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k])), (a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(world, tmp_path):
+  work = tmp_path / "w"
+  proc = _launch(world, work, 10_000, 10_000)  # no periodic save: only SIGTERM can write one
+  log = work / "launch.log"
+  deadline = time.time() + 600
+  while "train step" not in (log.read_text() if log.exists() else ""):
+    assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=600) == 143, log.read_text()[-3000:]
+  saved = [int(p) for p in os.listdir(work / "train" / "checkpoints") if p.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 1
+  assert "SIGTERM" in log.read_text()
