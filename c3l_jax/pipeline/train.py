@@ -64,18 +64,29 @@ def select_top(rows: list[dict], fraction: float) -> list[dict]:
 
 
 def export_generator(vlm, base_dir: str, out: str) -> None:
-  """Save the VLM (not the head) as a self-contained model directory."""
+  """Save the VLM (not the head) as a self-contained model directory.
+
+  Multi-host: every process takes part in the orbax saves (arrays may span hosts); only process 0
+  writes the other files and renames the directory into place, between barriers.
+  """
+  from jax.experimental import multihost_utils
+
   tmp = out + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  checkpoint.save_params(tmp, jax.device_get(nnx.to_pure_dict(nnx.state(vlm, nnx.Param))))
-  arch = vlm.cfg
-  checkpoint.save_model_config(tmp, arch)
-  for name in os.listdir(base_dir):
-    src = os.path.join(base_dir, name)
-    if os.path.isfile(src) and name != checkpoint.MODEL_CONFIG:
-      shutil.copy2(src, os.path.join(tmp, name))
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp, out)
+  lead = jax.process_index() == 0
+  if lead:
+    shutil.rmtree(tmp, ignore_errors=True)
+  multihost_utils.sync_global_devices("export_generator:start")
+  checkpoint.save_params(tmp, nnx.to_pure_dict(nnx.state(vlm, nnx.Param)))
+  multihost_utils.sync_global_devices("export_generator:params")
+  if lead:
+    checkpoint.save_model_config(tmp, vlm.cfg)
+    for name in os.listdir(base_dir):
+      src = os.path.join(base_dir, name)
+      if os.path.isfile(src) and name != checkpoint.MODEL_CONFIG:
+        shutil.copy2(src, os.path.join(tmp, name))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+  multihost_utils.sync_global_devices("export_generator:done")
 
 
 def run(config: Any, workdir: str) -> dict:
