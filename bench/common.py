@@ -301,3 +301,16 @@ def header(models: Models, threads: int) -> str:
           f"{models.image_token_id}\n"
           f"versions: jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({threads} threads), transformers {transformers.__version__}; {os.cpu_count()} CPUs")
+
+
+def setup(args) -> tuple["Models", dict[str, float]]:
+  """What every bench does first: threads, the models (printed), and the matmul FLOP/s probe."""
+  threads = setup_threads(args.threads)
+  t0 = time.perf_counter()
+  models = build_models(args.small, getattr(args, "image_token", None), seed=args.seed)
+  print(header(models, threads))
+  print(f"build + save + convert + load: {time.perf_counter() - t0:.1f}s ({models.workdir}); "
+        f"load average {os.getloadavg()[0]:.2f}")
+  mm = matmul_flops_per_s()
+  print(f"matmul fp32 2048^3: jax {gflops(mm['jax'])}, torch {gflops(mm['torch'])}")
+  return models, mm

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -143,14 +142,7 @@ def main():
 
   from c3l_jax import sampling
 
-  threads = common.setup_threads(args.threads)
-  t0 = time.perf_counter()
-  models = common.build_models(args.small, args.image_token, seed=args.seed)
-  print(common.header(models, threads))
-  print(f"build + save + convert + load: {time.perf_counter() - t0:.1f}s ({models.workdir}); "
-        f"load average {os.getloadavg()[0]:.2f}")
-  mm = common.matmul_flops_per_s()
-  print(f"matmul fp32 2048^3: jax {common.gflops(mm['jax'])}, torch {common.gflops(mm['torch'])}")
+  models, mm = common.setup(args)
 
   prompts, pixels = make_data(models, args.batch, args.seed)
   tokens, mask = sampling.pad_prompts(prompts, bucket=BUCKET, pad_id=PAD)

@@ -149,7 +149,7 @@ def ours_flops(a: common.Arch, scorer, items):
   batch the vision tower on G images, the prefix [G, P], suffixes [G*Q, Ts] against P + Ts cache
   slots, the text pass [G*Q, Wt]; the LM head on [G*Q, A] answer positions in each pass.
   """
-  from c3l_jax.scoring import _round_up
+  from c3l_jax.data.batching import round_up as _round_up
 
   cfg = scorer.cfg
   executed = unpadded = 0.0
@@ -270,14 +270,7 @@ def main():
 
   from c3l_jax import scoring
 
-  threads = common.setup_threads(args.threads)
-  t0 = time.perf_counter()
-  models = common.build_models(args.small, args.image_token, seed=args.seed)
-  print(common.header(models, threads))
-  print(f"build + save + convert + load: {time.perf_counter() - t0:.1f}s ({models.workdir}); "
-        f"load average {os.getloadavg()[0]:.2f}")
-  mm = common.matmul_flops_per_s()
-  print(f"matmul fp32 2048^3: jax {common.gflops(mm['jax'])}, torch {common.gflops(mm['torch'])}")
+  models, mm = common.setup(args)
 
   items, pixels = make_data(models, n_images, args.qa_per_image, args.seed)
   n_tok = sum(len(it.answer) for it in items)

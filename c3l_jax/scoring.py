@@ -27,7 +27,6 @@ from flax import nnx
 
 from c3l_jax import sharding
 from c3l_jax.data.batching import right_pad, round_up
-from c3l_jax.models import layers as L
 from c3l_jax.models.llama import KVCache, positions_and_mask
 
 

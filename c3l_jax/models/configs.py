@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
 
@@ -234,19 +234,3 @@ def with_runtime(cfg: LlavaConfig, **kwargs: Any) -> LlavaConfig:
   if unknown:
     raise ValueError(f"not runtime fields: {sorted(unknown)}")
   return dataclasses.replace(cfg, **kwargs)
-
-
-def llava15_7b() -> LlavaConfig:
-  """llava-hf/llava-1.5-7b-hf architecture (Vicuna-7B v1.5 + CLIP ViT-L/14-336)."""
-  return LlavaConfig()
-
-
-def llava15_13b() -> LlavaConfig:
-  """llava-hf/llava-1.5-13b-hf architecture (Vicuna-13B v1.5 + CLIP ViT-L/14-336)."""
-  text = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                     num_attention_heads=40, num_key_value_heads=40, head_dim=128)
-  return LlavaConfig(text=text)
-
-
-def as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
-  return (x,) if isinstance(x, int) else tuple(x)
