@@ -634,6 +634,7 @@ def detokenize_words(tokens: Sequence[str]) -> str:
 FOREIGN_SHAPES = ("heart", "hexagon", "diamond", "oval", "pentagon", "rectangle", "moon", "arrow",
                   "ring", "ball", "box")
 """Shapes that never occur in the world: an answer that asserts one hallucinates it."""
+_ALL_COLOURS = COLOURS + BACKGROUNDS
 _GENERIC_NOUNS = ("object", "shape", "thing", "item", "figure", "one")
 _NOUN_FORMS: dict[str, str] = {}
 for _n in SHAPES + FOREIGN_SHAPES + _GENERIC_NOUNS + ("background",):
@@ -786,9 +787,9 @@ def _parse_np(tokens: list[str], i: int) -> _NP | None:
     np_.number = 0 if np_.det == "no" else _number(tokens[j])
     j += 1
     had_mod = True
-  while j < n and (tokens[j] in COLOURS or tokens[j] in SIZES or tokens[j] == "colour"
-                   and j > i and tokens[j - 1] in COLOURS):
-    if tokens[j] in COLOURS:
+  while j < n and (tokens[j] in _ALL_COLOURS or tokens[j] in SIZES or tokens[j] == "colour"
+                   and j > i and tokens[j - 1] in _ALL_COLOURS):
+    if tokens[j] in _ALL_COLOURS:
       np_.colour = np_.colour or tokens[j]
     elif tokens[j] in SIZES:
       np_.size = np_.size or tokens[j]
@@ -865,7 +866,7 @@ def _chunks(tokens: list[str]) -> list[Any]:
       out.append(np_)
       i = np_.end
       continue
-    if t in COLOURS:
+    if t in _ALL_COLOURS:
       out.append(_Tok("colour", t, i))
     elif t in SIZES:
       out.append(_Tok("size", t, i))
@@ -980,7 +981,8 @@ def _clause(tokens: list[str], referent: _Desc | None) -> tuple[list[_Claim], li
         desc = dataclasses.replace(desc, colour=c.value) if desc.colour in (None, c.value) else \
             dataclasses.replace(desc, shape="__contradiction__")
       elif isinstance(c, _Tok) and c.kind == "size":
-        desc = dataclasses.replace(desc, size=c.value)
+        desc = dataclasses.replace(desc, size=c.value) if desc.size in (None, c.value) else \
+            dataclasses.replace(desc, shape="__contradiction__")
       elif isinstance(c, _NP) and not c.landmark and c.noun != "background":
         pred_np = c
         nd = _np_desc(c)
@@ -1099,9 +1101,9 @@ def _generic(q: list[str], a: list[str]) -> tuple[bool, bool | None] | None:
       return True, a_nums == val
     return True, None
   if qs & {"mix", "mixed", "mixing", "combine"}:
-    cols = [t for t in q if t in COLOURS]
+    cols = [t for t in q if t in _ALL_COLOURS]
     res = _MIX.get(frozenset(cols))
-    ans = [t for t in a if t in COLOURS and t not in cols]
+    ans = [t for t in a if t in _ALL_COLOURS and t not in cols]
     return True, (res in ans) if res and ans else None
   if "opposite" in qs:
     k = q.index("opposite")
@@ -1116,7 +1118,7 @@ def _generic(q: list[str], a: list[str]) -> tuple[bool, bool | None] | None:
     return True, (WORLD_COLOURS[thing] in cols) if cols else None
   if len(q) >= 4 and q[0] == "is" and q[-2:] in (["a", "colour"], ["a", "shape"]):
     subj = [t for t in q[1:-2] if t not in {"a", "an", "the"}]
-    truth = bool(subj) and (subj[0] in COLOURS if q[-1] == "colour" else _NOUN_FORMS.get(subj[0]) in SHAPES + FOREIGN_SHAPES)
+    truth = bool(subj) and (subj[0] in _ALL_COLOURS if q[-1] == "colour" else _NOUN_FORMS.get(subj[0]) in SHAPES + FOREIGN_SHAPES)
     pol = _polarity(a)
     return True, None if pol is None else pol == truth
   prop = next((t for t in q if t in _PROPERTY_FACTS), None)
@@ -1232,8 +1234,16 @@ def check(scene: Scene, question: str, answer: str) -> Verdict:
       hall |= absent(c.landmark for c in ans_chunks if isinstance(c, _Rel) and c.landmark)
     return finish()
 
+  if qs & {"bigger", "smaller", "larger", "biggest", "smallest", "largest", "more", "fewer", "less"}:
+    kind = "comparison"  # not judged
+    return finish()
+
   if "colour" in qs and wh in {"what", "which", "tell", "name"}:
     kind = "colour"
+    if "background" in qs:
+      cols = _answer_colours(a_words)
+      correct = scene.background in cols if cols else None
+      return finish()
     desc = _question_desc(q_chunks, with_colour_toks=False)
     m = _match(scene, desc)
     cols = _answer_colours(a_words)
@@ -1262,14 +1272,15 @@ def check(scene: Scene, question: str, answer: str) -> Verdict:
     chunks = q_chunks
     desc = _question_desc(chunks)
     m = _match(scene, desc)
-    ans = {c.shape for c in _chunks(a_words) if isinstance(c, _NP) and not c.landmark and c.shape
-           and c.det != "no"}
+    ans = [c for c in _chunks(a_words) if isinstance(c, _NP) and not c.landmark and c.shape
+           and c.det != "no"]
     if not m:
       correct = not ans and _denies(a_words)
       if not correct:
         hall |= presupposed
-    elif ans:
-      correct = ans <= {o.shape for o in m}
+    elif ans:  # each named shape (with its colour / size, if given) is one of the referents
+      correct = all(_match(scene, _np_desc(c).merged(_Desc(abs=desc.abs, rels=desc.rels))) and
+                    any(o.shape == c.shape for o in m) for c in ans)
     return finish()
 
   if wh in {"is", "are", "does", "do", "can", "could"}:
@@ -1291,8 +1302,9 @@ def check(scene: Scene, question: str, answer: str) -> Verdict:
           locs.append(d)
         count = c.number if c.det not in {"a", "an", "any", "some"} else None
         q_claims.append(_Claim(_np_desc(c).merged(_loc_desc(locs)), True, count))
+      subject = q_claims[0].desc if q_claims else None
     else:
-      q_claims = _yesno_claims(rest)
+      q_claims, subject = _yesno_claims(rest)
       preds = _chunks(rest)
       kind = ("relation" if any(isinstance(c, _Rel) for c in preds) else
               "position" if any(isinstance(c, _Abs) for c in preds) else
@@ -1303,8 +1315,8 @@ def check(scene: Scene, question: str, answer: str) -> Verdict:
       return finish()
     truth = all(c.holds(scene) for c in q_claims)
     correct = truth == pol
-    if a_words and a_words[0] in _YES | _NO:
-      extra, _ = _statements(a_words[1:], q_claims[0].desc)
+    if a_words and (a_words[0] in _YES or a_words[0] in _NO and _parse_np(a_words, 0) is None):
+      extra, _ = _statements(a_words[1:], subject)
     else:
       extra = a_claims
     if extra and not all(c.holds(scene) for c in extra):
@@ -1320,15 +1332,12 @@ def check(scene: Scene, question: str, answer: str) -> Verdict:
   return Verdict(False, None, sorted(hall), "unknown", mentioned)
 
 
-def _yesno_claims(rest: list[str]) -> list[_Claim]:
-  """Claims of "is the X <predicate>" (tokens after the auxiliary), as the statement "the X is ..."."""
-  chunks = _chunks(rest)
-  tops = _top_nps(chunks)
+def _yesno_claims(rest: list[str]) -> tuple[list[_Claim], _Desc | None]:
+  """Claims of "is the X <predicate>" (tokens after the auxiliary) read as the statement "the X is ...",
+  and the subject's description (what "it" refers to in the answer)."""
+  tops = _top_nps(_chunks(rest))
   if not tops:
-    return []
+    return [], None
   subj = tops[0]
-  k = chunks.index(subj)
-  # Rewrite as a statement: subject, "is", the rest.
-  stmt = rest[:subj.end] + ["is"] + rest[subj.end:]
-  claims, _ = _clause(stmt, None)
-  return claims
+  claims, _ = _clause(rest[:subj.end] + ["is"] + rest[subj.end:], None)
+  return claims, _np_desc(subj)
