@@ -614,6 +614,15 @@ def tokenize_words(text: str) -> list[str]:
   return [t if t in SPECIAL_TOKENS else t.lower() for t in _TOKEN_RE.findall(text)]
 
 
+def parse_qa_text(text: str) -> tuple[str, str] | None:
+  """Splits generator output in VIGC format, `Question: {q} Answer: {a}`, into (q, a); None when the
+  text has no "Question:" followed by an "Answer:" (case-insensitive)."""
+  m = re.search(r"question:(.*?)answer:(.*)", text, flags=re.IGNORECASE | re.DOTALL)
+  if m is None:
+    return None
+  return m.group(1).strip(), m.group(2).strip()
+
+
 def detokenize_words(tokens: Sequence[str]) -> str:
   """Joins tokens into text: no space before punctuation, sentences capitalised."""
   out = ""
@@ -1341,3 +1350,14 @@ def _yesno_claims(rest: list[str]) -> tuple[list[_Claim], _Desc | None]:
   subj = tops[0]
   claims, _ = _clause(rest[:subj.end] + ["is"] + rest[subj.end:], None)
   return claims, _np_desc(subj)
+
+
+def load_split(data_dir: str, split: str, num_images: int, seed: int, *, num_val: int | None = None,
+               image_size: int = IMAGE_SIZE) -> Sequence[dict[str, Any]]:
+  """The world's `train` (scenes 0..num_images-1) or `val` (held out) split through its tfds builder,
+  prepared under `data_dir` on first use: a random-access sequence of dicts with keys image_bytes
+  (PNG bytes), image_id (int), file_name (str), captions (list[str]), objects (list[str]), annotation
+  (the scene's JSON). See `c3l_jax.data.scenes_tfds` (imported here lazily: tfds is only needed here)."""
+  from c3l_jax.data import scenes_tfds  # noqa: PLC0415  (keeps tfds out of the world's import)
+
+  return scenes_tfds.load_split(data_dir, split, num_images, seed, num_val=num_val, image_size=image_size)
