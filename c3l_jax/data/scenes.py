@@ -308,10 +308,6 @@ def _join(parts: list[str]) -> str:
   return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _cap(text: str) -> str:
-  return text[:1].upper() + text[1:]
-
-
 def _groups(scene: Scene, with_size: bool = False) -> list[str]:
   """Noun phrases for the objects grouped by (size?, colour, shape), in object order."""
   keys: dict[tuple, int] = {}
@@ -813,8 +809,6 @@ def _parse_np(tokens: list[str], i: int) -> _NP | None:
     np_.noun, np_.end = "it", j + 1
   else:
     return None
-  if np_.number is None and np_.det in {"a", "an"}:
-    np_.number = None  # "a circle": at least one
   return np_
 
 
@@ -1083,10 +1077,10 @@ def _denies(tokens: list[str]) -> bool:
       bool(tokens) and tokens[0] in _NO
 
 
-def _question_desc(chunks: Sequence[Any], skip_wh_np: bool = True, with_colour_toks: bool = True) -> _Desc:
+def _question_desc(chunks: Sequence[Any], with_colour_toks: bool = True) -> _Desc:
   """Merges what the question says about its referent: noun phrases, colour / size words, locations."""
   d = _Desc()
-  for k, c in enumerate(chunks):
+  for c in chunks:
     if isinstance(c, _NP) and not c.landmark and c.noun not in {"background", "it"}:
       d = d.merged(_np_desc(c))
     elif isinstance(c, _Tok) and c.kind == "colour" and with_colour_toks:
@@ -1277,9 +1271,7 @@ def check(scene: Scene, question: str, answer: str) -> Verdict:
 
   if wh in {"what", "which", "name", "tell"}:
     kind = "shape"
-    k = q.index(wh)
-    chunks = q_chunks
-    desc = _question_desc(chunks)
+    desc = _question_desc(q_chunks)
     m = _match(scene, desc)
     ans = [c for c in _chunks(a_words) if isinstance(c, _NP) and not c.landmark and c.shape
            and c.det != "no"]
