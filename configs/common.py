@@ -40,12 +40,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.records = ""  # JSONL records (see DESIGN.md, "Records")
   config.data.image_root = ""  # record `image` paths are relative to this directory
-  config.data.coco_dir = ""
-  config.data.batch_size = 8
+  config.data.coco_dir = ""  # COCO 2014 root laid out as the official download (tfds manual dir)
+  # Where images come from: records (data.records + data.image_root) | coco (data.coco_dir) |
+  # scenes (the synthetic world, data.scenes_*); '' = coco if coco_dir is set, else records.
+  config.data.source = ""
+  config.data.split = "train"  # tfds split of coco / scenes: train | val
+  config.data.tfds_dir = ""  # where tfds prepares coco / scenes; '' = ~/tensorflow_datasets
+  config.data.max_images = 0  # images the initial / final stages draw from; 0 = all
+  config.data.scenes_images = 300  # size of the synthetic scenes world (train split)
+  config.data.scenes_seed = 0
+  config.data.image_aspect = "resize"  # resize | pad (LLaVA-1.5's expand2square, image-mean border)
+  config.data.max_pixels = 64_000_000  # larger images are quarantined before decoding
+  config.data.batch_size = 8  # prompts per generation batch
   config.data.eval_batch_size = 8
 
   config.generation = ml_collections.ConfigDict()
+  # initial stage: two_step (caption the image, then the decoder alone writes QA from the caption) |
+  # direct (image + VIGC instruction -> "Question: ... Answer: ...").
   config.generation.mode = "two_step"
+  config.generation.final_mode = "direct"  # the final stage's mode (same choices)
+  config.generation.per_image = 3  # QA samples generated per image in the initial stage
+  # Instruction types and their proportions (normalised).
+  config.generation.instruction_mix = "conversation=0.5,detailed_description=0.25,complex_reasoning=0.25"
+  config.generation.caption_max_new_tokens = 64  # step 1 of two_step
+  config.generation.shard_size = 64  # images per output shard (the unit of resumption)
   config.generation.max_new_tokens = 256
   config.generation.temperature = 0.0  # 0 = greedy
   config.generation.top_p = 1.0
@@ -60,7 +78,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.scoring.prefix_sharing = True  # one KV cache per image's shared prefix (equal to naive)
   config.scoring.shard_size = 512  # records per output shard (the unit of resumption)
 
+  config.filter = ml_collections.ConfigDict()
+  config.filter.min_question_words = 3
+  config.filter.max_question_words = 60
+  config.filter.min_answer_words = 1
+  config.filter.max_answer_words = 300
+  config.filter.near_duplicate = 0.8  # word-set Jaccard of two questions of one image at/over this = dup
+  config.filter.caption_overlap = 0.9  # answer/caption similarity at/over this = repeats the caption
+
   config.select = ml_collections.ConfigDict()
+  config.select.method = "i2c"  # i2c (the paper's CRM selection)
   config.select.top_fraction = 0.1  # in (0, 1]
 
   config.train = ml_collections.ConfigDict()

@@ -32,12 +32,17 @@ CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_pat
 
 # Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("llava15",),
+    "model.family": ("llava15", "minigpt4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("xla",),
-    "generation.mode": ("two_step",),
+    "generation.mode": ("two_step", "direct"),
+    "generation.final_mode": ("two_step", "direct"),
+    "data.source": ("", "records", "coco", "scenes"),
+    "data.split": ("train", "val"),
+    "data.image_aspect": ("resize", "pad"),
     "scoring.mode": ("eq1", "full_kl"),
+    "select.method": ("i2c",),
     "train.objective": ("c3l", "vlit", "align"),
     "train.optimizer": ("adamw",),
 }
@@ -51,6 +56,18 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "generation.max_new_tokens": (1, True, math.inf, False),
     "generation.num_final": (1, True, math.inf, False),
     "generation.prompt_bucket": (1, True, math.inf, False),
+    "generation.per_image": (1, True, math.inf, False),
+    "generation.caption_max_new_tokens": (1, True, math.inf, False),
+    "generation.shard_size": (1, True, math.inf, False),
+    "data.max_images": (0, True, math.inf, False),
+    "data.scenes_images": (1, True, math.inf, False),
+    "data.max_pixels": (1, True, math.inf, False),
+    "filter.min_question_words": (0, True, math.inf, False),
+    "filter.max_question_words": (1, True, math.inf, False),
+    "filter.min_answer_words": (0, True, math.inf, False),
+    "filter.max_answer_words": (1, True, math.inf, False),
+    "filter.near_duplicate": (0.0, False, 1.0, True),
+    "filter.caption_overlap": (0.0, False, 1.0, True),
     "data.batch_size": (1, True, math.inf, False),
     "data.eval_batch_size": (1, True, math.inf, False),
     "scoring.batch_size": (1, True, math.inf, False),
@@ -108,6 +125,11 @@ def check_config(config: Any) -> tuple[str, ...]:
   if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
     raise ConfigError(f"config.mesh {sizes} is not valid (sizes must be positive, or -1 = the rest "
                       "of the devices for at most one axis)")
+  from c3l_jax.data import instructions  # jax-free
+  try:
+    instructions.parse_mix(config.generation.instruction_mix)
+  except ValueError as e:
+    raise ConfigError(f"config.generation.instruction_mix: {e}") from None
   trainable = config.train.trainable
   if isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable):
     raise ConfigError(f"config.train.trainable={trainable!r} must be a tuple of regex strings, "
@@ -177,18 +199,36 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, dict]:
-  """Run `stages` in order; merge each one's metrics into WORKDIR/metrics.json as `{stage: metrics}`."""
+  """Run `stages` in order; merge each one's metrics into WORKDIR/metrics.json as `{stage: metrics}`.
+
+  A finished stage leaves WORKDIR/<stage>/DONE.json (its metrics); a rerun in the same workdir skips it,
+  and a stage interrupted midway skips the shards it finished (DESIGN.md, "Data flow").
+  """
   metrics_path = os.path.join(workdir, "metrics.json")
   metrics: dict[str, dict] = {}
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
       metrics = json.load(f)
   for name in stages:
+    done_path = os.path.join(workdir, name, "DONE.json")
+    if os.path.exists(done_path):
+      with open(done_path) as f:
+        metrics[name] = json.load(f)
+      logging.info("stage %s: already done in this workdir, skipped", name)
+      continue
     logging.info("stage %s: start", name)
     start = time.perf_counter()
-    result = get_stage(name)(config, workdir)
-    metrics[name] = dict(result or {})
-    write_json(metrics_path, metrics)
+    result = dict(get_stage(name)(config, workdir) or {})
+    os.makedirs(os.path.dirname(done_path), exist_ok=True)
+    if _is_lead():
+      write_json(done_path, result)
+      metrics[name] = result
+      write_json(metrics_path, metrics)
     logging.info("stage %s: done in %.1fs: %s", name, time.perf_counter() - start,
-                 json.dumps(metrics[name], default=_json_default))
+                 json.dumps(result, default=_json_default))
   return metrics
+
+
+def _is_lead() -> bool:
+  import jax  # stages have imported it by now
+  return jax.process_index() == 0

@@ -1,4 +1,5 @@
-"""The `score` stage: S(I2C) (eq. 1, `c3l_jax.scoring`) for every record of `config.data.records`.
+"""The `score` stage: S(I2C) (eq. 1, `c3l_jax.scoring`) for every record of WORKDIR/filter (else of
+`config.data.records`).
 
 Writes `WORKDIR/score/part-*.jsonl` (the input records plus `i2c`, `logp_image`, `logp_text`,
 `n_tokens`) in shards of `config.scoring.shard_size` records; bad inputs (bad JSON lines, missing or
@@ -17,10 +18,9 @@ import tqdm
 from absl import logging
 
 from c3l_jax import scoring, sharding
-from c3l_jax.data.images import ImageError, load_image
-from c3l_jax.data.prompts import PromptBuilder, load_processor
-from c3l_jax.data.records import BadInput, read_records, reject
-from c3l_jax.pipeline import shards
+from c3l_jax.data.images import ImageError
+from c3l_jax.data.records import BadInput, reject
+from c3l_jax.pipeline import common, shards
 
 
 def load_model_from_config(config: Any, mesh: jax.sharding.Mesh):
@@ -31,56 +31,45 @@ def load_model_from_config(config: Any, mesh: jax.sharding.Mesh):
 
 def run(config: Any, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, "score")
-  if not config.data.records:
-    raise BadInput("config.data.records is not set: the score stage needs a JSONL file of records")
-  records, upfront = read_records(config.data.records, strict=config.strict)
+  records, upfront, where = common.stage_input(config, workdir, ("filter",))
+  logging.info("score: %d records from %s", len(records), where)
   size = config.scoring.shard_size
   chunks = [records[i:i + size] for i in range(0, len(records), size)]
-  todo = [i for i in range(len(chunks)) if not shards.is_done(stage_dir, i)]
+  todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
 
   if todo:
-    mesh = sharding.make_mesh(config.mesh)
-    model = load_model_from_config(config, mesh)
-    builder = PromptBuilder(load_processor(config.model.checkpoint), model.cfg.image_token_id,
-                            model.cfg.image_seq_length)
+    inf = common.Inference(config)
     scorer = scoring.Scorer(
-        model, mesh,
+        inf.model, inf.mesh,
         scoring.ScoringConfig(mode=config.scoring.mode, length_norm=config.scoring.length_norm,
                               prefix_sharing=config.scoring.prefix_sharing,
                               batch_rows=config.scoring.batch_size),
-        model.cfg.image_token_id, builder.pad_id)
-    max_len = model.cfg.text.max_position_embeddings
+        inf.model.cfg.image_token_id, inf.builder.pad_id)
     bar = tqdm.tqdm(total=sum(len(chunks[i]) for i in todo), desc="score", unit="rec")
     tokens = 0
     start = time.perf_counter()
     for index in todo:
-      rows, rejected = _score_chunk(config, chunks[index], builder, scorer, max_len)
+      rows, rejected = _score_chunk(config, chunks[index], inf, scorer)
       shards.write_shard(stage_dir, index, rows, rejected)
       tokens += sum(r["n_tokens"] for r in rows)
       bar.update(len(chunks[index]))
       bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
       logging.info("score: shard %d done (%d scored, %d rejected)", index, len(rows), len(rejected))
     bar.close()
-
+  common.sync("score:shards")
   written = sum(shards.read_shard_counts(stage_dir, i)[0] for i in range(len(chunks)))
-  n_rejected = shards.gather_rejected(stage_dir, upfront)
+  n_rejected = shards.gather_rejected(stage_dir, upfront) if common.is_lead() else 0
   return {"read": len(records) + len(upfront), "written": written, "rejected": n_rejected}
 
 
-def _score_chunk(config, chunk, builder: PromptBuilder, scorer: scoring.Scorer, max_len: int):
+def _score_chunk(config, chunk, inf: common.Inference, scorer: scoring.Scorer):
   """Encode (quarantining bad images / over-long sequences) and score one shard's records."""
   rejected, keep, items, pixels = [], [], [], {}
-  images: dict[str, Any] = {}  # path -> RGB image, or the ImageError it raised
+  builder, max_len = inf.builder, inf.max_len
   for rec in chunk:
     try:
-      if rec["image"] not in images:
-        try:
-          images[rec["image"]] = load_image(os.path.join(config.data.image_root, rec["image"]))
-        except ImageError as e:
-          images[rec["image"]] = e
-      if isinstance(images[rec["image"]], ImageError):
-        raise images[rec["image"]]
-      enc = builder.encode_qa(rec["question"], rec["answer"], images[rec["image"]])
+      image = inf.source.load(rec["image"])
+      enc = builder.encode_qa(rec["question"], rec["answer"], image)
       if not enc.answer:
         raise ImageError("answer tokenizes to nothing")
       if len(enc.prompt_image) + len(enc.answer) > max_len:

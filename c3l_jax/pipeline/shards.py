@@ -38,8 +38,25 @@ def read_shard_counts(stage_dir: str, index: int) -> tuple[int, int]:
   return int(written), int(rejected)
 
 
+def part_files(stage_dir: str) -> list[str]:
+  """The stage's output shards, in order (not their rejections)."""
+  return [p for p in sorted(glob.glob(os.path.join(stage_dir, "part-*.jsonl")))
+          if not p.endswith(".rejected.jsonl")]
+
+
+def read_part(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_parts(stage_dir: str) -> list[dict]:
+  """Every record of a stage's shards, in shard order."""
+  return [row for path in part_files(stage_dir) for row in read_part(path)]
+
+
 def gather_rejected(stage_dir: str, upfront: Sequence[dict]) -> int:
   """`rejected.jsonl` = rejections found before sharding + every shard's, in order; returns the count."""
+  os.makedirs(stage_dir, exist_ok=True)
   rows = list(upfront)
   for path in sorted(glob.glob(os.path.join(stage_dir, "part-*.rejected.jsonl"))):
     with open(path, encoding="utf-8") as f:

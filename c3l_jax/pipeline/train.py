@@ -17,9 +17,6 @@ a model directory the `final` stage loads like any converted checkpoint.
 
 from __future__ import annotations
 
-import glob
-import json
-import math
 import os
 import shutil
 from typing import Any
@@ -29,38 +26,35 @@ from flax import nnx
 
 from c3l_jax import checkpoint, losses, sharding
 from c3l_jax import train as trainer_lib
-from c3l_jax.data.images import ImageError, load_image
+from c3l_jax.data.images import ImageError
 from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
+from c3l_jax.data.sources import open_source
+from c3l_jax.pipeline import common, select
 from c3l_jax.pipeline.score import load_model_from_config
 
 CAPTION_INSTRUCTION = "Describe the image briefly."
 
 
 def training_records(config: Any, workdir: str, objective: str = "c3l") -> list[dict]:
-  """Scored records for c3l (WORKDIR/score, else data.records); data.records for vlit / align."""
-  parts = sorted(glob.glob(os.path.join(workdir, "score", "part-*.jsonl"))) if objective == "c3l" else []
-  parts = [p for p in parts if not p.endswith(".rejected.jsonl")]
-  if parts:
-    rows = []
-    for path in parts:
-      with open(path, encoding="utf-8") as f:
-        rows.extend(json.loads(line) for line in f if line.strip())
+  """c3l: selected records (WORKDIR/select, else WORKDIR/score or `data.records` with `i2c`, selected
+  here the same way); vlit / align: `data.records`."""
+  if objective == "c3l":
+    rows, _, where = common.stage_input(config, workdir, ("select", "score"))
+    if not all("role" in r and "top_fraction" in r for r in rows):
+      missing = [r.get("id") for r in rows if not isinstance(r.get("i2c"), (int, float))]
+      if missing:
+        raise BadInput(f"the train stage needs S(I2C) scores: {len(missing)} record(s) of {where} have "
+                       f"no 'i2c' (e.g. {missing[0]!r}); run the score stage first")
+      rows = select.METHODS[config.select.method](rows, config)
     return rows
-  if not config.data.records:
-    raise BadInput("the train stage needs scored records: run the score stage first or set "
-                   "config.data.records")
   required = ("id", "image", "caption") if objective == "align" else ("id", "image", "question",
                                                                       "answer")
+  if not config.data.records:
+    raise BadInput(f"train.objective={objective} needs config.data.records")
   rows, rejected = read_records(config.data.records, required=required, strict=True)
   del rejected
   return rows
-
-
-def select_top(rows: list[dict], fraction: float) -> list[dict]:
-  """The top `fraction` of rows by S(I2C), globally (ties: input order)."""
-  ranked = sorted(range(len(rows)), key=lambda i: (-rows[i]["i2c"], i))
-  return [rows[i] for i in ranked[:max(1, math.ceil(fraction * len(rows)))]]
 
 
 def export_generator(vlm, base_dir: str, out: str) -> None:
@@ -102,12 +96,8 @@ def run(config: Any, workdir: str) -> dict:
   vlm = load_model_from_config(config, mesh)
   builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
                           vlm.cfg.image_seq_length)
-  images: dict[str, Any] = {}
-
-  def image(rec):
-    if rec["image"] not in images:
-      images[rec["image"]] = load_image(os.path.join(config.data.image_root, rec["image"]))
-    return images[rec["image"]]
+  source = open_source(config, builder)
+  image = lambda rec: source.load(rec["image"])  # noqa: E731
 
   ce_examples, groups = [], []
   try:
@@ -132,15 +122,17 @@ def run(config: Any, workdir: str) -> dict:
         prompt, target, sample, pixels = builder.encode_vigc(kind, rec["question"], rec["answer"],
                                                              image(rec))
         encoded[rec["id"]] = {"prompt": prompt, "target": target, "sample": sample, "pixels": pixels}
-      if cfg.ce_weight:
-        ce_examples = [encoded[r["id"]] for r in select_top(rows, config.select.top_fraction)]
-      if cfg.contrastive_weight:
-        for positive, members in losses.select_groups([r["i2c"] for r in rows],
-                                                      [r["image"] for r in rows],
+      if cfg.ce_weight:  # L_r on the top fraction, best first
+        top = [r for r in rows if r["top_fraction"]]
+        ce_examples = [encoded[r["id"]] for r in sorted(top, key=lambda r: -r["i2c"])]
+      if cfg.contrastive_weight:  # L_c per image: the positive first, then its negatives
+        grouped = [r for r in rows if r["role"] in ("positive", "negative")]
+        for positive, members in losses.select_groups([r["i2c"] for r in grouped],
+                                                      [r["image"] for r in grouped],
                                                       config.train.max_negatives):
-          first = encoded[rows[members[0]]["id"]]
+          first = encoded[grouped[members[0]]["id"]]
           groups.append({"prompt": first["prompt"], "pixels": first["pixels"],
-                         "samples": [encoded[rows[m]["id"]]["sample"] for m in members],
+                         "samples": [encoded[grouped[m]["id"]]["sample"] for m in members],
                          "positive": members.index(positive)})
         if not groups:
           raise BadInput("no image has two or more scored samples: the contrastive loss needs them "

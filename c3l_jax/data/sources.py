@@ -1,0 +1,154 @@
+"""Where the pipeline's images come from, behind one interface (DESIGN.md, "Data flow").
+
+`config.data.source`:
+  records  `data.records` JSONL (`id`, `image` relative to `data.image_root`; any other image set)
+  coco     COCO 2014 through the tfds builder of `c3l_jax.data.coco` (`data.coco_dir`, `data.split`)
+  scenes   the synthetic scenes world through its tfds builder (`c3l_jax.data.scenes`)
+  ''       coco when `data.coco_dir` is set, else records
+
+Records name their image by `image` (a path under `image_root`, or a tfds element's `file_name`);
+`ImageSource.load(image)` returns the RGB picture (LLaVA's `pad` aspect mode applied when configured)
+or raises `ImageError` with the quarantine reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import PIL.Image
+
+from c3l_jax.data.images import ImageError, load_image
+from c3l_jax.data.records import BadInput, read_records, reject
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+  """One image to generate for: `image` is the key records use; the rest is ground truth if any."""
+
+  image: str
+  image_id: str
+  captions: tuple[str, ...] = ()
+  objects: tuple[str, ...] = ()
+  annotation: str = ""
+
+
+def source_kind(config: Any) -> str:
+  kind = config.data.source
+  if not kind:
+    kind = "coco" if config.data.coco_dir else "records"
+  return kind
+
+
+def tfds_dir(config: Any) -> str:
+  return config.data.tfds_dir or os.path.expanduser("~/tensorflow_datasets")
+
+
+class ImageSource:
+  """Lists images (`items`) and loads them by record key (`load`), caching the decoded pictures."""
+
+  def __init__(self, config: Any, split: str | None = None, background: tuple[int, ...] | None = None):
+    self.kind = source_kind(config)
+    self.config = config
+    self.split = split or config.data.split
+    self.max_pixels = int(config.data.max_pixels)
+    self.background = background if config.data.image_aspect == "pad" else None
+    self._elements: Sequence[dict] | None = None
+    self._index: dict[str, int] | None = None
+    self._cache: dict[str, Any] = {}
+
+  # -- tfds-backed sources -------------------------------------------------------------------------
+  def elements(self) -> Sequence[dict]:
+    """The tfds split as a random-access sequence of dicts (prepared on first use)."""
+    if self._elements is None:
+      if self.kind == "coco":
+        if not self.config.data.coco_dir:
+          raise BadInput("config.data.source=coco needs config.data.coco_dir (the COCO 2014 root)")
+        from c3l_jax.data import coco
+        self._elements = coco.load_split(self.config.data.coco_dir, self.split, tfds_dir(self.config))
+      elif self.kind == "scenes":
+        from c3l_jax.data import scenes
+        num = self.config.data.scenes_images
+        self._elements = scenes.load_split(tfds_dir(self.config), self.split, num,
+                                           self.config.data.scenes_seed)
+      else:
+        raise ValueError(f"source {self.kind!r} has no tfds elements")
+    return self._elements
+
+  def _element_index(self) -> dict[str, int]:
+    if self._index is None:
+      self._index = {str(self.elements()[i]["file_name"]): i for i in range(len(self.elements()))}
+    return self._index
+
+  def element(self, image: str) -> dict:
+    """The tfds element of a record's `image` key (its file name)."""
+    try:
+      return self.elements()[self._element_index()[image]]
+    except KeyError:
+      raise ImageError(f"missing image {image!r}: not in the {self.kind} {self.split} split") from None
+
+  # -- the interface ---------------------------------------------------------------------------------
+  def items(self, limit: int = 0) -> tuple[list[ImageItem], list[dict]]:
+    """The images to generate for (at most `limit`, 0 = all) and the rejected inputs."""
+    if self.kind == "records":
+      if not self.config.data.records:
+        raise BadInput("config.data.records is not set: the records source needs a JSONL file of "
+                       "{'id', 'image'} lines (or set data.coco_dir / data.source=scenes)")
+      recs, rejected = read_records(self.config.data.records, required=("id", "image"),
+                                    strict=self.config.strict)
+      items, seen = [], set()
+      for rec in recs:
+        if rec["image"] in seen:  # several QA records of one image: generate for the image once
+          continue
+        seen.add(rec["image"])
+        items.append(ImageItem(image=rec["image"], image_id=rec["id"],
+                               captions=tuple(c for c in [rec.get("caption")] if c)))
+      return (items[:limit] if limit else items), rejected
+    elements = self.elements()
+    n = min(limit, len(elements)) if limit else len(elements)
+    items = []
+    for i in range(n):
+      el = elements[i]
+      items.append(ImageItem(image=str(el["file_name"]), image_id=str(el["image_id"]),
+                             captions=tuple(el["captions"]), objects=tuple(el["objects"]),
+                             annotation=el.get("annotation", "") or ""))
+    return items, []
+
+  def load(self, image: str) -> PIL.Image.Image:
+    """The RGB picture of record key `image`, or `ImageError` (cached, errors included)."""
+    if image not in self._cache:
+      try:
+        self._cache[image] = self._load(image)
+      except ImageError as e:
+        self._cache[image] = e
+    value = self._cache[image]
+    if isinstance(value, ImageError):
+      raise value
+    return value
+
+  def _load(self, image: str) -> PIL.Image.Image:
+    if self.kind == "records":
+      img = load_image(os.path.join(self.config.data.image_root, image), self.max_pixels)
+    else:
+      from c3l_jax.data.images import load_image_bytes
+      data = self.element(image)["image_bytes"]
+      if not data:
+        raise ImageError(f"missing image file {image}")
+      img = load_image_bytes(data, self.max_pixels, name=image)
+    if self.background is not None:
+      from c3l_jax.data.images import expand_to_square
+      img = expand_to_square(img, self.background)
+    return img
+
+
+def open_source(config: Any, builder: Any | None = None, split: str | None = None) -> ImageSource:
+  """The configured image source; `builder` (a `PromptBuilder`) gives the `pad` background colour."""
+  background = None
+  if builder is not None and config.data.image_aspect == "pad":
+    from c3l_jax.data.images import pad_background
+    background = pad_background(builder.processor.image_processor)
+  return ImageSource(config, split, background)
+
+
+__all__ = ["ImageItem", "ImageSource", "open_source", "reject", "source_kind", "tfds_dir"]

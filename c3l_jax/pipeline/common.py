@@ -1,0 +1,141 @@
+"""What the model stages share: one loaded model per process, batched text generation, stage inputs.
+
+Inference stages (`initial`, `score`, `final`, `eval`) are data-parallel over processes: each process
+loads the model on a mesh of its *local* devices (data x fsdp x tensor as configured) and takes the
+shards `i` with `i % process_count == process_index` (`my_shards`), so hosts never wait on each other
+until the stage's end (`sync`). Generation is deterministic per row: every row's PRNG key is derived
+from (seed, stage, shard, row), never from the batch it happens to land in.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from c3l_jax import sampling, sharding
+from c3l_jax.data.batching import round_up
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.data.records import BadInput, read_records
+from c3l_jax.data.sources import ImageSource, open_source
+from c3l_jax.pipeline import shards
+
+# Salts that keep the stages' random streams apart.
+SALTS = {"initial": 1, "final": 2, "eval": 3, "select": 4}
+
+
+def my_shards(indices: Sequence[int]) -> list[int]:
+  """The shard indices this process handles (all of them with one process)."""
+  count, index = jax.process_count(), jax.process_index()
+  return [i for i in indices if i % count == index]
+
+
+def is_lead() -> bool:
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (a no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def row_keys(seed: int, stage: str, shard: int, rows: Sequence[int]) -> jax.Array:
+  """`[len(rows)]` PRNG keys, a pure function of (seed, stage, shard, row)."""
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SALTS[stage]), shard)
+  return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(np.asarray(rows, np.uint32)))
+
+
+def stage_done(workdir: str, stage: str) -> bool:
+  """Whether `stage` finished in `workdir` (`run_stages` writes WORKDIR/<stage>/DONE.json)."""
+  return os.path.exists(os.path.join(workdir, stage, "DONE.json"))
+
+
+def stage_input(config: Any, workdir: str, previous: Sequence[str],
+                required: Sequence[str] = ("id", "image", "question", "answer")
+                ) -> tuple[list[dict], list[dict], str]:
+  """Records from the first finished stage of `previous` (searched in order), else `data.records`.
+
+  Returns `(records, rejected lines, where they came from)`; records from a stage's own output are
+  trusted, `data.records` lines are checked (bad ones come back as rejections, or raise under strict).
+  """
+  for stage in previous:
+    if stage_done(workdir, stage):
+      return shards.read_parts(os.path.join(workdir, stage)), [], f"WORKDIR/{stage}"
+  if not config.data.records:
+    raise BadInput(f"no input: none of the stages {', '.join(previous)} has finished in this workdir "
+                   "and config.data.records is not set")
+  records, rejected = read_records(config.data.records, required=required, strict=config.strict)
+  return records, rejected, config.data.records
+
+
+class Inference:
+  """A model loaded for generation / scoring on this process's devices, with its prompt builder."""
+
+  def __init__(self, config: Any, checkpoint: str | None = None, split: str | None = None):
+    self.config = config
+    self.checkpoint = checkpoint or config.model.checkpoint
+    self.mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
+    self.model = sharding.load_model(self.checkpoint, self.mesh, dtype=config.model.dtype,
+                                     param_dtype=config.model.param_dtype,
+                                     scan_layers=config.model.scan_layers, remat=config.model.remat)
+    self.builder = PromptBuilder(load_processor(self.checkpoint), self.model.cfg.image_token_id,
+                                 self.model.cfg.image_seq_length)
+    self.source: ImageSource = open_source(config, self.builder, split)
+    shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
+    self.batch_rows = round_up(config.data.batch_size, shards)
+    self.max_len = self.model.cfg.text.max_position_embeddings
+    logging.info("loaded %s on %d local device(s), mesh %s", self.checkpoint, len(jax.local_devices()),
+                 dict(self.mesh.shape))
+
+  @property
+  def stop_strings(self) -> tuple[str, ...]:
+    return tuple(getattr(self.builder, "stop_strings", ()))
+
+  def sampling_config(self, max_new_tokens: int) -> sampling.SamplingConfig:
+    gen = self.config.generation
+    return sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=gen.temperature,
+                                   top_k=gen.top_k, top_p=gen.top_p, eos_ids=self.builder.eos_ids,
+                                   pad_id=self.builder.pad_id)
+
+  def generate(self, prompts: Sequence[list[int]], pixels: Sequence[np.ndarray] | None,
+               keys: jax.Array, max_new_tokens: int) -> tuple[list[str], int]:
+    """Texts generated for `prompts` (all with an image, `pixels[i]`, or all text-only).
+
+    Batches are `batch_rows` rows (the last one padded with copies of the first prompt) and prompts are
+    left-padded to a multiple of `generation.prompt_bucket`, so shapes come from a small fixed set.
+    Returns the texts (cut at EOS and the builder's stop strings) and the number of generated tokens.
+    """
+    cfg = self.sampling_config(max_new_tokens)
+    texts: list[str] = []
+    n_tokens = 0
+    b = self.batch_rows
+    for start in range(0, len(prompts), b):
+      chunk = list(prompts[start:start + b])
+      real = len(chunk)
+      chunk += [chunk[0]] * (b - real)
+      tokens, mask = sampling.pad_prompts(chunk, self.config.generation.prompt_bucket,
+                                          self.builder.pad_id)
+      batch = {"tokens": tokens, "mask": mask}
+      if pixels is not None:
+        px = list(pixels[start:start + b])
+        batch["pixels"] = np.stack(px + [px[0]] * (b - real))
+      k = keys[start:start + b]
+      if real < b:
+        k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (b - real,) + k.shape[1:])])
+      batch = sharding.shard_batch(batch, self.mesh)
+      out, lengths = sampling.generate(self.model, batch["tokens"], batch["mask"], batch.get("pixels"),
+                                       cfg, k)
+      texts += sampling.decode_texts(self.builder.tokenizer, out[:real], lengths[:real],
+                                     self.stop_strings)
+      n_tokens += int(lengths[:real].sum())
+    return texts, n_tokens
+
+
+__all__ = ["Inference", "is_lead", "my_shards", "row_keys", "stage_done", "stage_input",
+           "sync"]

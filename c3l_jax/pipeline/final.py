@@ -1,0 +1,65 @@
+"""The `final` stage: the enhanced generator writes the final dataset (C3L Sec. 3.4).
+
+Loads `WORKDIR/train/generator` (the C3L-trained model; `config.model.checkpoint` when the train stage
+has not run) and generates `generation.num_final` samples in `generation.final_mode` (default `direct`:
+image + VIGC instruction -> "Question: ... Answer: ..."), cycling over the source's images (at most
+`data.max_images`) with instruction types drawn from `generation.instruction_mix`. The outputs go
+through the same basic filter as the initial data (`c3l_jax.pipeline.filter`); what it rejects, and
+images that cannot be loaded, are in `WORKDIR/final/rejected.jsonl`. Shards of
+`generation.shard_size` samples; per-shard seeds make a resumed run write the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from c3l_jax.data import instructions as ins
+from c3l_jax.data.records import BadInput
+from c3l_jax.data.sources import open_source
+from c3l_jax.pipeline import common, initial, shards
+from c3l_jax.pipeline.filter import filter_rows
+
+
+def generator_checkpoint(config: Any, workdir: str) -> str:
+  trained = os.path.join(workdir, "train", "generator")
+  return trained if os.path.isdir(trained) else config.model.checkpoint
+
+
+def run(config: Any, workdir: str) -> dict:
+  items, upfront = open_source(config).items(config.data.max_images)
+  if not items:
+    raise BadInput("the final stage found no images (check config.data.*)")
+  mix = ins.parse_mix(config.generation.instruction_mix)
+  size = config.generation.shard_size
+  total = config.generation.num_final
+  chunks = []
+  for index, start in enumerate(range(0, total, size)):
+    rng = np.random.default_rng([config.seed, common.SALTS["final"], index])
+    jobs = []
+    for k in range(start, min(start + size, total)):
+      item = items[k % len(items)]
+      jobs += initial.draw_jobs([item], 1, mix, rng, id_of=lambda item, _, k=k: f"final_{k:07d}")
+    chunks.append(jobs)
+  checkpoint = generator_checkpoint(config, workdir)
+  metrics = initial.run_generation(config, workdir, "final", chunks, config.generation.final_mode,
+                                   checkpoint, upfront, read=len(items) + len(upfront))
+  # The basic filter, per shard (duplicates are looked for within an image and shard).
+  stage_dir = os.path.join(workdir, "final")
+  filtered_dir = os.path.join(stage_dir, "filtered")
+  kept = 0
+  for index in range(len(chunks)):
+    if common.is_lead() and not shards.is_done(filtered_dir, index):
+      rows, rejected = filter_rows(shards.read_part(shards.part_path(stage_dir, index)), config.filter)
+      shards.write_shard(filtered_dir, index, rows, rejected)
+    kept += shards.read_shard_counts(filtered_dir, index)[0] if common.is_lead() else 0
+  common.sync("final:filtered")
+  filtered_out = shards.gather_rejected(filtered_dir, ()) if common.is_lead() else 0
+  metrics.update(generator=checkpoint, kept=kept, filtered_out=filtered_out)
+  return metrics
+
+
+__all__ = ["generator_checkpoint", "run"]
