@@ -99,8 +99,9 @@ def test_score_stage_end_to_end(corpus, tmp_path):
   assert metrics == {"read": 14, "written": 5, "rejected": 9}
   assert metrics["read"] == metrics["written"] + metrics["rejected"]
 
-  # Resumption: a rerun skips finished shards; losing one shard's marker re-scores just that one,
-  # and the output is byte-identical.
+  # Resumption: a finished stage is skipped; a stage interrupted midway (no DONE.json) redoes only the
+  # shards without a marker, and the output is byte-identical.
+  os.remove(tmp_path / "w" / "score" / "DONE.json")
   os.remove(tmp_path / "w" / "score" / "part-00001.done")
   os.remove(tmp_path / "w" / "score" / "part-00001.jsonl")
   proc = _launch(corpus, tmp_path / "w")
