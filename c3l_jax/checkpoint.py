@@ -2,7 +2,8 @@
 
 Layout of a model directory (what `python -m c3l_jax.convert` writes and every stage loads):
 ```
-DIR/c3l_model.json      LlavaConfig.to_json(): the architecture (runtime dtype fields are run config)
+DIR/c3l_model.json      the model config's to_json(): architecture + `family` (llava15 | minigpt4);
+                        runtime dtype fields are run config
 DIR/params/<a.b.c>/     one orbax PyTree checkpoint per parameter (dotted path; layers stacked on axis 0)
 DIR/*.json, *.model ... the HF tokenizer / processor / chat-template files, copied verbatim
 ```
@@ -21,7 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from c3l_jax.models.configs import LlavaConfig
+from c3l_jax.models.configs import ModelConfig, config_from_dict
 
 MODEL_CONFIG = "c3l_model.json"
 PARAMS_DIR = "params"
@@ -42,13 +43,18 @@ def check_model_dir(path: str) -> None:
                             "directory (convert a HF checkpoint with python -m c3l_jax.convert)")
 
 
-def load_model_config(path: str) -> LlavaConfig:
+def load_model_config(path: str) -> ModelConfig:
+  """The architecture of a model directory: `LlavaConfig` or `MiniGPT4Config`, by its `family`."""
   check_model_dir(path)
   with open(os.path.join(path, MODEL_CONFIG)) as f:
-    return LlavaConfig.from_dict(json.load(f))
+    d = json.load(f)
+  try:
+    return config_from_dict(d)
+  except ValueError as e:
+    raise CheckpointError(f"{os.path.join(path, MODEL_CONFIG)}: {e}") from None
 
 
-def save_model_config(path: str, cfg: LlavaConfig) -> None:
+def save_model_config(path: str, cfg: ModelConfig) -> None:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, MODEL_CONFIG), "w") as f:
     f.write(cfg.to_json())

@@ -19,8 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from c3l_jax import checkpoint
-from c3l_jax.models.configs import LlavaConfig, with_runtime
-from c3l_jax.models.vlm import LlavaVLM
+from c3l_jax.models.configs import ModelConfig, with_runtime
+from c3l_jax.models.vlm import VLM, build_vlm
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -91,29 +91,32 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def abstract_model(cfg: LlavaConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """Graph definition and abstract parameter state (ShapeDtypeStructs), no memory allocated."""
-  return nnx.split(nnx.eval_shape(lambda: LlavaVLM(cfg, rngs=nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph definition and abstract parameter state (ShapeDtypeStructs), no memory allocated.
+
+  The model class follows `cfg.family` (`c3l_jax.models.vlm.build_vlm`).
+  """
+  return nnx.split(nnx.eval_shape(lambda: build_vlm(cfg, nnx.Rngs(0))))
 
 
-def init_model(cfg: LlavaConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> LlavaVLM:
+def init_model(cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> VLM:
   """Randomly initialised model with every parameter created directly in its sharding."""
   graphdef, abstract = abstract_model(cfg)
   shardings = state_shardings(abstract, mesh)
 
   def create():
-    return nnx.state(LlavaVLM(cfg, rngs=nnx.Rngs(seed)))
+    return nnx.state(build_vlm(cfg, nnx.Rngs(seed)))
 
   with jax.set_mesh(mesh):
     state = jax.jit(create, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
 
-def load_model(path: str, mesh: jax.sharding.Mesh, **runtime: Any) -> LlavaVLM:
+def load_model(path: str, mesh: jax.sharding.Mesh, **runtime: Any) -> VLM:
   """Restore a converted model directory into `mesh`.
 
   Args:
-    path: a model directory (see `c3l_jax.checkpoint`).
+    path: a model directory (see `c3l_jax.checkpoint`), of any family (`LlavaVLM`, `MiniGPT4VLM`).
     runtime: `dtype`, `param_dtype`, `scan_layers`, `remat` overrides (e.g. bf16 compute).
   """
   cfg = with_runtime(checkpoint.load_model_config(path), **runtime)

@@ -41,9 +41,9 @@ from c3l_jax.models.vlm import LlavaVLM
 # Shorthands accepted in `train.trainable` (any other entry is a regex searched in the parameter path,
 # e.g. "language_model/layers/(q|v)_proj").
 TRAINABLE_ALIASES = {
-    "connector": r"^vlm/multi_modal_projector/",
+    "connector": r"^vlm/(multi_modal_projector|llama_proj)/",  # LLaVA's projector / MiniGPT-4's
     "decoder": r"^vlm/language_model/",
-    "vision": r"^vlm/vision_tower/",
+    "vision": r"^vlm/(vision_tower|qformer)/",  # MiniGPT-4's visual encoder is ViT + Q-Former
     "head": r"^head/",
     "temperature": r"^temperature/",
 }

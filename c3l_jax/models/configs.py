@@ -5,6 +5,12 @@ round-trippable (`to_dict` / `from_dict`) so that a converted checkpoint carries
 `c3l_model.json`, and `from_hf_config` reads a transformers `LlavaConfig` (object or `config.json` dict),
 accepting both the transformers-4 spelling (`rope_theta`, `rope_scaling`) and the transformers-5 one
 (`rope_parameters`).
+
+Two model families share the Llama decoder config (`family` field, dispatched by `config_from_dict`):
+- `llava15` (`LlavaConfig`): CLIP ViT + MLP projector + Llama;
+- `minigpt4` (`MiniGPT4Config`): EVA ViT-g (`Blip2VisionConfig`) + BLIP-2 Q-Former (`Blip2QFormerConfig`)
+  + `llama_proj` + Llama/Vicuna, or, for the Llama-2 variant, EVA ViT-g + 4-patch concatenation +
+  `llama_proj` + Llama-2 (`minigpt4_from_hf`).
 """
 
 from __future__ import annotations
@@ -122,6 +128,131 @@ class LlavaConfig:
     return cls(vision=vision, text=LlamaConfig(rope=rope, **text), **d)
 
 
+@dataclasses.dataclass(frozen=True)
+class EVAVisionConfig:
+  """EVA ViT-g as BLIP-2 / MiniGPT-4 use it: transformers' `Blip2VisionConfig` (defaults = ViT-g/14, 39
+  layers, the depth LAVIS' `create_eva_vit_g` keeps)."""
+
+  hidden_size: int = 1408
+  intermediate_size: int = 6144
+  num_hidden_layers: int = 39
+  num_attention_heads: int = 16
+  image_size: int = 224
+  patch_size: int = 14
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu"
+  qkv_bias: bool = True
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+  """BLIP-2's Q-Former (transformers' `Blip2QFormerConfig`, query path only) + its learned queries."""
+
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  cross_attention_frequency: int = 2  # layer i cross-attends to the image iff i % frequency == 0
+  encoder_hidden_size: int = 1408
+  num_query_tokens: int = 32
+
+  @property
+  def cross_attention_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_hidden_layers) if i % self.cross_attention_frequency == 0)
+
+
+MINIGPT4_VARIANTS = ("vicuna0", "llama2")
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniGPT4Config:
+  """MiniGPT-4: EVA ViT-g (+ `ln_vision` = the ViT's post-layernorm) -> connector -> `llama_proj` -> Llama.
+
+  The connector is the Q-Former (`qformer` set: `num_query_tokens` image tokens) or, for the Llama-2
+  variant (`qformer=None`), the patch features without CLS with every `merge_patches` adjacent ones
+  concatenated (`num_patches / merge_patches` image tokens). `variant` picks the prompt template
+  (`c3l_jax.data.prompts`). `image_token_id` is a placeholder id repeated `image_seq_length` times where
+  the prompt has `<ImageHere>`; MiniGPT-4 has no image token, so it is `text.vocab_size` (outside the
+  vocabulary: it can never collide with a text, pad or unk id).
+  """
+
+  vision: EVAVisionConfig = dataclasses.field(default_factory=EVAVisionConfig)
+  qformer: QFormerConfig | None = dataclasses.field(default_factory=QFormerConfig)
+  text: LlamaConfig = dataclasses.field(default_factory=lambda: LlamaConfig(vocab_size=32000))
+  image_token_id: int = 32000
+  variant: str = "vicuna0"
+  merge_patches: int = 4
+  family: str = "minigpt4"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.variant not in MINIGPT4_VARIANTS:
+      raise ValueError(f"unknown MiniGPT-4 variant {self.variant!r} (valid: {', '.join(MINIGPT4_VARIANTS)})")
+    if self.qformer is None and self.vision.num_patches % self.merge_patches:
+      raise ValueError(f"{self.vision.num_patches} patches do not split into groups of "
+                       f"{self.merge_patches}")
+
+  @property
+  def image_seq_length(self) -> int:
+    """Number of placeholder tokens one image expands to."""
+    if self.qformer is not None:
+      return self.qformer.num_query_tokens
+    return self.vision.num_patches // self.merge_patches
+
+  @property
+  def projector_input_size(self) -> int:
+    """Input width of `llama_proj`."""
+    if self.qformer is not None:
+      return self.qformer.hidden_size
+    return self.vision.hidden_size * self.merge_patches
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "MiniGPT4Config":
+    d = dict(d)
+    vision = EVAVisionConfig(**d.pop("vision"))
+    qformer = d.pop("qformer")
+    text = dict(d.pop("text"))
+    rope = RopeConfig(**text.pop("rope"))
+    if isinstance(text.get("eos_token_id"), list):
+      text["eos_token_id"] = tuple(text["eos_token_id"])
+    return cls(vision=vision, qformer=None if qformer is None else QFormerConfig(**qformer),
+               text=LlamaConfig(rope=rope, **text), **d)
+
+
+ModelConfig = LlavaConfig | MiniGPT4Config
+FAMILIES = ("llava15", "minigpt4")
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+  """The model config of a `c3l_model.json` dict, by its `family` (LLaVA-1.5 when absent)."""
+  family = d.get("family", "llava15")
+  if family == "llava15":
+    return LlavaConfig.from_dict(d)
+  if family == "minigpt4":
+    return MiniGPT4Config.from_dict(d)
+  raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+
+
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
   if isinstance(cfg, dict):
     return cfg.get(name, default)
@@ -228,7 +359,82 @@ def from_hf_config(hf: Any) -> LlavaConfig:
   )
 
 
-def with_runtime(cfg: LlavaConfig, **kwargs: Any) -> LlavaConfig:
+def _int_size(value: Any, what: str) -> int:
+  if isinstance(value, (list, tuple)):
+    if len(set(value)) != 1:
+      raise ValueError(f"non-square {what} {list(value)} is not supported")
+    value = value[0]
+  return int(value)
+
+
+def eva_from_hf(v: Any) -> EVAVisionConfig:
+  """`EVAVisionConfig` from a transformers `Blip2VisionConfig` (object or dict)."""
+  act = _get(v, "hidden_act", "gelu")
+  if act not in ("gelu", "quick_gelu", "gelu_pytorch_tanh"):
+    raise ValueError(f"unsupported BLIP-2 vision hidden_act {act!r}")
+  return EVAVisionConfig(
+      hidden_size=_get(v, "hidden_size", 1408),
+      intermediate_size=_get(v, "intermediate_size", 6144),
+      num_hidden_layers=_get(v, "num_hidden_layers", 39),
+      num_attention_heads=_get(v, "num_attention_heads", 16),
+      image_size=_int_size(_get(v, "image_size", 224), "image_size"),
+      patch_size=_int_size(_get(v, "patch_size", 14), "patch_size"),
+      num_channels=_get(v, "num_channels", 3) or 3,
+      layer_norm_eps=float(_get(v, "layer_norm_eps", 1e-6)),
+      hidden_act=act,
+      qkv_bias=bool(_get(v, "qkv_bias", True)),
+  )
+
+
+def qformer_from_hf(q: Any, num_query_tokens: int, encoder_hidden_size: int) -> QFormerConfig:
+  """`QFormerConfig` from a transformers `Blip2QFormerConfig` (object or dict)."""
+  act = _get(q, "hidden_act", "gelu")
+  if act not in ("gelu", "gelu_pytorch_tanh", "relu"):
+    raise ValueError(f"unsupported Q-Former hidden_act {act!r}")
+  return QFormerConfig(
+      hidden_size=_get(q, "hidden_size", 768),
+      intermediate_size=_get(q, "intermediate_size", 3072),
+      num_hidden_layers=_get(q, "num_hidden_layers", 12),
+      num_attention_heads=_get(q, "num_attention_heads", 12),
+      layer_norm_eps=float(_get(q, "layer_norm_eps", 1e-12)),
+      hidden_act=act,
+      cross_attention_frequency=int(_get(q, "cross_attention_frequency", 2)),
+      encoder_hidden_size=encoder_hidden_size,
+      num_query_tokens=int(num_query_tokens),
+  )
+
+
+def minigpt4_from_hf(blip2: Any, llm: Any, variant: str = "vicuna0",
+                     image_size: int | None = None) -> MiniGPT4Config:
+  """A `MiniGPT4Config` from a transformers BLIP-2 config (`model_type='blip-2'`) and a Llama config.
+
+  Args:
+    variant: `vicuna0` (Q-Former, `###Human:` prompts) or `llama2` (no Q-Former: 4 adjacent patch
+      features concatenated; `[INST]` prompts).
+    image_size: input resolution; None keeps the BLIP-2 vision config's (224). Another size needs the
+      position embeddings interpolated (the converter does it, as EVA's `interpolate_pos_embed`).
+  Raises:
+    ValueError: a config that is not BLIP-2 / Llama, or an unsupported feature.
+  """
+  if _get(blip2, "model_type") != "blip-2":
+    raise ValueError(f"not a BLIP-2 config: model_type={_get(blip2, 'model_type')!r} (expected 'blip-2')")
+  if _get(llm, "model_type", "llama") != "llama":
+    raise ValueError(f"not a Llama config: model_type={_get(llm, 'model_type')!r} (expected 'llama')")
+  if variant not in MINIGPT4_VARIANTS:
+    raise ValueError(f"unknown MiniGPT-4 variant {variant!r} (valid: {', '.join(MINIGPT4_VARIANTS)})")
+  vision = eva_from_hf(_get(blip2, "vision_config") or {})
+  if image_size is not None:
+    vision = dataclasses.replace(vision, image_size=int(image_size))
+  qformer = None
+  if variant == "vicuna0":
+    qformer = qformer_from_hf(_get(blip2, "qformer_config") or {},
+                              _get(blip2, "num_query_tokens", 32), vision.hidden_size)
+  text = llama_from_hf(llm)
+  return MiniGPT4Config(vision=vision, qformer=qformer, text=text, image_token_id=text.vocab_size,
+                        variant=variant)
+
+
+def with_runtime(cfg: ModelConfig, **kwargs: Any) -> ModelConfig:
   """`cfg` with runtime fields (dtype, param_dtype, scan_layers, remat) replaced."""
   unknown = set(kwargs) - set(RUNTIME_FIELDS)
   if unknown:
