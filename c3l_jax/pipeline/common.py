@@ -101,6 +101,7 @@ class Inference:
     gen = self.config.generation
     return sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=gen.temperature,
                                    top_k=gen.top_k, top_p=gen.top_p, eos_ids=self.builder.eos_ids,
+                                   stop_sequences=self.builder.stop_sequences,
                                    pad_id=self.builder.pad_id)
 
   def generate(self, prompts: Sequence[list[int]], pixels: Sequence[np.ndarray] | None,
