@@ -107,4 +107,25 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 500
   config.train.trainable = ("connector", "decoder")  # regexes over parameter paths
 
+  # The eval stage (README, "Evaluation"): the model on the paper's benchmarks (Table 1).
+  config.eval = ml_collections.ConfigDict()
+  # '' = WORKDIR/train/generator when the train stage exported one, else model.checkpoint.
+  config.eval.checkpoint = ""
+  config.eval.benchmarks = "pope"  # comma list of: pope, seed, mmbench, llava_bench
+  # POPE questions: official files (*pope_{random,popular,adversarial}.json) if set; else built from
+  # POPE-format annotations ({"image", "objects"} per line) if set; else from the data source's val split.
+  config.eval.pope_questions_dir = ""
+  config.eval.pope_annotations = ""
+  config.eval.pope_images = ""  # folder of the POPE images ('' = the data source, e.g. COCO val2014)
+  config.eval.pope_num_images = 500  # images drawn (0 = every eligible image)
+  config.eval.pope_objects = 3  # present (= absent) objects asked per image
+  config.eval.seed_bench_json = ""  # SEED-Bench.json (v1)
+  config.eval.seed_bench_images = ""  # its image folder (SEED-Bench-image/)
+  config.eval.mmbench_tsv = ""  # MMBench dev TSV (mmbench_dev_20230712.tsv / MMBench_DEV_EN.tsv)
+  config.eval.llava_bench_dir = ""  # llava-bench-in-the-wild folder (questions.jsonl, images/)
+  config.eval.mc_mode = "loglik"  # loglik (option likelihood, SEED's protocol) | generate (a letter)
+  config.eval.max_items = 0  # questions per benchmark (per POPE split); 0 = all
+  config.eval.max_new_tokens = 128  # POPE answers and generated letters
+  config.eval.long_max_new_tokens = 1024  # LLaVA-Bench answers
+
   return config

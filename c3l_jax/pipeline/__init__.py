@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 from absl import logging
 
 STAGE_ORDER: tuple[str, ...] = (
-    "initial", "filter", "score", "select", "train", "final", "export", "eval")
+    "pretrain", "initial", "filter", "score", "select", "train", "final", "export", "eval")
 # Stages that never load the model; every other stage needs `config.model.checkpoint`.
-MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
+MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export", "pretrain"})
 
 MODEL_CONFIG_FILE = "c3l_model.json"  # same name as c3l_jax.checkpoint.MODEL_CONFIG (kept jax-free here)
 CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
@@ -42,9 +42,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.split": ("train", "val"),
     "data.image_aspect": ("resize", "pad"),
     "scoring.mode": ("eq1", "full_kl"),
-    "select.method": ("i2c",),
+    "select.method": ("i2c", "self_instruct", "vigc", "random"),
     "train.objective": ("c3l", "vlit", "align"),
     "train.optimizer": ("adamw",),
+    "eval.mc_mode": ("loglik", "generate"),
 }
 
 # Numeric fields and the range they must lie in: (low, low_inclusive, high, high_inclusive).
@@ -82,7 +83,13 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "train.tau": (0.0, False, math.inf, False),
     "train.max_negatives": (1, True, math.inf, False),
     "train.checkpoint_every": (1, True, math.inf, False),
+    "eval.pope_num_images": (0, True, math.inf, False),
+    "eval.pope_objects": (1, True, math.inf, False),
+    "eval.max_items": (0, True, math.inf, False),
+    "eval.max_new_tokens": (1, True, math.inf, False),
+    "eval.long_max_new_tokens": (1, True, math.inf, False),
 }
+EVAL_BENCHMARKS: tuple[str, ...] = ("pope", "seed", "mmbench", "llava_bench")  # = pipeline.eval's
 
 
 class ConfigError(ValueError):
@@ -130,6 +137,12 @@ def check_config(config: Any) -> tuple[str, ...]:
     instructions.parse_mix(config.generation.instruction_mix)
   except ValueError as e:
     raise ConfigError(f"config.generation.instruction_mix: {e}") from None
+  benchmarks = [b.strip() for b in str(config.eval.benchmarks).split(",") if b.strip()]
+  if not benchmarks or any(b not in EVAL_BENCHMARKS for b in benchmarks):
+    bad = next((b for b in benchmarks if b not in EVAL_BENCHMARKS), "")
+    raise ConfigError(f"config.eval.benchmarks={config.eval.benchmarks!r}: "
+                      f"{'unknown benchmark ' + repr(bad) if bad else 'empty'} "
+                      f"(a comma list of: {', '.join(EVAL_BENCHMARKS)})")
   trainable = config.train.trainable
   if isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable):
     raise ConfigError(f"config.train.trainable={trainable!r} must be a tuple of regex strings, "
@@ -142,8 +155,10 @@ def check_config(config: Any) -> tuple[str, ...]:
   return stages
 
 
-def needs_model(stages: Sequence[str]) -> tuple[str, ...]:
-  return tuple(s for s in stages if s not in MODEL_FREE_STAGES)
+def needs_model(stages: Sequence[str], config: Any = None) -> tuple[str, ...]:
+  """The stages that load a model (`select` too when `select.method=vigc`: it generates)."""
+  vigc = config is not None and config.select.method == "vigc"
+  return tuple(s for s in stages if s not in MODEL_FREE_STAGES or (s == "select" and vigc))
 
 
 def is_implemented(name: str) -> bool:
@@ -158,8 +173,10 @@ def implemented_stages() -> tuple[str, ...]:
 def environment_problems(config: Any, stages: Sequence[str]) -> list[str]:
   """What stops these stages from running here: a missing model directory, unimplemented stages."""
   problems = []
-  model_stages = needs_model(stages)
+  model_stages = needs_model(stages, config)
   path = config.model.checkpoint
+  if model_stages == ("eval",) and config.eval.checkpoint:  # eval alone, on a given model
+    path = config.eval.checkpoint
   if model_stages:
     if not path:
       problems.append(f"model.checkpoint is not set but stage(s) {', '.join(model_stages)} need a model "

@@ -5,7 +5,8 @@ S(I2C) get `top_fraction = true` (they train L_r); per image, the highest-S(I2C)
 `positive` and the next `train.max_negatives` are `negative`s (they train L_c, eq. 3); every other
 sample is `unused` (also images with a single sample: no negative to contrast with). Ties go to the
 earlier record. Reads `WORKDIR/score` (else `data.records` with an `i2c` field); writes every record
-with `role` and `top_fraction` added to `WORKDIR/select/part-00000.jsonl`.
+with `role` and `top_fraction` added to `WORKDIR/select/part-00000.jsonl`. The paper's Table-5
+alternatives, `select.method = self_instruct | vigc | random`, live in `c3l_jax.pipeline.baselines`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from c3l_jax.data.records import BadInput, reject
 from c3l_jax.losses import select_groups
-from c3l_jax.pipeline import common, shards
+from c3l_jax.pipeline import baselines, common, shards
 
 
 def select_top(rows: Sequence[dict], fraction: float) -> list[int]:
@@ -42,6 +43,10 @@ def annotate_i2c(rows: Sequence[dict], top_fraction: float, max_negatives: int) 
 METHODS: dict[str, Callable[[Sequence[dict], Any], list[dict]]] = {
     "i2c": lambda rows, config: annotate_i2c(rows, config.select.top_fraction,
                                              config.train.max_negatives),
+    # Table 5's alternatives (c3l_jax/pipeline/baselines.py); vigc loads the model and generates.
+    "self_instruct": baselines.annotate_self_instruct,
+    "vigc": baselines.annotate_vigc,
+    "random": baselines.annotate_random,
 }
 
 

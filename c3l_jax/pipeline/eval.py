@@ -1,0 +1,352 @@
+"""The `eval` stage: a model on the paper's benchmarks (C3L Table 1), written to metrics.json and a table.
+
+The model is `eval.checkpoint`, else the model the train stage exported to `WORKDIR/train/generator`
+(C3L generator or a VLIT fine-tuned model), else `model.checkpoint`. `eval.benchmarks` (comma list):
+
+  pope         POPE random / popular / adversarial (`c3l_jax.eval.pope`): the official question files
+               (`eval.pope_questions_dir`), or built from POPE-format object annotations
+               (`eval.pope_annotations`), or from the data source's `val` split (COCO val2014 instances,
+               or the scenes world's objects); images from `eval.pope_images` or the data source.
+  seed         SEED-Bench image tasks (`eval.seed_bench_json`, `eval.seed_bench_images`).
+  mmbench      MMBench dev with CircularEval (`eval.mmbench_tsv`).
+  llava_bench  LLaVA-Bench (In-the-Wild) answers file (`eval.llava_bench_dir`); the GPT-4 judge is not run.
+
+Decoding is greedy (LLaVA-1.5's evaluation), whatever `generation.temperature` says; POPE and generated
+multiple-choice letters get `eval.max_new_tokens`, LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice
+answers are chosen by option log-likelihood or by a generated letter (`eval.mc_mode`). `eval.max_items`
+caps the questions per benchmark (per POPE split).
+
+Outputs under WORKDIR/eval/: per benchmark a folder of shards (`part-NNNNN.jsonl`: every question with
+the model's answer; images that cannot be loaded go to `rejected.jsonl`), the POPE questions in the
+official format (`pope/<source>_pope_<split>.json`), `llava_bench_answers.jsonl`, and `table.txt` (the
+printed table). Work is split in chunks over processes; finished chunks are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tqdm
+from absl import logging
+
+from c3l_jax import scoring, sharding
+from c3l_jax.data.batching import round_up
+from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load_image_bytes
+from c3l_jax.data.records import BadInput, reject, write_jsonl
+from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
+from c3l_jax.pipeline import EVAL_BENCHMARKS as BENCHMARKS
+from c3l_jax.pipeline import common, shards
+MODEL_CONFIG = "c3l_model.json"
+
+
+def parse_benchmarks(spec: str) -> tuple[str, ...]:
+  """`"seed, pope"` -> `("pope", "seed")` (known names, deduplicated, in `BENCHMARKS` order)."""
+  names = [s.strip() for s in str(spec).split(",") if s.strip()]
+  unknown = [n for n in names if n not in BENCHMARKS]
+  if unknown:
+    raise ValueError(f"config.eval.benchmarks: unknown benchmark {unknown[0]!r} "
+                     f"(valid: {', '.join(BENCHMARKS)})")
+  if not names:
+    raise ValueError(f"config.eval.benchmarks is empty (valid: {', '.join(BENCHMARKS)})")
+  return tuple(b for b in BENCHMARKS if b in names)
+
+
+def resolve_checkpoint(config: Any, workdir: str) -> str:
+  """`eval.checkpoint`, else `WORKDIR/train/generator` when the train stage exported one, else
+  `model.checkpoint`."""
+  if config.eval.checkpoint:
+    return config.eval.checkpoint
+  trained = os.path.join(workdir, "train", "generator")
+  if os.path.isfile(os.path.join(trained, MODEL_CONFIG)):
+    return trained
+  return config.model.checkpoint
+
+
+class Evaluator:
+  """The loaded model, an image loader and the chunked, resumable, process-sharded question runner."""
+
+  def __init__(self, config: Any, workdir: str, checkpoint: str):
+    self.config = config
+    self.dir = os.path.join(workdir, "eval")
+    self.inf = common.Inference(config, checkpoint, split="val")
+    mult = int(np.prod([self.inf.mesh.shape[a] for a in sharding.BATCH_AXES]))
+    self.inf.batch_rows = round_up(config.data.eval_batch_size, mult)
+    base = self.inf.sampling_config
+    self.inf.sampling_config = lambda n: dataclasses.replace(base(n), temperature=0.0, top_k=0,
+                                                             top_p=1.0)
+    self.chunk = self.inf.batch_rows * 8
+    self._scorer: scoring.Scorer | None = None
+    self.model_id = os.path.basename(os.path.normpath(checkpoint))
+
+  # -- images -----------------------------------------------------------------------------------
+  def load(self, image: str, folder: str = "", data: bytes | None = None) -> Any:
+    """A picture by key: raw bytes, a file under `folder` (or a path), else the data source's image."""
+    max_pixels = int(self.config.data.max_pixels)
+    processor = self.inf.builder.processor
+    if data is not None:
+      img = load_image_bytes(data, max_pixels, name=image)
+    elif folder or os.path.isabs(image):
+      img = load_image(os.path.join(folder, image), max_pixels)
+    else:
+      return self.inf.source.load(image)  # the source applies data.image_aspect itself
+    return apply_image_aspect(img, self.config.data.image_aspect, processor)
+
+  # -- the runner ---------------------------------------------------------------------------------
+  def run_chunks(self, name: str, n: int, work: Callable[[int, range], tuple[list[dict], list[dict]]]
+                 ) -> tuple[list[dict], int]:
+    """Run `work(chunk_index, item_range) -> (rows, rejected)` over chunks of `self.chunk` items (this
+    process's share, unfinished ones only); returns every process's rows in order and the rejections."""
+    out = os.path.join(self.dir, name)
+    count = max(1, math.ceil(n / self.chunk))
+    todo = [i for i in common.my_shards(range(count)) if not shards.is_done(out, i)]
+    bar = tqdm.tqdm(total=sum(len(range(i * self.chunk, min(n, (i + 1) * self.chunk))) for i in todo),
+                    desc=f"eval {name}", unit="q", disable=not todo)
+    for i in todo:
+      span = range(i * self.chunk, min(n, (i + 1) * self.chunk))
+      rows, rejected = work(i, span)
+      shards.write_shard(out, i, rows, rejected)
+      bar.update(len(span))
+    bar.close()
+    common.sync(f"eval:{name}")
+    n_rejected = shards.gather_rejected(out, []) if common.is_lead() else 0
+    return shards.read_parts(out), n_rejected
+
+  def _bad_image(self, rejected: list[dict], what: dict, e: ImageError) -> None:
+    if self.config.strict:
+      raise BadInput(f"eval: {e}")
+    rejected.append(reject(what, str(e)))
+
+  def generate(self, name: str, questions: Sequence[dict], max_new: int,
+               prompt: Callable[[dict], str], image: Callable[[dict], Any]) -> tuple[list[dict], int]:
+    """Greedy answers to `questions` (dicts): each row comes back with `answer` (the generated text)."""
+    def work(index: int, span: range) -> tuple[list[dict], list[dict]]:
+      ids, pixels, keep, rejected, cache = [], [], [], [], {}
+      for j in span:
+        q = questions[j]
+        try:
+          key = q.get("image")
+          if key not in cache:
+            cache[key] = image(q)
+          p, px = self.inf.builder.encode_prompt(prompt(q), cache[key])
+        except ImageError as e:
+          self._bad_image(rejected, q, e)
+          continue
+        ids.append(p)
+        pixels.append(px)
+        keep.append(j)
+      if not ids:
+        return [], rejected
+      keys = common.row_keys(self.config.seed, "eval", index, list(range(len(ids))))
+      texts, _ = self.inf.generate(ids, pixels, keys, max_new)
+      return [{**questions[j], "answer": t.strip()} for j, t in zip(keep, texts)], rejected
+    return self.run_chunks(name, len(questions), work)
+
+  def scorer(self) -> scoring.Scorer:
+    if self._scorer is None:
+      self._scorer = scoring.Scorer(self.inf.model, self.inf.mesh,
+                                    scoring.ScoringConfig(batch_rows=self.config.scoring.batch_size),
+                                    self.inf.model.cfg.image_token_id, self.inf.builder.pad_id)
+    return self._scorer
+
+  def option_loglik(self, name: str, items: Sequence[mc.MCItem], image: Callable[[mc.MCItem], Any]
+                    ) -> tuple[list[dict], int]:
+    """Mean per-token log-likelihood of every option's text as the answer to the bare question."""
+    builder = self.inf.builder
+
+    def work(index: int, span: range) -> tuple[list[dict], list[dict]]:
+      del index
+      inputs, owners, pixels, rejected, rows = [], [], {}, [], []
+      for j in span:
+        item = items[j]
+        try:
+          img = image(item)
+        except ImageError as e:
+          self._bad_image(rejected, {"id": item.id, "image": item.image}, e)
+          continue
+        prompt_image, px = builder.encode_prompt(mc.question_text(item), img)
+        prompt_text, _ = builder.encode_prompt(mc.question_text(item), None)
+        pixels[item.id] = px
+        for o, option in enumerate(item.options):
+          answer = builder.encode_answer(option)
+          if answer:
+            inputs.append(scoring.ScoreInput(item.id, prompt_image, prompt_text, answer))
+            owners.append((j, o))
+        rows.append(j)
+      scores = {j: [-math.inf] * len(items[j].options) for j in rows}
+      if inputs:
+        for (j, o), res in zip(owners, self.scorer().score(inputs, pixels)):
+          scores[j][o] = res["logp_image"] / res["n_tokens"]
+      return [_mc_row(items[j], scores=scores[j]) for j in rows], rejected
+    return self.run_chunks(name, len(items), work)
+
+  def option_generate(self, name: str, items: Sequence[mc.MCItem], circular: bool,
+                      image: Callable[[mc.MCItem], Any]) -> tuple[list[dict], int]:
+    """A generated letter per rotation (every rotation with `circular`, else the original order)."""
+    questions = []
+    for j, item in enumerate(items):
+      for r in range(len(item.options) if circular else 1):
+        options, _ = mc.rotated(item, r)
+        questions.append({"item": j, "rotation": r, "image": item.image,
+                          "prompt": mc.choice_prompt(item, options)})
+    rows, n_rejected = self.generate(name, questions, self.config.eval.max_new_tokens,
+                                     lambda q: q["prompt"], lambda q: image(items[q["item"]]))
+    by_item: dict[int, dict[int, str]] = {}
+    for r in rows:
+      by_item.setdefault(r["item"], {})[r["rotation"]] = r["answer"]
+    out = []
+    for j, answers in sorted(by_item.items()):
+      item = items[j]
+      rotations = range(len(item.options) if circular else 1)
+      if set(answers) != set(rotations):
+        continue  # an image failed: the item is rejected, not half-scored
+      out.append(_mc_row(item, outputs=[answers[r] for r in rotations]))
+    return out, n_rejected
+
+
+def _mc_row(item: mc.MCItem, scores: Sequence[float] | None = None,
+            outputs: Sequence[str] | None = None) -> dict:
+  """A question's record: per-rotation predictions (indices into the rotated options) and targets."""
+  row: dict[str, Any] = {"id": item.id, "task": item.task, "answer": mc.LETTERS[item.answer]}
+  if scores is not None:  # order-free: the best option, seen through each rotation
+    best = mc.argmax_first(scores)
+    n = len(item.options)
+    row["scores"] = [s if math.isfinite(s) else None for s in scores]
+    row["predictions"] = [(best - r) % n for r in range(n)]
+  else:
+    row["outputs"] = list(outputs or [])
+    row["predictions"] = [mc.parse_choice(text, mc.rotated(item, r)[0])
+                          for r, text in enumerate(row["outputs"])]
+  row["targets"] = [mc.rotated(item, r)[1] for r in range(len(row["predictions"]))]
+  return row
+
+
+def _mc_metrics(rows: Sequence[dict], circular: bool, mode: str, n_rejected: int) -> dict:
+  results = []
+  for r in rows:
+    preds, targets = r["predictions"], r["targets"]
+    ok = mc.circular_correct(preds, targets) if circular else preds[0] == targets[0]
+    results.append({"task": r["task"], "correct": ok})
+  return {**mc.accuracy(results), "mode": mode, "circular": circular, "rejected": n_rejected}
+
+
+def _cap(items: list, limit: int) -> list:
+  return items[:limit] if limit else items
+
+
+def _pope(ev: Evaluator, cfg: Any) -> dict:
+  if cfg.pope_questions_dir:
+    splits, origin = pope.read_question_files(cfg.pope_questions_dir), "questions"
+    k = None
+  else:
+    if cfg.pope_annotations:
+      annotations, origin = pope.read_annotations(cfg.pope_annotations), "annotations"
+    else:
+      items, _ = ev.inf.source.items(0)
+      annotations = [{"image": it.image, "image_id": it.image_id, "objects": list(it.objects)}
+                     for it in items if it.objects]
+      origin = ev.inf.source.kind
+      if not annotations:
+        raise BadInput(f"pope: the {origin} val split has no object annotations; set "
+                       "eval.pope_questions_dir (official question files) or eval.pope_annotations")
+    k = pope.effective_k(cfg.pope_objects, {o for a in annotations for o in a["objects"]})
+    splits = pope.build_splits(annotations, cfg.pope_num_images, k, ev.config.seed)
+    os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
+    if common.is_lead():
+      for split, questions in splits.items():
+        write_jsonl(os.path.join(ev.dir, "pope", f"{origin}_pope_{split}.json"),
+                    [{key: q[key] for key in ("question_id", "image", "image_id", "text", "label")
+                      if key in q} for q in questions])
+  per_split, rejected = {}, 0
+  for split in pope.SPLITS:
+    questions = _cap(splits[split], ev.config.eval.max_items)
+    rows, n_bad = ev.generate(f"pope_{split}", questions, cfg.max_new_tokens,
+                              lambda q: q["text"] + pope.LLAVA_SUFFIX,
+                              lambda q: ev.load(q["image"], cfg.pope_images))
+    rejected += n_bad
+    per_split[split] = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows],
+                                    [r["label"] for r in rows])
+  out = pope.summarize(per_split)
+  out.update(source=origin, rejected=rejected)
+  if k is not None:
+    out["objects_per_image"] = k
+  return out
+
+
+def _multiple_choice(ev: Evaluator, cfg: Any, name: str) -> dict:
+  if name == "seed":
+    if not cfg.seed_bench_json:
+      raise BadInput("benchmark seed needs eval.seed_bench_json (SEED-Bench.json) and "
+                     "eval.seed_bench_images (its image folder)")
+    items = mc.load_seed_bench(cfg.seed_bench_json, cfg.seed_bench_images)
+    circular = False
+  else:
+    if not cfg.mmbench_tsv:
+      raise BadInput("benchmark mmbench needs eval.mmbench_tsv (the MMBench dev TSV)")
+    items = mc.load_mmbench(cfg.mmbench_tsv)
+    circular = True
+  items = _cap(items, cfg.max_items)
+  image = lambda it: ev.load(it.image, data=it.image_bytes)  # noqa: E731
+  if cfg.mc_mode == "loglik":
+    rows, n_bad = ev.option_loglik(name, items, image)
+  else:
+    rows, n_bad = ev.option_generate(name, items, circular, image)
+  return _mc_metrics(rows, circular, cfg.mc_mode, n_bad)
+
+
+def _llava_bench(ev: Evaluator, cfg: Any) -> dict:
+  if not cfg.llava_bench_dir:
+    raise BadInput("benchmark llava_bench needs eval.llava_bench_dir (the llava-bench-in-the-wild "
+                   "folder: questions.jsonl, images/)")
+  questions = _cap(llava_bench.read_questions(cfg.llava_bench_dir), cfg.max_items)
+  rows, n_bad = ev.generate("llava_bench", questions, cfg.long_max_new_tokens, lambda q: q["text"],
+                            lambda q: ev.load(q["image_path"]))
+  path = os.path.join(ev.dir, "llava_bench_answers.jsonl")
+  if common.is_lead():
+    write_jsonl(path, [llava_bench.answer_record(r, r["answer"], ev.model_id) for r in rows])
+  return {"n": len(rows), "answers": path, "rejected": n_bad}
+
+
+def _dataset_stats(workdir: str) -> dict | None:
+  path = os.path.join(workdir, "export", "stats.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run(config: Any, workdir: str) -> dict:
+  cfg = config.eval
+  try:
+    benchmarks = parse_benchmarks(cfg.benchmarks)
+  except ValueError as e:
+    raise BadInput(str(e)) from None
+  checkpoint = resolve_checkpoint(config, workdir)
+  ev = Evaluator(config, workdir, checkpoint)
+  metrics: dict[str, Any] = {"checkpoint": checkpoint}
+  for name in benchmarks:
+    logging.info("eval: %s", name)
+    if name == "pope":
+      metrics["pope"] = _pope(ev, cfg)
+    elif name in ("seed", "mmbench"):
+      metrics[name] = _multiple_choice(ev, cfg, name)
+    else:
+      metrics["llava_bench"] = _llava_bench(ev, cfg)
+  stats = _dataset_stats(workdir)
+  if stats is not None:
+    metrics["dataset"] = {k: stats[k] for k in ("instances", "avg_question_words", "avg_answer_words")
+                          if k in stats}
+  text = table.format_table(ev.model_id, metrics, stats)
+  if common.is_lead():
+    with open(os.path.join(ev.dir, "table.txt"), "w") as f:
+      f.write(text)
+    print(text, flush=True)
+  metrics["table"] = table.table_row(metrics)
+  return metrics
+
+
+__all__ = ["BENCHMARKS", "Evaluator", "parse_benchmarks", "resolve_checkpoint", "run"]
