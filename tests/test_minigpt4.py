@@ -253,3 +253,16 @@ def test_converter_errors(world, tmp_path):
   with pytest.raises(ConversionError, match="not a BLIP-2 config"):
     convert_minigpt4(str(root / "llm"), str(root / "llm"), str(root / "minigpt4.pth"), str(tmp_path / "o"))
   assert not os.path.exists(tmp_path / "o")
+
+
+def test_config_file_validates():
+  from c3l_jax import pipeline
+  from configs import minigpt4
+
+  for arg in minigpt4.VALID_ARGS:
+    config = minigpt4.get_config(arg)
+    assert config.model.family == "minigpt4"
+    pipeline.check_config(config)
+  assert minigpt4.get_config("tiny").generation.max_new_tokens == 16
+  with pytest.raises(ValueError, match="unknown arg"):
+    minigpt4.get_config("13b")
