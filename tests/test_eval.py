@@ -1,0 +1,265 @@
+"""POPE construction / parsing / metrics, multiple-choice scoring (CircularEval), the Table-1 table and the
+eval config checks: host-side logic against hand-computed values (no model)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from c3l_jax import pipeline
+from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
+from configs import llava15
+
+# A hand-made annotation set: 7 object names; im4 has only 2 objects (not eligible with k = 3).
+ANNOTATIONS = [
+    {"image": "im1.jpg", "objects": ["a", "b", "c"]},
+    {"image": "im2.jpg", "objects": ["a", "b", "d"]},
+    {"image": "im3.jpg", "objects": ["a", "c", "e"]},
+    {"image": "im4.jpg", "objects": ["b", "f"]},
+    {"image": "im5.jpg", "objects": ["a", "b", "c", "g"]},
+]
+DRAWN = [a for a in ANNOTATIONS if a["image"] != "im4.jpg"]
+
+
+def _pairs(questions, image):
+  """[(positive, negative), ...] of one image, in question order."""
+  qs = [q for q in questions if q["image"] == image]
+  assert [q["label"] for q in qs] == ["yes", "no"] * (len(qs) // 2)
+  return [(qs[i]["object"], qs[i + 1]["object"]) for i in range(0, len(qs), 2)]
+
+
+def test_pope_statistics_hand_computed():
+  freq, co = pope.object_statistics(DRAWN)
+  assert freq == {"a": 4, "b": 3, "c": 3, "d": 1, "e": 1, "g": 1}
+  assert co["a"] == ["b", "c", "d", "e", "g"]  # b: 3 images, c: 3, then the 1s by name
+  assert co["b"] == ["a", "c", "d", "g"]
+  assert co["c"] == ["a", "b", "e", "g"]
+  assert co["d"] == ["a", "b"]
+
+
+def test_pope_adversarial_negatives_are_top_cooccurring():
+  qs = pope.build_split(DRAWN, "adversarial", k=3, seed=0, universe="abcdefg")
+  # im1 {a, b, c}: a's ranking b, c (present) -> d; b's: a, c (present), d (used) -> g; c's: a, b -> e.
+  assert _pairs(qs, "im1.jpg") == [("a", "d"), ("b", "g"), ("c", "e")]
+  # im2 {a, b, d}: a -> c; b's ranking a, c (used), d (present) -> g; d's ranking a, b is exhausted:
+  # random among the names neither present nor used, e or f.
+  pairs = _pairs(qs, "im2.jpg")
+  assert pairs[:2] == [("a", "c"), ("b", "g")] and pairs[2][0] == "d" and pairs[2][1] in ("e", "f")
+  popular = pope.build_split(DRAWN, "popular", k=3, seed=0, universe="abcdefg")
+  # popularity a 4, b 3, c 3, d/e/g 1 (by name): im1 gets d, e, g in turn.
+  assert _pairs(popular, "im1.jpg") == [("a", "d"), ("b", "e"), ("c", "g")]
+  # im5 {a, b, c, g}: d, e, then the ranking is used up (g present): the one name left, f.
+  assert _pairs(popular, "im5.jpg") == [("a", "d"), ("b", "e"), ("c", "f")]
+
+
+def test_pope_split_counts_and_no_present_negative():
+  splits = pope.build_splits(ANNOTATIONS, num_images=0, k=3, seed=1)
+  assert set(splits) == {"random", "popular", "adversarial"}
+  present = {a["image"]: set(a["objects"]) for a in ANNOTATIONS}
+  for split, qs in splits.items():
+    assert len(qs) == 4 * 6  # 4 eligible images (im4 has 2 objects), 3 yes + 3 no each
+    assert sorted({q["image"] for q in qs}) == ["im1.jpg", "im2.jpg", "im3.jpg", "im5.jpg"]
+    assert [q["question_id"] for q in qs] == list(range(24))
+    for q in qs:
+      assert q["category"] == split
+      assert (q["object"] in present[q["image"]]) == (q["label"] == "yes")
+      assert q["text"] == pope.question_text(q["object"])
+    for image in present:
+      objs = [q["object"] for q in qs if q["image"] == image]
+      assert len(objs) == len(set(objs))  # no object asked twice about one image
+  # 2 of the 4 eligible images drawn, the same ones in every split, reproducibly.
+  small = pope.build_splits(ANNOTATIONS, num_images=2, k=3, seed=1)
+  images = {s: [q["image"] for q in qs][::6] for s, qs in small.items()}
+  assert all(len(qs) == 12 for qs in small.values()) and len(set(map(tuple, images.values()))) == 1
+  assert pope.build_splits(ANNOTATIONS, num_images=2, k=3, seed=1) == small
+  # The scenes world has 5 categories: k is lowered to 2.
+  assert pope.effective_k(3, ["circle", "square", "triangle", "star", "cross"]) == 2
+  assert pope.effective_k(3, [f"o{i}" for i in range(80)]) == 3
+  with pytest.raises(ValueError, match="no image has >= 4"):
+    pope.build_splits(ANNOTATIONS, k=4)
+
+
+def test_pope_question_text_articles():
+  assert pope.question_text("dog") == "Is there a dog in the image?"
+  assert pope.question_text("oven") == "Is there an oven in the image?"
+  assert pope.question_text("apple") == "Is there an apple in the image?"
+  assert pope.question_text("dining table") == "Is there a dining table in the image?"
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Yes", "yes"), ("No", "no"), ("no.", "no"), ("No, there is no cat.", "no"),
+    ("Yes, there is a dog in the image.", "yes"), ("There is no dog in the image.", "no"),
+    ("The dog is not visible", "no"), ("no, it is not", "no"),
+    ("Not at all", "yes"),  # only "No", "no" and "not" count
+    ("NO", "yes"), ("None", "yes"), ("I don't think so", "yes"), ("", "yes"),
+    ("Yes. No.", "yes"),  # only the first sentence
+    ("No\nthere is none", "yes"),  # split on spaces only: "No\nthere" is one word
+])
+def test_pope_yes_no_parser_reference_edge_cases(text, want):
+  assert pope.parse_yes_no(text) == want
+
+
+def test_pope_metrics_hand_computed():
+  m = pope.metrics(["yes", "yes", "no", "no", "yes"], ["yes", "no", "no", "yes", "yes"])
+  assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)
+  assert m["accuracy"] == pytest.approx(0.6)
+  assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+  assert m["f1"] == pytest.approx(2 / 3) and m["yes_ratio"] == pytest.approx(0.6)
+  m = pope.metrics(["no"] * 4, ["yes", "no", "no", "yes"])  # no "yes": the reference divides by 0
+  assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["yes_ratio"]) == (0.5, 0, 0, 0, 0)
+  s = pope.summarize({"random": {**m, "f1": 0.9}, "popular": {**m, "f1": 0.6},
+                      "adversarial": {**m, "f1": 0.3}})
+  assert s["mean_f1"] == pytest.approx(0.6) and s["mean_accuracy"] == pytest.approx(0.5)
+
+
+def test_pope_reads_official_question_files(tmp_path):
+  for split in pope.SPLITS:
+    with open(tmp_path / f"coco_pope_{split}.json", "w") as f:
+      f.write(json.dumps({"question_id": 1, "image": "COCO_val2014_000000000042.jpg",
+                          "text": "Is there an oven in the image?", "label": "no"}) + "\n")
+  got = pope.read_question_files(str(tmp_path))
+  assert got["popular"] == [{"question_id": 1, "image": "COCO_val2014_000000000042.jpg",
+                             "text": "Is there an oven in the image?", "label": "no",
+                             "category": "popular"}]
+  (tmp_path / "coco_pope_random.json").unlink()
+  with pytest.raises(FileNotFoundError, match="random"):
+    pope.read_question_files(str(tmp_path))
+
+
+ITEM = mc.MCItem(id="q1", question="What is red?", options=("sky", "circle", "grass", "sea"), answer=1,
+                 task="Instance Attributes")
+
+
+def test_rotations_move_the_answer():
+  assert mc.rotated(ITEM, 0) == (("sky", "circle", "grass", "sea"), 1)
+  assert mc.rotated(ITEM, 1) == (("circle", "grass", "sea", "sky"), 0)
+  assert mc.rotated(ITEM, 2) == (("grass", "sea", "sky", "circle"), 3)
+  assert mc.rotated(ITEM, 3) == (("sea", "sky", "circle", "grass"), 2)
+  assert mc.choice_prompt(ITEM, mc.rotated(ITEM, 1)[0]) == (
+      "What is red?\nA. circle\nB. grass\nC. sea\nD. sky\n"
+      "Answer with the option's letter from the given choices directly.")
+
+
+def test_circular_eval_one_failed_rotation_counts_wrong():
+  from c3l_jax.pipeline.eval import _mc_metrics, _mc_row
+
+  # Right answers per rotation are B, A, D, C; the last rotation is answered "A" (wrong).
+  failed = _mc_row(ITEM, outputs=["B", "A.", "The answer is D", "A"])
+  assert failed["predictions"] == [1, 0, 3, 0] and failed["targets"] == [1, 0, 3, 2]
+  ok = _mc_row(mc.MCItem("q2", "?", ("x", "y"), 0, "Scene"), outputs=["A", "(B) x"])
+  metrics = _mc_metrics([failed, ok], circular=True, mode="generate", n_rejected=0)
+  assert metrics["overall"] == 50.0 and metrics["n"] == 2
+  assert metrics["per_task"] == {"Instance Attributes": 0.0, "Scene": 100.0}
+  # Without CircularEval (SEED) only the first pass counts: both right.
+  assert _mc_metrics([failed, ok], circular=False, mode="generate", n_rejected=0)["overall"] == 100.0
+  # Likelihood scores are order-free: every rotation sees the same best option.
+  row = _mc_row(ITEM, scores=[-1.0, -0.5, -2.0, float("-inf")])
+  assert row["predictions"] == row["targets"] and row["scores"][3] is None
+  assert mc.circular_correct(row["predictions"], row["targets"])
+  wrong = _mc_row(ITEM, scores=[-0.1, -0.5, -2.0, -3.0])
+  assert not mc.circular_correct(wrong["predictions"], wrong["targets"])
+
+
+@pytest.mark.parametrize("text,want", [
+    ("B", 1), ("The answer is B.", 1), ("(C) grass", 2), ("D: sea", 3),
+    ("A dog", 0),  # a lone "A" is the letter, as MMBench's can_infer
+    ("B or C", None),  # two letters and no option text
+    ("it is the circle", 1),  # no letter: the one option text it contains
+    ("sky and sea", None), ("", None),
+])
+def test_parse_choice_as_mmbench_can_infer(text, want):
+  assert mc.parse_choice(text, ITEM.options) == want
+
+
+def _png_b64(colour) -> str:
+  buf = io.BytesIO()
+  PIL.Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+  return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_load_official_files(tmp_path):
+  seed = {"questions": [
+      {"answer": "C", "choice_a": "1", "choice_b": "2", "choice_c": "3", "choice_d": "4",
+       "data_id": "1_2.jpg", "data_type": "image", "question": "How many?", "question_id": "101",
+       "question_type_id": 5},
+      {"answer": "B", "choice_a": "x", "choice_b": "y", "choice_c": "z", "choice_d": "w",
+       "data_id": "94328.webm", "data_type": "video", "question": "What action?",
+       "question_id": "v1", "question_type_id": 10},
+      {"answer": "a", "choice_a": "p", "choice_b": "q", "choice_c": "r", "choice_d": "s",
+       "data_id": "3_4.jpg", "data_type": "image", "question": "Where?", "question_id": "102",
+       "question_type_id": 4}],
+      "question_type": {"Instance Location": 4, "Instances Counting": 5, "Action Recognition": 10}}
+  (tmp_path / "SEED-Bench.json").write_text(json.dumps(seed))
+  items = mc.load_seed_bench(str(tmp_path / "SEED-Bench.json"), "/imgs")
+  assert [(i.id, i.answer, i.task, i.image) for i in items] == [
+      ("101", 2, "Instances Counting", "/imgs/1_2.jpg"), ("102", 0, "Instance Location", "/imgs/3_4.jpg")]
+  red = _png_b64("red")
+  rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"],
+          ["7", "Which colour?", "Look closely.", "red", "blue", "green", "nan", "A", "attribute", red],
+          ["8", "Same image?", "nan", "yes", "no", "", "", "B", "reasoning", "7"]]
+  (tmp_path / "mmb.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+  items = mc.load_mmbench(str(tmp_path / "mmb.tsv"))
+  assert [(i.id, i.options, i.answer, i.task, i.hint) for i in items] == [
+      ("7", ("red", "blue", "green"), 0, "attribute", "Look closely."),
+      ("8", ("yes", "no"), 1, "reasoning", "")]
+  assert items[1].image_bytes == items[0].image_bytes == base64.b64decode(red)
+  assert mc.question_text(items[0]) == "Look closely.\nWhich colour?"
+
+
+def test_llava_bench_answer_file_format(tmp_path):
+  (tmp_path / "questions.jsonl").write_text(
+      json.dumps({"image": "001.jpg", "text": "What is this?", "category": "conv", "question_id": 0}) + "\n")
+  (q,) = llava_bench.read_questions(str(tmp_path))
+  assert q["image_path"] == str(tmp_path / "images" / "001.jpg")
+  rec = llava_bench.answer_record(q, "A cat.", "my-model")
+  assert set(rec) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+  assert (rec["question_id"], rec["prompt"], rec["text"], rec["model_id"]) == (0, "What is this?",
+                                                                             "A cat.", "my-model")
+  assert rec == llava_bench.answer_record(q, "A cat.", "my-model")  # deterministic answer_id
+
+
+def test_table_row_and_details():
+  metrics = {"pope": {"mean_f1": 0.7604, **{s: {"accuracy": 0.8, "precision": 0.9, "recall": 0.7,
+                                                 "f1": 0.76, "yes_ratio": 0.4, "n": 30}
+                                              for s in pope.SPLITS}},
+             "seed": {"overall": 56.09, "n": 3, "per_task": {"Scene Understanding": 56.09},
+                      "mode": "loglik"}}
+  assert table.table_row(metrics) == {"SEED": "56.1", "LLaVA^W": "-", "MMB": "-", "POPE": "76.0"}
+  text = table.format_table("llava-c3l", metrics, {"instances": 5000, "avg_question_words": 23.4,
+                                                   "avg_answer_words": 12.8})
+  lines = text.splitlines()
+  assert lines[0].split() == ["Method", "SEED", "LLaVA^W", "MMB", "POPE"]
+  assert lines[1].split() == ["llava-c3l", "56.1", "-", "-", "76.0"]
+  assert "adversarial" in text and "5000" in text and "23.4" in text
+
+
+def test_eval_config_checks():
+  config = llava15.get_config("tiny")
+  assert config.eval.benchmarks == "pope" and config.eval.mc_mode == "loglik"
+  for field, value, needle in (("benchmarks", "pope,gqa", "'gqa'"), ("mc_mode", "vote", "mc_mode"),
+                               ("pope_objects", 0, "pope_objects"), ("max_new_tokens", 0, "max_new")):
+    bad = llava15.get_config("tiny")
+    with bad.unlocked():
+      bad.eval[field] = value
+    with pytest.raises(pipeline.ConfigError, match=needle):
+      pipeline.check_config(bad)
+  ok = llava15.get_config("tiny")
+  with ok.unlocked():
+    ok.select.method = "vigc"
+    ok.eval.benchmarks = "seed, mmbench,pope"
+  pipeline.check_config(ok)
+  # vigc generates in the select stage, so select needs a model then (and only then).
+  assert pipeline.needs_model(("select",), ok) == ("select",)
+  assert any("model.checkpoint" in p for p in pipeline.environment_problems(ok, ("select",)))
+  with ok.unlocked():
+    ok.select.method = "self_instruct"
+  assert pipeline.environment_problems(ok, ("select",)) == []
+  # eval alone is checked against eval.checkpoint when one is given.
+  with ok.unlocked():
+    ok.eval.checkpoint = "/nonexistent/model"
+  assert any("/nonexistent/model" in p for p in pipeline.environment_problems(ok, ("eval",)))
