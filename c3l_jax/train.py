@@ -32,6 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from c3l_jax import losses, sharding
 from c3l_jax.data.batching import right_pad, round_up
@@ -183,7 +184,12 @@ class Trainer:
     if not jax.tree.leaves(self.trainable):
       raise ValueError(f"train.trainable {cfg.trainable} matches no parameter")
     self.optimizer = make_optimizer(cfg)
-    self.opt_state = jax.jit(self.optimizer.init)(self.trainable)
+    # Scalars the optimizer creates (step counts) go on the mesh too, replicated: train_step's outputs
+    # are mesh-sharded, so otherwise its second call would see new input types and compile again.
+    replicated = NamedSharding(mesh, P())
+    self.opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        jax.jit(self.optimizer.init)(self.trainable))
     self.step = 0
     self.history: list[dict[str, float]] = []
     self.checkpoint_every = checkpoint_every

@@ -188,46 +188,6 @@ def _wait(proc, workdir):
   return proc.returncode, (workdir / "launch.log").read_text()
 
 
-def _result(workdir):
-  from c3l_jax.checkpoint import load_model_config, restore_params
-  from c3l_jax.sharding import abstract_model
-
-  _, abstract = abstract_model(load_model_config(str(workdir / "train" / "generator")))
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                        nnx.to_pure_dict(abstract))
-  params = restore_params(str(workdir / "train" / "generator"), target)
-  history = (workdir / "train" / "history.jsonl").read_text()
-  return params, history
-
-
-def test_sigkill_and_resume_is_bit_exact(world, tmp_path):
-  steps = 4
-  rc, log = _wait(_launch(world, tmp_path / "straight", steps, 100), tmp_path / "straight")
-  assert rc == 0, log[-3000:]
-
-  killed = _launch(world, tmp_path / "killed", steps, 1)
-  ckpt = tmp_path / "killed" / "train" / "checkpoints"
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    done = [int(p) for p in os.listdir(ckpt) if p.isdigit()] if ckpt.exists() else []
-    if done and max(done) >= steps // 2:
-      break
-    assert killed.poll() is None, (tmp_path / "killed" / "launch.log").read_text()[-3000:]
-    time.sleep(0.2)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  assert not (tmp_path / "killed" / "train" / "generator").exists()  # it really died mid-run
-  rc, log = _wait(_launch(world, tmp_path / "killed", steps, 1), tmp_path / "killed")
-  assert rc == 0, log[-3000:]
-  assert "resumed training from step" in log
-
-  p1, h1 = _result(tmp_path / "straight")
-  p2, h2 = _result(tmp_path / "killed")
-  assert h1 == h2 and len(h1.splitlines()) == steps
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p1, p2)
-
-
 def test_cgvlm_align_objective_trains_connector_and_temperature_only(world):
   builder = world["builder"]
   examples = [dict(e, caption=builder.encode_answer(a)) for e, (_, _, a, _) in zip(world["examples"], QAS)]

@@ -81,7 +81,7 @@ def draw_types(mix: dict[str, float], n: int, rng) -> list[str]:
   return [names[i] for i in rng.choice(len(names), size=n, p=[mix[k] for k in names])]
 
 
-_MARK = r"(?:^|(?<=[\s\"'*(\[]))"
+_MARK = r"(?:^|(?<=[\s\"'*(\[?.!,;]))"  # a marker starts the text or follows a space / punctuation
 _Q = re.compile(_MARK + r"(?:question|q)\s*\d*\s*[:：]", re.IGNORECASE)
 _A = re.compile(_MARK + r"(?:answer|a)\s*\d*\s*[:：]", re.IGNORECASE)
 

@@ -1,0 +1,177 @@
+"""The whole pipeline through `launch.py`: initial -> filter -> score -> select -> train -> final -> export.
+
+One uninterrupted run on a tiny taught model (see pipeline_world.py) with one of every bad input is the
+reference; a run killed with SIGKILL at several points and resumed must export the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pipeline_world as pw
+from hf_reference import REPO
+
+STAGES = ("initial", "filter", "score", "select", "train", "final", "export")
+
+
+def _cmd(world, workdir, *extra):
+  return [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
+          f"--config.model.checkpoint={world['model']}", f"--config.data.records={world['records']}",
+          f"--config.data.image_root={world['images']}", f"--config.data.max_pixels={pw.MAX_PIXELS}",
+          "--config.generation.shard_size=3", "--config.generation.max_new_tokens=40",
+          "--config.generation.num_final=8", "--config.scoring.shard_size=4",
+          "--config.train.steps=4", "--config.train.checkpoint_every=1", "--config.select.top_fraction=0.5",
+          *extra]
+
+
+def _env(cache_dir):
+  # The runs share JAX's persistent compilation cache: a resumed run recompiles nothing.
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+          "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _rows(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _parts(workdir, stage):
+  d = os.path.join(workdir, stage)
+  return [r for p in sorted(os.listdir(d)) if p.startswith("part-") and p.endswith(".jsonl")
+          and "rejected" not in p for r in _rows(os.path.join(d, p))]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  world = pw.make_world(str(tmp_path_factory.mktemp("pipeline")))
+  return {**world, "cache": os.path.join(world["root"], "jax_cache")}
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+  workdir = os.path.join(world["root"], "reference")
+  proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env(world['cache']))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir
+
+
+def test_pipeline_end_to_end_exports_llava_json(world, reference):
+  from transformers import AutoProcessor
+  from c3l_jax.data.images import load_image
+
+  with open(os.path.join(reference, "export", "c3l_vlit.json")) as f:
+    data = json.load(f)
+  assert data, "nothing survived to the export"
+  assert len({d["id"] for d in data}) == len(data)
+  processor = AutoProcessor.from_pretrained(world["model"], local_files_only=True)
+  image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+  for d in data:
+    assert set(d) == {"id", "image", "conversations"}
+    human, gpt = d["conversations"]
+    assert human["from"] == "human" and gpt["from"] == "gpt"
+    assert human["value"].startswith("<image>\n") and gpt["value"].strip()
+    # LLaVA training code renders the conversation with the model's processor: it must tokenise with
+    # the image expanded to its patch tokens.
+    conv = [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": human["value"][len("<image>\n"):]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": gpt["value"]}]}]
+    text = processor.apply_chat_template(conv, tokenize=False)
+    enc = processor(images=load_image(os.path.join(world["images"], d["image"])), text=text,
+                    return_tensors="np")
+    assert int((enc["input_ids"][0] == image_token).sum()) == 4  # (28 / 14)^2 patches
+    assert enc["input_ids"].shape[1] > 4 + len(processor.tokenizer(gpt["value"]).input_ids) - 1
+
+  # stats.json equals a recount of the JSON file.
+  stats = json.load(open(os.path.join(reference, "export", "stats.json")))
+  questions = [d["conversations"][0]["value"].replace("<image>", "").split() for d in data]
+  answers = [d["conversations"][1]["value"].split() for d in data]
+  assert stats["instances"] == len(data)
+  assert stats["images"] == len({d["image"] for d in data})
+  assert stats["avg_question_words"] == pytest.approx(sum(map(len, questions)) / len(data), abs=1e-4)
+  assert stats["avg_answer_words"] == pytest.approx(sum(map(len, answers)) / len(data), abs=1e-4)
+  assert sum(stats["instruction_types"].values()) == len(data)
+
+
+def test_bad_inputs_are_quarantined_with_reasons_and_counts_add_up(world, reference):
+  rejected = _rows(os.path.join(reference, "initial", "rejected.jsonl"))
+  by_line = {r["raw"].encode("utf-8", "replace") if isinstance(r["raw"], str) else None: r["reason"]
+             for r in rejected if "line" in r}
+  for raw, reason in pw.BAD_LINES.items():
+    key = raw if b"\xff" not in raw else raw.decode("utf-8", "replace").encode("utf-8")
+    assert reason in by_line[key], (raw, by_line.get(key))
+  by_image = {r["image"]: r["reason"] for r in rejected if "image" in r}
+  for image, reason in pw.BAD_IMAGES.items():
+    assert reason in by_image[image], (image, by_image.get(image))
+  assert len(rejected) == len(pw.BAD_LINES) + len(pw.BAD_IMAGES)
+  # Every good image came through to generation.
+  initial = _parts(reference, "initial")
+  assert {r["image"] for r in initial} == {f"im{i}.png" for i in range(pw.GOOD_IMAGES)}
+
+  metrics = json.load(open(os.path.join(reference, "metrics.json")))
+  assert set(metrics) == set(STAGES)
+  m = metrics["initial"]
+  assert m["read"] == pw.GOOD_IMAGES + len(pw.BAD_IMAGES) + len(pw.BAD_LINES)
+  assert m["rejected"] == len(rejected) and m["written"] == len(initial)
+  for stage in ("filter", "score", "select"):
+    m = metrics[stage]
+    assert m["read"] == m["written"] + m["rejected"], (stage, m)
+    assert m["written"] == len(_parts(reference, stage))
+    assert m["rejected"] == len(_rows(os.path.join(reference, stage, "rejected.jsonl")))
+  assert metrics["filter"]["read"] == metrics["initial"]["written"]
+  assert metrics["score"]["read"] == metrics["filter"]["written"]
+  # The filter's rejections carry their reasons (the taught model writes duplicates and bad output).
+  reasons = [r["reason"] for r in _rows(os.path.join(reference, "filter", "rejected.jsonl"))]
+  assert any(r.startswith("duplicate of") or r.startswith("near duplicate of") for r in reasons)
+  select = _parts(reference, "select")
+  assert {r["role"] for r in select} <= {"positive", "negative", "unused"}
+  assert sum(r["top_fraction"] for r in select) == metrics["select"]["top_fraction"] >= 1
+
+
+def test_strict_mode_stops_at_the_first_bad_input(world, tmp_path):
+  proc = subprocess.run(_cmd(world, tmp_path / "w", "--config.strict=True"), cwd=REPO,
+                        capture_output=True, text=True, env=_env(world['cache']))
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "images.jsonl:3" in last and "malformed JSON" in last
+
+
+def _run_until(world, workdir, marker, timeout=600):
+  """Start a run; SIGKILL it as soon as `marker` exists under workdir. True if it was killed."""
+  proc = subprocess.Popen(_cmd(world, workdir), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=_env(world['cache']))
+  deadline = time.time() + timeout
+  while proc.poll() is None and time.time() < deadline:
+    if os.path.exists(os.path.join(workdir, marker)):
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
+      return True
+    time.sleep(0.05)
+  assert proc.returncode == 0
+  return False
+
+
+def test_kill_9_and_resume_exports_identical_bytes(world, reference, tmp_path):
+  workdir = str(tmp_path / "killed")
+  kills = [_run_until(world, workdir, marker) for marker in
+           ("initial/part-00000.done", "train/checkpoints/2", "final/part-00000.done")]
+  assert kills[0], "the first run finished before it could be killed"
+  proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env(world['cache']))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  for name in ("c3l_vlit.json", "stats.json"):
+    with open(os.path.join(reference, "export", name), "rb") as a, \
+         open(os.path.join(workdir, "export", name), "rb") as b:
+      assert a.read() == b.read(), name
+  for stage in ("initial", "filter", "score", "select", "final"):
+    ids = [r["id"] for r in _parts(workdir, stage)]
+    assert len(ids) == len(set(ids)), stage  # no duplicates
+    assert ids == [r["id"] for r in _parts(reference, stage)], stage  # none missing, same order
+  history = _rows(os.path.join(workdir, "train", "history.jsonl"))
+  assert len(history) == 4 and history == _rows(os.path.join(reference, "train", "history.jsonl"))

@@ -1,0 +1,161 @@
+"""The pipeline's model-free pieces: QA parsing, instruction mixes, the basic filter, selection roles,
+export statistics, and the image sources over COCO / scenes tfds data."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from c3l_jax.data import instructions as ins
+from c3l_jax.data.images import ImageError
+from c3l_jax.pipeline import export, filter as filter_stage, select as select_stage
+
+
+@pytest.mark.parametrize("text, want", [
+    ("Question: What colour is the star? Answer: It is yellow.", ("What colour is the star?",
+                                                                   "It is yellow.")),
+    ("question:how many circles?answer: two", ("how many circles?", "two")),
+    ("Q: Is there a cat? A: No", ("Is there a cat?", "No")),
+    ("**Question 1:** Where is the dog?\n**Answer 1:** next to the car\nQuestion 2: x? Answer 2: y",
+     ("Where is the dog?", "next to the car")),
+    ('Sure! Question: "Why is the sky blue?"\nAnswer: because of scattering.',
+     ("Why is the sky blue?", "because of scattering.")),
+    ("Question: what is this? Answer:", None),  # empty answer
+    ("Answer: red. Question: what colour?", None),  # answer before any question
+    ("the circle is red", None),
+    ("Is there a question about it? Answer: a", None),  # 'question' without a colon is no marker
+])
+def test_parse_qa(text, want):
+  assert ins.parse_qa(text) == want
+
+
+def test_parse_mix_normalises_and_rejects_bad_specs():
+  assert ins.parse_mix("conversation=2,complex_reasoning=2") == {"conversation": 0.5,
+                                                                  "complex_reasoning": 0.5}
+  assert ins.parse_mix("conversation=1,detailed_description=0") == {"conversation": 1.0}
+  for bad in ("chat=1", "conversation", "conversation=x", "conversation=-1", "conversation=0", ""):
+    with pytest.raises(ValueError):
+      ins.parse_mix(bad)
+
+
+def test_draw_types_follows_the_proportions():
+  rng = np.random.default_rng(0)
+  drawn = ins.draw_types({"conversation": 0.75, "complex_reasoning": 0.25}, 4000, rng)
+  assert abs(drawn.count("conversation") / 4000 - 0.75) < 0.03
+  assert set(drawn) == {"conversation", "complex_reasoning"}
+
+
+FILTER = types.SimpleNamespace(min_question_words=3, max_question_words=12, min_answer_words=1,
+                               max_answer_words=10, near_duplicate=0.8, caption_overlap=0.9)
+
+
+def _rec(i, q, a, image="a.png", caption="a red circle next to a blue square"):
+  return {"id": f"r{i}", "image": image, "question": q, "answer": a, "caption": caption, "output": "?"}
+
+
+def test_filter_rejects_each_kind_with_its_reason_and_keeps_the_rest():
+  rows = [
+      _rec(0, "what colour is the circle?", "red"),
+      _rec(1, "", "", caption=""),
+      _rec(2, "why?", "because"),  # question too short
+      _rec(3, "what is in the picture here?", " ".join(["word"] * 11)),  # answer too long
+      _rec(4, "the circle is red today", "The circle is red, today!"),
+      _rec(5, "what does the image show?", "A red circle next to a blue square."),
+      _rec(6, "What colour is the circle?", "Red."),  # exact duplicate of r0 once normalised
+      _rec(7, "what colour is the circle", "it is red"),  # near duplicate (same question words)
+      _rec(8, "what colour is the circle?", "red", image="b.png"),  # another image: kept
+      _rec(9, "how many shapes are there?", "two"),
+  ]
+  kept, rejected = filter_stage.filter_rows(rows, FILTER)
+  assert [r["id"] for r in kept] == ["r0", "r8", "r9"]
+  reasons = {r["id"]: r["reason"] for r in rejected}
+  assert reasons["r1"].startswith("unparsable output")
+  assert reasons["r2"].startswith("question has 1 words")
+  assert reasons["r3"].startswith("answer has 11 words")
+  assert reasons["r4"] == "question equals answer"
+  assert reasons["r5"].startswith("answer only repeats the caption")
+  assert reasons["r6"] == "duplicate of 'r0'"
+  assert reasons["r7"].startswith("near duplicate of 'r0'")
+  assert len(kept) + len(rejected) == len(rows)
+  assert all(r["raw"]["id"] == r["id"] for r in rejected)  # the whole record is kept
+
+
+def test_select_roles_and_top_fraction():
+  rows = [{"id": str(i), "image": img, "i2c": s} for i, (img, s) in
+          enumerate([("a", 0.1), ("a", 0.9), ("a", 0.5), ("b", 0.7), ("c", 0.3), ("c", 0.3),
+                     ("a", 0.2)])]
+  out = select_stage.annotate_i2c(rows, top_fraction=0.3, max_negatives=2)
+  roles = {r["id"]: r["role"] for r in out}
+  # image a: positive = the best (0.9), negatives = the next two (0.5, 0.2); 0.1 unused.
+  assert (roles["1"], roles["2"], roles["6"], roles["0"]) == ("positive", "negative", "negative",
+                                                              "unused")
+  assert roles["3"] == "unused"  # a single sample: nothing to contrast with
+  assert (roles["4"], roles["5"]) == ("positive", "negative")  # tie: the earlier one wins
+  # ceil(0.3 * 7) = 3 best: 0.9, 0.7, 0.5; records keep their input order.
+  assert [r["id"] for r in out if r["top_fraction"]] == ["1", "2", "3"]
+  assert [{k: v for k, v in r.items() if k not in ("role", "top_fraction")} for r in out] == rows
+
+
+def test_export_statistics_count_words():
+  rows = [{"id": "1", "image": "x.png", "question": "what is it?", "answer": "a red  circle"},
+          {"id": "2", "image": "x.png", "question": "how many?", "answer": "two"}]
+  llava = export.to_llava(rows)
+  assert llava[0] == {"id": "1", "image": "x.png", "conversations": [
+      {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a red  circle"}]}
+  assert export.statistics(llava) == {"instances": 2, "images": 1, "avg_question_words": 2.5,
+                                      "avg_answer_words": 2.0}
+
+
+def _config(**data):
+  from configs import common
+  config = common.get_base_config()
+  for k, v in data.items():
+    config.data[k] = v
+  return config
+
+
+def test_coco_source_lists_and_loads_images(tmp_path):
+  from c3l_jax.data.sources import open_source
+
+  root = tmp_path / "coco"
+  (root / "val2014").mkdir(parents=True)
+  (root / "annotations").mkdir()
+  images = []
+  for i, image_id in enumerate((42, 7)):
+    name = f"COCO_val2014_{image_id:012d}.jpg"
+    images.append({"id": image_id, "file_name": name, "width": 8, "height": 8})
+    if i == 0:
+      PIL.Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(root / "val2014" / name)
+  caps = {"images": images, "annotations": [{"id": 1, "image_id": 42, "caption": "a grey square"},
+                                            {"id": 2, "image_id": 7, "caption": "nothing"}]}
+  (root / "annotations" / "captions_val2014.json").write_text(json.dumps(caps))
+  config = _config(source="coco", coco_dir=str(root), split="val", tfds_dir=str(tmp_path / "tfds"))
+  source = open_source(config)
+  items, rejected = source.items()
+  assert rejected == [] and [(i.image, i.captions) for i in items] == [
+      ("COCO_val2014_000000000007.jpg", ("nothing",)), ("COCO_val2014_000000000042.jpg",
+                                                        ("a grey square",))]
+  assert np.asarray(source.load(items[1].image)).mean() == pytest.approx(200, abs=2)
+  with pytest.raises(ImageError, match="missing image"):
+    source.load(items[0].image)  # listed in the annotations, absent on disk
+  with pytest.raises(ImageError, match="missing image"):
+    source.load("COCO_val2014_000000000099.jpg")
+
+
+def test_scenes_source_serves_the_world(tmp_path):
+  from c3l_jax.data import scenes
+  from c3l_jax.data.sources import open_source
+
+  config = _config(source="scenes", scenes_images=5, tfds_dir=str(tmp_path / "tfds"))
+  source = open_source(config)
+  items, _ = source.items(limit=3)
+  world = scenes.generate_world(5, 0)
+  assert [i.image for i in items] == [s.file_name for s in world[:3]]
+  assert scenes.Scene.from_json(items[2].annotation) == world[2]
+  np.testing.assert_array_equal(np.asarray(source.load(items[2].image)),
+                                np.asarray(scenes.render(world[2])))
