@@ -84,17 +84,17 @@ class Evaluator:
     self.model_id = os.path.basename(os.path.normpath(checkpoint))
 
   # -- images -----------------------------------------------------------------------------------
-  def load(self, image: str, folder: str = "", data: bytes | None = None) -> Any:
-    """A picture by key: raw bytes, a file under `folder` (or a path), else the data source's image."""
+  def load(self, image: str, folder: str | None = None, data: bytes | None = None) -> Any:
+    """A picture: from raw bytes, else the file `folder/image` (`folder=""`: `image` is a path), else
+    (`folder=None`) the data source's image keyed `image`."""
     max_pixels = int(self.config.data.max_pixels)
-    processor = self.inf.builder.processor
     if data is not None:
       img = load_image_bytes(data, max_pixels, name=image)
-    elif folder or os.path.isabs(image):
+    elif folder is not None:
       img = load_image(os.path.join(folder, image), max_pixels)
     else:
       return self.inf.source.load(image)  # the source applies data.image_aspect itself
-    return apply_image_aspect(img, self.config.data.image_aspect, processor)
+    return apply_image_aspect(img, self.config.data.image_aspect, self.inf.builder.processor)
 
   # -- the runner ---------------------------------------------------------------------------------
   def run_chunks(self, name: str, n: int, work: Callable[[int, range], tuple[list[dict], list[dict]]]
@@ -266,7 +266,7 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
     questions = _cap(splits[split], ev.config.eval.max_items)
     rows, n_bad = ev.generate(f"pope_{split}", questions, cfg.max_new_tokens,
                               lambda q: q["text"] + pope.LLAVA_SUFFIX,
-                              lambda q: ev.load(q["image"], cfg.pope_images))
+                              lambda q: ev.load(q["image"], cfg.pope_images or None))
     rejected += n_bad
     per_split[split] = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows],
                                     [r["label"] for r in rows])
@@ -290,7 +290,7 @@ def _multiple_choice(ev: Evaluator, cfg: Any, name: str) -> dict:
     items = mc.load_mmbench(cfg.mmbench_tsv)
     circular = True
   items = _cap(items, cfg.max_items)
-  image = lambda it: ev.load(it.image, data=it.image_bytes)  # noqa: E731
+  image = lambda it: ev.load(it.image, "", it.image_bytes)  # noqa: E731
   if cfg.mc_mode == "loglik":
     rows, n_bad = ev.option_loglik(name, items, image)
   else:
@@ -304,7 +304,7 @@ def _llava_bench(ev: Evaluator, cfg: Any) -> dict:
                    "folder: questions.jsonl, images/)")
   questions = _cap(llava_bench.read_questions(cfg.llava_bench_dir), cfg.max_items)
   rows, n_bad = ev.generate("llava_bench", questions, cfg.long_max_new_tokens, lambda q: q["text"],
-                            lambda q: ev.load(q["image_path"]))
+                            lambda q: ev.load(q["image_path"], ""))
   path = os.path.join(ev.dir, "llava_bench_answers.jsonl")
   if common.is_lead():
     write_jsonl(path, [llava_bench.answer_record(r, r["answer"], ev.model_id) for r in rows])

@@ -1,0 +1,178 @@
+"""`launch.py --config.stages=eval` on a tiny converted checkpoint (one subprocess run): POPE built from
+annotations, SEED-Bench by option likelihood (checked against transformers), MMBench with CircularEval,
+the LLaVA-Bench answers file, metrics.json and the printed table; and on the shipped scenes checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from c3l_jax.data.images import load_image
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.eval import pope
+from c3l_jax.convert import convert
+from hf_reference import REPO, make_hf_llava, make_tiny_processor, torch_answer_logprobs
+
+ANNOTATIONS = [
+    {"image": "im1.png", "objects": ["dog", "car", "tree"]},
+    {"image": "im2.png", "objects": ["dog", "cat", "car"]},
+    {"image": "im3.png", "objects": ["cat", "tree", "sky", "car"]},
+    {"image": "im4.png", "objects": ["bird", "boat"]},  # 2 objects: not drawn
+]
+SEED = [("how many objects are there?", ("one", "two", "three", "four"), "B", "im1.png", 5),
+        ("what color is the circle?", ("red", "blue", "green", "yellow"), "A", "im2.png", 3),
+        ("where is the dog?", ("on the left", "on the right", "at the top", "in the middle"), "D",
+         "im3.png", 4)]
+SCENES = os.path.join(REPO, "checkpoints", "scenes_tiny")
+
+
+def _png(path, seed):
+  rng = np.random.default_rng(seed)
+  PIL.Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval")
+  hf = make_hf_llava(str(root / "hf"), logit_scale=8.0)
+  make_tiny_processor(str(root / "hf"))
+  convert(str(root / "hf"), str(root / "model"))  # in-process: no second interpreter start-up
+  images = root / "images"
+  (images / "images").mkdir(parents=True)
+  for i in range(1, 5):
+    _png(images / f"im{i}.png", i)
+  with open(root / "pope.jsonl", "w") as f:
+    f.writelines(json.dumps(a) + "\n" for a in ANNOTATIONS)
+  questions = [{"answer": ans, **{f"choice_{c}": o for c, o in zip("abcd", opts)}, "data_id": im,
+                "data_type": "image", "question": q, "question_id": str(100 + i), "question_type_id": t}
+               for i, (q, opts, ans, im, t) in enumerate(SEED)]
+  questions.append({**questions[0], "data_type": "video", "question_id": "v1", "question_type_id": 10})
+  (root / "seed.json").write_text(json.dumps({"questions": questions, "question_type": {
+      "Instance Attributes": 3, "Instance Location": 4, "Instances Counting": 5}}))
+  buf = io.BytesIO()
+  PIL.Image.open(images / "im1.png").save(buf, format="PNG")
+  b64 = base64.b64encode(buf.getvalue()).decode()
+  rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"],
+          ["1", "what color is the circle?", "nan", "red", "blue", "green", "yellow", "B", "attribute",
+           b64],
+          ["2", "is there a dog?", "look at the image", "yes", "no", "nan", "", "A", "existence", "1"]]
+  (root / "mmb.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
+  with open(root / "images" / "questions.jsonl", "w") as f:
+    for qid, im in ((0, "im1.png"), (1, "im2.png")):
+      f.write(json.dumps({"question_id": qid, "image": im, "text": "describe the image",
+                          "category": "detail"}) + "\n")
+  for i in (1, 2):
+    _png(images / "images" / f"im{i}.png", i)
+  workdir = root / "w"
+  cmd = [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
+         "--config.stages=eval", f"--config.eval.checkpoint={root / 'model'}",
+         "--config.eval.benchmarks=pope,seed,mmbench,llava_bench",
+         f"--config.eval.pope_annotations={root / 'pope.jsonl'}", f"--config.eval.pope_images={images}",
+         f"--config.eval.seed_bench_json={root / 'seed.json'}", f"--config.eval.seed_bench_images={images}",
+         f"--config.eval.mmbench_tsv={root / 'mmb.tsv'}", f"--config.eval.llava_bench_dir={images}",
+         "--config.eval.max_new_tokens=3", "--config.eval.long_max_new_tokens=3",
+         "--config.data.eval_batch_size=8"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return dict(root=root, hf=hf, images=images, model=str(root / "model"), proc=proc, workdir=workdir)
+
+
+def _parts(directory):
+  rows = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("part-") and name.endswith(".jsonl") and "rejected" not in name:
+      with open(os.path.join(directory, name)) as f:
+        rows += [json.loads(line) for line in f if line.strip()]
+  return rows
+
+
+def test_eval_stage_tiny_checkpoint(corpus):
+  proc, w = corpus["proc"], corpus["workdir"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.load(open(w / "metrics.json"))["eval"]
+  assert metrics["checkpoint"] == corpus["model"]
+
+  # POPE: 3 eligible images x (3 yes + 3 no) per split; metrics are those of the answers written.
+  p = metrics["pope"]
+  assert p["source"] == "annotations" and p["objects_per_image"] == 3
+  f1s = []
+  for split in pope.SPLITS:
+    rows = _parts(w / "eval" / f"pope_{split}")
+    assert len(rows) == 18 and [r["label"] for r in rows].count("yes") == 9
+    assert {r["image"] for r in rows} == {"im1.png", "im2.png", "im3.png"}
+    want = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows], [r["label"] for r in rows])
+    assert p[split] == want
+    f1s.append(want["f1"])
+    with open(w / "eval" / "pope" / f"annotations_pope_{split}.json") as f:
+      official = [json.loads(line) for line in f]
+    assert [q["text"] for q in official] == [r["text"] for r in rows]
+  assert p["mean_f1"] == pytest.approx(sum(f1s) / 3)
+
+  # SEED (image questions only) by option likelihood = transformers' mean answer log-prob.
+  seed_rows = _parts(w / "eval" / "seed")
+  assert [r["id"] for r in seed_rows] == ["100", "101", "102"]
+  builder = PromptBuilder(load_processor(corpus["model"]))
+  correct = 0
+  for row, (question, options, answer, image, _) in zip(seed_rows, SEED):
+    ids, pixels = builder.encode_prompt(question, load_image(str(corpus["images"] / image)))
+    want = [float(np.mean(torch_answer_logprobs(corpus["hf"], ids, builder.encode_answer(o),
+                                                pixels)[0])) for o in options]
+    np.testing.assert_allclose(row["scores"], want, atol=1e-3)
+    assert row["predictions"][0] == int(np.argmax(want))
+    correct += "ABCD"[int(np.argmax(want))] == answer
+  assert metrics["seed"]["n"] == 3 and metrics["seed"]["overall"] == pytest.approx(100 * correct / 3)
+  assert metrics["seed"]["mode"] == "loglik"
+
+  # MMBench: 4 and 2 options (row 2 reuses row 1's image), CircularEval over the rotations.
+  mmb = _parts(w / "eval" / "mmbench")
+  assert [len(r["targets"]) for r in mmb] == [4, 2] and mmb[0]["targets"] == [1, 0, 3, 2]
+  right = [r["predictions"] == r["targets"] for r in mmb]
+  assert metrics["mmbench"]["overall"] == pytest.approx(50.0 * sum(right))
+  assert metrics["mmbench"]["circular"] is True
+
+  # LLaVA-Bench: LLaVA's answer-file format.
+  with open(w / "eval" / "llava_bench_answers.jsonl") as f:
+    answers = [json.loads(line) for line in f]
+  assert [a["question_id"] for a in answers] == [0, 1]
+  assert all(a["prompt"] == "describe the image" and a["model_id"] == "model" for a in answers)
+  assert metrics["llava_bench"]["n"] == 2
+
+  # The printed Table-1 row.
+  table = (w / "eval" / "table.txt").read_text()
+  assert table in proc.stdout
+  header, row = table.splitlines()[:2]
+  assert header.split() == ["Method", "SEED", "LLaVA^W", "MMB", "POPE"]
+  assert row.split() == ["model", f"{metrics['seed']['overall']:.1f}", "judge",
+                         f"{metrics['mmbench']['overall']:.1f}", f"{100 * p['mean_f1']:.1f}"]
+  assert metrics["table"]["POPE"] == f"{100 * p['mean_f1']:.1f}"
+  assert not math.isnan(p["mean_accuracy"])
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SCENES, "c3l_model.json")),
+                    reason="the shipped scenes checkpoint (checkpoints/scenes_tiny) is not built yet")
+def test_eval_stage_shipped_scenes_checkpoint(tmp_path):
+  """POPE on the scenes world's held-out split (objects from its annotations; 2 + 2 per image)."""
+  cmd = [sys.executable, "launch.py", "--config=configs/scenes_demo.py", f"--workdir={tmp_path / 'w'}",
+         "--config.stages=eval", "--config.data.source=scenes", "--config.data.scenes_images=40",
+         f"--config.data.tfds_dir={tmp_path / 'tfds'}", "--config.eval.pope_num_images=4",
+         "--config.eval.max_new_tokens=4", "--config.data.eval_batch_size=8"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  p = json.load(open(tmp_path / "w" / "metrics.json"))["eval"]["pope"]
+  assert p["source"] == "scenes" and p["objects_per_image"] == 2
+  for split in pope.SPLITS:
+    rows = _parts(tmp_path / "w" / "eval" / f"pope_{split}")
+    assert len(rows) == 4 * 4 and p[split]["n"] == 16
+    shapes = {"circle", "square", "triangle", "star", "cross"}
+    assert all(r["object"] in shapes for r in rows)
+  assert "POPE" in proc.stdout and (tmp_path / "w" / "eval" / "table.txt").exists()
