@@ -63,7 +63,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Instruction types and their proportions (normalised).
   config.generation.instruction_mix = "conversation=0.5,detailed_description=0.25,complex_reasoning=0.25"
   config.generation.caption_max_new_tokens = 64  # step 1 of two_step
-  config.generation.shard_size = 64  # images per output shard (the unit of resumption)
+  config.generation.shard_size = 64  # images (initial) / samples (final) per output shard
+  config.generation.score_final = True  # the final stage scores its data's S(I2C) with the base model
   config.generation.max_new_tokens = 256
   config.generation.temperature = 0.0  # 0 = greedy
   config.generation.top_p = 1.0
@@ -127,5 +128,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.max_items = 0  # questions per benchmark (per POPE split); 0 = all
   config.eval.max_new_tokens = 128  # POPE answers and generated letters
   config.eval.long_max_new_tokens = 1024  # LLaVA-Bench answers
+
+  # The `ablation` stage (the paper's Table 4): each row's data fine-tunes a fresh copy of the base
+  # model (VLIT) for `vlit_steps`, then `benchmarks` evaluate it.
+  config.ablation = ml_collections.ConfigDict()
+  config.ablation.vlit_steps = 100
+  config.ablation.vlit_learning_rate = 1e-4
+  config.ablation.benchmarks = "pope"
 
   return config

@@ -6,6 +6,9 @@ reference; a run killed with SIGKILL at several points and resumed must export t
 
 from __future__ import annotations
 
+import base64
+import html.parser
+import io
 import json
 import os
 import signal
@@ -13,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import PIL.Image
 import pytest
 
 import pipeline_world as pw
@@ -29,6 +33,17 @@ def _cmd(world, workdir, *extra):
           "--config.generation.num_final=8", "--config.scoring.shard_size=4",
           "--config.train.steps=4", "--config.train.checkpoint_every=1", "--config.select.top_fraction=0.5",
           *extra]
+
+
+class _Tags(html.parser.HTMLParser):
+  def __init__(self):
+    super().__init__()
+    self.images, self.rects = [], 0
+
+  def handle_starttag(self, tag, attrs):
+    if tag == "img":
+      self.images.append(dict(attrs)["src"])
+    self.rects += tag == "rect"
 
 
 def _env(cache_dir):
@@ -98,6 +113,18 @@ def test_pipeline_end_to_end_exports_llava_json(world, reference):
   assert stats["avg_question_words"] == pytest.approx(sum(map(len, questions)) / len(data), abs=1e-4)
   assert stats["avg_answer_words"] == pytest.approx(sum(map(len, answers)) / len(data), abs=1e-4)
   assert sum(stats["instruction_types"].values()) == len(data)
+
+  # report.html is self-contained: every image is an inlined PNG that decodes, the histogram has its
+  # bars, and nothing points outside the file. (Headless Chromium is not available to the tests.)
+  text = open(os.path.join(reference, "report.html"), encoding="utf-8").read()
+  tags = _Tags()
+  tags.feed(text)
+  assert len(tags.images) == 2 * min(6, len(_parts(reference, "score")))  # best + worst samples
+  for src in tags.images:
+    assert src.startswith("data:image/png;base64,")
+    PIL.Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+  assert tags.rects == 30
+  assert "https://" not in text and "http://" not in text.replace("http://www.w3.org/2000/svg", "")
 
 
 def test_bad_inputs_are_quarantined_with_reasons_and_counts_add_up(world, reference):

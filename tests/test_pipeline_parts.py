@@ -159,3 +159,40 @@ def test_scenes_source_serves_the_world(tmp_path):
   assert scenes.Scene.from_json(items[2].annotation) == world[2]
   np.testing.assert_array_equal(np.asarray(source.load(items[2].image)),
                                 np.asarray(scenes.render(world[2])))
+
+
+def test_roc_auc_by_hand():
+  from c3l_jax.eval.scenes_quality import roc_auc
+
+  assert roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+  assert roc_auc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+  # positives {0.5, 0.3}, negatives {0.5, 0.1}: pairs (0.5>0.1)=1, (0.5=0.5)=1/2, (0.3>0.1)=1,
+  # (0.3<0.5)=0 -> 2.5 / 4.
+  assert roc_auc([0.5, 0.3, 0.5, 0.1], [True, True, False, False]) == 0.625
+  assert roc_auc([0.5, 0.3], [True, True]) is None
+
+
+def test_dataset_quality_on_a_hand_made_scene():
+  from c3l_jax.data import scenes
+  from c3l_jax.eval.scenes_quality import dataset_quality
+
+  scene = scenes.Scene(image_id=0, file_name="s.png", background="black", theme="none", objects=[
+      scenes.SceneObject("circle", "red", "large", 0.2, 0.2),
+      scenes.SceneObject("square", "blue", "small", 0.8, 0.8)])
+  rows = [
+      {"image": "s.png", "question": "What colour is the circle?", "answer": "red", "i2c": 2.0},
+      {"image": "s.png", "question": "What colour is the square?", "answer": "green", "i2c": 1.5},
+      {"image": "s.png", "question": "What colour is the star?", "answer": "yellow", "i2c": 0.4},
+      {"image": "s.png", "question": "How many sides does a triangle have?", "answer": "three",
+       "i2c": 0.1},
+  ]
+  q = dataset_quality(rows, lambda image: scene)
+  verdicts = [scenes.check(scene, r["question"], r["answer"]) for r in rows]
+  assert [v.image_dependent for v in verdicts][:2] == [True, True] and not verdicts[3].image_dependent
+  assert verdicts[2].hallucinated == ["star"]
+  dependent = [v.image_dependent for v in verdicts]
+  assert q["relevance"] == pytest.approx(sum(dependent) / 4)
+  assert q["hallucination"] == 0.25
+  assert q["avg_question_words"] == pytest.approx((5 + 5 + 5 + 7) / 4)
+  assert q["mean_i2c"] == pytest.approx(1.0)
+  assert 0 <= q["accuracy"] <= 0.5  # the green square is wrong; the star cannot be right

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 from absl import logging
 
 STAGE_ORDER: tuple[str, ...] = (
-    "pretrain", "initial", "filter", "score", "select", "train", "final", "export", "eval")
+    "pretrain", "initial", "filter", "score", "select", "train", "final", "export", "eval",
+    "ablation")
 # Stages that never load the model; every other stage needs `config.model.checkpoint`.
 MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export", "pretrain"})
 
@@ -60,6 +61,8 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "generation.per_image": (1, True, math.inf, False),
     "generation.caption_max_new_tokens": (1, True, math.inf, False),
     "generation.shard_size": (1, True, math.inf, False),
+    "ablation.vlit_steps": (1, True, math.inf, False),
+    "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.scenes_images": (1, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),

@@ -6,6 +6,9 @@ stage has not run) and writes
                                 "<image>\\n{question}"}, {"from": "gpt", "value": "{answer}"}]}, ...]
   WORKDIR/export/stats.json     Table-2 statistics: instances, images, average question / answer length
                                 in words (whitespace-separated, as the paper counts), per-type counts.
+  WORKDIR/report.html           counts, S(I2C) histogram, best / worst scored samples with their images
+                                (`c3l_jax.eval.report`); on the scenes world also the data quality
+                                (`c3l_jax.eval.scenes_quality`), printed as a table too.
 Both are deterministic functions of the input records (no timestamps), so an interrupted and resumed
 run exports the same bytes as an uninterrupted one.
 """
@@ -18,6 +21,7 @@ import os
 from typing import Any, Sequence
 
 from c3l_jax.data.records import BadInput
+from c3l_jax.data.sources import source_kind
 from c3l_jax.pipeline import common, shards
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -65,7 +69,58 @@ def run(config: Any, workdir: str) -> dict:
     _dump(os.path.join(out_dir, "c3l_vlit.json"), llava)
     _dump(os.path.join(out_dir, "stats.json"), stats)
   common.sync("export:done")
-  return {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
+  metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
+  if source_kind(config) == "scenes":
+    metrics["quality"] = scenes_data_quality(config, workdir, rows if where == "final" else [])
+    if common.is_lead():
+      print(quality_table(metrics["quality"]))
+  if common.is_lead():
+    write_report(config, workdir, metrics)
+  return metrics
+
+
+def write_report(config: Any, workdir: str, export_metrics: dict) -> None:
+  """WORKDIR/report.html from the metrics so far and the scored initial data."""
+  from c3l_jax.data.sources import open_source
+  from c3l_jax.eval.report import build_report
+
+  metrics = {}
+  path = os.path.join(workdir, "metrics.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      metrics = json.load(f)
+  metrics["export"] = export_metrics
+  scored = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
+      else []
+  source = open_source(config)
+  text = build_report(metrics, scored, source.load, export_metrics.get("quality"))
+  tmp = os.path.join(workdir, "report.html.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, os.path.join(workdir, "report.html"))
+
+
+def scenes_data_quality(config: Any, workdir: str, final_rows: Sequence[dict]) -> dict:
+  """Checker-based quality of the initial (scored) data and of the final data (scenes world only)."""
+  from c3l_jax.data.sources import open_source
+  from c3l_jax.eval.scenes_quality import dataset_quality, scene_lookup
+
+  scene_of = scene_lookup(open_source(config))
+  initial = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
+      else []
+  return {"initial": dataset_quality(initial, scene_of), "final": dataset_quality(final_rows, scene_of)}
+
+
+def quality_table(quality: dict) -> str:
+  """The demo's summary: initial vs final data, one metric per line."""
+  names = ("instances", "relevance", "accuracy", "hallucination", "avg_question_words",
+           "avg_answer_words", "mean_i2c", "i2c_auc")
+  fmt = lambda v: "-" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}")  # noqa: E731
+  lines = [f"{'':20s} {'initial':>10s} {'final':>10s}"]
+  for name in names:
+    lines.append(f"{name:20s} {fmt(quality['initial'].get(name)):>10s} "
+                 f"{fmt(quality['final'].get(name)):>10s}")
+  return "\n".join(lines)
 
 
 __all__ = ["run", "statistics", "to_llava"]

@@ -6,7 +6,9 @@ image + VIGC instruction -> "Question: ... Answer: ..."), cycling over the sourc
 `data.max_images`) with instruction types drawn from `generation.instruction_mix`. The outputs go
 through the same basic filter as the initial data (`c3l_jax.pipeline.filter`); what it rejects, and
 images that cannot be loaded, are in `WORKDIR/final/rejected.jsonl`. Shards of
-`generation.shard_size` samples; per-shard seeds make a resumed run write the same bytes.
+`generation.shard_size` samples; per-shard seeds make a resumed run write the same bytes. With
+`generation.score_final` (default) the kept samples get S(I2C) under the base model
+(`config.model.checkpoint`), comparable with the initial data's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from c3l_jax.data import instructions as ins
 from c3l_jax.data.records import BadInput
 from c3l_jax.data.sources import open_source
 from c3l_jax.pipeline import common, initial, shards
+from c3l_jax.pipeline import score as score_stage
 from c3l_jax.pipeline.filter import filter_rows
 
 
@@ -47,16 +50,23 @@ def run(config: Any, workdir: str) -> dict:
   checkpoint = generator_checkpoint(config, workdir)
   metrics = initial.run_generation(config, workdir, "final", chunks, config.generation.final_mode,
                                    checkpoint, upfront, read=len(items) + len(upfront))
-  # The basic filter, per shard (duplicates are looked for within an image and shard).
+  # The basic filter, then S(I2C) under the base model (comparable with the initial data's), per shard.
   stage_dir = os.path.join(workdir, "final")
   filtered_dir = os.path.join(stage_dir, "filtered")
-  kept = 0
-  for index in range(len(chunks)):
-    if common.is_lead() and not shards.is_done(filtered_dir, index):
-      rows, rejected = filter_rows(shards.read_part(shards.part_path(stage_dir, index)), config.filter)
-      shards.write_shard(filtered_dir, index, rows, rejected)
-    kept += shards.read_shard_counts(filtered_dir, index)[0] if common.is_lead() else 0
+  scorer = None
+  for index in common.my_shards(range(len(chunks))):
+    if shards.is_done(filtered_dir, index):
+      continue
+    rows, rejected = filter_rows(shards.read_part(shards.part_path(stage_dir, index)), config.filter,
+                                 config.strict)
+    if config.generation.score_final and rows:
+      if scorer is None:
+        scorer = score_stage.make_scorer(config)
+      rows, unscorable = score_stage.score_chunk(config, rows, *scorer)
+      rejected += unscorable
+    shards.write_shard(filtered_dir, index, rows, rejected)
   common.sync("final:filtered")
+  kept = sum(shards.read_shard_counts(filtered_dir, i)[0] for i in range(len(chunks)))
   filtered_out = shards.gather_rejected(filtered_dir, ()) if common.is_lead() else 0
   metrics.update(generator=checkpoint, kept=kept, filtered_out=filtered_out)
   return metrics

@@ -38,18 +38,12 @@ def run(config: Any, workdir: str) -> dict:
   todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
 
   if todo:
-    inf = common.Inference(config)
-    scorer = scoring.Scorer(
-        inf.model, inf.mesh,
-        scoring.ScoringConfig(mode=config.scoring.mode, length_norm=config.scoring.length_norm,
-                              prefix_sharing=config.scoring.prefix_sharing,
-                              batch_rows=config.scoring.batch_size),
-        inf.model.cfg.image_token_id, inf.builder.pad_id)
+    inf, scorer = make_scorer(config)
     bar = tqdm.tqdm(total=sum(len(chunks[i]) for i in todo), desc="score", unit="rec")
     tokens = 0
     start = time.perf_counter()
     for index in todo:
-      rows, rejected = _score_chunk(config, chunks[index], inf, scorer)
+      rows, rejected = score_chunk(config, chunks[index], inf, scorer)
       shards.write_shard(stage_dir, index, rows, rejected)
       tokens += sum(r["n_tokens"] for r in rows)
       bar.update(len(chunks[index]))
@@ -62,7 +56,19 @@ def run(config: Any, workdir: str) -> dict:
   return {"read": len(records) + len(upfront), "written": written, "rejected": n_rejected}
 
 
-def _score_chunk(config, chunk, inf: common.Inference, scorer: scoring.Scorer):
+def make_scorer(config: Any) -> tuple[common.Inference, scoring.Scorer]:
+  """The base model (`config.model.checkpoint`) on this process's devices, and its scorer."""
+  inf = common.Inference(config)
+  return inf, scoring.Scorer(
+      inf.model, inf.mesh,
+      scoring.ScoringConfig(mode=config.scoring.mode, length_norm=config.scoring.length_norm,
+                            prefix_sharing=config.scoring.prefix_sharing,
+                            batch_rows=config.scoring.batch_size),
+      inf.model.cfg.image_token_id, inf.builder.pad_id)
+
+
+def score_chunk(config: Any, chunk: list[dict], inf: common.Inference, scorer: scoring.Scorer
+                ) -> tuple[list[dict], list[dict]]:
   """Encode (quarantining bad images / over-long sequences) and score one shard's records."""
   rejected, keep, items, pixels = [], [], [], {}
   builder, max_len = inf.builder, inf.max_len
@@ -90,4 +96,4 @@ def _score_chunk(config, chunk, inf: common.Inference, scorer: scoring.Scorer):
   return rows, rejected
 
 
-__all__ = ["run"]
+__all__ = ["make_scorer", "run", "score_chunk"]

@@ -1,0 +1,125 @@
+"""Ground-truth quality of generated QA data in the synthetic scenes world (issue 6's scientific check).
+
+For every QA record, `c3l_jax.data.scenes.check` against the record's scene gives: is it
+image-dependent, is it correct, which absent objects it mentions. Over a dataset:
+
+  relevance      fraction of QA that are image-dependent
+  accuracy       fraction of image-dependent QA whose correctness can be decided that are correct
+  hallucination  fraction of QA mentioning an object absent from the scene
+  avg_question_words / avg_answer_words   whitespace words, as Table 2 of the paper
+  mean_i2c       mean S(I2C) (records scored with the base model)
+  i2c_auc        ROC-AUC of S(I2C) for telling image-dependent from image-independent QA
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from c3l_jax.data import scenes
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+  """Area under the ROC curve: P(score of a random positive > a random negative), ties count 1/2.
+
+  None when one class is empty. Computed with average ranks (the Mann-Whitney U statistic).
+  """
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels, bool)
+  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+  if n_pos == 0 or n_neg == 0:
+    return None
+  order = np.argsort(scores, kind="mergesort")
+  ranks = np.empty(len(scores), np.float64)
+  sorted_scores = scores[order]
+  i = 0
+  while i < len(scores):  # average ranks over ties
+    j = i
+    while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+      j += 1
+    ranks[order[i:j + 1]] = (i + j) / 2 + 1
+    i = j + 1
+  u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+  return float(u / (n_pos * n_neg))
+
+
+def dataset_quality(rows: Sequence[dict], scene_of: Callable[[str], scenes.Scene]) -> dict:
+  """The metrics above for QA `rows` (`image`, `question`, `answer`, optional `i2c`)."""
+  if not rows:
+    return {"instances": 0}
+  verdicts = [scenes.check(scene_of(r["image"]), r["question"], r["answer"]) for r in rows]
+  dependent = [v.image_dependent for v in verdicts]
+  decided = [v.correct for v in verdicts if v.image_dependent and v.correct is not None]
+  out = {
+      "instances": len(rows),
+      "relevance": float(np.mean(dependent)),
+      "accuracy": float(np.mean(decided)) if decided else None,
+      "hallucination": float(np.mean([bool(v.hallucinated) for v in verdicts])),
+      "avg_question_words": float(np.mean([len(r["question"].split()) for r in rows])),
+      "avg_answer_words": float(np.mean([len(r["answer"].split()) for r in rows])),
+  }
+  scored = [(r["i2c"], d) for r, d in zip(rows, dependent) if isinstance(r.get("i2c"), (int, float))]
+  if scored:
+    out["mean_i2c"] = float(np.mean([s for s, _ in scored]))
+    out["i2c_auc"] = roc_auc([s for s, _ in scored], [d for _, d in scored])
+  return out
+
+
+def scene_lookup(source) -> Callable[[str], scenes.Scene]:
+  """`image key -> Scene` over a scenes `ImageSource` (its tfds elements carry the annotation)."""
+  cache: dict[str, scenes.Scene] = {}
+
+  def scene_of(image: str) -> scenes.Scene:
+    if image not in cache:
+      cache[image] = scenes.Scene.from_json(source.element(image)["annotation"])
+    return cache[image]
+
+  return scene_of
+
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA suffix
+
+
+def vqa_questions(items: Sequence, seed: int, per_image: int = 2) -> list[dict]:
+  """Grounded VQA over held-out scenes: `per_image` questions per `ImageItem` (kinds cycle), seeded."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for item in items:
+    scene = scenes.Scene.from_json(item.annotation)
+    for k in range(per_image):
+      kind = scenes.QA_KINDS[(len(out) + k) % len(scenes.QA_KINDS)]
+      question, answer = scenes.grounded_qa(scene, rng, kind)
+      out.append({"image": item.image, "question": question, "reference": answer, "scene": scene})
+  return out
+
+
+def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8) -> dict:
+  """Accuracy of the model's short answers to grounded questions, judged by `scenes.check`.
+
+  `inf` is a `c3l_jax.pipeline.common.Inference` whose source is the scenes world (use the `val` split
+  for held-out scenes). An answer counts as right when the checker says it is correct for the scene.
+  """
+  import jax
+
+  items, _ = inf.source.items(limit)
+  questions = vqa_questions(items, seed)
+  prompts, pixels = [], []
+  for q in questions:
+    ids, px = inf.builder.encode_prompt(q["question"] + SHORT_ANSWER, inf.source.load(q["image"]))
+    prompts.append(ids)
+    pixels.append(px)
+  keys = jax.random.split(jax.random.key(seed), len(prompts))
+  answers, _ = inf.generate(prompts, pixels, keys, max_new_tokens)
+  verdicts = [scenes.check(q["scene"], q["question"], a) for q, a in zip(questions, answers)]
+  by_kind: dict[str, list[bool]] = {}
+  for q, v in zip(questions, verdicts):
+    by_kind.setdefault(scenes.check(q["scene"], q["question"], q["reference"]).kind, []).append(
+        v.correct is True)
+  return {"questions": len(questions),
+          "accuracy": float(np.mean([v.correct is True for v in verdicts])) if verdicts else None,
+          "hallucination": float(np.mean([bool(v.hallucinated) for v in verdicts])) if verdicts else None,
+          "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
+
+
+__all__ = ["dataset_quality", "roc_auc", "scene_lookup", "scenes_vqa", "vqa_questions"]
