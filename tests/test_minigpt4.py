@@ -222,8 +222,7 @@ def test_score_stage_matches_torch(world, tmp_path):
                              for i, im, q, a in RECORDS))
   cmd = [sys.executable, "launch.py", "--config=configs/minigpt4.py:tiny", f"--workdir={tmp_path / 'w'}",
          "--config.stages=score", f"--config.model.checkpoint={world['model_dir']}",
-         f"--config.data.records={records}", f"--config.data.image_root={world['images']}",
-         "--config.scoring.shard_size=3"]
+         f"--config.data.records={records}", f"--config.data.image_root={world['images']}"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
