@@ -148,8 +148,9 @@ class Evaluator:
 
   def scorer(self) -> scoring.Scorer:
     if self._scorer is None:
-      self._scorer = scoring.Scorer(self.inf.model, self.inf.mesh,
-                                    scoring.ScoringConfig(batch_rows=self.config.scoring.batch_size),
+      cfg = scoring.ScoringConfig(batch_rows=self.config.data.eval_batch_size,
+                                  prefix_sharing=self.config.scoring.prefix_sharing)
+      self._scorer = scoring.Scorer(self.inf.model, self.inf.mesh, cfg,
                                     self.inf.model.cfg.image_token_id, self.inf.builder.pad_id)
     return self._scorer
 
