@@ -125,15 +125,20 @@ def run(config: Any, workdir: str) -> dict:
       if cfg.ce_weight:  # L_r on the top fraction, best first
         top = [r for r in rows if r["top_fraction"]]
         ce_examples = [encoded[r["id"]] for r in sorted(top, key=lambda r: -r["i2c"])]
-      if cfg.contrastive_weight:  # L_c per image: the positive first, then its negatives
-        grouped = [r for r in rows if r["role"] in ("positive", "negative")]
-        for positive, members in losses.select_groups([r["i2c"] for r in grouped],
-                                                      [r["image"] for r in grouped],
-                                                      config.train.max_negatives):
-          first = encoded[grouped[members[0]]["id"]]
+      if cfg.contrastive_weight:  # L_c per image: its positive first, then its negatives
+        by_image: dict[str, list[dict]] = {}
+        for r in rows:
+          if r["role"] in ("positive", "negative"):
+            by_image.setdefault(r["image"], []).append(r)
+        for members in by_image.values():
+          positives = [r for r in members if r["role"] == "positive"]
+          negatives = sorted((r for r in members if r["role"] == "negative"), key=lambda r: -r["i2c"])
+          if len(positives) != 1 or not negatives:
+            continue
+          chosen = positives + negatives[:config.train.max_negatives]
+          first = encoded[chosen[0]["id"]]
           groups.append({"prompt": first["prompt"], "pixels": first["pixels"],
-                         "samples": [encoded[grouped[m]["id"]]["sample"] for m in members],
-                         "positive": members.index(positive)})
+                         "samples": [encoded[r["id"]]["sample"] for r in chosen], "positive": 0})
         if not groups:
           raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
                          "(set --config.train.contrastive_weight=0 to train with CE only)")
