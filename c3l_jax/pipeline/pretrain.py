@@ -1,0 +1,481 @@
+"""The `pretrain` stage: a tiny LLaVA-1.5-architecture model trained from scratch on the scenes world.
+
+    python launch.py --config=configs/scenes_pretrain.py        # writes checkpoints/scenes_tiny
+
+This is how the shipped generator `checkpoints/scenes_tiny` (the default `model.checkpoint` of the
+scenes demo) is made; everything is a function of `config.seed` and `config.pretrain`:
+
+1. **Build.** The world's processor (`c3l_jax.data.scenes_model`: word-level tokenizer, CLIP image
+   processor at 64 px, LLaVA-1.5 chat template) and a random `transformers.LlavaForConditionalGeneration`
+   of the configured size, saved as a transformers checkpoint (WORKDIR/pretrain/hf) and converted with
+   `c3l_jax.convert` (WORKDIR/pretrain/base), exactly as a downloaded LLaVA would be.
+2. **Stage 1, CG-VLM alignment** (`train.objective = align`): the connector alone learns from captions
+   of rendered scenes: captioning CE plus the CG-VLM contrastive alignment between pooled projected
+   patches and the caption's token embeddings (`c3l_jax.train.alignment_term`).
+3. **Stage 2, instruction tuning** (CE; connector, decoder and vision tower): each step's batch is one
+   task, drawn with the configured weights. With the image: captions (`CAPTION_INSTRUCTIONS`),
+   VIGC "generate a question and answer it" samples (`VIGC_INSTRUCTIONS` -> `Question: q Answer: a`),
+   VQA (grounded questions; half with LLaVA's "Answer the question using a single word or phrase."
+   and a short answer), generic questions asked about an image. Text only: the two-step prompt
+   `qa_from_caption_prompt(caption, instruction)` -> `Question: q Answer: a`, and generic chat. In the
+   VIGC and QA-from-caption data a share `pretrain.p_generic` of the QA is generic (true for any
+   image, `scenes.generic_qa`): the language prior that C3L's content-relevance score should filter.
+4. **Export and measure.** The model is saved as a model directory (`export_generator`: params,
+   `c3l_model.json`, the processor files) and measured through the pipeline's own loading path
+   (`sharding.load_model`, `PromptBuilder(load_processor(...))`) on held-out scenes (`evaluate`): VQA
+   accuracy (with and without the image), POPE-style existence accuracy, how often VIGC and
+   QA-from-caption outputs parse as `Question: ... Answer: ...`, and among parsed QA the share that is
+   image-dependent / correct / hallucinating (`scenes.check`). The loss curves and these numbers go to
+   `training_metrics.json` in the model directory and to WORKDIR/metrics.json; the directory is then
+   copied to `pretrain.out`.
+
+Resumable: both training stages checkpoint under WORKDIR/pretrain/stage{1,2}/checkpoints (a rerun
+resumes; batches are pure functions of (seed, step)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from c3l_jax import sampling, sharding
+from c3l_jax import train as trainer_lib
+from c3l_jax.data import instructions as ins
+from c3l_jax.data import scenes
+from c3l_jax.data import scenes_model as sm
+from c3l_jax.data.batching import round_up
+from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
+from c3l_jax.data.records import BadInput
+
+IMAGE_TASKS = ("caption", "vigc", "vqa", "generic_image")  # mixed in the short image batches
+TEXT_TASKS = ("caption_qa", "chat")  # mixed in the text-only batches
+BATCH_KINDS = ("image", "detail", "text")  # detail: VIGC detailed_description samples (long)
+METRICS_FILE = "training_metrics.json"
+_SALT_STAGE1, _SALT_STAGE2, _SALT_EVAL = 11, 12, 13
+_SHORT_VIGC_TYPES = tuple(t for t in ins.INSTRUCTION_TYPES if t != "detailed_description")
+
+
+# ----------------------------------------------------------------------------------------- examples
+
+
+class ExampleMaker:
+  """Encodes training examples (prompt ids, target ids + EOS, pixels) through the model's own prompts.
+
+  Prompt ids of image prompts do not depend on the image (every scene has the same size), so they are
+  cached per text; pixels come from `pixels[scene_index]`.
+  """
+
+  def __init__(self, builder: PromptBuilder, world: Sequence[scenes.Scene], pixels: np.ndarray,
+               p_generic: float, p_short: float):
+    self.builder, self.world, self.pixels = builder, world, pixels
+    self.p_generic, self.p_short = p_generic, p_short
+    self._image = scenes.render(world[0])
+    self._cache: dict[tuple[str, bool], list[int]] = {}
+
+  def prompt(self, text: str, with_image: bool) -> list[int]:
+    key = (text, with_image)
+    if key not in self._cache:
+      self._cache[key] = self.builder.encode_prompt(text, self._image if with_image else None)[0]
+    return self._cache[key]
+
+  def target(self, text: str) -> list[int]:
+    return self.builder.encode_answer(text) + list(self.builder.eos_ids)
+
+  def example(self, task: str, index: int, rng: np.random.Generator) -> dict:
+    """One example of `task` for scene `index` (text-only tasks ignore the pixels)."""
+    scene = self.world[index]
+    px = self.pixels[index]
+    if task == "caption":
+      instruction = ins.CAPTION_INSTRUCTIONS[int(rng.integers(len(ins.CAPTION_INSTRUCTIONS)))]
+      caption = scenes.captions(scene, rng, 1)[0]
+      return {"prompt": self.prompt(instruction, True), "target": self.target(caption), "pixels": px}
+    if task in ("vigc", "vigc_detail"):
+      kind = ("detailed_description" if task == "vigc_detail" else
+              _SHORT_VIGC_TYPES[int(rng.integers(len(_SHORT_VIGC_TYPES)))])
+      q, a, _ = sm.vigc_qa(scene, kind, rng, self.p_generic)
+      return {"prompt": self.prompt(VIGC_INSTRUCTIONS[kind], True),
+              "target": self.target(vigc_target(q, a)), "pixels": px}
+    if task == "vqa":
+      q, a = sm.vqa_qa(scene, rng, self.p_short)
+      return {"prompt": self.prompt(q, True), "target": self.target(a), "pixels": px}
+    if task == "generic_image":
+      q, a = sm.generic_chat(rng)
+      return {"prompt": self.prompt(q, True), "target": self.target(a), "pixels": px}
+    if task == "caption_qa":
+      kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
+      prompt, q, a, _ = sm.caption_qa(scene, kind, rng, self.p_generic)
+      return {"prompt": self.prompt(prompt, False), "target": self.target(vigc_target(q, a)),
+              "pixels": None}
+    if task == "chat":
+      q, a = sm.generic_chat(rng)
+      return {"prompt": self.prompt(q, False), "target": self.target(a), "pixels": None}
+    raise ValueError(f"unknown task {task!r}")
+
+
+def batch_schedule(p: Any, seed: int) -> Callable[[int], str]:
+  """`step -> batch kind` of stage 2 (a pure function of (seed, step)): every `text_every`-th step a
+  text-only batch, else a `detail` batch with probability `p_detail`, else a short image batch."""
+
+  def kind(step: int) -> str:
+    if p.text_every and step % p.text_every == p.text_every - 1:
+      return "text"
+    rng = np.random.default_rng([seed, _SALT_STAGE2, step, 0])
+    return "detail" if rng.random() < p.p_detail else "image"
+
+  return kind
+
+
+def stage2_batches(maker: ExampleMaker, p: Any, seed: int, pad_id: int
+                   ) -> tuple[Callable[[int], dict], Callable[[int], str]]:
+  """`step -> {"ce": batch}` and `step -> batch kind`.
+
+  Each batch is one kind, padded to that kind's fixed length (`seq_image`, `seq_detail`, `seq_text`:
+  three compiled shapes); its examples draw their scene uniformly and their task with the `w_*` weights.
+  """
+  schedule = batch_schedule(p, seed)
+  image_w = np.asarray([p.w_caption, p.w_vigc, p.w_vqa, p.w_generic_image], np.float64)
+  text_w = np.asarray([p.w_caption_qa, p.w_chat], np.float64)
+  lengths = {"image": p.seq_image, "detail": p.seq_detail, "text": p.seq_text}
+
+  def make(step: int) -> dict:
+    kind = schedule(step)
+    rng = np.random.default_rng([seed, _SALT_STAGE2, step, 1])
+    idx = rng.integers(len(maker.world), size=p.batch_size)
+    if kind == "image":
+      tasks = [IMAGE_TASKS[i] for i in rng.choice(len(IMAGE_TASKS), size=p.batch_size,
+                                                  p=image_w / image_w.sum())]
+    elif kind == "text":
+      tasks = [TEXT_TASKS[i] for i in rng.choice(len(TEXT_TASKS), size=p.batch_size,
+                                                 p=text_w / text_w.sum())]
+    else:
+      tasks = ["vigc_detail"] * p.batch_size
+    examples = [fit(maker.example(t, int(i), rng), lengths[kind]) for t, i in zip(tasks, idx)]
+    return {"ce": trainer_lib.ce_batch(examples, pad_id, bucket=lengths[kind])}
+
+  return make, schedule
+
+
+def fit(example: dict, length: int) -> dict:
+  """Cut an example's target so that prompt + target fit in `length` tokens (a fixed batch shape)."""
+  room = length - len(example["prompt"])
+  if room < 1:
+    raise BadInput(f"a prompt of {len(example['prompt'])} tokens does not fit the batch length {length}")
+  return {**example, "target": example["target"][:room]}
+
+
+def stage1_examples(maker: ExampleMaker, seed: int) -> list[dict]:
+  """One captioning example per scene, with the caption's token ids for the alignment loss."""
+  examples = []
+  for i in range(len(maker.world)):
+    rng = np.random.default_rng([seed, _SALT_STAGE1, i])
+    ex = maker.example("caption", i, rng)
+    ex["caption"] = ex["target"][:-len(maker.builder.eos_ids) or None]
+    examples.append(ex)
+  return examples
+
+
+# --------------------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+  """Generation through the pipeline's loading path (a model directory) for the quality numbers."""
+
+  def __init__(self, model_dir: str, mesh: jax.sharding.Mesh, batch_size: int = 32,
+               prompt_bucket: int = 128):
+    self.model = sharding.load_model(model_dir, mesh)
+    self.builder = PromptBuilder(load_processor(model_dir), self.model.cfg.image_token_id,
+                                 self.model.cfg.image_seq_length)
+    self.mesh = mesh
+    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    self.batch_size = round_up(batch_size, shards)
+    self.prompt_bucket = prompt_bucket
+
+  def generate(self, prompts: Sequence[str], images: Sequence[Any] | None, max_new_tokens: int,
+               temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Texts for chat prompts `prompts` (each with `images[i]`, or all text-only when None)."""
+    encoded = [self.builder.encode_prompt(p, None if images is None else images[i])
+               for i, p in enumerate(prompts)]
+    cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  eos_ids=self.builder.eos_ids, pad_id=self.builder.pad_id)
+    out: list[str] = []
+    b = self.batch_size
+    for start in range(0, len(encoded), b):
+      chunk = encoded[start:start + b]
+      real = len(chunk)
+      chunk = chunk + [chunk[0]] * (b - real)
+      tokens, mask = sampling.pad_prompts([c[0] for c in chunk], self.prompt_bucket, self.builder.pad_id)
+      batch = {"tokens": tokens, "mask": mask}
+      if images is not None:
+        batch["pixels"] = np.stack([c[1] for c in chunk])
+      batch = sharding.shard_batch(batch, self.mesh)
+      keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), start), b)
+      toks, lengths = sampling.generate(self.model, batch["tokens"], batch["mask"], batch.get("pixels"),
+                                        cfg, keys)
+      out += sampling.decode_texts(self.builder.tokenizer, toks[:real], lengths[:real])
+    return out
+
+
+def _rate(flags: Sequence[bool]) -> float | None:
+  return round(float(np.mean(flags)), 4) if len(flags) else None
+
+
+def qa_quality(world: Sequence[scenes.Scene], texts: Sequence[str]) -> dict:
+  """Parse rate of "Question: ... Answer: ..." outputs, and among parsed ones (`scenes.check`): the share
+  image-dependent, generic, correct (of the decidable image-dependent ones) and hallucinating."""
+  parsed, dependent, correct, hallucinated = [], [], [], []
+  for scene, text in zip(world, texts):
+    qa = ins.parse_qa(text)
+    parsed.append(qa is not None)
+    if qa is None:
+      continue
+    v = scenes.check(scene, qa[0], qa[1])
+    dependent.append(v.image_dependent)
+    if v.image_dependent and v.correct is not None:
+      correct.append(bool(v.correct))
+    hallucinated.append(bool(v.hallucinated))
+  return {"n": len(texts), "parsed": _rate(parsed), "image_dependent": _rate(dependent),
+          "generic": None if not dependent else round(1 - float(np.mean(dependent)), 4),
+          "correct": _rate(correct), "hallucinated": _rate(hallucinated)}
+
+
+def vqa_questions(world: Sequence[scenes.Scene], seed: int) -> tuple[list[tuple[int, str, str]],
+                                                                     list[tuple[int, str, bool]]]:
+  """Held-out VQA: one grounded question per scene and kind (`(scene, question, kind)`), and POPE-style
+  existence questions, one present and one absent shape per scene (`(scene, shape, exists)`)."""
+  vqa, pope = [], []
+  for i, scene in enumerate(world):
+    rng = np.random.default_rng([seed, _SALT_EVAL, i])
+    for kind in scenes.QA_KINDS:
+      q, _ = scenes.grounded_qa(scene, rng, kind)
+      vqa.append((i, q, kind))
+    present = scenes.object_names(scene)
+    absent = [s for s in scenes.SHAPES if s not in present]
+    pope.append((i, present[int(rng.integers(len(present)))], True))
+    if absent:
+      pope.append((i, absent[int(rng.integers(len(absent)))], False))
+  return vqa, pope
+
+
+def evaluate(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.Mesh, seed: int = 0,
+             batch_size: int = 32, max_new_tokens: int = 128, sample: bool = False) -> dict:
+  """Quality numbers of a model directory on `world` (scenes it was not trained on).
+
+  Every generation uses the same batch size, prompt length (128) and `max_new_tokens`, so there are
+  two compiled shapes (with and without the image) per decoding mode: greedy, and with `sample`
+  temperature-1 sampling too.
+  """
+  ev = Evaluator(model_dir, mesh, batch_size)
+  images = [scenes.render(s) for s in world]
+  out: dict[str, Any] = {"eval_scenes": len(world)}
+  start = time.perf_counter()
+
+  # VQA with LLaVA's short-answer suffix, with and without the image (the blind score is the prior).
+  vqa, pope = vqa_questions(world, seed)
+  prompts = [f"{q} {sm.SHORT_ANSWER_SUFFIX}" for _, q, _ in vqa]
+  for name, imgs in (("vqa", [images[i] for i, _, _ in vqa]), ("vqa_blind", None)):
+    answers = ev.generate(prompts, imgs, max_new_tokens)
+    verdicts = [scenes.check(world[i], q, a) for (i, q, _), a in zip(vqa, answers)]
+    by_kind = {k: _rate([v.correct is True for (_, _, kk), v in zip(vqa, verdicts) if kk == k])
+               for k in scenes.QA_KINDS}
+    out[name] = {"accuracy": _rate([v.correct is True for v in verdicts]), "by_kind": by_kind}
+    if name == "vqa":
+      out[name]["examples"] = [{"question": q, "answer": a} for (_, q, _), a in
+                               list(zip(vqa, answers))[:8]]
+  pope_prompts = [f"Is there a {s} in the image? {sm.SHORT_ANSWER_SUFFIX}" for _, s, _ in pope]
+  answers = ev.generate(pope_prompts, [images[i] for i, _, _ in pope], max_new_tokens)
+  said_yes = [a.strip().lower().startswith("yes") for a in answers]
+  out["pope"] = {"n": len(pope), "accuracy": _rate([y == e for y, (_, _, e) in zip(said_yes, pope)]),
+                 "yes_ratio": _rate(said_yes), "chance": 0.5}
+
+  # Captions (with the image), judged as descriptions.
+  instruction = ins.CAPTION_INSTRUCTIONS[0]
+  caps = ev.generate([instruction] * len(world), images, max_new_tokens)
+  verdicts = [scenes.check(s, "Describe the image.", c) for s, c in zip(world, caps)]
+  out["caption"] = {"correct": _rate([v.correct is True for v in verdicts]),
+                    "hallucinated": _rate([bool(v.hallucinated) for v in verdicts]),
+                    "examples": caps[:4]}
+
+  # VIGC ("direct") generation per instruction type, greedy and sampled (temperature 1).
+  modes = [("greedy", 0.0)] + ([("sampled", 1.0)] if sample else [])
+  for mode, temperature in modes:
+    per_type = {}
+    all_texts, all_scenes = [], []
+    for kind in ins.INSTRUCTION_TYPES:
+      texts = ev.generate([VIGC_INSTRUCTIONS[kind]] * len(world), images, max_new_tokens,
+                          temperature, seed)
+      per_type[kind] = qa_quality(world, texts)
+      all_texts += texts
+      all_scenes += list(world)
+    out[f"vigc_{mode}"] = {"all": qa_quality(all_scenes, all_texts), "by_type": per_type,
+                           "examples": all_texts[:2] + all_texts[len(world):len(world) + 1]}
+
+  # Two-step QA from (ground-truth) captions, text only.
+  rng = np.random.default_rng([seed, _SALT_EVAL, 1 << 20])
+  prompts, kinds = [], []
+  for scene in world:
+    kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
+    caption = scenes.captions(scene, rng, 1)[0]
+    options = ins.QA_FROM_CAPTION[kind]
+    prompts.append(ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))]))
+  for mode, temperature in modes:
+    texts = ev.generate(prompts, None, max_new_tokens, temperature, seed)
+    out[f"caption_qa_{mode}"] = {**qa_quality(world, texts), "examples": texts[:3]}
+  out["eval_seconds"] = round(time.perf_counter() - start, 1)
+  return out
+
+
+# ------------------------------------------------------------------------------------------- stage
+
+
+def _check(p: Any) -> None:
+  for name in ("num_scenes", "batch_size", "align_batch_size"):
+    if p[name] < 1:
+      raise BadInput(f"config.pretrain.{name}={p[name]} must be >= 1")
+  for name in ("align_steps", "tune_steps", "text_every", "eval_scenes"):
+    if p[name] < 0:
+      raise BadInput(f"config.pretrain.{name}={p[name]} must be >= 0")
+  for name in ("p_generic", "p_short"):
+    if not 0.0 <= p[name] <= 1.0:
+      raise BadInput(f"config.pretrain.{name}={p[name]} must be in [0, 1]")
+  if not 0.0 <= p.p_detail <= 1.0:
+    raise BadInput(f"config.pretrain.p_detail={p.p_detail} must be in [0, 1]")
+  if p.w_caption + p.w_vigc + p.w_vqa + p.w_generic_image <= 0 or \
+      p.text_every and p.w_caption_qa + p.w_chat <= 0:
+    raise BadInput("config.pretrain task weights (w_*) must have a positive sum")
+
+
+def curve(history: Sequence[dict], key: str = "loss", points: int = 10) -> list[list[float]]:
+  """`[[step, mean loss of the steps up to it since the previous point], ...]`: a compact curve."""
+  if not history:
+    return []
+  edges = np.linspace(0, len(history), min(points, len(history)) + 1).astype(int)
+  return [[int(history[e - 1]["step"]), round(float(np.mean([h[key] for h in history[s:e]])), 4)]
+          for s, e in zip(edges[:-1], edges[1:]) if e > s]
+
+
+def build_base(p: Any, stage_dir: str, seed: int) -> str:
+  """The random HF checkpoint (WORKDIR/pretrain/hf) converted into WORKDIR/pretrain/base."""
+  from c3l_jax import convert
+
+  base = os.path.join(stage_dir, "base")
+  if not os.path.exists(os.path.join(base, "c3l_model.json")):
+    hf = os.path.join(stage_dir, "hf")
+    shutil.rmtree(hf, ignore_errors=True)
+    sm.build_hf_checkpoint(hf, sm.ModelSize.from_config(p), seed)
+    convert.convert(hf, base)
+  return base
+
+
+def train_stage(vlm: Any, mesh: jax.sharding.Mesh, cfg: trainer_lib.TrainConfig, batches: Callable,
+                checkpoint_dir: str, seed: int, checkpoint_every: int) -> tuple[Any, list[dict], float]:
+  """Train (resuming from `checkpoint_dir`); returns the trained VLM, the history and the seconds."""
+  start = time.perf_counter()
+  trainer = trainer_lib.Trainer(trainer_lib.Generator(vlm, rngs=nnx.Rngs(seed)), mesh, cfg,
+                                checkpoint_dir, checkpoint_every)
+  trainer.restore_latest()
+  history = trainer.run(batches)
+  return trainer.model().vlm, history, time.perf_counter() - start
+
+
+def run(config: Any, workdir: str) -> dict:
+  from c3l_jax.pipeline.train import export_generator
+
+  p = config.pretrain
+  _check(p)
+  seed = config.seed
+  stage_dir = os.path.join(workdir, "pretrain")
+  os.makedirs(stage_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  base = build_base(p, stage_dir, seed)
+  mesh = sharding.make_mesh(config.mesh)
+  vlm = sharding.load_model(base, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                            scan_layers=config.model.scan_layers, remat=config.model.remat)
+  builder = PromptBuilder(load_processor(base), vlm.cfg.image_token_id, vlm.cfg.image_seq_length)
+  world = scenes.generate_world(p.num_scenes, p.world_seed)
+  pixels = np.asarray(builder.processor.image_processor(
+      images=[scenes.render(s, p.image_size) for s in world], return_tensors="np")["pixel_values"],
+      np.float32)
+  maker = ExampleMaker(builder, world, pixels, p.p_generic, p.p_short)
+  build_seconds = time.perf_counter() - t0
+
+  # Stage 1: CG-VLM alignment of the connector on captions.
+  cfg1 = trainer_lib.TrainConfig(
+      learning_rate=p.align_lr, weight_decay=0.0, warmup_steps=p.warmup_steps, steps=p.align_steps,
+      grad_clip=1.0, ce_weight=1.0, contrastive_weight=p.align_weight, trainable=(
+          "connector", "temperature"), objective="align")
+  examples = stage1_examples(maker, seed)
+  batches1 = trainer_lib.batch_fn(examples, [], cfg1, p.align_batch_size, 1, 1, builder.pad_id, seed)
+  vlm, hist1, sec1 = train_stage(vlm, mesh, cfg1, batches1, os.path.join(stage_dir, "stage1",
+                                                                          "checkpoints"),
+                                 seed, p.checkpoint_every)
+  logging.info("pretrain stage 1 (align): %d steps in %.0fs, loss %.3f -> %.3f", len(hist1), sec1,
+               hist1[0]["loss"] if hist1 else float("nan"), hist1[-1]["loss"] if hist1 else float("nan"))
+
+  # Stage 2: instruction tuning on the mix.
+  cfg2 = trainer_lib.TrainConfig(
+      learning_rate=p.tune_lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
+      steps=p.tune_steps, grad_clip=1.0, ce_weight=1.0, contrastive_weight=0.0,
+      trainable=tuple(p.tune_trainable), objective="c3l")
+  batches2, kind_of = stage2_batches(maker, p, seed, builder.pad_id)
+  vlm, hist2, sec2 = train_stage(vlm, mesh, cfg2, batches2, os.path.join(stage_dir, "stage2",
+                                                                         "checkpoints"),
+                                 seed, p.checkpoint_every)
+  logging.info("pretrain stage 2 (tune): %d steps in %.0fs", len(hist2), sec2)
+
+  model_dir = os.path.join(stage_dir, "model")
+  export_generator(vlm, base, model_dir)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vlm, nnx.Param)))
+  del vlm
+  eval_world = scenes.generate_world(p.eval_scenes, p.world_seed, start_id=p.num_scenes)
+  quality = evaluate(model_dir, eval_world, mesh, seed, max_new_tokens=p.eval_max_new_tokens,
+                     sample=p.eval_sampled) if p.eval_scenes else {}
+
+  per_task: dict[str, list[float]] = {}
+  for h in hist2:
+    per_task.setdefault(kind_of(h["step"] - 1), []).append(h["loss"])
+  tail = lambda xs: round(float(np.mean(xs[-max(1, len(xs) // 10):])), 4)  # noqa: E731
+  metrics = {
+      "model": {**dataclasses.asdict(sm.ModelSize.from_config(p)), "parameters": n_params,
+                "vocab_size": len(builder.tokenizer)},
+      "data": {"train_scenes": p.num_scenes, "world_seed": p.world_seed, "p_generic": p.p_generic,
+               "p_short": p.p_short, "seed": seed},
+      "stage1_align": {"steps": len(hist1), "seconds": round(sec1, 1),
+                       "first_loss": hist1[0]["loss"] if hist1 else None,
+                       "final_loss": tail([h["loss"] for h in hist1]) if hist1 else None,
+                       "final_ce": tail([h["ce"] for h in hist1]) if hist1 else None,
+                       "final_alignment": tail([h.get("alignment", 0.0) for h in hist1]) if hist1 else None,
+                       "curve": curve(hist1)},
+      "stage2_tune": {"steps": len(hist2), "seconds": round(sec2, 1),
+                      "first_loss": hist2[0]["loss"] if hist2 else None,
+                      "final_loss": tail([h["loss"] for h in hist2]) if hist2 else None,
+                      "final_loss_by_batch_kind": {k: tail(v) for k, v in sorted(per_task.items())},
+                      "steps_by_batch_kind": {k: len(v) for k, v in sorted(per_task.items())},
+                      "curve": curve(hist2)},
+      "quality": quality,
+      "seconds": {"build": round(build_seconds, 1), "total": round(time.perf_counter() - t0, 1)},
+  }
+  with open(os.path.join(model_dir, METRICS_FILE), "w") as f:
+    json.dump(metrics, f, indent=2)
+    f.write("\n")
+  if jax.process_index() == 0:
+    out = p.out
+    partial = out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(model_dir, partial)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    logging.info("pretrain: wrote %s", out)
+  return {**metrics, "out": p.out}
+
+
+__all__ = ["ExampleMaker", "Evaluator", "evaluate", "qa_quality", "run", "stage1_examples",
+           "stage2_batches", "batch_schedule", "vqa_questions"]

@@ -1,0 +1,84 @@
+"""Train the shipped scenes generator from scratch: `python launch.py --config=configs/scenes_pretrain.py`.
+
+Runs the `pretrain` stage only (`c3l_jax/pipeline/pretrain.py`): build the world's processor and a random
+tiny LLaVA-1.5 (transformers, then `c3l_jax.convert`), CG-VLM alignment of the connector on captions,
+instruction tuning on captions / VIGC / VQA / QA-from-caption / generic chat, export to `pretrain.out`
+(default `checkpoints/scenes_tiny`) with `training_metrics.json`. About 15 minutes on a 2-core CPU.
+`--config.pretrain.tune_steps=...` etc. override any field below.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_pretrain_section() -> ml_collections.ConfigDict:
+  """The `config.pretrain` defaults (the recipe of the shipped checkpoint)."""
+  p = ml_collections.ConfigDict()
+  p.out = "checkpoints/scenes_tiny"  # the final model directory (replaced)
+  # The world trained on: scenes 0..num_scenes-1 of `world_seed` (the scenes demo uses seed 0: disjoint);
+  # held-out evaluation scenes are the next `eval_scenes` of the same seed.
+  p.num_scenes = 3000
+  p.world_seed = 1000
+  p.eval_scenes = 96
+  p.eval_max_new_tokens = 128
+  p.eval_sampled = False  # also measure temperature-1 sampling (the pipeline decodes greedily)
+  # Architecture (LLaVA-1.5 layout: CLIP ViT, feature layer -2, 2-layer MLP projector, Llama).
+  # 72 px / patch 24: the processor resizes the 64 px scenes to 72 px, so each of the 3 x 3 patches is
+  # one cell of the world's grid (9 image tokens).
+  p.image_size = 72
+  p.patch_size = 24
+  p.vision_hidden = 96
+  p.vision_layers = 3
+  p.vision_heads = 4
+  p.text_hidden = 128
+  p.text_layers = 4
+  p.text_heads = 4
+  p.text_intermediate = 352
+  p.max_position_embeddings = 512
+  # Stage 1: CG-VLM alignment (connector only): captioning CE + align_weight x alignment.
+  p.align_steps = 100
+  p.align_batch_size = 32
+  p.align_lr = 2e-3
+  p.align_weight = 1.0
+  # Stage 2: instruction tuning (CE).
+  p.tune_steps = 600
+  p.batch_size = 32
+  p.tune_lr = 2e-3
+  p.weight_decay = 0.01
+  p.warmup_steps = 30
+  p.tune_trainable = ("connector", "decoder", "vision")
+  # The mix. Every text_every-th step is a text-only batch (0 = never): QA-from-caption and generic chat
+  # examples, weighted w_caption_qa / w_chat. Other steps are, with probability p_detail, a batch of VIGC
+  # detailed_description samples, else a short image batch mixing captions, VIGC conversation /
+  # complex_reasoning samples, VQA and generic questions about an image (w_caption / w_vigc / w_vqa /
+  # w_generic_image). Batches are padded to a fixed length per kind (three compiled shapes).
+  p.w_caption = 1.0
+  p.w_vigc = 2.0
+  p.w_vqa = 2.0
+  p.w_generic_image = 0.3
+  p.p_detail = 0.1
+  p.text_every = 4
+  p.w_caption_qa = 3.0
+  p.w_chat = 1.0
+  p.seq_image = 64
+  p.seq_detail = 160
+  p.seq_text = 112
+  p.p_generic = 0.45  # share of generic QA in the VIGC and QA-from-caption data (the language prior)
+  p.p_short = 0.5  # share of VQA asked with LLaVA's short-answer suffix
+  p.checkpoint_every = 200
+  return p
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  if arg:
+    raise ValueError(f"takes no arg, got {arg!r}")
+  config = common.get_base_config()
+  config.stages = "pretrain"
+  config.model.family = "llava15"
+  config.model.checkpoint = ""  # the stage builds its own model
+  config.pretrain = get_pretrain_section()
+  config.lock()
+  return config

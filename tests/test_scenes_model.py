@@ -1,0 +1,139 @@
+"""The scenes world's tokenizer, the shipped tiny generator (`checkpoints/scenes_tiny`) and the `pretrain`
+stage that makes it (`configs/scenes_pretrain.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from c3l_jax import sharding
+from c3l_jax.data import instructions as ins
+from c3l_jax.data import scenes
+from c3l_jax.data import scenes_model as sm
+from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "checkpoints", "scenes_tiny")
+
+
+def _world_texts(n: int = 40) -> list[str]:
+  rng = np.random.default_rng(0)
+  texts = []
+  for scene in scenes.generate_world(n, 0):
+    texts += scenes.captions(scene, rng, 2) + [scenes.detailed_description(scene)]
+    for _ in range(3):
+      texts.append(vigc_target(*scenes.grounded_qa(scene, rng)))
+      texts.append(vigc_target(*scenes.generic_qa(rng)))
+  return texts
+
+
+def test_tokenizer_round_trip():
+  """Every world / prompt text encodes without <unk>, decodes to itself (lower-cased), and the decoded
+  VIGC text parses and checks exactly as the original."""
+  tok = sm.build_tokenizer()
+  assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+  assert tok.convert_tokens_to_ids("<image>") == len(tok) - 1
+  for text in sm.prompt_texts():
+    assert tok.unk_token_id not in tok(text).input_ids, text
+  world = scenes.generate_world(40, 0)
+  rng = np.random.default_rng(1)
+  for text in _world_texts():
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.unk_token_id not in ids, text
+    assert tok.decode(ids, skip_special_tokens=True) == text.lower()
+  for scene in world:
+    q, a = scenes.grounded_qa(scene, rng)
+    decoded = tok.decode(tok(vigc_target(q, a), add_special_tokens=False).input_ids)
+    dq, da = ins.parse_qa(decoded)
+    assert (dq, da) == (q.lower(), a.lower())
+    assert scenes.check(scene, dq, da) == scenes.check(scene, q, a)
+  # "question:" / "answer:" are one token each; BOS is prepended, no EOS appended.
+  ids = tok("Question: Is there a star? Answer: No.").input_ids
+  assert tok.convert_ids_to_tokens(ids) == ["<s>", "question:", "is", "there", "a", "star", "?",
+                                            "answer:", "no", "."]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+  from c3l_jax.pipeline import pretrain
+
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  return pretrain.Evaluator(SHIPPED, mesh, batch_size=32)
+
+
+def test_shipped_checkpoint_files():
+  """A few MB, no file over 5 MB, the model directory layout of a converted LLaVA, with metrics."""
+  sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs]
+  assert sum(sizes) < 12 * 2**20 and max(sizes) < 5 * 2**20
+  for name in ("c3l_model.json", "params", "tokenizer.json", "tokenizer_config.json",
+               "processor_config.json", "chat_template.jinja", "config.json", "training_metrics.json"):
+    assert os.path.exists(os.path.join(SHIPPED, name)), name
+  metrics = json.load(open(os.path.join(SHIPPED, "training_metrics.json")))
+  assert metrics["stage2_tune"]["final_loss"] < metrics["stage2_tune"]["first_loss"]
+  assert json.load(open(os.path.join(SHIPPED, "c3l_model.json")))["family"] == "llava15"
+
+
+def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
+  """Loaded like a converted LLaVA (sharding.load_model + PromptBuilder(load_processor)): greedy VIGC
+  generations on scenes it never saw parse as QA, and POPE-style existence answers beat chance (50%).
+
+  One compiled shape: 32 image prompts, 32 new tokens at most."""
+  world = scenes.generate_world(16, 0, start_id=5000)  # the demo's world seed (training used 1000)
+  images = [scenes.render(s) for s in world]
+  kinds = ("conversation", "complex_reasoning")
+  prompts = [VIGC_INSTRUCTIONS[k] for k in kinds for _ in world]
+  texts = shipped.generate(prompts, images + images, 32)
+  parsed = [ins.parse_qa(t) for t in texts]
+  assert np.mean([p is not None for p in parsed]) >= 0.9, texts
+  verdicts = [scenes.check(s, *p) for s, p in zip(world + world, parsed) if p is not None]
+  assert 0.1 <= np.mean([v.image_dependent for v in verdicts]) <= 0.9  # grounded QA and language prior
+
+  pope, truth = [], []
+  rng = np.random.default_rng(0)
+  for scene in world:
+    present = scenes.object_names(scene)
+    absent = [s for s in scenes.SHAPES if s not in present] or present
+    for shape in (present[int(rng.integers(len(present)))], absent[int(rng.integers(len(absent)))]):
+      pope.append(f"Is there a {shape} in the image?\n{sm.SHORT_ANSWER_SUFFIX}")
+      truth.append(shape in present)
+  answers = shipped.generate(pope, [im for im in images for _ in range(2)], 32)
+  said_yes = [a.strip().lower().startswith("yes") for a in answers]
+  assert all(a.strip().lower().rstrip(".") in ("yes", "no") for a in answers), answers
+  assert np.mean([y == t for y, t in zip(said_yes, truth)]) >= 0.6
+
+
+def test_pretrain_stage_end_to_end(tmp_path):
+  """`pretrain` with a minute architecture and 2 + 2 steps: builds, aligns, tunes, exports a model
+  directory that loads like a converted checkpoint, with its metrics (evaluation off: eval_scenes=0)."""
+  from configs import scenes_pretrain
+
+  from c3l_jax import pipeline
+  from c3l_jax.data.prompts import PromptBuilder, load_processor
+
+  config = scenes_pretrain.get_config()
+  out = tmp_path / "model"
+  with config.unlocked():
+    config.pretrain.update(
+        out=str(out), num_scenes=8, eval_scenes=0, vision_hidden=16, vision_layers=2, vision_heads=2,
+        text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, max_position_embeddings=256,
+        align_steps=2, align_batch_size=4, tune_steps=2, batch_size=4, text_every=0, p_detail=0.0,
+        warmup_steps=0)
+    config.mesh.data = 1
+  assert pipeline.check_config(config) == ("pretrain",)
+  assert pipeline.environment_problems(config, ("pretrain",)) == []
+  metrics = pipeline.run_stages(config, str(tmp_path / "w"), ("pretrain",))["pretrain"]
+  assert metrics["stage1_align"]["steps"] == 2 and metrics["stage2_tune"]["steps"] == 2
+  assert metrics["stage2_tune"]["steps_by_batch_kind"] == {"image": 2}
+  assert json.load(open(out / "training_metrics.json"))["model"]["parameters"] == \
+      metrics["model"]["parameters"]
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  model = sharding.load_model(str(out), mesh)
+  builder = PromptBuilder(load_processor(str(out)), model.cfg.image_token_id, model.cfg.image_seq_length)
+  ids, pixels = builder.encode_prompt(VIGC_INSTRUCTIONS["conversation"],
+                                      scenes.render(scenes.generate_world(1, 0)[0]))
+  assert ids.count(model.cfg.image_token_id) == model.cfg.image_seq_length == 9
+  assert pixels.shape == (3, 72, 72)
