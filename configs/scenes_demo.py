@@ -19,6 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"takes no arg, got {arg!r}")
   config = common.get_base_config()
   config.stages = "initial,filter,score,select,train,final,export,eval"
+  config.eval.benchmarks = "pope,scenes_vqa"
   config.model.family = "llava15"
   config.model.checkpoint = "checkpoints/scenes_tiny"
 

@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices (so sharded code runs on a laptop) and the repo root on sys.path.
+"""Test setup: 8 simulated CPU devices (so sharded code runs on a laptop), a shared compilation cache,
+and the repo root on sys.path.
 
 Runs when pytest imports it, before any test module, so jax has no backend yet when the device count is
 set (each pytest-xdist worker is its own process and does the same).
@@ -9,8 +10,16 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# One persistent compilation cache for every test process and the launch.py subprocesses they start
+# (they inherit the environment): the tiny models' programs are compiled once per machine, not once
+# per process. Entries are keyed by the program and the jax version, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "c3l-jax-tests-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (after JAX_PLATFORMS)
 import pytest  # noqa: E402

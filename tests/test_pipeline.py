@@ -46,11 +46,10 @@ class _Tags(html.parser.HTMLParser):
     self.rects += tag == "rect"
 
 
-def _env(cache_dir):
-  # The runs share JAX's persistent compilation cache: a resumed run recompiles nothing.
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-          "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def _env():
+  # The runs share JAX's persistent compilation cache (tests/conftest.py): a resumed run recompiles
+  # nothing.
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
 
 
 def _rows(path):
@@ -66,14 +65,13 @@ def _parts(workdir, stage):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  world = pw.make_world(str(tmp_path_factory.mktemp("pipeline")))
-  return {**world, "cache": os.path.join(world["root"], "jax_cache")}
+  return pw.make_world(str(tmp_path_factory.mktemp("pipeline")))
 
 
 @pytest.fixture(scope="module")
 def reference(world):
   workdir = os.path.join(world["root"], "reference")
-  proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env(world['cache']))
+  proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env())
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir
 
@@ -164,7 +162,7 @@ def test_bad_inputs_are_quarantined_with_reasons_and_counts_add_up(world, refere
 
 def test_strict_mode_stops_at_the_first_bad_input(world, tmp_path):
   proc = subprocess.run(_cmd(world, tmp_path / "w", "--config.strict=True"), cwd=REPO,
-                        capture_output=True, text=True, env=_env(world['cache']))
+                        capture_output=True, text=True, env=_env())
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error:") and "images.jsonl:3" in last and "malformed JSON" in last
@@ -173,7 +171,7 @@ def test_strict_mode_stops_at_the_first_bad_input(world, tmp_path):
 def _run_until(world, workdir, marker, timeout=600):
   """Start a run; SIGKILL it as soon as `marker` exists under workdir. True if it was killed."""
   proc = subprocess.Popen(_cmd(world, workdir), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env=_env(world['cache']))
+                          stderr=subprocess.DEVNULL, env=_env())
   deadline = time.time() + timeout
   while proc.poll() is None and time.time() < deadline:
     if os.path.exists(os.path.join(workdir, marker)):
@@ -190,7 +188,7 @@ def test_kill_9_and_resume_exports_identical_bytes(world, reference, tmp_path):
   kills = [_run_until(world, workdir, marker) for marker in
            ("initial/part-00000.done", "train/checkpoints/2", "final/part-00000.done")]
   assert kills[0], "the first run finished before it could be killed"
-  proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env(world['cache']))
+  proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env())
   assert proc.returncode == 0, proc.stderr[-4000:]
   for name in ("c3l_vlit.json", "stats.json"):
     with open(os.path.join(reference, "export", name), "rb") as a, \

@@ -92,7 +92,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "eval.max_new_tokens": (1, True, math.inf, False),
     "eval.long_max_new_tokens": (1, True, math.inf, False),
 }
-EVAL_BENCHMARKS: tuple[str, ...] = ("pope", "seed", "mmbench", "llava_bench")  # = pipeline.eval's
+EVAL_BENCHMARKS: tuple[str, ...] = ("pope", "seed", "mmbench", "llava_bench", "scenes_vqa")  # = pipeline.eval's
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,9 @@ The model is `eval.checkpoint`, else the model the train stage exported to `WORK
   seed         SEED-Bench image tasks (`eval.seed_bench_json`, `eval.seed_bench_images`).
   mmbench      MMBench dev with CircularEval (`eval.mmbench_tsv`).
   llava_bench  LLaVA-Bench (In-the-Wild) answers file (`eval.llava_bench_dir`); the GPT-4 judge is not run.
+  scenes_vqa   the synthetic scenes world only: grounded VQA on held-out (val) scenes, answers judged by
+               the world's checker (`c3l_jax.eval.scenes_quality.scenes_vqa`; `eval.max_items` scenes,
+               100 when 0).
 
 Decoding is greedy (LLaVA-1.5's evaluation), whatever `generation.temperature` says; POPE and generated
 multiple-choice letters get `eval.max_new_tokens`, LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice
@@ -38,7 +41,7 @@ from c3l_jax import scoring, sharding
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load_image_bytes
 from c3l_jax.data.records import BadInput, reject, write_jsonl
-from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
+from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, scenes_quality, table
 from c3l_jax.pipeline import EVAL_BENCHMARKS as BENCHMARKS
 from c3l_jax.pipeline import common, shards
 MODEL_CONFIG = "c3l_model.json"
@@ -335,6 +338,10 @@ def run(config: Any, workdir: str) -> dict:
       metrics["pope"] = _pope(ev, cfg)
     elif name in ("seed", "mmbench"):
       metrics[name] = _multiple_choice(ev, cfg, name)
+    elif name == "scenes_vqa":
+      if ev.inf.source.kind != "scenes":
+        raise BadInput("eval.benchmarks=scenes_vqa needs data.source=scenes")
+      metrics["scenes_vqa"] = scenes_quality.scenes_vqa(ev.inf, cfg.max_items or 100, ev.config.seed)
     else:
       metrics["llava_bench"] = _llava_bench(ev, cfg)
   stats = _dataset_stats(workdir)
