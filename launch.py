@@ -126,9 +126,15 @@ def main(argv: Sequence[str]) -> None:
     import jax  # pylint: disable=g-import-not-at-top  (kept out of the validation path)
     jax.distributed.initialize()
   try:
-    pipeline.run_stages(config, workdir, stages)
+    metrics = pipeline.run_stages(config, workdir, stages)
   except BadInput as e:  # strict mode, or an input no stage can start from
     _fail(str(e))
+  quality = metrics.get("export", {}).get("quality")
+  if quality:  # ground truth exists (the scenes world): end with the initial-vs-final data table
+    from c3l_jax.pipeline.export import quality_table  # pylint: disable=g-import-not-at-top
+    print("\nGenerated data, checked against the scenes' ground truth:")
+    print(quality_table(quality))
+  print(f"workdir: {workdir} (metrics.json, export/c3l_vlit.json, report.html)")
   logging.info("done: metrics in %s", os.path.join(workdir, "metrics.json"))
 
 

@@ -196,3 +196,17 @@ def test_dataset_quality_on_a_hand_made_scene():
   assert q["avg_question_words"] == pytest.approx((5 + 5 + 5 + 7) / 4)
   assert q["mean_i2c"] == pytest.approx(1.0)
   assert 0 <= q["accuracy"] <= 0.5  # the green square is wrong; the star cannot be right
+
+
+def test_ablation_rows_derive_their_configs():
+  from c3l_jax.pipeline import ablation
+  from configs import scenes_ablation
+
+  config = scenes_ablation.get_config()
+  assert config.stages == "initial,filter,score,ablation"
+  rows = {name: ablation.derive(config, overrides) for name, (_, overrides) in ablation.ROWS.items()}
+  assert rows["+CLM"].select.method == "random" and rows["+CLM"].train.contrastive_weight > 0
+  assert rows["+CRM"].select.method == "i2c" and rows["+CRM"].train.contrastive_weight == 0.0
+  assert rows["+CRM+CLM"].to_dict() == config.to_dict()  # the full method changes nothing
+  assert ablation.ROWS["filtering"][0] == ("final", "export")  # no generator training
+  assert all(r.is_locked for r in rows.values()) and config.select.method == "i2c"

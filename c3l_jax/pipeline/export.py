@@ -72,8 +72,6 @@ def run(config: Any, workdir: str) -> dict:
   metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
   if source_kind(config) == "scenes":
     metrics["quality"] = scenes_data_quality(config, workdir, rows if where == "final" else [])
-    if common.is_lead():
-      print(quality_table(metrics["quality"]))
   if common.is_lead():
     write_report(config, workdir, metrics)
   return metrics

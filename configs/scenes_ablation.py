@@ -1,0 +1,25 @@
+"""The paper's Table 4 on the synthetic scenes world: `python launch.py --config=configs/scenes_ablation.py`.
+
+The demo's initial data (generate -> filter -> score) is shared by four rows — filtering only, + CLM,
++ CRM, + CRM + CLM — each of which makes its final data, fine-tunes a fresh copy of the shipped base
+model on it (VLIT) and evaluates that model on held-out scenes VQA and scenes POPE
+(random / popular / adversarial); the base model is evaluated as a reference. See
+`c3l_jax/pipeline/ablation.py`. CPU, under half an hour.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import scenes_demo
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  config = scenes_demo.get_config(arg)
+  with config.unlocked():
+    config.stages = "initial,filter,score,ablation"
+    config.ablation.benchmarks = "pope,scenes_vqa"
+    config.ablation.vlit_steps = 100
+    config.ablation.vlit_learning_rate = 1e-4
+  config.lock()
+  return config
