@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from c3l_jax.data import scenes
+from c3l_jax.data.coco import to_python  # the same element contract as COCO
 
 VERSION = "1.0.0"
 CAPTIONS_PER_IMAGE = 3
@@ -103,22 +104,6 @@ class ScenesWorld(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for scene in scenes.generate_world(count, c.seed, start_id=start):
       yield scene.image_id, scene_element(scene, c.seed, c.image_size)
-
-
-def _text(v: Any) -> str:
-  return v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
-
-
-def to_python(element: dict[str, Any]) -> dict[str, Any]:
-  """A data-source element with python types: bytes, int, str, list[str]."""
-  return {
-      "image_bytes": bytes(element["image_bytes"]),
-      "image_id": int(element["image_id"]),
-      "file_name": _text(element["file_name"]),
-      "captions": [_text(c) for c in element["captions"]],
-      "objects": [_text(o) for o in element["objects"]],
-      "annotation": _text(element["annotation"]),
-  }
 
 
 class _PythonSource(Sequence):
