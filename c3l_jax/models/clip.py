@@ -75,15 +75,8 @@ class CLIPVisionTower(nnx.Module):
 
   def embed(self, pixel_values: jax.Array) -> jax.Array:
     """`[B, C, H, W]` (NCHW, as HF image processors return) -> `[B, 1 + N, D]`."""
-    b, c, hgt, wid = pixel_values.shape
-    p = self.cfg.patch_size
-    if (hgt, wid) != (self.cfg.image_size, self.cfg.image_size):
-      raise ValueError(f"pixel_values are {hgt}x{wid}, the vision tower expects "
-                       f"{self.cfg.image_size}x{self.cfg.image_size}")
-    x = pixel_values.reshape(b, c, hgt // p, p, wid // p, p).transpose(0, 2, 4, 1, 3, 5)
-    patches = self.patch_embedding(x.reshape(b, (hgt // p) * (wid // p), c * p * p))
-    cls = jnp.broadcast_to(self.class_embedding[...].astype(patches.dtype), (b, 1, patches.shape[-1]))
-    x = jnp.concatenate([cls, patches], axis=1) + self.position_embedding[...].astype(patches.dtype)
+    x = L.vit_embed(pixel_values, self.cfg.image_size, self.cfg.patch_size, self.patch_embedding,
+                    self.class_embedding[...], self.position_embedding[...])
     return self.pre_layrnorm(x)
 
   def __call__(self, pixel_values: jax.Array, feature_layers: tuple[int, ...]) -> list[jax.Array]:

@@ -133,3 +133,16 @@ def causal_mask(query_pos: jax.Array, key_pos: jax.Array, key_valid: jax.Array) 
   """
   return (key_pos[:, None, :] <= query_pos[:, :, None]) & key_valid[:, None, :]
 
+
+def vit_embed(pixel_values: jax.Array, image_size: int, patch_size: int, patch_embedding: Any,
+              class_embedding: jax.Array, position_embedding: jax.Array) -> jax.Array:
+  """ViT input embeddings (CLIP / BLIP-2 semantics): `[B, C, H, W]` (NCHW, as HF image processors
+  return) -> `[CLS, patches] + positions` `[B, 1 + N, D]`; `patch_embedding` maps `[.., C*p*p]` to D."""
+  b, c, hgt, wid = pixel_values.shape
+  p = patch_size
+  if (hgt, wid) != (image_size, image_size):
+    raise ValueError(f"pixel_values are {hgt}x{wid}, the vision tower expects {image_size}x{image_size}")
+  x = pixel_values.reshape(b, c, hgt // p, p, wid // p, p).transpose(0, 2, 4, 1, 3, 5)
+  patches = patch_embedding(x.reshape(b, (hgt // p) * (wid // p), c * p * p))
+  cls = jnp.broadcast_to(class_embedding.astype(patches.dtype), (b, 1, patches.shape[-1]))
+  return jnp.concatenate([cls, patches], axis=1) + position_embedding.astype(patches.dtype)
