@@ -38,11 +38,23 @@ def get_pretrain_section() -> ml_collections.ConfigDict:
   p.text_heads = 4
   p.text_intermediate = 352
   p.max_position_embeddings = 512
-  # Stage 1: CG-VLM alignment (connector only): captioning CE + align_weight x alignment.
-  p.align_steps = 100
-  p.align_batch_size = 32
+  # Stage 1: CG-VLM alignment: align_ce_weight x captioning CE + align_weight x the contrastive
+  # alignment of pooled projected patches with caption token embeddings. CG-VLM trains the connector
+  # of a pretrained CLIP; this vision tower is random, so it is aligned too. With align_ce_weight=0 the
+  # decoder (random, frozen here) is not run: a step costs the vision tower only.
+  p.align_steps = 600
+  p.align_batch_size = 64
   p.align_lr = 2e-3
   p.align_weight = 1.0
+  p.align_ce_weight = 0.0
+  p.align_trainable = ("connector", "vision")
+  p.caption_examples_per_scene = 3
+  # Stage 1b: captioning CE (+ caption_align_weight x alignment) with connector, vision tower and
+  # decoder trained: the from-scratch decoder learns to read the image on data where every content
+  # word depends on it, before the instruction mix (where most tokens do not) can teach it to ignore it.
+  p.caption_steps = 300
+  p.caption_lr = 2e-3
+  p.caption_align_weight = 0.1
   # Stage 2: instruction tuning (CE).
   p.tune_steps = 600
   p.batch_size = 32

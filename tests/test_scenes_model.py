@@ -107,7 +107,7 @@ def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
 
 
 def test_pretrain_stage_end_to_end(tmp_path):
-  """`pretrain` with a minute architecture and 2 + 2 steps: builds, aligns, tunes, exports a model
+  """`pretrain` with a minute architecture and 2 + 1 + 2 steps: builds, aligns, tunes, exports a model
   directory that loads like a converted checkpoint, with its metrics (evaluation off: eval_scenes=0)."""
   from configs import scenes_pretrain
 
@@ -120,13 +120,14 @@ def test_pretrain_stage_end_to_end(tmp_path):
     config.pretrain.update(
         out=str(out), num_scenes=8, eval_scenes=0, vision_hidden=16, vision_layers=2, vision_heads=2,
         text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, max_position_embeddings=256,
-        align_steps=2, align_batch_size=4, tune_steps=2, batch_size=4, text_every=0, p_detail=0.0,
-        warmup_steps=0)
+        align_steps=2, align_batch_size=4, caption_steps=1, caption_examples_per_scene=1, tune_steps=2,
+        batch_size=4, text_every=0, p_detail=0.0, warmup_steps=0)
     config.mesh.data = 1
   assert pipeline.check_config(config) == ("pretrain",)
   assert pipeline.environment_problems(config, ("pretrain",)) == []
   metrics = pipeline.run_stages(config, str(tmp_path / "w"), ("pretrain",))["pretrain"]
-  assert metrics["stage1_align"]["steps"] == 2 and metrics["stage2_tune"]["steps"] == 2
+  assert metrics["stage1_align"]["steps"] == 2 and metrics["stage1b_captions"]["steps"] == 1
+  assert metrics["stage2_tune"]["steps"] == 2
   assert metrics["stage2_tune"]["steps_by_batch_kind"] == {"image": 2}
   assert json.load(open(out / "training_metrics.json"))["model"]["parameters"] == \
       metrics["model"]["parameters"]

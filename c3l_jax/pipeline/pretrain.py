@@ -52,7 +52,7 @@ from c3l_jax import train as trainer_lib
 from c3l_jax.data import instructions as ins
 from c3l_jax.data import scenes
 from c3l_jax.data import scenes_model as sm
-from c3l_jax.data.batching import round_up
+from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
 from c3l_jax.data.records import BadInput
 
@@ -60,6 +60,7 @@ IMAGE_TASKS = ("caption", "vigc", "vqa", "generic_image")  # mixed in the short 
 TEXT_TASKS = ("caption_qa", "chat")  # mixed in the text-only batches
 BATCH_KINDS = ("image", "detail", "text")  # detail: VIGC detailed_description samples (long)
 METRICS_FILE = "training_metrics.json"
+CAPTION_LEN = 64  # caption tokens of the alignment loss (captions are ~10-40 tokens)
 _SALT_STAGE1, _SALT_STAGE2, _SALT_EVAL = 11, 12, 13
 _SHORT_VIGC_TYPES = tuple(t for t in ins.INSTRUCTION_TYPES if t != "detailed_description")
 
@@ -172,15 +173,34 @@ def fit(example: dict, length: int) -> dict:
   return {**example, "target": example["target"][:room]}
 
 
-def stage1_examples(maker: ExampleMaker, seed: int) -> list[dict]:
-  """One captioning example per scene, with the caption's token ids for the alignment loss."""
+def stage1_examples(maker: ExampleMaker, seed: int, per_scene: int) -> list[dict]:
+  """`per_scene` captioning examples per scene (random captions and instructions), each with the
+  caption's token ids (no EOS) for the alignment loss."""
   examples = []
   for i in range(len(maker.world)):
     rng = np.random.default_rng([seed, _SALT_STAGE1, i])
-    ex = maker.example("caption", i, rng)
-    ex["caption"] = ex["target"][:-len(maker.builder.eos_ids) or None]
-    examples.append(ex)
+    for _ in range(per_scene):
+      ex = maker.example("caption", i, rng)
+      ex["caption"] = ex["target"][:-len(maker.builder.eos_ids) or None]
+      examples.append(ex)
   return examples
+
+
+def stage1_batches(examples: Sequence[dict], batch_size: int, seed: int, pad_id: int, with_ce: bool,
+                   length: int) -> Callable[[int], dict]:
+  """`step -> batch` of the align objective with fixed shapes: the CG-VLM alignment part (pixels,
+  caption tokens padded to `CAPTION_LEN`) and, `with_ce`, the captioning CE part (padded to `length`)."""
+
+  def make(step: int) -> dict:
+    ex = [examples[i] for i in trainer_lib.epoch_order(len(examples), step, batch_size, seed)]
+    tokens, mask = right_pad([e["caption"][:CAPTION_LEN] for e in ex], CAPTION_LEN, pad_id)
+    batch = {"align": {"pixels": np.stack([e["pixels"] for e in ex]), "caption_tokens": tokens,
+                       "caption_mask": mask}}
+    if with_ce:
+      batch["ce"] = trainer_lib.ce_batch([fit(e, length) for e in ex], pad_id, bucket=length)
+    return batch
+
+  return make
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -340,7 +360,7 @@ def _check(p: Any) -> None:
   for name in ("num_scenes", "batch_size", "align_batch_size"):
     if p[name] < 1:
       raise BadInput(f"config.pretrain.{name}={p[name]} must be >= 1")
-  for name in ("align_steps", "tune_steps", "text_every", "eval_scenes"):
+  for name in ("align_steps", "caption_steps", "tune_steps", "text_every", "eval_scenes"):
     if p[name] < 0:
       raise BadInput(f"config.pretrain.{name}={p[name]} must be >= 0")
   for name in ("p_generic", "p_short"):
@@ -386,6 +406,30 @@ def train_stage(vlm: Any, mesh: jax.sharding.Mesh, cfg: trainer_lib.TrainConfig,
   return trainer.model().vlm, history, time.perf_counter() - start
 
 
+def feature_scale(vlm: Any, pixels: np.ndarray) -> float:
+  """Mean L2 norm of the projected image features of `pixels [N, C, H, W]` over the mean norm of the
+  decoder's token embeddings (1 = image tokens on the scale of word tokens)."""
+  feats = vlm.encode_images(jax.numpy.asarray(pixels))
+  table = vlm.language_model.embed(jax.numpy.arange(vlm.cfg.text.vocab_size)[None])
+  return float(jax.numpy.linalg.norm(feats, axis=-1).mean() / jax.numpy.linalg.norm(table, axis=-1).mean())
+
+
+def match_feature_scale(vlm: Any, pixels: np.ndarray) -> tuple[float, float]:
+  """Rescale the connector's output layer so projected image features have the norm of word embeddings.
+
+  The CG-VLM alignment compares directions only (cosines), so it leaves the feature scale free, and
+  Adam grows it (here by ~1000x): image tokens then dwarf the word embeddings in the decoder's residual
+  stream and their gradients vanish. Scaling `linear_2` (kernel and bias) by one factor keeps every
+  cosine, hence the alignment, unchanged. Returns the ratio before and after.
+  """
+  before = feature_scale(vlm, pixels)
+  proj = vlm.multi_modal_projector.linear_2
+  proj.kernel[...] = proj.kernel[...] / before
+  if getattr(proj, "bias", None) is not None:
+    proj.bias[...] = proj.bias[...] / before
+  return before, feature_scale(vlm, pixels)
+
+
 def run(config: Any, workdir: str) -> dict:
   from c3l_jax.pipeline.train import export_generator
 
@@ -402,23 +446,39 @@ def run(config: Any, workdir: str) -> dict:
   builder = PromptBuilder(load_processor(base), vlm.cfg.image_token_id, vlm.cfg.image_seq_length)
   world = scenes.generate_world(p.num_scenes, p.world_seed)
   pixels = np.asarray(builder.processor.image_processor(
-      images=[scenes.render(s, p.image_size) for s in world], return_tensors="np")["pixel_values"],
+      images=[scenes.render(s) for s in world], return_tensors="np")["pixel_values"],
       np.float32)
   maker = ExampleMaker(builder, world, pixels, p.p_generic, p.p_short)
   build_seconds = time.perf_counter() - t0
 
-  # Stage 1: CG-VLM alignment of the connector on captions.
+  # Stage 1a: CG-VLM contrastive alignment (the decoder does not run when align_ce_weight = 0).
+  examples = stage1_examples(maker, seed, p.caption_examples_per_scene)
   cfg1 = trainer_lib.TrainConfig(
       learning_rate=p.align_lr, weight_decay=0.0, warmup_steps=p.warmup_steps, steps=p.align_steps,
-      grad_clip=1.0, ce_weight=1.0, contrastive_weight=p.align_weight, trainable=(
-          "connector", "temperature"), objective="align")
-  examples = stage1_examples(maker, seed)
-  batches1 = trainer_lib.batch_fn(examples, [], cfg1, p.align_batch_size, 1, 1, builder.pad_id, seed)
-  vlm, hist1, sec1 = train_stage(vlm, mesh, cfg1, batches1, os.path.join(stage_dir, "stage1",
-                                                                          "checkpoints"),
-                                 seed, p.checkpoint_every)
-  logging.info("pretrain stage 1 (align): %d steps in %.0fs, loss %.3f -> %.3f", len(hist1), sec1,
-               hist1[0]["loss"] if hist1 else float("nan"), hist1[-1]["loss"] if hist1 else float("nan"))
+      grad_clip=1.0, ce_weight=p.align_ce_weight, contrastive_weight=p.align_weight,
+      trainable=tuple(p.align_trainable) + ("temperature",), objective="align")
+  vlm, hist1, sec1 = train_stage(
+      vlm, mesh, cfg1, stage1_batches(examples, p.align_batch_size, seed, builder.pad_id,
+                                      bool(p.align_ce_weight), p.seq_image),
+      os.path.join(stage_dir, "stage1", "checkpoints"), seed, p.checkpoint_every)
+  scale_before, scale_after = match_feature_scale(vlm, pixels[:64])
+  logging.info("pretrain stage 1a (align): %d steps in %.0fs, loss %.3f -> %.3f; image feature / "
+               "embedding norm %.3g -> %.3g", len(hist1), sec1,
+               hist1[0]["loss"] if hist1 else float("nan"), hist1[-1]["loss"] if hist1 else float("nan"),
+               scale_before, scale_after)
+
+  # Stage 1b: captioning CE + alignment with the decoder trained too (it starts from scratch).
+  cfg1b = trainer_lib.TrainConfig(
+      learning_rate=p.caption_lr, weight_decay=p.weight_decay, warmup_steps=p.warmup_steps,
+      steps=p.caption_steps, grad_clip=1.0, ce_weight=1.0, contrastive_weight=p.caption_align_weight,
+      trainable=tuple(p.tune_trainable) + ("temperature",), objective="align")
+  vlm, hist1b, sec1b = train_stage(
+      vlm, mesh, cfg1b, stage1_batches(examples, p.batch_size, seed + 1, builder.pad_id, True,
+                                       p.seq_image),
+      os.path.join(stage_dir, "stage1b", "checkpoints"), seed, p.checkpoint_every)
+  logging.info("pretrain stage 1b (captions): %d steps in %.0fs, loss %.3f -> %.3f", len(hist1b), sec1b,
+               hist1b[0]["loss"] if hist1b else float("nan"),
+               hist1b[-1]["loss"] if hist1b else float("nan"))
 
   # Stage 2: instruction tuning on the mix.
   cfg2 = trainer_lib.TrainConfig(
@@ -433,6 +493,7 @@ def run(config: Any, workdir: str) -> dict:
 
   model_dir = os.path.join(stage_dir, "model")
   export_generator(vlm, base, model_dir)
+  scale_final = feature_scale(vlm, pixels[:64])
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vlm, nnx.Param)))
   del vlm
   eval_world = scenes.generate_world(p.eval_scenes, p.world_seed, start_id=p.num_scenes)
@@ -443,22 +504,27 @@ def run(config: Any, workdir: str) -> dict:
   for h in hist2:
     per_task.setdefault(kind_of(h["step"] - 1), []).append(h["loss"])
   tail = lambda xs: round(float(np.mean(xs[-max(1, len(xs) // 10):])), 4)  # noqa: E731
+
+  def summary(history: list[dict], seconds: float) -> dict:
+    return {"steps": len(history), "seconds": round(seconds, 1),
+            "first_loss": history[0]["loss"] if history else None,
+            **{f"final_{k}": tail([h[k] for h in history])
+               for k in ("loss", "ce", "alignment") if history and k in history[0]},
+            "curve": curve(history)}
   metrics = {
       "model": {**dataclasses.asdict(sm.ModelSize.from_config(p)), "parameters": n_params,
                 "vocab_size": len(builder.tokenizer)},
       "data": {"train_scenes": p.num_scenes, "world_seed": p.world_seed, "p_generic": p.p_generic,
                "p_short": p.p_short, "seed": seed},
-      "stage1_align": {"steps": len(hist1), "seconds": round(sec1, 1),
-                       "first_loss": hist1[0]["loss"] if hist1 else None,
-                       "final_loss": tail([h["loss"] for h in hist1]) if hist1 else None,
-                       "final_ce": tail([h["ce"] for h in hist1]) if hist1 else None,
-                       "final_alignment": tail([h.get("alignment", 0.0) for h in hist1]) if hist1 else None,
-                       "curve": curve(hist1)},
+      "stage1_align": {**summary(hist1, sec1),
+                       "feature_scale_before_rescale": round(scale_before, 4)},
+      "stage1b_captions": summary(hist1b, sec1b),
       "stage2_tune": {"steps": len(hist2), "seconds": round(sec2, 1),
                       "first_loss": hist2[0]["loss"] if hist2 else None,
                       "final_loss": tail([h["loss"] for h in hist2]) if hist2 else None,
                       "final_loss_by_batch_kind": {k: tail(v) for k, v in sorted(per_task.items())},
                       "steps_by_batch_kind": {k: len(v) for k, v in sorted(per_task.items())},
+                      "feature_scale": round(scale_final, 4),
                       "curve": curve(hist2)},
       "quality": quality,
       "seconds": {"build": round(build_seconds, 1), "total": round(time.perf_counter() - t0, 1)},
