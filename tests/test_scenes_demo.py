@@ -34,7 +34,7 @@ def _parts(d):
 def test_shrunken_demo_end_to_end(tmp_path):
   workdir = tmp_path / "w"
   cmd = [sys.executable, "launch.py", f"--workdir={workdir}", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
-         "--config.data.scenes_images=16", "--config.generation.per_image=3",
+         "--config.data.scenes_images=40", "--config.data.max_images=16", "--config.generation.per_image=3",
          "--config.generation.shard_size=8", "--config.generation.num_final=16",
          "--config.scoring.shard_size=64", "--config.train.steps=3", "--config.train.checkpoint_every=3",
          "--config.select.top_fraction=0.3", "--config.eval.pope_num_images=4",
@@ -46,7 +46,7 @@ def test_shrunken_demo_end_to_end(tmp_path):
   assert list(metrics) == ["initial", "filter", "score", "select", "train", "final", "export", "eval"]
 
   # The quality numbers are what the checker says about the records the stages wrote.
-  world = {s.file_name: s for s in scenes.generate_world(16, 0)}
+  world = {s.file_name: s for s in scenes.generate_world(40, 0)}
   quality = metrics["export"]["quality"]
   for name, rows in (("initial", _parts(workdir / "score")),
                      ("final", _parts(workdir / "final" / "filtered"))):
