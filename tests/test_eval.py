@@ -7,7 +7,6 @@ import base64
 import io
 import json
 
-import numpy as np
 import PIL.Image
 import pytest
 

@@ -4,7 +4,6 @@ export statistics, and the image sources over COCO / scenes tfds data."""
 from __future__ import annotations
 
 import json
-import os
 import types
 
 import numpy as np

@@ -12,7 +12,6 @@ Pure Python (no jax): `check_config` imports it to validate `generation.instruct
 from __future__ import annotations
 
 import re
-from typing import Sequence
 
 INSTRUCTION_TYPES = ("conversation", "detailed_description", "complex_reasoning")
 

@@ -13,7 +13,6 @@ images that cannot be loaded, are in `WORKDIR/final/rejected.jsonl`. Shards of
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 

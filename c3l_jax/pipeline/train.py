@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from c3l_jax import checkpoint, losses, sharding
+from c3l_jax import checkpoint, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data.images import ImageError
 from c3l_jax.data.prompts import PromptBuilder, load_processor
