@@ -78,37 +78,36 @@ def test_shipped_checkpoint_files():
 
 
 def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
-  """Loaded like a converted LLaVA (sharding.load_model + PromptBuilder(load_processor)): greedy VIGC
-  generations on scenes it never saw parse as QA, and POPE-style existence answers beat chance (50%).
-
-  One compiled shape: 32 image prompts, 32 new tokens at most."""
-  world = scenes.generate_world(16, 0, start_id=5000)  # the demo's world seed (training used 1000)
+  """Loaded like a converted LLaVA (sharding.load_model + PromptBuilder(load_processor)), on scenes it
+  never saw: greedy VIGC generations parse as "Question: ... Answer: ...", and short answers to colour
+  and shape questions beat chance (1/6 and 1/5; the model without the image scores 0.19 on 192 such
+  questions) by far. One compiled shape: batches of 32 image prompts, 32 new tokens at most.
+  Measured on the shipped model: parsed 32/32, 1/3 image-dependent, colour + shape accuracy 0.47 (64 questions)."""
+  world = scenes.generate_world(32, 0, start_id=5000)  # the demo's world seed (training used 1000)
   images = [scenes.render(s) for s in world]
-  kinds = ("conversation", "complex_reasoning")
-  prompts = [VIGC_INSTRUCTIONS[k] for k in kinds for _ in world]
-  texts = shipped.generate(prompts, images + images, 32)
+  kinds = [ins.INSTRUCTION_TYPES[i % 3] for i in range(len(world))]
+  texts = shipped.generate([VIGC_INSTRUCTIONS[k] for k in kinds], images, 32)
   parsed = [ins.parse_qa(t) for t in texts]
   assert np.mean([p is not None for p in parsed]) >= 0.9, texts
-  verdicts = [scenes.check(s, *p) for s, p in zip(world + world, parsed) if p is not None]
-  assert 0.1 <= np.mean([v.image_dependent for v in verdicts]) <= 0.9  # grounded QA and language prior
+  verdicts = [scenes.check(s, *p) for s, p in zip(world, parsed) if p is not None]
+  dependent = np.mean([v.image_dependent for v in verdicts])
+  assert 0.1 <= dependent <= 0.9, texts  # grounded QA, and generic QA: the language prior
 
-  pope, truth = [], []
   rng = np.random.default_rng(0)
-  for scene in world:
-    present = scenes.object_names(scene)
-    absent = [s for s in scenes.SHAPES if s not in present] or present
-    for shape in (present[int(rng.integers(len(present)))], absent[int(rng.integers(len(absent)))]):
-      pope.append(f"Is there a {shape} in the image?\n{sm.SHORT_ANSWER_SUFFIX}")
-      truth.append(shape in present)
-  answers = shipped.generate(pope, [im for im in images for _ in range(2)], 32)
-  said_yes = [a.strip().lower().startswith("yes") for a in answers]
-  assert all(a.strip().lower().rstrip(".") in ("yes", "no") for a in answers), answers
-  assert np.mean([y == t for y, t in zip(said_yes, truth)]) >= 0.6
+  questions = [(i, scenes.grounded_qa(s, rng, kind)[0]) for i, s in enumerate(world)
+               for kind in ("colour", "shape")]
+  answers = shipped.generate([f"{q}\n{sm.SHORT_ANSWER_SUFFIX}" for _, q in questions],
+                             [images[i] for i, _ in questions], 32)
+  correct = [scenes.check(world[i], q, a).correct is True for (i, q), a in zip(questions, answers)]
+  assert all(len(a.split()) <= 4 for a in answers), answers
+  print(f"parsed {np.mean([p is not None for p in parsed])}, image-dependent {dependent:.3f}, "
+        f"colour + shape accuracy {np.mean(correct):.3f}")
+  assert np.mean(correct) >= 0.35, list(zip(questions, answers))
 
 
 def test_pretrain_stage_end_to_end(tmp_path):
-  """`pretrain` with a minute architecture and 2 + 1 + 2 steps: builds, aligns, tunes, exports a model
-  directory that loads like a converted checkpoint, with its metrics (evaluation off: eval_scenes=0)."""
+  """`pretrain` with a minute architecture and 2 + 1 + 2 steps: builds, aligns, captions, tunes, and
+  exports a model directory that loads like a converted checkpoint, with its metrics (evaluation off)."""
   from configs import scenes_pretrain
 
   from c3l_jax import pipeline
@@ -120,9 +119,8 @@ def test_pretrain_stage_end_to_end(tmp_path):
     config.pretrain.update(
         out=str(out), num_scenes=8, eval_scenes=0, vision_hidden=16, vision_layers=2, vision_heads=2,
         text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, max_position_embeddings=256,
-        align_steps=2, align_batch_size=4, caption_steps=1, caption_examples_per_scene=1, tune_steps=2,
-        batch_size=4, text_every=0, p_detail=0.0, warmup_steps=0)
-    config.mesh.data = 1
+        align_steps=2, align_batch_size=8, caption_steps=1, caption_examples_per_scene=1, tune_steps=2,
+        batch_size=8, text_every=0, p_detail=0.0, warmup_steps=0)  # 8 (simulated) devices
   assert pipeline.check_config(config) == ("pretrain",)
   assert pipeline.environment_problems(config, ("pretrain",)) == []
   metrics = pipeline.run_stages(config, str(tmp_path / "w"), ("pretrain",))["pretrain"]
