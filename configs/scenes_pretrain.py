@@ -1,9 +1,9 @@
 """Train the shipped scenes generator from scratch: `python launch.py --config=configs/scenes_pretrain.py`.
 
 Runs the `pretrain` stage only (`c3l_jax/pipeline/pretrain.py`): build the world's processor and a random
-tiny LLaVA-1.5 (transformers, then `c3l_jax.convert`), CG-VLM alignment of the connector on captions,
+tiny LLaVA-1.5 (transformers, then `c3l_jax.convert`), CG-VLM alignment on captions, a captioning phase,
 instruction tuning on captions / VIGC / VQA / QA-from-caption / generic chat, export to `pretrain.out`
-(default `checkpoints/scenes_tiny`) with `training_metrics.json`. About 15 minutes on a 2-core CPU.
+(default `checkpoints/scenes_tiny`) with `training_metrics.json`. About 10-15 minutes on a 2-core CPU.
 `--config.pretrain.tune_steps=...` etc. override any field below.
 """
 

@@ -9,9 +9,13 @@ scenes demo) is made; everything is a function of `config.seed` and `config.pret
    processor at 64 px, LLaVA-1.5 chat template) and a random `transformers.LlavaForConditionalGeneration`
    of the configured size, saved as a transformers checkpoint (WORKDIR/pretrain/hf) and converted with
    `c3l_jax.convert` (WORKDIR/pretrain/base), exactly as a downloaded LLaVA would be.
-2. **Stage 1, CG-VLM alignment** (`train.objective = align`): the connector alone learns from captions
-   of rendered scenes: captioning CE plus the CG-VLM contrastive alignment between pooled projected
-   patches and the caption's token embeddings (`c3l_jax.train.alignment_term`).
+2. **Stage 1a, CG-VLM alignment** (`train.objective = align`, CE weight `align_ce_weight`, 0 by
+   default): the contrastive alignment between pooled projected patches and the caption's token
+   embeddings (`c3l_jax.train.alignment_term`) trains the connector and, since this CLIP is random
+   rather than pretrained, the vision tower. The alignment is scale-free, so the connector's output
+   layer is then rescaled to give image tokens the norm of word embeddings (`match_feature_scale`).
+   **Stage 1b, captioning**: captioning CE (+ a little alignment) with the decoder trained too, so the
+   from-scratch decoder learns to read the image before the instruction mix.
 3. **Stage 2, instruction tuning** (CE; connector, decoder and vision tower): each step's batch is one
    task, drawn with the configured weights. With the image: captions (`CAPTION_INSTRUCTIONS`),
    VIGC "generate a question and answer it" samples (`VIGC_INSTRUCTIONS` -> `Question: q Answer: a`),
@@ -29,7 +33,7 @@ scenes demo) is made; everything is a function of `config.seed` and `config.pret
    `training_metrics.json` in the model directory and to WORKDIR/metrics.json; the directory is then
    copied to `pretrain.out`.
 
-Resumable: both training stages checkpoint under WORKDIR/pretrain/stage{1,2}/checkpoints (a rerun
+Resumable: the training phases checkpoint under WORKDIR/pretrain/stage{1,1b,2}/checkpoints (a rerun
 resumes; batches are pure functions of (seed, step)).
 """
 
