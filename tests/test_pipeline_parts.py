@@ -203,9 +203,9 @@ def test_ablation_rows_derive_their_configs():
 
   config = scenes_ablation.get_config()
   assert config.stages == "initial,filter,score,ablation"
-  rows = {name: ablation.derive(config, overrides) for name, (_, overrides) in ablation.ROWS.items()}
+  rows = {name: ablation.derive(config, overrides) for name, (_, _, overrides) in ablation.ROWS.items()}
   assert rows["+CLM"].select.method == "random" and rows["+CLM"].train.contrastive_weight > 0
   assert rows["+CRM"].select.method == "i2c" and rows["+CRM"].train.contrastive_weight == 0.0
   assert rows["+CRM+CLM"].to_dict() == config.to_dict()  # the full method changes nothing
-  assert ablation.ROWS["filtering"][0] == ("final", "export")  # no generator training
+  assert ablation.ROWS["filtering"][1] == ("final", "export")  # no generator training
   assert all(r.is_locked for r in rows.values()) and config.select.method == "i2c"

@@ -27,12 +27,12 @@ from absl import logging
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.pipeline import common, shards
 
-# row name -> (generator stages, config overrides)
-ROWS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "filtering": (("final", "export"), {}),
-    "+CLM": (("select", "train", "final", "export"), {"select.method": "random"}),
-    "+CRM": (("select", "train", "final", "export"), {"train.contrastive_weight": 0.0}),
-    "+CRM+CLM": (("select", "train", "final", "export"), {}),
+# row name -> (its directory under WORKDIR/ablation, generator stages, config overrides)
+ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
+    "filtering": ("filtering", ("final", "export"), {}),
+    "+CLM": ("clm", ("select", "train", "final", "export"), {"select.method": "random"}),
+    "+CRM": ("crm", ("select", "train", "final", "export"), {"train.contrastive_weight": 0.0}),
+    "+CRM+CLM": ("crm_clm", ("select", "train", "final", "export"), {}),
 }
 SHARED = ("initial", "filter", "score")
 
@@ -80,12 +80,12 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
 
 
 def _summary(eval_metrics: dict) -> dict:
+  """The table's model columns: scenes VQA accuracy and POPE's mean accuracy / F1 / yes-ratio."""
   out = {}
   pope = eval_metrics.get("pope")
   if pope:
-    out["pope_f1"] = pope.get("mean", {}).get("f1") if isinstance(pope.get("mean"), dict) else None
-    out["pope_acc"] = pope.get("mean", {}).get("accuracy") if isinstance(pope.get("mean"), dict) \
-        else None
+    out.update(pope_acc=pope.get("mean_accuracy"), pope_f1=pope.get("mean_f1"),
+               pope_yes=pope.get("mean_yes_ratio"))
     for split in ("random", "popular", "adversarial"):
       if isinstance(pope.get(split), dict):
         out[f"pope_{split}_f1"] = pope[split].get("f1")
@@ -96,7 +96,8 @@ def _summary(eval_metrics: dict) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-  cols = ("instances", "relevance", "accuracy", "hallucination", "vqa_acc", "pope_acc", "pope_f1")
+  cols = ("instances", "relevance", "accuracy", "hallucination", "vqa_acc", "pope_acc", "pope_f1",
+          "pope_yes")
   fmt = lambda v: "-" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}")  # noqa: E731
   lines = [f"{'row':12s} " + " ".join(f"{c:>13s}" for c in cols)]
   for name, r in results.items():
@@ -113,8 +114,8 @@ def run(config: Any, workdir: str) -> dict:
   results: dict[str, dict] = {}
   base_eval = _downstream(config, os.path.join(workdir, "ablation", "base"), [], "base")
   results["base model"] = _summary(base_eval)
-  for name, (stages, overrides) in ROWS.items():
-    row_dir = os.path.join(workdir, "ablation", name.replace("+", "plus_").lower())
+  for name, (dirname, stages, overrides) in ROWS.items():
+    row_dir = os.path.join(workdir, "ablation", dirname)
     _link_shared(workdir, row_dir)
     metrics = pipeline.run_stages(derive(config, overrides), row_dir, stages)
     rows = shards.read_parts(os.path.join(row_dir, "final", "filtered"))
