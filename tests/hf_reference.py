@@ -127,15 +127,9 @@ def rewrite_layout(src: str, dst: str, rename, shards: int = 1) -> None:
       json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
-# The llava-hf LLaVA-1.5 chat template (as shipped in llava-hf/llava-1.5-7b-hf's chat_template.json).
-LLAVA15_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
-    "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# llava-hf's LLaVA-1.5 chat template (llava-hf/llava-1.5-7b-hf's chat_template.json): one copy, the
+# library's (the shipped scenes model's processor uses it too).
+from c3l_jax.data.scenes_model import LLAVA15_CHAT_TEMPLATE  # noqa: E402
 
 _CORPUS = """USER: ASSISTANT: ? . , : a the red blue green yellow circle square triangle is are there in on of left right
 above below what color shape how many objects image picture question answer describe small large
