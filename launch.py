@@ -107,7 +107,8 @@ def main(argv: Sequence[str]) -> None:
   if problems and not _DRY_RUN.value:
     _fail(problems[0])
 
-  workdir = _WORKDIR.value or _default_workdir()
+  # Absolute: orbax refuses relative checkpoint paths.
+  workdir = os.path.abspath(_WORKDIR.value or _default_workdir())
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

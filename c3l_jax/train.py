@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import signal
 from typing import Any, Callable, Sequence
@@ -196,7 +197,7 @@ class Trainer:
     self.manager = None
     if checkpoint_dir:
       self.manager = ocp.CheckpointManager(
-          checkpoint_dir, options=ocp.CheckpointManagerOptions(
+          os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(
               max_to_keep=2, enable_async_checkpointing=False),
           item_names=("state", "meta"))
     self._preempted = False

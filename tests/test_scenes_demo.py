@@ -33,7 +33,8 @@ def _parts(d):
                     reason="the shipped scenes checkpoint is missing")
 def test_shrunken_demo_end_to_end(tmp_path):
   workdir = tmp_path / "w"
-  cmd = [sys.executable, "launch.py", f"--workdir={workdir}", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+  # A relative --workdir, as users type it (orbax needs absolute paths: launch.py resolves it).
+  cmd = [sys.executable, "launch.py", f"--workdir={os.path.relpath(workdir, REPO)}", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
          "--config.data.scenes_images=40", "--config.data.max_images=16", "--config.generation.per_image=3",
          "--config.generation.shard_size=8", "--config.generation.num_final=16",
          "--config.scoring.shard_size=64", "--config.train.steps=3", "--config.train.checkpoint_every=3",
