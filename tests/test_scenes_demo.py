@@ -4,12 +4,18 @@ report and the closing table."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+import PIL.Image
 import pytest
+
+import browser
 
 from c3l_jax.data import scenes
 from c3l_jax.eval import pope
@@ -29,9 +35,12 @@ def _parts(d):
           and "rejected" not in p for r in _rows(os.path.join(d, p))]
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SCENES, "c3l_model.json")),
-                    reason="the shipped scenes checkpoint is missing")
-def test_shrunken_demo_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  """(workdir, completed process) of one shrunken `python launch.py` run."""
+  if not os.path.exists(os.path.join(SCENES, "c3l_model.json")):
+    pytest.skip("the shipped scenes checkpoint is missing")
+  tmp_path = tmp_path_factory.mktemp("demo")
   workdir = tmp_path / "w"
   # A relative --workdir, as users type it (orbax needs absolute paths: launch.py resolves it).
   cmd = [sys.executable, "launch.py", f"--workdir={os.path.relpath(workdir, REPO)}", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
@@ -43,6 +52,11 @@ def test_shrunken_demo_end_to_end(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
   assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+def test_shrunken_demo_end_to_end(demo):
+  workdir, proc = demo
   metrics = json.load(open(workdir / "metrics.json"))
   assert list(metrics) == ["initial", "filter", "score", "select", "train", "final", "export", "eval"]
 
@@ -75,3 +89,60 @@ def test_shrunken_demo_end_to_end(tmp_path):
   assert vqa["questions"] == 16 and 0.0 <= vqa["accuracy"] <= 1.0
   assert (workdir / "report.html").stat().st_size > 1000
   assert "POPE" in proc.stdout
+
+
+# What the rendered page must show, read back from the DOM after Chromium has laid it out and decoded it.
+_RENDERED = """
+const box = e => e.getBoundingClientRect();
+const svg = document.querySelector('svg');
+return {
+  title: document.title,
+  viewport: [innerWidth * devicePixelRatio, innerHeight * devicePixelRatio],
+  fetched: performance.getEntriesByType('resource').map(r => r.name),
+  images: [...document.images].map(i => ({src: i.src, complete: i.complete, w: i.naturalWidth,
+                                          h: i.naturalHeight, shown: box(i).width})),
+  svg_width: box(svg).width,
+  bars: [...svg.querySelectorAll('rect')].map(r => ({h: box(r).height, title: r.textContent})),
+  tables: [...document.querySelectorAll('table')].map(t => [...t.rows].map(
+      r => [...r.cells].map(c => c.innerText))),
+};
+"""
+
+
+@pytest.mark.skipif(browser.binaries() is None,
+                    reason="chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+def test_report_renders_in_headless_chromium(demo):
+  workdir, _ = demo
+  metrics = json.load(open(workdir / "metrics.json"))
+  scored = _parts(workdir / "score")
+  with browser.headless_page() as page:
+    page.open((workdir / "report.html").as_uri())
+    dom = page.run(_RENDERED)
+    page.run("document.querySelector('svg').scrollIntoView()")
+    shot = PIL.Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+
+  assert dom["title"] == "C3L run report"
+  assert dom["fetched"] == []  # self-contained: the page loaded nothing besides itself
+  # Best and worst samples: every inlined image decoded to the thumbnail's size and is shown 96 px wide.
+  assert len(dom["images"]) == 2 * min(6, len(scored))
+  for img in dom["images"]:
+    thumb = PIL.Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
+    assert img["complete"] and (img["w"], img["h"]) == thumb.size and max(thumb.size) <= 96
+    assert img["shown"] == 96
+  # The histogram is drawn as the scored data's histogram: bar heights in proportion to the counts.
+  counts, _ = np.histogram([r["i2c"] for r in scored], bins=30)
+  assert dom["svg_width"] == 600
+  assert [int(b["title"].rsplit(":", 1)[1]) for b in dom["bars"]] == counts.tolist()
+  np.testing.assert_allclose([b["h"] for b in dom["bars"]], 150 * counts / counts.max(), atol=0.6)
+  # The stage-count and initial-vs-final tables show metrics.json's numbers.
+  stages, quality = dom["tables"][:2]
+  assert stages[0] == ["stage", "read", "written", "rejected"]
+  assert {r[0]: r[2] for r in stages[1:]}["score"] == str(metrics["score"]["written"])
+  shown = {r[0]: r[1:] for r in quality[1:]}
+  fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (the report's cell format)
+  for name in ("relevance", "accuracy", "hallucination", "mean_i2c"):
+    assert shown[name] == [fmt(metrics["export"]["quality"][k][name]) for k in ("initial", "final")]
+  # The pixels: the screenshot is the viewport, and the histogram's bars are painted in their colour.
+  assert list(shot.size) == dom["viewport"]
+  bar_pixels = (np.asarray(shot) == (0x4a, 0x7b, 0xd0)).all(-1).sum()
+  assert bar_pixels > 0.5 * sum(b["h"] for b in dom["bars"]) * (600 / 30 - 1)
