@@ -35,28 +35,41 @@ def _parts(d):
           and "rejected" not in p for r in _rows(os.path.join(d, p))]
 
 
+# The demo's flags, shrunk to a 40-scene world (so the val split has every shape) and a few steps.
+SHRINK = ("--config.data.scenes_images=40", "--config.data.max_images=16", "--config.generation.per_image=3",
+          "--config.generation.shard_size=8", "--config.generation.num_final=16",
+          "--config.scoring.shard_size=64", "--config.train.steps=3", "--config.train.checkpoint_every=3",
+          "--config.select.top_fraction=0.3", "--config.eval.pope_num_images=4",
+          "--config.eval.max_items=8", "--config.eval.max_new_tokens=4", "--config.data.eval_batch_size=8")
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+
+
+def _pairwise_auc(scores, labels):
+  """P(score of an image-dependent QA > a generic one), ties 1/2, by direct pairwise comparison."""
+  pos = [s for s, y in zip(scores, labels) if y]
+  neg = [s for s, y in zip(scores, labels) if not y]
+  if not pos or not neg:
+    return None
+  return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  """(workdir, completed process) of one shrunken `python launch.py` run."""
+  """(workdir, tfds dir, completed process) of one shrunken `python launch.py` run."""
   if not os.path.exists(os.path.join(SCENES, "c3l_model.json")):
     pytest.skip("the shipped scenes checkpoint is missing")
   tmp_path = tmp_path_factory.mktemp("demo")
   workdir = tmp_path / "w"
   # A relative --workdir, as users type it (orbax needs absolute paths: launch.py resolves it).
-  cmd = [sys.executable, "launch.py", f"--workdir={os.path.relpath(workdir, REPO)}", f"--config.data.tfds_dir={tmp_path / 'tfds'}",
-         "--config.data.scenes_images=40", "--config.data.max_images=16", "--config.generation.per_image=3",
-         "--config.generation.shard_size=8", "--config.generation.num_final=16",
-         "--config.scoring.shard_size=64", "--config.train.steps=3", "--config.train.checkpoint_every=3",
-         "--config.select.top_fraction=0.3", "--config.eval.pope_num_images=4",
-         "--config.eval.max_items=8", "--config.eval.max_new_tokens=4", "--config.data.eval_batch_size=8"]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+  cmd = [sys.executable, "launch.py", f"--workdir={os.path.relpath(workdir, REPO)}",
+         f"--config.data.tfds_dir={tmp_path / 'tfds'}", *SHRINK]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return workdir, proc
+  return workdir, tmp_path / "tfds", proc
 
 
 def test_shrunken_demo_end_to_end(demo):
-  workdir, proc = demo
+  workdir, _, proc = demo
   metrics = json.load(open(workdir / "metrics.json"))
   assert list(metrics) == ["initial", "filter", "score", "select", "train", "final", "export", "eval"]
 
@@ -70,7 +83,11 @@ def test_shrunken_demo_end_to_end(demo):
     verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in rows]
     assert q["relevance"] == pytest.approx(sum(v.image_dependent for v in verdicts) / len(rows))
     assert q["hallucination"] == pytest.approx(sum(bool(v.hallucinated) for v in verdicts) / len(rows))
+    decided = [v.correct for v in verdicts if v.image_dependent and v.correct is not None]
+    assert q["accuracy"] == (pytest.approx(sum(decided) / len(decided)) if decided else None)
     assert q["mean_i2c"] == pytest.approx(sum(r["i2c"] for r in rows) / len(rows), rel=1e-6)
+    auc = _pairwise_auc([r["i2c"] for r in rows], [v.image_dependent for v in verdicts])
+    assert q["i2c_auc"] == (pytest.approx(auc) if auc is not None else None)
     assert all(k in q for k in QUALITY)
   # The run ends with the initial-vs-final table.
   tail = proc.stdout.strip().splitlines()
@@ -112,7 +129,7 @@ return {
 @pytest.mark.skipif(browser.binaries() is None,
                     reason="chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
 def test_report_renders_in_headless_chromium(demo):
-  workdir, _ = demo
+  workdir, _, _ = demo
   metrics = json.load(open(workdir / "metrics.json"))
   scored = _parts(workdir / "score")
   with browser.headless_page() as page:
@@ -146,3 +163,64 @@ def test_report_renders_in_headless_chromium(demo):
   assert list(shot.size) == dom["viewport"]
   bar_pixels = (np.asarray(shot) == (0x4a, 0x7b, 0xd0)).all(-1).sum()
   assert bar_pixels > 0.5 * sum(b["h"] for b in dom["bars"]) * (600 / 30 - 1)
+
+
+def test_ablation_table_on_the_demo_data(demo, tmp_path):
+  """`configs/scenes_ablation.py` (Table 4) on the shrunken demo's initial data: four generator rows plus
+  the base model, each row's data fine-tunes a fresh base copy (VLIT) that is evaluated on scenes POPE
+  (random / popular / adversarial) and held-out VQA."""
+  import shutil
+
+  from c3l_jax.pipeline import ablation
+
+  demo_dir, tfds_dir, _ = demo
+  workdir = tmp_path / "ablation_run"
+  for stage in ablation.SHARED:  # the shared initial data, as a rerun of the demo's workdir would find it
+    shutil.copytree(demo_dir / stage, workdir / stage)
+  cmd = [sys.executable, "launch.py", "--config=configs/scenes_ablation.py", f"--workdir={workdir}",
+         f"--config.data.tfds_dir={tfds_dir}", *SHRINK, "--config.stages=ablation",
+         "--config.ablation.vlit_steps=2"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = json.load(open(workdir / "metrics.json"))["ablation"]["rows"]
+  assert list(rows) == ["base model", *ablation.ROWS]
+  world = {s.file_name: s for s in scenes.generate_world(40, 0)}
+
+  for name, result in rows.items():
+    row_dir = workdir / "ablation" / (ablation.ROWS[name][0] if name in ablation.ROWS else "base")
+    down = row_dir / "downstream"
+    if name in ablation.ROWS:
+      # The row's final data: its size and checker quality, and it is exactly what fine-tuned the copy.
+      data = _parts(row_dir / "final" / "filtered")
+      assert result["instances"] == len(data) > 0
+      verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in data]
+      assert result["relevance"] == pytest.approx(sum(v.image_dependent for v in verdicts) / len(data))
+      assert [(r["id"], r["question"], r["answer"]) for r in _rows(down / "records.jsonl")] == \
+          [(r["id"], r["question"], r["answer"]) for r in data]
+      assert json.load(open(down / "train" / "DONE.json"))["steps"] == 2
+    else:
+      assert not (down / "train").exists()  # the reference row evaluates the base model as shipped
+    # POPE per split and VQA, recounted from the downstream model's written answers.
+    for split in pope.SPLITS:
+      answers = _parts(down / "eval" / f"pope_{split}")
+      assert len(answers) == 8
+      hits = [pope.parse_yes_no(a["answer"]) == a["label"] for a in answers]
+      assert result[f"pope_{split}_acc"] == pytest.approx(sum(hits) / len(hits))
+    assert result["pope_acc"] == pytest.approx(np.mean([result[f"pope_{s}_acc"] for s in pope.SPLITS]))
+    assert 0.0 <= result["vqa_acc"] <= 1.0
+
+  # Which generator each row trained: +CRM has no contrastive term, +CLM picked its roles at random.
+  history = lambda d: _rows(workdir / "ablation" / d / "train" / "history.jsonl")  # noqa: E731
+  assert all(h.get("contrastive", 0.0) == 0.0 for h in history("crm"))
+  assert any(h.get("contrastive", 0.0) > 0.0 for h in history("crm_clm"))
+  top = {d: {r["id"] for r in _parts(workdir / "ablation" / d / "select") if r["top_fraction"]}
+         for d in ("clm", "crm", "crm_clm")}
+  scored = sorted(_parts(demo_dir / "score"), key=lambda r: -r["i2c"])
+  assert top["crm"] == top["crm_clm"] == {r["id"] for r in scored[:len(top["crm"])]}
+  assert len(top["clm"]) == len(top["crm"]) and top["clm"] != top["crm"]
+  # The printed table is table.txt: Table 4's rows, then POPE per split.
+  text = (workdir / "ablation" / "table.txt").read_text()
+  assert text.strip() in proc.stdout
+  lines = text.splitlines()
+  assert [line.split()[0] for line in lines[1:6]] == ["base", "filtering", "+CLM", "+CRM", "+CRM+CLM"]
+  assert "POPE per split, accuracy / F1:" in lines

@@ -25,6 +25,7 @@ import ml_collections
 from absl import logging
 
 from c3l_jax.data.records import write_jsonl
+from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
 from c3l_jax.pipeline import common, shards
 
 # row name -> (its directory under WORKDIR/ablation, generator stages, config overrides)
@@ -86,8 +87,9 @@ def _summary(eval_metrics: dict) -> dict:
   if pope:
     out.update(pope_acc=pope.get("mean_accuracy"), pope_f1=pope.get("mean_f1"),
                pope_yes=pope.get("mean_yes_ratio"))
-    for split in ("random", "popular", "adversarial"):
+    for split in POPE_SPLITS:
       if isinstance(pope.get(split), dict):
+        out[f"pope_{split}_acc"] = pope[split].get("accuracy")
         out[f"pope_{split}_f1"] = pope[split].get("f1")
   vqa = eval_metrics.get("scenes_vqa")
   if vqa:
@@ -96,12 +98,19 @@ def _summary(eval_metrics: dict) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
+  """The printed Table 4: data quality and the fine-tuned models' scores, then POPE per split."""
   cols = ("instances", "relevance", "accuracy", "hallucination", "vqa_acc", "pope_acc", "pope_f1",
           "pope_yes")
   fmt = lambda v: "-" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}")  # noqa: E731
   lines = [f"{'row':12s} " + " ".join(f"{c:>13s}" for c in cols)]
   for name, r in results.items():
     lines.append(f"{name:12s} " + " ".join(f"{fmt(r.get(c)):>13s}" for c in cols))
+  if any(f"pope_{s}_acc" in r for r in results.values() for s in POPE_SPLITS):
+    lines += ["", "POPE per split, accuracy / F1:",
+              f"{'row':12s} " + " ".join(f"{s:>13s}" for s in POPE_SPLITS)]
+    for name, r in results.items():
+      cells = (f"{fmt(r.get(f'pope_{s}_acc'))}/{fmt(r.get(f'pope_{s}_f1'))}" for s in POPE_SPLITS)
+      lines.append(f"{name:12s} " + " ".join(f"{c:>13s}" for c in cells))
   return "\n".join(lines)
 
 
