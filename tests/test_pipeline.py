@@ -11,6 +11,7 @@ import html.parser
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pipeline_world as pw
 from hf_reference import REPO
 
 STAGES = ("initial", "filter", "score", "select", "train", "final", "export")
+PER_IMAGE, NUM_FINAL = 3, 8
 
 
 def _cmd(world, workdir, *extra):
@@ -30,7 +32,8 @@ def _cmd(world, workdir, *extra):
           f"--config.model.checkpoint={world['model']}", f"--config.data.records={world['records']}",
           f"--config.data.image_root={world['images']}", f"--config.data.max_pixels={pw.MAX_PIXELS}",
           "--config.generation.shard_size=3", "--config.generation.max_new_tokens=40",
-          "--config.generation.num_final=8", "--config.scoring.shard_size=4",
+          f"--config.generation.per_image={PER_IMAGE}", f"--config.generation.num_final={NUM_FINAL}",
+          "--config.scoring.shard_size=4",
           "--config.train.steps=4", "--config.train.checkpoint_every=1", "--config.select.top_fraction=0.5",
           *extra]
 
@@ -73,6 +76,8 @@ def reference(world):
   workdir = os.path.join(world["root"], "reference")
   proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env())
   assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, "launch.stderr"), "w") as f:
+    f.write(proc.stderr)
   return workdir
 
 
@@ -140,24 +145,62 @@ def test_bad_inputs_are_quarantined_with_reasons_and_counts_add_up(world, refere
   initial = _parts(reference, "initial")
   assert {r["image"] for r in initial} == {f"im{i}.png" for i in range(pw.GOOD_IMAGES)}
 
+  # metrics.json: every stage's counts add up, and match the files.
   metrics = json.load(open(os.path.join(reference, "metrics.json")))
   assert set(metrics) == set(STAGES)
   m = metrics["initial"]
-  assert m["read"] == pw.GOOD_IMAGES + len(pw.BAD_IMAGES) + len(pw.BAD_LINES)
-  assert m["rejected"] == len(rejected) and m["written"] == len(initial)
-  for stage in ("filter", "score", "select"):
+  assert m["read"] == m["images"] + m["rejected"]
+  assert (m["images"], m["rejected"]) == (pw.GOOD_IMAGES, len(pw.BAD_IMAGES) + len(pw.BAD_LINES))
+  assert m["samples"] == m["written"] + m["samples_rejected"] == pw.GOOD_IMAGES * PER_IMAGE
+  assert m["written"] == len(initial) and m["samples_rejected"] == 0
+  assert m["rejected"] + m["samples_rejected"] == len(rejected)
+  assert m["unparsable"] == sum(not r["question"] for r in initial)
+  for stage in ("filter", "score", "select", "export"):
     m = metrics[stage]
-    assert m["read"] == m["written"] + m["rejected"], (stage, m)
-    assert m["written"] == len(_parts(reference, stage))
-    assert m["rejected"] == len(_rows(os.path.join(reference, stage, "rejected.jsonl")))
+    assert m["read"] + m.get("generated", 0) == m["written"] + m["rejected"], (stage, m)
+    if stage != "export":
+      assert m["written"] == len(_parts(reference, stage))
+      assert m["rejected"] == len(_rows(os.path.join(reference, stage, "rejected.jsonl")))
   assert metrics["filter"]["read"] == metrics["initial"]["written"]
   assert metrics["score"]["read"] == metrics["filter"]["written"]
+  m = metrics["select"]
+  assert m["read"] == metrics["score"]["written"] and m["generated"] == 0
+  assert m["written"] == m["positive"] + m["negative"] + m["unused"]
+  select = _parts(reference, "select")
+  contrasted = {r["image"] for r in select if r["role"] == "negative"}
+  assert metrics["train"]["ce_examples"] == m["top_fraction"]
+  assert metrics["train"]["groups"] == len(contrasted) == m["positive"]
+  # final: the images its NUM_FINAL samples cycle over (the source's order: good ones, then bad ones).
+  m = metrics["final"]
+  items = [f"im{i}.png" for i in range(pw.GOOD_IMAGES)] + list(pw.BAD_IMAGES)
+  used = [items[k % len(items)] for k in range(NUM_FINAL)]
+  good = [im for im in used if im.startswith("im")]
+  final_rejected = _rows(os.path.join(reference, "final", "rejected.jsonl"))
+  assert m["read"] == m["images"] + m["rejected"] == len(set(used)) + len(pw.BAD_LINES)
+  assert m["images"] == len(set(good))
+  assert sorted(r["image"] for r in final_rejected if "image" in r) == sorted(set(used) - set(good))
+  assert m["samples"] == m["written"] + m["samples_rejected"] == len(good)
+  assert m["written"] == len(_parts(reference, "final")) and m["samples_rejected"] == 0
+  assert m["rejected"] + m["samples_rejected"] == len(final_rejected)
+  assert m["written"] == m["kept"] + m["filtered_out"]
+  assert m["kept"] == len(_parts(reference, "final/filtered")) == metrics["export"]["read"]
+  assert m["filtered_out"] == len(_rows(os.path.join(reference, "final", "filtered", "rejected.jsonl")))
+  assert metrics["export"]["written"] == len(json.load(open(os.path.join(reference, "export",
+                                                                          "c3l_vlit.json"))))
   # The filter's rejections carry their reasons (the taught model writes duplicates and bad output).
   reasons = [r["reason"] for r in _rows(os.path.join(reference, "filter", "rejected.jsonl"))]
   assert any(r.startswith("duplicate of") or r.startswith("near duplicate of") for r in reasons)
-  select = _parts(reference, "select")
   assert {r["role"] for r in select} <= {"positive", "negative", "unused"}
   assert sum(r["top_fraction"] for r in select) == metrics["select"]["top_fraction"] >= 1
+
+  # Progress: each sharded stage's tqdm bar ran to 100% and it logged one line per shard it wrote.
+  log = open(os.path.join(reference, "launch.stderr"), encoding="utf-8").read()
+  for stage, folder in (("initial", "initial"), ("filter", "filter"), ("score", "score"),
+                        ("select", "select"), ("final", "final"), ("final:filter", "final/filtered")):
+    n = sum(name.endswith(".done") for name in os.listdir(os.path.join(reference, folder)))
+    assert re.search(rf"(?<![:\w]){stage}: 100%\|[^|]*\| \d+/\d+ \[[^]]*(rec|sample)/s", log), stage
+    assert sorted(int(i) for i in re.findall(rf"\] {stage}: shard (\d+) done \(", log)) == \
+        list(range(n)), stage
 
 
 def test_strict_mode_stops_at_the_first_bad_input(world, tmp_path):
@@ -185,9 +228,12 @@ def _run_until(world, workdir, marker, timeout=600):
 
 def test_kill_9_and_resume_exports_identical_bytes(world, reference, tmp_path):
   workdir = str(tmp_path / "killed")
-  kills = [_run_until(world, workdir, marker) for marker in
-           ("initial/part-00000.done", "train/checkpoints/2", "final/part-00000.done")]
-  assert kills[0], "the first run finished before it could be killed"
+  markers = ("initial/part-00000.done", "train/checkpoints/2", "final/part-00000.done")
+  for marker in markers:
+    assert _run_until(world, workdir, marker), f"the run finished before {marker} was written"
+    # ... within that stage (initial's last shards take ~0.3 s, too little to rely on).
+    if not marker.startswith("initial"):
+      assert not os.path.exists(os.path.join(workdir, marker.split("/")[0], "DONE.json")), marker
   proc = subprocess.run(_cmd(world, workdir), cwd=REPO, capture_output=True, text=True, env=_env())
   assert proc.returncode == 0, proc.stderr[-4000:]
   for name in ("c3l_vlit.json", "stats.json"):

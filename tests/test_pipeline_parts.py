@@ -4,6 +4,7 @@ export statistics, and the image sources over COCO / scenes tfds data."""
 from __future__ import annotations
 
 import json
+import os
 import types
 
 import numpy as np
@@ -209,3 +210,151 @@ def test_ablation_rows_derive_their_configs():
   assert rows["+CRM+CLM"].to_dict() == config.to_dict()  # the full method changes nothing
   assert ablation.ROWS["filtering"][1] == ("final", "export")  # no generator training
   assert all(r.is_locked for r in rows.values()) and config.select.method == "i2c"
+
+
+# -------------------------------------------- the generation stages' shards, without a model
+
+class _Picture:
+  def __init__(self, name: str, tokens: int):
+    self.name, self.tokens = name, tokens
+
+
+class _StubInference:
+  """What `initial.generate_jobs` uses of `common.Inference`: a word tokenizer, an image source and a
+  generator whose texts are a function of the prompt and its PRNG key. `wide*` images take 50 prompt
+  tokens (the caption / VIGC prompt is over a 64-token context), `chatty*` images get a 30-word caption
+  (two_step's step-2 prompt is over it), `bad*` images do not load."""
+
+  max_len = 64
+
+  def __init__(self, config, checkpoint=None):
+    self.config = config
+    self.builder = types.SimpleNamespace(encode_prompt=self._encode)
+    self.source = types.SimpleNamespace(load=self._load)
+
+  @staticmethod
+  def _load(image):
+    if image.startswith("bad"):
+      raise ImageError("missing image")
+    return _Picture(image, 50 if image.startswith("wide") else 4)
+
+  @staticmethod
+  def _encode(text, picture):
+    return [1] * len(text.split()) + ([9] * picture.tokens if picture else []), picture
+
+  def generate(self, prompts, pixels, keys, max_new_tokens):
+    import jax
+    seeds = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), -1)[:, -1] % 1000
+    if pixels is not None and max_new_tokens == self.config.generation.caption_max_new_tokens \
+        and self.config.generation.mode == "two_step":
+      texts = [("word " * 30 if p.name.startswith("chatty") else "a red circle ") + str(s)
+               for p, s in zip(pixels, seeds)]
+    else:
+      texts = [f"Question: what is {s}? Answer: it is {len(p)}" for p, s in zip(prompts, seeds)]
+    return texts, 3 * len(prompts)
+
+
+def _gen_config(mode):
+  return types.SimpleNamespace(seed=0, strict=False, generation=types.SimpleNamespace(
+      mode=mode, max_new_tokens=16, caption_max_new_tokens=16))
+
+
+def _jobs(names, per_image=2, salt=0):
+  from c3l_jax.data.sources import ImageItem
+  from c3l_jax.pipeline import initial
+  items = [ImageItem(image=n, image_id=n.split(".")[0]) for n in names]
+  return initial.draw_jobs(items, per_image, {"conversation": 0.5, "complex_reasoning": 0.5},
+                           np.random.default_rng(salt))
+
+
+@pytest.mark.parametrize("mode", ["two_step", "direct"])
+def test_generation_quarantines_sequences_over_the_context_and_counts_add_up(mode):
+  from c3l_jax.pipeline import initial
+  names = ["ok0.png", "bad.png", "wide.png", "chatty.png", "ok1.png"]
+  jobs = _jobs(names)
+  rows, rejected, counts = initial.generate_jobs(_StubInference(_gen_config(mode)), jobs, mode,
+                                                 "initial", 0)
+  over = {"two_step": ["wide.png", "chatty.png"], "direct": ["wide.png"]}[mode]
+  assert [r["id"] for r in rows] == [j.id for j in jobs if j.item.image not in ["bad.png"] + over]
+  assert all(r["question"].startswith("what is") for r in rows)
+  assert [r["raw"]["image"] for r in rejected] == ["bad.png"] + [
+      j.item.image for j in jobs if j.item.image in over]  # the image once, then each sample
+  assert rejected[0]["reason"] == "missing image"
+  for r in rejected[1:]:
+    assert r["id"] == r["raw"]["id"] and "over the model's context of 64" in r["reason"], r
+    assert r["reason"].startswith("caption prompt: ") == (mode == "two_step"
+                                                           and r["raw"]["image"] == "wide.png")
+  assert counts["images"] == 4 and counts["images_rejected"] == 1
+  assert counts["samples"] == 8 and counts["samples_rejected"] == 2 * len(over)
+  assert counts["samples"] == len(rows) + counts["samples_rejected"]
+  assert counts["tokens"] == 3 * (len(rows) + (4 - 1 if mode == "two_step" else 0))  # + captions
+
+
+def test_processes_take_disjoint_shards_that_cover_all():
+  import jax
+  from c3l_jax.pipeline import common
+  for count in (1, 2, 3):
+    taken = []
+    for index in range(count):
+      with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "process_count", lambda: count)
+        mp.setattr(jax, "process_index", lambda: index)
+        taken.append(common.my_shards(range(7)))
+    assert sorted(i for t in taken for i in t) == list(range(7))  # each shard exactly once
+    assert taken[0] == list(range(0, 7, count))
+
+
+def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch, caplog):
+  """`run_generation` on two simulated hosts (threads; `sync` a barrier) in one workdir: process 1 takes
+  the odd shards, process 0 the even ones and gathers; every file equals a one-process run's."""
+  import logging
+  import threading
+
+  import jax
+  from c3l_jax.pipeline import common, initial
+
+  host = threading.local()
+  barrier = threading.Barrier(2)
+  monkeypatch.setattr(jax, "process_count", lambda: getattr(host, "count", 1))
+  monkeypatch.setattr(jax, "process_index", lambda: getattr(host, "index", 0))
+  monkeypatch.setattr(common, "sync", lambda name: barrier.wait() if host.count > 1 else None)
+  monkeypatch.setattr(common, "Inference", _StubInference)
+  generated = []
+  real = initial.generate_jobs
+  monkeypatch.setattr(initial, "generate_jobs", lambda inf, jobs, mode, stage, shard: (
+      generated.append((host.index, shard)), real(inf, jobs, mode, stage, shard))[1])
+
+  names = ["ok0.png", "bad.png", "wide.png", "chatty.png", "ok1.png", "ok2.png", "bad2.png"]
+  chunks = [_jobs(names[i:i + 2], salt=i) for i in range(0, len(names), 2)]
+  upfront = [{"raw": "{", "reason": "malformed JSON", "line": 3}]
+  config = _gen_config("two_step")
+
+  def run(workdir, count, index, out):
+    host.count, host.index = count, index
+    out[index] = initial.run_generation(config, str(workdir), "initial", chunks, "two_step", None,
+                                        upfront, records=len(names) + 1)
+
+  single, double = {}, {}
+  run(tmp_path / "one", 1, 0, single)
+  generated.clear()
+  threads = [threading.Thread(target=run, args=(tmp_path / "two", 2, i, double)) for i in (1, 0)]
+  with caplog.at_level(logging.INFO):
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  assert sorted(generated) == [(0, 0), (0, 2), (1, 1), (1, 3)]
+  one, two = tmp_path / "one" / "initial", tmp_path / "two" / "initial"
+  assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+  for name in os.listdir(one):
+    assert (one / name).read_bytes() == (two / name).read_bytes(), name
+  assert double[0] == double[1] == single[0]
+  m = single[0]
+  assert m["read"] == m["images"] + m["rejected"] == len(names) + 1
+  assert (m["images"], m["rejected"]) == (5, 3)  # bad.png, bad2.png, the malformed line
+  assert m["samples"] == 2 * m["images"] == m["written"] + m["samples_rejected"]
+  assert m["samples_rejected"] == 4  # wide.png's and chatty.png's
+  assert len((one / "rejected.jsonl").read_text().splitlines()) == m["rejected"] + m["samples_rejected"]
+  # Each process logs its shards.
+  done = sorted(r.getMessage() for r in caplog.records if "shard" in r.getMessage())
+  assert [d.split(" (")[0] for d in done] == [f"initial: shard {i} done" for i in range(4)]

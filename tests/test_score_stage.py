@@ -49,6 +49,9 @@ def corpus(tmp_path_factory):
       json.dumps(dict(id="x6", image="corrupt.jpg", question="what?", answer="a dog")): "corrupt or truncated",
       json.dumps(dict(id="x7", image="empty.png", question="what?", answer="a dog")): "zero-byte",
       json.dumps(dict(id="x9", image="notes.jpg", question="what?", answer="a dog")): "not an image",
+      # 300 answer tokens and more: over the tiny model's 256 positions.
+      json.dumps(dict(id="x10", image="odd.jpg", question="what?", answer=" ".join(["red"] * 300))):
+          "tokens is over the model's context of 256",
   }
   records = root / "records.jsonl"
   with open(records, "wb") as f:
@@ -80,7 +83,7 @@ def test_score_stage_end_to_end(corpus, tmp_path):
   proc = _launch(corpus, tmp_path / "w")
   assert proc.returncode == 0, proc.stderr[-3000:]
   parts, data = _outputs(tmp_path / "w")
-  assert len(parts) == 5  # 9 readable records (4 with bad images), shards of 2
+  assert len(parts) == 5  # 10 readable records (4 with bad images, 1 too long), shards of 2
   rows = [json.loads(line) for line in data.decode().splitlines()]
   assert [r["id"] for r in rows] == [g[0] for g in GOOD]
   builder = PromptBuilder(load_processor(corpus["model"]))
@@ -96,7 +99,7 @@ def test_score_stage_end_to_end(corpus, tmp_path):
   for reason in corpus["reasons"]:
     assert sum(reason in r["reason"] for r in rejected) == 1, (reason, rejected)
   metrics = json.load(open(tmp_path / "w" / "metrics.json"))["score"]
-  assert metrics == {"read": 14, "written": 5, "rejected": 9}
+  assert metrics == {"read": 15, "written": 5, "rejected": 10}
   assert metrics["read"] == metrics["written"] + metrics["rejected"]
 
   # Resumption: a finished stage is skipped; a stage interrupted midway (no DONE.json) redoes only the

@@ -4,17 +4,20 @@ Inference stages (`initial`, `score`, `final`, `eval`) are data-parallel over pr
 loads the model on a mesh of its *local* devices (data x fsdp x tensor as configured) and takes the
 shards `i` with `i % process_count == process_index` (`my_shards`), so hosts never wait on each other
 until the stage's end (`sync`). Generation is deterministic per row: every row's PRNG key is derived
-from (seed, stage, shard, row), never from the batch it happens to land in.
+from (seed, stage, shard, row), never from the batch it happens to land in. `Progress` is every
+sharded stage's tqdm bar and per-shard log line.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 
 from c3l_jax import sampling, sharding
@@ -43,6 +46,31 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+class Progress:
+  """A stage's tqdm bar over its items (items/s, tokens/s where the stage counts tokens, ETA) and an
+  absl log line per finished shard. Use as a context manager; `shard_done` after each shard."""
+
+  def __init__(self, stage: str, total: int, unit: str):
+    self.stage, self.tokens, self.start = stage, 0, time.perf_counter()
+    self.bar = tqdm.tqdm(total=total, desc=stage, unit=unit)
+
+  def shard_done(self, index: int, items: int, tokens: int | None = None, **counts: int) -> None:
+    """Shard `index` of `items` items finished; `counts` (name=number) go to the log line."""
+    self.bar.update(items)
+    if tokens is not None:
+      self.tokens += tokens
+      self.bar.set_postfix(tok_s=f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.0f}")
+      counts = {**counts, "tokens": tokens}
+    logging.info("%s: shard %d done (%s)", self.stage, index,
+                 ", ".join(f"{n} {name}" for name, n in counts.items()))
+
+  def __enter__(self) -> "Progress":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.bar.close()
 
 
 def row_keys(seed: int, stage: str, shard: int, rows: Sequence[int]) -> jax.Array:
@@ -138,5 +166,5 @@ class Inference:
     return texts, n_tokens
 
 
-__all__ = ["Inference", "is_lead", "my_shards", "row_keys", "stage_done", "stage_input",
+__all__ = ["Inference", "Progress", "is_lead", "my_shards", "row_keys", "stage_done", "stage_input",
            "sync"]

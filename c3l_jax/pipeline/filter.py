@@ -6,6 +6,8 @@ that only repeats the caption (`difflib` similarity of the normalised texts >= `
 exact duplicates and near duplicates within one image (same normalised question and answer; or
 question word-set Jaccard >= `filter.near_duplicate`), the first occurrence being kept. Model-free and
 deterministic: reads `WORKDIR/initial` (else `data.records`), writes one output shard per input shard.
+Counts (metrics.json): `read` input records (lines) = `written` (kept) + `rejected` (the rows of
+rejected.jsonl: bad input lines and everything the filter removes).
 """
 
 from __future__ import annotations
@@ -82,16 +84,19 @@ def run(config: Any, workdir: str) -> dict:
     inputs = [records]
   # Duplicates are looked for within an image; initial shards never split an image, data.records
   # is one shard.
-  if common.is_lead():
-    for index, rows in enumerate(inputs):
-      if not shards.is_done(stage_dir, index):
-        kept, rejected = filter_rows(rows, config.filter, config.strict)
+  todo = [i for i in range(len(inputs)) if not shards.is_done(stage_dir, i)]
+  if common.is_lead() and todo:
+    with common.Progress("filter", sum(len(inputs[i]) for i in todo), "rec") as progress:
+      for index in todo:
+        kept, rejected = filter_rows(inputs[index], config.filter, config.strict)
         shards.write_shard(stage_dir, index, kept, rejected)
+        progress.shard_done(index, len(inputs[index]), kept=len(kept), rejected=len(rejected))
   common.sync("filter:shards")
-  written = sum(shards.read_shard_counts(stage_dir, i)[0] for i in range(len(inputs)))
-  n_rejected = shards.gather_rejected(stage_dir, upfront) if common.is_lead() else 0
-  return {"read": sum(len(r) for r in inputs) + len(upfront), "written": written,
-          "rejected": n_rejected}
+  counts = shards.sum_counts(stage_dir, range(len(inputs)), ("written", "rejected"))
+  if common.is_lead():
+    shards.gather_rejected(stage_dir, upfront)
+  return {"read": sum(len(r) for r in inputs) + len(upfront), "written": counts["written"],
+          "rejected": len(upfront) + counts["rejected"]}
 
 
 __all__ = ["filter_rows", "problem", "run"]

@@ -9,10 +9,18 @@ images that cannot be loaded, are in `WORKDIR/final/rejected.jsonl`. Shards of
 `generation.shard_size` samples; per-shard seeds make a resumed run write the same bytes. With
 `generation.score_final` (default) the kept samples get S(I2C) under the base model
 (`config.model.checkpoint`), comparable with the initial data's.
+
+Counts (metrics.json) as `initial`'s (`c3l_jax.pipeline.initial`): read = images + rejected, where
+`read` counts the images the `num_final` samples cycle over (min(num_final, images of the source)) plus
+the lines rejected on reading, each image once however often it is used; samples = written +
+samples_rejected, where `samples` are those of the `num_final` whose image loaded. Then written = `kept`
+(`WORKDIR/final/filtered`) + `filtered_out` (what the filter removes and what cannot be scored,
+`WORKDIR/final/filtered/rejected.jsonl`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -44,30 +52,35 @@ def run(config: Any, workdir: str) -> dict:
     jobs = []
     for k in range(start, min(start + size, total)):
       item = items[k % len(items)]
-      jobs += initial.draw_jobs([item], 1, mix, rng, id_of=lambda item, _, k=k: f"final_{k:07d}")
+      # Sample k < len(items) is its image's first: its shard counts the image.
+      jobs += [dataclasses.replace(job, counts_image=k < len(items)) for job in initial.draw_jobs(
+          [item], 1, mix, rng, id_of=lambda item, _, k=k: f"final_{k:07d}")]
     chunks.append(jobs)
   checkpoint = generator_checkpoint(config, workdir)
   metrics = initial.run_generation(config, workdir, "final", chunks, config.generation.final_mode,
-                                   checkpoint, upfront, read=len(items) + len(upfront))
+                                   checkpoint, upfront, records=min(total, len(items)) + len(upfront))
   # The basic filter, then S(I2C) under the base model (comparable with the initial data's), per shard.
   stage_dir = os.path.join(workdir, "final")
   filtered_dir = os.path.join(stage_dir, "filtered")
   scorer = None
-  for index in common.my_shards(range(len(chunks))):
-    if shards.is_done(filtered_dir, index):
-      continue
-    rows, rejected = filter_rows(shards.read_part(shards.part_path(stage_dir, index)), config.filter,
-                                 config.strict)
-    if config.generation.score_final and rows:
-      if scorer is None:
-        scorer = score_stage.make_scorer(config)
-      rows, unscorable = score_stage.score_chunk(config, rows, *scorer)
-      rejected += unscorable
-    shards.write_shard(filtered_dir, index, rows, rejected)
+  todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(filtered_dir, i)]
+  if todo:
+    inputs = {i: shards.read_part(shards.part_path(stage_dir, i)) for i in todo}
+    with common.Progress("final:filter", sum(map(len, inputs.values())), "sample") as progress:
+      for index in todo:
+        rows, rejected = filter_rows(inputs[index], config.filter, config.strict)
+        if config.generation.score_final and rows:
+          if scorer is None:
+            scorer = score_stage.make_scorer(config)
+          rows, unscorable = score_stage.score_chunk(config, rows, *scorer)
+          rejected += unscorable
+        shards.write_shard(filtered_dir, index, rows, rejected)
+        progress.shard_done(index, len(inputs[index]), kept=len(rows), rejected=len(rejected))
   common.sync("final:filtered")
-  kept = sum(shards.read_shard_counts(filtered_dir, i)[0] for i in range(len(chunks)))
-  filtered_out = shards.gather_rejected(filtered_dir, ()) if common.is_lead() else 0
-  metrics.update(generator=checkpoint, kept=kept, filtered_out=filtered_out)
+  counts = shards.sum_counts(filtered_dir, range(len(chunks)), ("written", "rejected"))
+  if common.is_lead():
+    shards.gather_rejected(filtered_dir, ())
+  metrics.update(generator=checkpoint, kept=counts["written"], filtered_out=counts["rejected"])
   return metrics
 
 

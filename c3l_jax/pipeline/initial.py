@@ -11,20 +11,26 @@
 random choices and sampling keys depend only on (seed, shard, row), so a resumed run writes the same
 bytes. Output records: `id`, `image`, `image_id`, `instruction_type`, `instruction`, `mode`, `caption`
 (two_step), `output` (the raw generated text) and the parsed `question` / `answer` ("" when the output
-does not parse: the `filter` stage quarantines those). Images that cannot be loaded and prompts over
-the model's context go to `WORKDIR/initial/rejected.jsonl`.
+does not parse: the `filter` stage quarantines those). Bad input lines, images that cannot be loaded
+and samples whose sequence is over the model's context go to `WORKDIR/initial/rejected.jsonl`.
+
+Counts (metrics.json; the same for `final`), at two levels that each add up:
+  inputs   read = images + rejected: `read` input records (one per distinct image, at most
+           `data.max_images`, plus the lines rejected on reading), `images` whose image loaded,
+           `rejected` (bad lines and images that could not be loaded).
+  samples  samples = written + samples_rejected: `samples` to generate for the loaded images (here
+           images x `generation.per_image`), `samples_rejected` (over the model's context), `written`
+           (`unparsable` of them without a parsable "Question: ... Answer: ...").
+rejected.jsonl holds rejected + samples_rejected rows; `tokens` counts the generated tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any, Sequence
 
 import numpy as np
-import tqdm
-from absl import logging
 
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.images import ImageError
@@ -43,6 +49,9 @@ class Job:
   instruction_type: str
   qa_choice: int  # index into QA_FROM_CAPTION[type] (two_step)
   caption_choice: int  # index into CAPTION_INSTRUCTIONS (two_step)
+  # Whether this job's shard counts (and, if it cannot be loaded, quarantines) the image: false for the
+  # jobs of `final` that cycle back to an image an earlier job already used.
+  counts_image: bool = True
 
 
 def draw_jobs(items: Sequence[ImageItem], per_item: int, mix: dict[str, float], rng: np.random.Generator,
@@ -62,56 +71,74 @@ def _fail(config: Any, what: str, reason: str) -> None:
     raise BadInput(f"{what}: {reason}")
 
 
+# The counts of one shard (kept in its marker) and of the stage (their sums): `images` (loaded) +
+# `images_rejected` (not loadable) are the distinct images the shard accounts for (`Job.counts_image`);
+# `samples` (jobs whose image loaded) = `written` + `samples_rejected` (sequence over the context).
+SHARD_COUNTS = ("images", "images_rejected", "samples", "samples_rejected", "tokens")
+
+
 def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: str, shard: int
-                  ) -> tuple[list[dict], list[dict], int]:
-  """Run `jobs` (one shard): `(records, rejected inputs, generated tokens)`."""
+                  ) -> tuple[list[dict], list[dict], dict[str, int]]:
+  """Run `jobs` (one shard): `(records, rejections, counts)` with `counts` keyed by `SHARD_COUNTS`.
+
+  Rejections: each image that cannot be loaded, once (if the shard counts it), and each sample whose
+  prompt + new tokens are over the model's context (in two_step, every sample of an image whose
+  caption prompt is).
+  """
   config, builder = inf.config, inf.builder
   max_new = config.generation.max_new_tokens
   rejected: list[dict] = []
-  bad_images: set[str] = set()
+  counted = {job.item.image for job in jobs if job.counts_image}
+  good: set[str] = set()
+  bad: set[str] = set()
   pixels: dict[str, np.ndarray] = {}
+  counts = dict.fromkeys(SHARD_COUNTS, 0)
 
   def image_prompt(job: Job, text: str) -> list[int] | None:
     try:
       image = inf.source.load(job.item.image)
     except ImageError as e:
-      if job.item.image not in bad_images:
-        bad_images.add(job.item.image)
-        _fail(config, f"image {job.item.image!r}", str(e))
-        rejected.append(reject(dataclasses.asdict(job.item), str(e), image=job.item.image))
+      if job.item.image not in bad:
+        bad.add(job.item.image)
+        if job.item.image in counted:
+          _fail(config, f"image {job.item.image!r}", str(e))
+          rejected.append(reject(dataclasses.asdict(job.item), str(e), image=job.item.image))
       return None
+    good.add(job.item.image)
     ids, px = builder.encode_prompt(text, image)
     pixels[job.item.image] = px
     return ids
 
-  def fits(job: Job, ids: list[int], new_tokens: int) -> bool:
+  def fits(ids: list[int], new_tokens: int, rejects: Sequence[Job], what: str = "") -> bool:
     if len(ids) + new_tokens <= inf.max_len:
       return True
-    reason = (f"sequence of {len(ids)} prompt + {new_tokens} new tokens is over the model's context "
-              f"of {inf.max_len}")
-    _fail(config, f"sample {job.id!r}", reason)
-    rejected.append(reject({"id": job.id, "image": job.item.image}, reason, id=job.id))
+    reason = (f"{what}sequence of {len(ids)} prompt + {new_tokens} new tokens is over the model's "
+              f"context of {inf.max_len}")
+    for job in rejects:
+      _fail(config, f"sample {job.id!r}", reason)
+      rejected.append(reject({"id": job.id, "image": job.item.image}, reason, id=job.id))
+    counts["samples_rejected"] += len(rejects)
     return False
 
-  n_tokens = 0
   captions: dict[str, str] = {}
   if mode == "two_step":  # step 1: one caption per image, keyed by the image's first job
-    first = {}
+    of_image: dict[str, list[Job]] = {}
     for job in jobs:
-      first.setdefault(job.item.image, job)
+      of_image.setdefault(job.item.image, []).append(job)
     todo, prompts = [], []
     for i, job in enumerate(jobs):
-      if first[job.item.image] is not job:
+      if of_image[job.item.image][0] is not job:
         continue
       ids = image_prompt(job, ins.CAPTION_INSTRUCTIONS[job.caption_choice])
-      if ids is not None and fits(job, ids, config.generation.caption_max_new_tokens):
+      if ids is not None and fits(ids, config.generation.caption_max_new_tokens,
+                                  of_image[job.item.image], "caption prompt: "):
         todo.append(i)
         prompts.append(ids)
     if prompts:
       texts, n = inf.generate(prompts, [pixels[jobs[i].item.image] for i in todo],
                               common.row_keys(config.seed, stage, shard, [2 * i for i in todo]),
                               config.generation.caption_max_new_tokens)
-      n_tokens += n
+      counts["tokens"] += n
       captions = {jobs[i].item.image: text for i, text in zip(todo, texts)}
     todo, prompts, use_pixels = [], [], None
     for i, job in enumerate(jobs):
@@ -120,14 +147,14 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
       instruction = ins.QA_FROM_CAPTION[job.instruction_type][job.qa_choice]
       ids, _ = builder.encode_prompt(ins.qa_from_caption_prompt(captions[job.item.image], instruction),
                                      None)
-      if fits(job, ids, max_new):
+      if fits(ids, max_new, [job]):
         todo.append(i)
         prompts.append(ids)
   else:
     todo, prompts = [], []
     for i, job in enumerate(jobs):
       ids = image_prompt(job, VIGC_INSTRUCTIONS[job.instruction_type])
-      if ids is not None and fits(job, ids, max_new):
+      if ids is not None and fits(ids, max_new, [job]):
         todo.append(i)
         prompts.append(ids)
     use_pixels = [pixels[jobs[i].item.image] for i in todo]
@@ -137,7 +164,7 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
     texts, n = inf.generate(prompts, use_pixels,
                             common.row_keys(config.seed, stage, shard, [2 * i + 1 for i in todo]),
                             max_new)
-    n_tokens += n
+    counts["tokens"] += n
     for i, text in zip(todo, texts):
       job = jobs[i]
       parsed = ins.parse_qa(text) or ("", "")
@@ -150,33 +177,38 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
         row["caption"] = captions[job.item.image]
       row.update(output=text, question=parsed[0], answer=parsed[1])
       rows.append(row)
-  return rows, rejected, n_tokens
+  counts.update(images=len(good & counted), images_rejected=len(bad & counted),
+                samples=sum(job.item.image in good for job in jobs))
+  return rows, rejected, counts
 
 
 def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]], mode: str,
-                   checkpoint: str | None, upfront: Sequence[dict], read: int) -> dict:
-  """Generate every unfinished shard of `chunks` (this process's share) and count the stage."""
+                   checkpoint: str | None, upfront: Sequence[dict], records: int) -> dict:
+  """Generate every unfinished shard of `chunks` (this process's share) and count the stage.
+
+  `records`: the input records the jobs draw on (their distinct images, each counted by one job) plus
+  `upfront`, the input lines rejected before generation.
+  """
   stage_dir = os.path.join(workdir, stage)
   todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
   if todo:
     inf = common.Inference(config, checkpoint)
-    bar = tqdm.tqdm(total=sum(len(chunks[i]) for i in todo), desc=stage, unit="sample")
-    tokens, start = 0, time.perf_counter()
-    for index in todo:
-      rows, rejected, n = generate_jobs(inf, chunks[index], mode, stage, index)
-      shards.write_shard(stage_dir, index, rows, rejected)
-      tokens += n
-      bar.update(len(chunks[index]))
-      bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-      logging.info("%s: shard %d done (%d samples, %d rejected, %d tokens)", stage, index, len(rows),
-                   len(rejected), n)
-    bar.close()
+    with common.Progress(stage, sum(len(chunks[i]) for i in todo), "sample") as progress:
+      for index in todo:
+        rows, rejected, counts = generate_jobs(inf, chunks[index], mode, stage, index)
+        shards.write_shard(stage_dir, index, rows, rejected, counts)
+        progress.shard_done(index, len(chunks[index]), tokens=counts["tokens"], written=len(rows),
+                            rejected=len(rejected))
   common.sync(f"{stage}:shards")
-  written = sum(shards.read_shard_counts(stage_dir, i)[0] for i in range(len(chunks)))
+  counts = shards.sum_counts(stage_dir, range(len(chunks)), ("written",) + SHARD_COUNTS)
   os.makedirs(stage_dir, exist_ok=True)
-  n_rejected = shards.gather_rejected(stage_dir, upfront) if common.is_lead() else 0
+  if common.is_lead():
+    shards.gather_rejected(stage_dir, upfront)
   rows = shards.read_parts(stage_dir)
-  return {"read": read, "rejected": n_rejected, "written": written,
+  return {"read": records, "images": counts["images"],
+          "rejected": len(upfront) + counts["images_rejected"],
+          "samples": counts["samples"], "samples_rejected": counts["samples_rejected"],
+          "written": counts["written"], "tokens": counts["tokens"],
           "unparsable": sum(1 for r in rows if not r["question"])}
 
 
@@ -191,10 +223,8 @@ def run(config: Any, workdir: str) -> dict:
   for index, start in enumerate(range(0, len(items), size)):
     rng = np.random.default_rng([config.seed, common.SALTS["initial"], index])
     chunks.append(draw_jobs(items[start:start + size], config.generation.per_image, mix, rng))
-  metrics = run_generation(config, workdir, "initial", chunks, config.generation.mode, None, upfront,
-                           read=len(items) + len(upfront))
-  metrics["images"] = len(items)
-  return metrics
+  return run_generation(config, workdir, "initial", chunks, config.generation.mode, None, upfront,
+                        records=len(items) + len(upfront))
 
 
 __all__ = ["Job", "draw_jobs", "generate_jobs", "run", "run_generation"]

@@ -5,16 +5,16 @@ Writes `WORKDIR/score/part-*.jsonl` (the input records plus `i2c`, `logp_image`,
 `n_tokens`) in shards of `config.scoring.shard_size` records; bad inputs (bad JSON lines, missing or
 empty fields, duplicate ids, missing / corrupt / oversized images, sequences longer than the model's
 context) go to `WORKDIR/score/rejected.jsonl` with a reason, or stop the run under `config.strict`.
+Counts (metrics.json): `read` input records (lines) = `written` (scored) + `rejected` (the rows of
+rejected.jsonl).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import jax
-import tqdm
 from absl import logging
 
 from c3l_jax import scoring, sharding
@@ -39,21 +39,18 @@ def run(config: Any, workdir: str) -> dict:
 
   if todo:
     inf, scorer = make_scorer(config)
-    bar = tqdm.tqdm(total=sum(len(chunks[i]) for i in todo), desc="score", unit="rec")
-    tokens = 0
-    start = time.perf_counter()
-    for index in todo:
-      rows, rejected = score_chunk(config, chunks[index], inf, scorer)
-      shards.write_shard(stage_dir, index, rows, rejected)
-      tokens += sum(r["n_tokens"] for r in rows)
-      bar.update(len(chunks[index]))
-      bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-      logging.info("score: shard %d done (%d scored, %d rejected)", index, len(rows), len(rejected))
-    bar.close()
+    with common.Progress("score", sum(len(chunks[i]) for i in todo), "rec") as progress:
+      for index in todo:
+        rows, rejected = score_chunk(config, chunks[index], inf, scorer)
+        shards.write_shard(stage_dir, index, rows, rejected)
+        progress.shard_done(index, len(chunks[index]), tokens=sum(r["n_tokens"] for r in rows),
+                            scored=len(rows), rejected=len(rejected))
   common.sync("score:shards")
-  written = sum(shards.read_shard_counts(stage_dir, i)[0] for i in range(len(chunks)))
-  n_rejected = shards.gather_rejected(stage_dir, upfront) if common.is_lead() else 0
-  return {"read": len(records) + len(upfront), "written": written, "rejected": n_rejected}
+  counts = shards.sum_counts(stage_dir, range(len(chunks)), ("written", "rejected"))
+  if common.is_lead():
+    shards.gather_rejected(stage_dir, upfront)
+  return {"read": len(records) + len(upfront), "written": counts["written"],
+          "rejected": len(upfront) + counts["rejected"]}
 
 
 def make_scorer(config: Any) -> tuple[common.Inference, scoring.Scorer]:

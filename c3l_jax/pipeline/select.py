@@ -7,6 +7,10 @@ sample is `unused` (also images with a single sample: no negative to contrast wi
 earlier record. Reads `WORKDIR/score` (else `data.records` with an `i2c` field); writes every record
 with `role` and `top_fraction` added to `WORKDIR/select/part-00000.jsonl`. The paper's Table-5
 alternatives, `select.method = self_instruct | vigc | random`, live in `c3l_jax.pipeline.baselines`.
+Counts (metrics.json): `read` input records (lines) + `generated` = `written` + `rejected`, with
+`rejected` the rows of rejected.jsonl (bad input lines, records without a finite `i2c`), `generated` the
+rows the method adds (vigc's iterative answers; 0 for the others) and `written` the annotated rows
+(= `positive` + `negative` + `unused`).
 """
 
 from __future__ import annotations
@@ -69,17 +73,22 @@ def run(config: Any, workdir: str) -> dict:
   records, upfront, _ = common.stage_input(config, workdir, ("score",))
   records, bad = _check_scores(records, config.strict)
   if common.is_lead() and not shards.is_done(stage_dir, 0):
-    rows = METHODS[config.select.method](records, config)
-    shards.write_shard(stage_dir, 0, rows, bad)
+    with common.Progress("select", len(records) + len(bad), "rec") as progress:
+      rows = METHODS[config.select.method](records, config)
+      shards.write_shard(stage_dir, 0, rows, bad)
+      progress.shard_done(0, len(records) + len(bad), selected=len(rows), rejected=len(bad))
   common.sync("select:shards")
   rows = shards.read_part(shards.part_path(stage_dir, 0))
-  n_rejected = shards.gather_rejected(stage_dir, upfront) if common.is_lead() else 0
+  n_rejected = len(upfront) + shards.read_shard_counts(stage_dir, 0)[1]
+  if common.is_lead():
+    shards.gather_rejected(stage_dir, upfront)
   roles = [r["role"] for r in rows]
   top = [r for r in rows if r["top_fraction"]]
   scores = [r["i2c"] for r in rows if "i2c" in r]
-  return {"read": len(records) + len(bad) + len(upfront), "written": len(rows),
-          "rejected": n_rejected, "top_fraction": len(top), "positive": roles.count("positive"),
-          "negative": roles.count("negative"), "unused": roles.count("unused"),
+  return {"read": len(records) + len(bad) + len(upfront), "generated": len(rows) - len(records),
+          "written": len(rows), "rejected": n_rejected, "top_fraction": len(top),
+          "positive": roles.count("positive"), "negative": roles.count("negative"),
+          "unused": roles.count("unused"),
           "mean_i2c": float(np.mean(scores)) if scores else None,
           "mean_i2c_top": float(np.mean([r["i2c"] for r in top if "i2c" in r])) if top else None}
 
