@@ -130,6 +130,13 @@ class TorchMiniGPT4:
     import torch
 
     with torch.no_grad():
+      return self.proj(self.visual_features(pixels, interpolate))
+
+  def visual_features(self, pixels: np.ndarray, interpolate: bool = False):
+    """`[N, C, H, W]` -> what `llama_proj` takes `[N, n, F]`: the frozen part of `encode_img`."""
+    import torch
+
+    with torch.no_grad():
       px = torch.as_tensor(np.asarray(pixels, np.float32))
       emb = self.blip2.vision_model(pixel_values=px, interpolate_pos_encoding=interpolate).last_hidden_state
       if self.qformer:
@@ -141,7 +148,7 @@ class TorchMiniGPT4:
         feats = emb[:, 1:, :]
         b, n, d = feats.shape
         feats = feats.reshape(b, n // self.merge, d * self.merge)
-      return self.proj(feats)
+      return feats
 
   def context_emb(self, prompt: str, pixels: np.ndarray | None = None, interpolate: bool = False):
     """MiniGPT-4's `get_context_emb`: `[1, T, D]` from the prompt string and one image."""
@@ -158,6 +165,42 @@ class TorchMiniGPT4:
         if i == 0 and pixels is not None:
           parts.append(self.encode_img(pixels[None], interpolate))
       return torch.cat(parts, dim=1)
+
+  def teach(self, examples: list[tuple[str, np.ndarray | None, list[int]]], steps: int = 60,
+            lr: float = 3e-3) -> float:
+    """Fine-tune `llama` and `llama_proj` in place (the ViT and Q-Former stay frozen, as MiniGPT-4
+    trains), full-batch Adam on the CE of each example's target ids after its prompt string (with one
+    image `[C, H, W]` at `<ImageHere>`, or none), the prompt embedded as `context_emb` does. Returns the
+    last loss."""
+    import torch
+
+    embed = self.llama.get_input_embeddings()
+    rows = []
+    for prompt, pixels, target in examples:
+      segments = prompt.split("<ImageHere>")
+      ids = [torch.as_tensor(self.tokenizer(seg, add_special_tokens=i == 0).input_ids, dtype=torch.long)
+             for i, seg in enumerate(segments)]
+      feats = None if pixels is None else self.visual_features(pixels[None])[0]
+      rows.append((ids, feats, torch.as_tensor(target, dtype=torch.long)))
+    params = list(self.llama.parameters()) + list(self.proj.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+      seqs, labels = [], []
+      for ids, feats, target in rows:
+        parts = [embed(ids[0])] + ([self.proj(feats)] if feats is not None else [])
+        parts += [embed(seg) for seg in ids[1:]]
+        n_ctx = sum(p.shape[0] for p in parts)
+        seqs.append(torch.cat(parts + [embed(target)]))
+        labels.append(torch.cat([torch.full((n_ctx,), -100), target]))
+      width = max(len(s) for s in seqs)
+      emb = torch.stack([torch.nn.functional.pad(s, (0, 0, 0, width - len(s))) for s in seqs])
+      lab = torch.stack([torch.nn.functional.pad(y, (0, width - len(y)), value=-100) for y in labels])
+      mask = torch.stack([torch.arange(width) < len(s) for s in seqs]).long()
+      loss = self.llama(inputs_embeds=emb, attention_mask=mask, labels=lab).loss
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+    return float(loss.detach())
 
   def answer_logprobs(self, prompt: str, answer: list[int], pixels: np.ndarray | None):
     import torch
@@ -215,3 +258,52 @@ class TorchMiniGPT4:
       out = self.llama(inputs_embeds=emb, attention_mask=torch.as_tensor(mask, dtype=torch.long),
                        position_ids=torch.as_tensor(positions, dtype=torch.long))
     return out.logits.float().numpy()
+
+
+def make_sentencepiece_llama_tokenizer(path: str) -> dict[str, int]:
+  """A Llama-style SentencePiece BPE `tokenizer.model` (byte fallback, ids 0-2 = unk/s/</s>, identity
+  normaliser with a dummy prefix) + a `LlamaTokenizer` config saved under `path`, as Vicuna ships it.
+
+  Like Llama's vocabulary it holds "▁###" (835), "##" (2277) and "#" (29937) but no word-internal "###",
+  so "###" alone is one token and after a word two: MiniGPT-4's stop list `[[835], [2277, 29937]]`.
+  Returns the ids of those three pieces.
+  """
+  import io
+  import json
+  import random
+
+  import sentencepiece as spm
+  from sentencepiece import sentencepiece_model_pb2
+
+  words = "what color is the circle square red blue dog cat how many objects there are in image".split()
+  rng = random.Random(0)
+  lines = []
+  for _ in range(300):
+    q = " ".join(rng.choice(words) for _ in range(5))
+    lines += [f"###Human: {q} ###Assistant: {q}###", f"## {q} # {q}"]
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
+                                 vocab_size=340, byte_fallback=True, character_coverage=1.0, unk_id=0,
+                                 bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False)
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(buf.getvalue())
+  pieces = [p.piece for p in proto.pieces]
+  assert {"##", "#", "▁###"} <= set(pieces), pieces
+  if "###" in pieces:  # Llama's merges never form a word-internal "###"
+    del proto.pieces[pieces.index("###")]
+  score = min(p.score for p in proto.pieces)
+  for piece in ("▁#", "▁##"):  # the merges that lead to "▁###" once "###" is gone
+    if piece not in pieces:
+      score -= 1
+      proto.pieces.add(piece=piece, score=score, type=sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
+  proto.normalizer_spec.name = "identity"
+  proto.normalizer_spec.precompiled_charsmap = b""
+  proto.normalizer_spec.remove_extra_whitespaces = False
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+    f.write(proto.SerializeToString())
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump(dict(tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                   add_bos_token=True, add_eos_token=False, model_max_length=2048), f)
+  ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+  return {k: ids[k] for k in ("▁###", "##", "#")}

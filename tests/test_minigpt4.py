@@ -24,7 +24,7 @@ from c3l_jax.data.prompts import PromptBuilder, load_processor
 from hf_reference import REPO
 from minigpt4_reference import (IMAGE, LLAMA2_TEMPLATE, NUM_QUERY, STOP, TINY_EVA, TINY_QFORMER, VICUNA_TEMPLATE,
                                 VOCAB, TorchMiniGPT4, make_hf_blip2, make_hf_llama, make_llama_proj,
-                                make_tiny_tokenizer, save_llama_proj)
+                                make_sentencepiece_llama_tokenizer, make_tiny_tokenizer, save_llama_proj)
 
 GEN_QUESTIONS = ("what color is the circle?", "how many objects are there in the image?")
 RECORDS = [
@@ -216,27 +216,195 @@ def test_generation_stops_at_hash(world):
       assert texts[row] == world["tokenizer"].decode(want[:-1], skip_special_tokens=True).strip()
 
 
-def test_score_stage_matches_torch(world, tmp_path):
-  records = tmp_path / "records.jsonl"
+def test_hash_stop_with_a_sentencepiece_llama_tokenizer(tmp_path):
+  """With a Llama-style SentencePiece `tokenizer.model` (loaded as Vicuna's is: transformers converts it),
+  "###" is "▁###" at a word start and "##" + "#" after a word, with no "###" token; the builder derives
+  both spellings (MiniGPT-4's `[[835], [2277, 29937]]`), generation stops at either, and the text is cut
+  before "###". Prompts tokenize exactly as SentencePiece itself (MiniGPT-4's slow LlamaTokenizer)."""
+  import jax.numpy as jnp
+  import sentencepiece as spm
+  from transformers import AutoTokenizer
+
+  from c3l_jax.data.prompts import MiniGPT4Processor, blip2_image_processor
+
+  pieces = make_sentencepiece_llama_tokenizer(str(tmp_path))
+  sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+  tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+  assert STOP not in tok.get_vocab() and tok.convert_tokens_to_ids("▁###") == pieces["▁###"]
+  image_id, n_img = sp.get_piece_size(), 4
+  builder = PromptBuilder(MiniGPT4Processor(tok, blip2_image_processor(28), "vicuna0", image_id, n_img),
+                          image_id, n_img)
+  assert builder.stop_sequences == ((pieces["▁###"],), (pieces["##"], pieces["#"]))
+
+  q = "what color is the circle"
+  ids, _ = builder.encode_prompt(q, PIL.Image.new("RGB", (40, 30)))
+  assert ids == ([1] + sp.encode("###Human: <Img>") + [image_id] * n_img
+                 + sp.encode(f"</Img> {q} ###Assistant: "))
+  assert builder.encode_prompt(q, None)[0] == [1] + sp.encode(f"###Human: {q} ###Assistant: ")
+
+  cfg = sampling.SamplingConfig(max_new_tokens=16, eos_ids=builder.eos_ids,
+                                stop_sequences=builder.stop_sequences)
+  for reply, spelled in (("the circle is red###Human: what", ["##", "#"]),
+                         ("the circle is red ###Human: what", ["▁###"])):
+    out = sp.encode(reply)
+    end = next(i for i in range(len(out)) if "###" in sp.decode(out[:i + 1]))
+    assert [sp.id_to_piece(t) for t in out[end + 1 - len(spelled):end + 1]] == spelled
+    buf = jnp.asarray([out + [0] * (16 - len(out))], jnp.int32)
+    stops = [i for i in range(len(out)) if bool(sampling._stopped(buf, jnp.int32(i), cfg)[0])]
+    assert stops[0] == end, (reply, stops)
+    text = sampling.decode_texts(tok, np.asarray(buf), np.asarray([end + 1]), builder.stop_strings)
+    assert text == ["the circle is red"]
+
+
+# What the pipeline run's model is taught to write (`TorchMiniGPT4.teach`) after each prompt the pipeline
+# sends: a caption for the caption instructions, one QA pair per instruction type (for the VIGC
+# instructions with the image and the text-only QA-from-caption prompts), each ended by MiniGPT-4's end
+# of turn "###" and followed by the next turn's start, which the stop string must cut off.
+CAPTION = "a dog and a cat"
+TAUGHT = {"conversation": ("is there a dog", "yes"),
+          "detailed_description": ("where is the dog", "in the tree"),
+          "complex_reasoning": ("what is in the tree", "a cat")}
+NEXT_TURN = "###Human: what"
+PIPELINE_STAGES = "initial,filter,score,select,train,final,export"
+
+
+def _read_parts(stage_dir):
+  """The records a stage wrote (its `part-*.jsonl`, not the `part-*.rejected.jsonl` quarantine)."""
+  return [json.loads(line) for p in sorted(os.listdir(stage_dir))
+          if p.startswith("part-") and p.endswith(".jsonl") and not p.endswith(".rejected.jsonl")
+          for line in open(os.path.join(stage_dir, p))]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(world, tmp_path_factory):
+  """One `launch.py --config=configs/minigpt4.py:tiny` run of every generation and training stage on a
+  copy of the world's model taught (in torch) to answer in QA format, converted by the converter."""
+  import copy
+
+  from c3l_jax.data import instructions as ins
+  from c3l_jax.data.prompts import VIGC_INSTRUCTIONS
+
+  root = tmp_path_factory.mktemp("minigpt4_pipeline")
+  tok = world["tokenizer"]
+  ref = TorchMiniGPT4(world["blip2"], copy.deepcopy(world["llama"]), copy.deepcopy(world["ref"].proj), tok)
+  images = sorted({im for _, im, _, _ in RECORDS})
+  pixels = {im: _pixels(load_image(str(world["images"] / im)), TINY_EVA["image_size"]) for im in images}
+  target = lambda text: tok(text + NEXT_TURN, add_special_tokens=False).input_ids  # noqa: E731
+  qa = {kind: f"Q: {q} A: {a}" for kind, (q, a) in TAUGHT.items()}
+  examples = []
+  for im in images:
+    examples += [(VICUNA_TEMPLATE.format(f"{IMAGE} {c}"), pixels[im], target(CAPTION))
+                 for c in ins.CAPTION_INSTRUCTIONS]
+    examples += [(VICUNA_TEMPLATE.format(f"{IMAGE} {VIGC_INSTRUCTIONS[k]}"), pixels[im], target(qa[k]))
+                 for k in TAUGHT]
+  examples += [(VICUNA_TEMPLATE.format(ins.qa_from_caption_prompt(CAPTION, i)), None, target(qa[k]))
+               for k in TAUGHT for i in ins.QA_FROM_CAPTION[k]]
+  # Within the tiny config's 16 new tokens, "###" and the next token ("Human") come out.
+  assert max(target(t).index(world["stop_id"]) for t in [CAPTION, *qa.values()]) + 1 < 16
+  assert ref.teach(examples) < 0.05
+  ref.llama.save_pretrained(str(root / "llm"))
+  tok.save_pretrained(str(root / "llm"))
+  save_llama_proj(ref.proj, str(root / "minigpt4.pth"))
+  model_dir = str(root / "model")
+  convert_minigpt4(str(world["root"] / "blip2"), str(root / "llm"), str(root / "minigpt4.pth"), model_dir)
+
+  records = root / "records.jsonl"
   records.write_text("".join(json.dumps(dict(id=i, image=im, question=q, answer=a)) + "\n"
                              for i, im, q, a in RECORDS))
-  cmd = [sys.executable, "launch.py", "--config=configs/minigpt4.py:tiny", f"--workdir={tmp_path / 'w'}",
-         "--config.stages=score", f"--config.model.checkpoint={world['model_dir']}",
-         f"--config.data.records={records}", f"--config.data.image_root={world['images']}"]
+  workdir = root / "w"
+  cmd = [sys.executable, "launch.py", "--config=configs/minigpt4.py:tiny", f"--workdir={workdir}",
+         f"--config.stages={PIPELINE_STAGES}", f"--config.model.checkpoint={model_dir}",
+         f"--config.data.records={records}", f"--config.data.image_root={world['images']}",
+         "--config.generation.caption_max_new_tokens=16"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  score_dir = tmp_path / "w" / "score"
-  rows = [json.loads(line) for p in sorted(os.listdir(score_dir))
-          if p.startswith("part-") and p.endswith(".jsonl") for line in open(score_dir / p)]
-  assert [r["id"] for r in rows] == [r[0] for r in RECORDS]
-  for row in rows:
-    pixels = _pixels(load_image(str(world["images"] / row["image"])), 28)
-    want = world["ref"].i2c(row["question"], row["answer"], pixels)
+  return dict(ref=ref, model_dir=model_dir, workdir=workdir, pixels=pixels,
+              metrics=json.load(open(workdir / "metrics.json")))
+
+
+def test_score_stage_matches_torch(world, pipeline_run):
+  """S(I2C), logp_image and logp_text of every generated sample equal the torch reference (the taught
+  weights), in the score stage and in the final stage's scoring under the base model."""
+  rows = _read_parts(pipeline_run["workdir"] / "score")
+  final = _read_parts(pipeline_run["workdir"] / "final" / "filtered")
+  assert [r["id"] for r in rows] == [r["id"] for r in _read_parts(pipeline_run["workdir"] / "filter")]
+  assert rows and final
+  for row in rows + final:
+    want = pipeline_run["ref"].i2c(row["question"], row["answer"], pipeline_run["pixels"][row["image"]])
     assert row["n_tokens"] == want["n_tokens"]
     for k in ("i2c", "logp_image", "logp_text"):
       assert abs(row[k] - want[k]) <= 1e-3 + 1e-3 * abs(want[k]), (k, row[k], want[k])
   assert max(abs(r["i2c"]) for r in rows) > 1e-2  # the image matters: the comparison means something
+
+
+def test_generation_stages_cut_at_hash_and_counts_add_up(pipeline_run):
+  """initial (two_step: caption with the image, then QA from the caption without it) and final (direct,
+  the trained generator) write exactly what the model was taught, cut before "###"; the filter drops
+  exactly the repeated (image, instruction type) pairs."""
+  workdir, metrics = pipeline_run["workdir"], pipeline_run["metrics"]
+  initial = _read_parts(workdir / "initial")
+  final_raw = _read_parts(workdir / "final")
+  n_images = len({im for _, im, _, _ in RECORDS})
+  assert len(initial) == 3 * n_images and len(final_raw) == 8  # tiny: per_image 3, num_final 8
+  for row in initial + final_raw:
+    assert "###" not in row["output"] and "Human" not in row["output"], row
+    assert "###" not in row.get("caption", "")
+    assert (row["question"], row["answer"]) == TAUGHT[row["instruction_type"]], row
+  assert all(r["caption"] == CAPTION and r["mode"] == "two_step" for r in initial)
+  assert all(r["mode"] == "direct" for r in final_raw)
+  assert {r["image"] for r in final_raw} == {im for _, im, _, _ in RECORDS}
+
+  filtered = _read_parts(workdir / "filter")
+  final = _read_parts(workdir / "final" / "filtered")
+  for raw, kept in ((initial, filtered), (final_raw, final)):
+    firsts = {}
+    for r in raw:
+      firsts.setdefault((r["image"], r["instruction_type"]), r["id"])
+    assert [r["id"] for r in kept] == list(firsts.values())
+  assert metrics["initial"]["read"] == n_images
+  assert metrics["initial"]["written"] == len(initial) and metrics["initial"]["unparsable"] == 0
+  assert metrics["filter"]["written"] == len(filtered)
+  assert metrics["filter"]["written"] + metrics["filter"]["rejected"] == len(initial)
+  assert metrics["final"]["written"] == len(final_raw)
+  assert metrics["final"]["kept"] == len(final)
+  assert metrics["final"]["kept"] + metrics["final"]["filtered_out"] == len(final_raw)
+  assert metrics["final"]["generator"] == str(workdir / "train" / "generator")
+
+
+def test_train_stage_moves_llama_proj_and_decoder_only(pipeline_run):
+  """Default `train.trainable` (connector, decoder): the exported generator's `llama_proj` and decoder
+  moved, the EVA ViT and the Q-Former did not (MiniGPT-4 keeps them frozen)."""
+  from flax import nnx
+
+  metrics = pipeline_run["metrics"]["train"]
+  assert metrics["steps"] == 4 and metrics["ce_examples"] >= 1 and metrics["groups"] >= 1
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  flat = lambda d: {"/".join(map(str, k)): np.asarray(v) for k, v in  # noqa: E731
+                    jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(
+                        sharding.load_model(d, mesh), nnx.Param)))[0]}
+  before = flat(pipeline_run["model_dir"])
+  after = flat(str(pipeline_run["workdir"] / "train" / "generator"))
+  assert before.keys() == after.keys()
+  groups = {}
+  for k in before:
+    groups.setdefault(k.split("/")[0].strip("[]'"), []).append(not np.array_equal(before[k], after[k]))
+  assert set(groups) == {"vision_tower", "qformer", "llama_proj", "language_model"}, groups.keys()
+  assert not any(groups["vision_tower"]) and not any(groups["qformer"])
+  assert all(groups["llama_proj"]) and any(groups["language_model"])
+
+
+def test_export_is_llava_json_of_the_final_data(pipeline_run):
+  workdir = pipeline_run["workdir"]
+  final = _read_parts(workdir / "final" / "filtered")
+  data = json.load(open(workdir / "export" / "c3l_vlit.json"))
+  assert data == [{"id": r["id"], "image": r["image"],
+                   "conversations": [{"from": "human", "value": f"<image>\n{r['question']}"},
+                                     {"from": "gpt", "value": r["answer"]}]} for r in final]
+  stats = json.load(open(workdir / "export" / "stats.json"))
+  assert stats["source"] == "final" and stats["instances"] == len(final)
+  assert stats["images"] == len({r["image"] for r in final})
+  assert sum(stats["instruction_types"].values()) == len(final)
 
 
 def test_converter_errors(world, tmp_path):
