@@ -19,6 +19,7 @@ import pytest
 
 from c3l_jax.data.images import load_image
 from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.eval import multiple_choice as mc
 from c3l_jax.eval import pope
 from c3l_jax.convert import convert
 from hf_reference import REPO, make_hf_llava, make_tiny_processor, torch_answer_logprobs
@@ -64,7 +65,10 @@ def corpus(tmp_path_factory):
   rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"],
           ["1", "what color is the circle?", "nan", "red", "blue", "green", "yellow", "B", "attribute",
            b64],
-          ["2", "is there a dog?", "look at the image", "yes", "no", "nan", "", "A", "existence", "1"]]
+          ["2", "is there a dog?", "look at the image", "yes", "no", "nan", "", "A", "existence", "1"],
+          # not an image: rejected once (with every rotation in generate mode), never half-scored
+          ["3", "which shape is it?", "nan", "circle", "square", "triangle", "star", "C", "attribute",
+           base64.b64encode(b"hello").decode()]]
   (root / "mmb.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
   with open(root / "images" / "questions.jsonl", "w") as f:
     for qid, im in ((0, "im1.png"), (1, "im2.png")):
@@ -82,9 +86,16 @@ def corpus(tmp_path_factory):
          "--config.eval.max_new_tokens=3", "--config.eval.long_max_new_tokens=3",
          "--config.data.eval_batch_size=8",
          "--config.scoring.prefix_sharing=False"]  # equal results (test_scoring), fewer compiles here
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  return dict(root=root, hf=hf, images=images, model=str(root / "model"), proc=proc, workdir=workdir)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+  # The same multiple-choice benchmarks answered by a generated letter (eval.mc_mode=generate).
+  gen_workdir = root / "w_generate"
+  gen_cmd = [c for c in cmd if not c.startswith(("--workdir=", "--config.eval.benchmarks="))]
+  gen_proc = subprocess.run(gen_cmd + [f"--workdir={gen_workdir}", "--config.eval.benchmarks=seed,mmbench",
+                                       "--config.eval.mc_mode=generate"],
+                            cwd=REPO, capture_output=True, text=True, env=env)
+  return dict(root=root, hf=hf, images=images, model=str(root / "model"), proc=proc, workdir=workdir,
+              gen_proc=gen_proc, gen_workdir=gen_workdir)
 
 
 def _parts(directory):
@@ -138,7 +149,9 @@ def test_eval_stage_tiny_checkpoint(corpus):
   assert [len(r["targets"]) for r in mmb] == [4, 2] and mmb[0]["targets"] == [1, 0, 3, 2]
   right = [r["predictions"] == r["targets"] for r in mmb]
   assert metrics["mmbench"]["overall"] == pytest.approx(50.0 * sum(right))
-  assert metrics["mmbench"]["circular"] is True
+  assert metrics["mmbench"]["circular"] is True and metrics["mmbench"]["rejected"] == 1
+  bad = [json.loads(line) for line in open(w / "eval" / "mmbench" / "rejected.jsonl")]
+  assert [b["raw"]["id"] for b in bad] == ["3"]
 
   # LLaVA-Bench: LLaVA's answer-file format.
   with open(w / "eval" / "llava_bench_answers.jsonl") as f:
@@ -156,3 +169,106 @@ def test_eval_stage_tiny_checkpoint(corpus):
                          f"{metrics['mmbench']['overall']:.1f}", f"{100 * p['mean_f1']:.1f}"]
   assert metrics["table"]["POPE"] == f"{100 * p['mean_f1']:.1f}"
   assert not math.isnan(p["mean_accuracy"])
+
+
+def test_eval_stage_generated_letters(corpus):
+  """`eval.mc_mode=generate`: every rotation's reply is transformers' greedy continuation of LLaVA's
+  multiple-choice prompt (3 new tokens), its prediction is `parse_choice` of that reply, and the
+  accuracies (SEED: the original order; MMBench: CircularEval, every rotation right) recount from the
+  written rows."""
+  import torch
+
+  proc, w = corpus["gen_proc"], corpus["gen_workdir"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.load(open(w / "metrics.json"))["eval"]
+  assert set(metrics) >= {"seed", "mmbench"} and "pope" not in metrics
+  builder = PromptBuilder(load_processor(corpus["model"]))
+  items = {"seed": mc.load_seed_bench(str(corpus["root"] / "seed.json"), str(corpus["images"])),
+           "mmbench": mc.load_mmbench(str(corpus["root"] / "mmb.tsv"))}
+  for name, circular in (("seed", False), ("mmbench", True)):
+    rows = _parts(w / "eval" / name)
+    good = [it for it in items[name] if it.id != "3"]
+    assert [r["id"] for r in rows] == [it.id for it in good]
+    replies = _parts(w / "eval" / f"{name}_rotations")
+    assert len(replies) == sum(len(it.options) if circular else 1 for it in good)
+    right = []
+    for row, item in zip(rows, good):
+      image = (load_image(str(corpus["images"] / item.image)) if item.image_bytes is None
+               else PIL.Image.open(io.BytesIO(item.image_bytes)).convert("RGB"))
+      rotations = range(len(item.options)) if circular else range(1)
+      assert len(row["outputs"]) == len(rotations) and "scores" not in row
+      for r in rotations:
+        options, target = mc.rotated(item, r)
+        ids, pixels = builder.encode_prompt(mc.choice_prompt(item, options), image)
+        with torch.no_grad():
+          out = corpus["hf"].generate(input_ids=torch.as_tensor([ids]), pixel_values=torch.as_tensor(
+              pixels[None]), max_new_tokens=3, do_sample=False)
+        want = builder.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip()
+        assert row["outputs"][r] == want, (name, item.id, r)
+        assert row["predictions"][r] == mc.parse_choice(want, options)
+        assert row["targets"][r] == target == options.index(item.options[item.answer])
+      right.append(all(row["predictions"][r] == row["targets"][r] for r in rotations))
+    assert metrics[name]["mode"] == "generate" and metrics[name]["circular"] is circular
+    assert metrics[name]["n"] == len(rows)
+    assert metrics[name]["overall"] == pytest.approx(100 * sum(right) / len(right))
+  bad = [json.loads(line) for line in open(w / "eval" / "mmbench" / "rejected.jsonl")]
+  assert [b["raw"]["id"] for b in bad] == ["3"] and "image" in bad[0]["reason"]
+  assert metrics["mmbench"]["rejected"] == 1 and metrics["seed"]["rejected"] == 0
+
+
+SCENES = os.path.join(REPO, "checkpoints", "scenes_tiny")
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+  """`--config.stages=eval` of the shipped scenes checkpoint itself (the demo's config, no other stage)."""
+  if not os.path.exists(os.path.join(SCENES, "c3l_model.json")):
+    pytest.skip("the shipped scenes checkpoint is missing")
+  root = tmp_path_factory.mktemp("eval_shipped")
+  cmd = [sys.executable, "launch.py", f"--workdir={root / 'w'}", "--config.stages=eval",
+         "--config.eval.checkpoint=checkpoints/scenes_tiny",  # relative to the repository, as typed
+         f"--config.data.tfds_dir={root / 'tfds'}", "--config.data.scenes_images=40",
+         "--config.eval.pope_num_images=4", "--config.eval.max_items=8", "--config.eval.max_new_tokens=4",
+         "--config.data.eval_batch_size=8"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  return root / "w", proc
+
+
+def test_eval_stage_on_the_shipped_scenes_checkpoint(shipped):
+  """Eval only: POPE on held-out scenes (present objects are the scene's shapes, absent ones are not),
+  metrics that recount from the written answers, and the Table-1 row named after the checkpoint."""
+  from c3l_jax.data import scenes, scenes_tfds
+
+  w, proc = shipped
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.load(open(w / "metrics.json"))
+  assert list(metrics) == ["eval"] and not (w / "train").exists()
+  ev = metrics["eval"]
+  assert ev["checkpoint"] == "checkpoints/scenes_tiny"
+  held_out = scenes.generate_world(scenes_tfds.default_num_val(40), 0, start_id=40)  # the val split
+  world = {s.file_name: s for s in held_out}
+  p = ev["pope"]
+  assert p["source"] == "scenes"
+  f1s = []
+  for split in pope.SPLITS:
+    rows = _parts(w / "eval" / f"pope_{split}")
+    assert len(rows) == 8 == p[split]["n"]
+    for r in rows:
+      assert (r["object"] in scenes.object_names(world[r["image"]])) == (r["label"] == "yes"), r
+    predicted = [pope.parse_yes_no(r["answer"]) for r in rows]
+    tp = sum(a == "yes" and r["label"] == "yes" for a, r in zip(predicted, rows))
+    fp = sum(a == "yes" and r["label"] == "no" for a, r in zip(predicted, rows))
+    fn = sum(a != "yes" and r["label"] == "yes" for a, r in zip(predicted, rows))
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    assert p[split]["f1"] == pytest.approx(f1)
+    f1s.append(f1)
+  assert p["mean_f1"] == pytest.approx(sum(f1s) / 3)
+  vqa = ev["scenes_vqa"]
+  assert vqa["questions"] == 16 and 0.0 <= vqa["accuracy"] <= 1.0
+
+  table = (w / "eval" / "table.txt").read_text()
+  assert table in proc.stdout
+  header, row = table.splitlines()[:2]
+  assert header.split() == ["Method", "SEED", "LLaVA^W", "MMB", "POPE"]
+  assert row.split() == ["scenes_tiny", "-", "-", "-", f"{100 * sum(f1s) / 3:.1f}"]

@@ -20,7 +20,9 @@ answers are chosen by option log-likelihood or by a generated letter (`eval.mc_m
 caps the questions per benchmark (per POPE split).
 
 Outputs under WORKDIR/eval/: per benchmark a folder of shards (`part-NNNNN.jsonl`: every question with
-the model's answer; images that cannot be loaded go to `rejected.jsonl`), the POPE questions in the
+the model's answer; images that cannot be loaded go to `rejected.jsonl`; with `mc_mode=generate` the
+replies of every option rotation are in `<benchmark>_rotations/` and `<benchmark>/` holds one row per
+question with its replies, predictions and targets), the POPE questions in the
 official format (`pope/<source>_pope_<split>.json`), `llava_bench_answers.jsonl`, and `table.txt` (the
 printed table). Work is split in chunks over processes; finished chunks are skipped on a rerun.
 """
@@ -190,26 +192,42 @@ class Evaluator:
 
   def option_generate(self, name: str, items: Sequence[mc.MCItem], circular: bool,
                       image: Callable[[mc.MCItem], Any]) -> tuple[list[dict], int]:
-    """A generated letter per rotation (every rotation with `circular`, else the original order)."""
+    """A generated letter per rotation (every rotation with `circular`, else the original order).
+
+    The replies go to `eval/<name>_rotations/` (one row per rotation, resumable like every benchmark);
+    the per-question rows (`outputs`, `predictions`, `targets`) to `eval/<name>/part-00000.jsonl`, and a
+    question whose image failed to `eval/<name>/rejected.jsonl` once, with the reason (never half-scored).
+    """
     questions = []
     for j, item in enumerate(items):
       for r in range(len(item.options) if circular else 1):
         options, _ = mc.rotated(item, r)
         questions.append({"item": j, "rotation": r, "image": item.image,
                           "prompt": mc.choice_prompt(item, options)})
-    rows, n_rejected = self.generate(name, questions, self.config.eval.max_new_tokens,
-                                     lambda q: q["prompt"], lambda q: image(items[q["item"]]))
+    rows, _ = self.generate(f"{name}_rotations", questions, self.config.eval.max_new_tokens,
+                            lambda q: q["prompt"], lambda q: image(items[q["item"]]))
     by_item: dict[int, dict[int, str]] = {}
     for r in rows:
       by_item.setdefault(r["item"], {})[r["rotation"]] = r["answer"]
-    out = []
-    for j, answers in sorted(by_item.items()):
-      item = items[j]
+    out, missing = [], []
+    for j, item in enumerate(items):
       rotations = range(len(item.options) if circular else 1)
-      if set(answers) != set(rotations):
-        continue  # an image failed: the item is rejected, not half-scored
-      out.append(_mc_row(item, outputs=[answers[r] for r in rotations]))
-    return out, n_rejected
+      answers = by_item.get(j, {})
+      if set(answers) == set(rotations):
+        out.append(_mc_row(item, outputs=[answers[r] for r in rotations]))
+      else:
+        missing.append(j)
+    if common.is_lead():
+      reasons: dict[int, str] = {}
+      for bad in shards.read_part(os.path.join(self.dir, f"{name}_rotations", "rejected.jsonl")):
+        reasons.setdefault(bad["raw"]["item"], bad["reason"])
+      rejected = [reject({"id": items[j].id, "image": items[j].image},
+                         reasons.get(j, "a rotation has no reply")) for j in missing]
+      out_dir = os.path.join(self.dir, name)
+      shards.write_shard(out_dir, 0, out, rejected)
+      shards.gather_rejected(out_dir, [])
+    common.sync(f"eval:{name}:items")
+    return out, len(missing)
 
 
 def _mc_row(item: mc.MCItem, scores: Sequence[float] | None = None,
