@@ -246,3 +246,75 @@ def test_kill_9_and_resume_exports_identical_bytes(world, reference, tmp_path):
     assert ids == [r["id"] for r in _parts(reference, stage)], stage  # none missing, same order
   history = _rows(os.path.join(workdir, "train", "history.jsonl"))
   assert len(history) == 4 and history == _rows(os.path.join(reference, "train", "history.jsonl"))
+
+
+@pytest.mark.parametrize("method", ["self_instruct", "vigc"])
+def test_table5_selection_baselines_through_the_select_and_train_stages(world, reference, tmp_path, method):
+  """`select.method` = Table 5's alternatives, run by launch.py on the reference run's scored samples:
+  the select contract (per image at most one positive, its negatives from the same image, L_r on
+  ceil(top_fraction x N) samples), counts that add up, and a train stage that trains on exactly them."""
+  import math
+  import shutil
+
+  from c3l_jax.pipeline import baselines
+
+  workdir = tmp_path / "w"
+  shutil.copytree(os.path.join(reference, "score"), workdir / "score")
+  proc = subprocess.run(_cmd(world, workdir, "--config.stages=select,train", "--config.train.steps=2",
+                             f"--config.select.method={method}"),
+                        cwd=REPO, capture_output=True, text=True, env=_env())
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  metrics = json.load(open(workdir / "metrics.json"))
+  m = metrics["select"]
+  scored = _parts(reference, "score")
+  rows = _parts(workdir, "select")
+  assert m["read"] == len(scored) and m["rejected"] == 0
+  assert m["read"] + m["generated"] == m["written"] + m["rejected"] == len(rows)
+  assert m["written"] == m["positive"] + m["negative"] + m["unused"]
+  assert [r["id"] for r in rows[:len(scored)]] == [r["id"] for r in scored]  # every input, in order
+  by_image = {}
+  for r in rows:
+    by_image.setdefault(r["image"], []).append(r)
+  for image, members in by_image.items():
+    roles = [r["role"] for r in members]
+    assert roles.count("positive") == (1 if "negative" in roles else 0), (image, roles)
+  top = [r for r in rows if r["top_fraction"]]
+  budget = math.ceil(0.5 * len(scored))  # _cmd's select.top_fraction
+  if method == "self_instruct":
+    assert m["generated"] == 0
+    for members in by_image.values():
+      kept = [r for r in members if r["select_reason"] == ""]
+      for r in kept:
+        assert 3 < len(r["question"].split()) <= 150
+      assert len({(r["question"], r["answer"]) for r in kept}) == len(kept)
+      assert all(baselines.rouge_l(a["question"], b["question"]) <= baselines.ROUGE_THRESHOLD
+                 for i, a in enumerate(kept) for b in kept[i + 1:])
+      for r in members:
+        if r["role"] == "positive":
+          assert r is kept[0]
+        elif r["role"] == "negative":
+          assert r["select_reason"]
+    assert any(r["select_reason"] for r in rows)  # "describe the image" has 3 words
+    survivors = [r for r in rows if r["select_reason"] == ""]
+    assert len(top) == min(budget, len(survivors)) and all(r["select_reason"] == "" for r in top)
+  else:
+    vigc = rows[len(scored):]
+    assert m["generated"] == len(vigc) >= 1
+    firsts = {}
+    for r in scored:
+      firsts.setdefault(r["image"], r)
+    for r in vigc:
+      src = firsts[r["image"]]
+      assert r["id"] == f"{src['id']}_vigc" and r["generator"] == "vigc_iterative"
+      assert r["question"] == src["question"] and r["answer"] == r["output"] and r["answer"].strip()
+      assert math.isfinite(r["i2c"]) and r["n_tokens"] >= 1 and r["role"] == "positive"
+      assert len(re.findall(r"[.!?](?=\s|$)", r["answer"])) <= baselines.VIGC_MAX_ROUNDS
+    assert sorted(r["image"] for r in vigc) == sorted({r["image"] for r in vigc})  # one per image
+    assert {r["id"] for r in rows if r["role"] == "positive"} == {r["id"] for r in vigc}
+    assert all(r["role"] in ("negative", "unused") for r in rows[:len(scored)])
+    assert len(top) == min(budget, len(vigc)) and all(r["generator"] == "vigc_iterative" for r in top)
+  # The train stage uses exactly this selection: L_r on the top fraction, L_c on the contrasted images.
+  train = metrics["train"]
+  assert train["ce_examples"] == m["top_fraction"] == len(top)
+  assert train["groups"] == m["positive"] == len({r["image"] for r in rows if r["role"] == "negative"})
+  assert (workdir / "train" / "generator" / "c3l_model.json").exists()
