@@ -135,7 +135,9 @@ def main(argv: Sequence[str]) -> None:
     from c3l_jax.pipeline.export import quality_table  # pylint: disable=g-import-not-at-top
     print("\nGenerated data, checked against the scenes' ground truth:")
     print(quality_table(quality))
-  print(f"workdir: {workdir} (metrics.json, export/c3l_vlit.json, report.html)")
+  outputs = [f for f in ("metrics.json", "export/c3l_vlit.json", "report.html", "eval/table.txt",
+                          "ablation/table.txt") if os.path.exists(os.path.join(workdir, f))]
+  print(f"workdir: {workdir} ({', '.join(outputs)})")
   logging.info("done: metrics in %s", os.path.join(workdir, "metrics.json"))
 
 

@@ -272,3 +272,4 @@ def test_eval_stage_on_the_shipped_scenes_checkpoint(shipped):
   header, row = table.splitlines()[:2]
   assert header.split() == ["Method", "SEED", "LLaVA^W", "MMB", "POPE"]
   assert row.split() == ["scenes_tiny", "-", "-", "-", f"{100 * sum(f1s) / 3:.1f}"]
+  assert proc.stdout.strip().splitlines()[-1] == f"workdir: {w} (metrics.json, eval/table.txt)"

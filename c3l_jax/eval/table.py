@@ -14,6 +14,13 @@ from typing import Any
 COLUMNS = ("SEED", "LLaVA^W", "MMB", "POPE")
 
 
+def format_cell(value: Any) -> str:
+  """A number in a printed table: "-" for None, ints as they are, floats to 3 decimals."""
+  if value is None:
+    return "-"
+  return f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
+
+
 def table_row(metrics: dict[str, Any]) -> dict[str, str]:
   """The Table-1 cells (strings; "-" = not evaluated) from the eval stage's metrics."""
   row = {c: "-" for c in COLUMNS}
@@ -58,4 +65,4 @@ def format_table(name: str, metrics: dict[str, Any], stats: dict[str, Any] | Non
   return "\n".join(lines) + "\n"
 
 
-__all__ = ["COLUMNS", "format_table", "table_row"]
+__all__ = ["COLUMNS", "format_cell", "format_table", "table_row"]

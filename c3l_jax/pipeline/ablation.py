@@ -26,6 +26,7 @@ from absl import logging
 
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
+from c3l_jax.eval.table import format_cell
 from c3l_jax.pipeline import common, shards
 
 # row name -> (its directory under WORKDIR/ablation, generator stages, config overrides)
@@ -101,15 +102,14 @@ def table(results: dict[str, dict]) -> str:
   """The printed Table 4: data quality and the fine-tuned models' scores, then POPE per split."""
   cols = ("instances", "relevance", "accuracy", "hallucination", "vqa_acc", "pope_acc", "pope_f1",
           "pope_yes")
-  fmt = lambda v: "-" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}")  # noqa: E731
   lines = [f"{'row':12s} " + " ".join(f"{c:>13s}" for c in cols)]
   for name, r in results.items():
-    lines.append(f"{name:12s} " + " ".join(f"{fmt(r.get(c)):>13s}" for c in cols))
+    lines.append(f"{name:12s} " + " ".join(f"{format_cell(r.get(c)):>13s}" for c in cols))
   if any(f"pope_{s}_acc" in r for r in results.values() for s in POPE_SPLITS):
     lines += ["", "POPE per split, accuracy / F1:",
               f"{'row':12s} " + " ".join(f"{s:>13s}" for s in POPE_SPLITS)]
     for name, r in results.items():
-      cells = (f"{fmt(r.get(f'pope_{s}_acc'))}/{fmt(r.get(f'pope_{s}_f1'))}" for s in POPE_SPLITS)
+      cells = (f"{format_cell(r.get(f'pope_{s}_acc'))}/{format_cell(r.get(f'pope_{s}_f1'))}" for s in POPE_SPLITS)
       lines.append(f"{name:12s} " + " ".join(f"{c:>13s}" for c in cells))
   return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from c3l_jax.data.records import BadInput
 from c3l_jax.data.sources import source_kind
+from c3l_jax.eval.table import format_cell
 from c3l_jax.pipeline import common, shards
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -113,11 +114,10 @@ def quality_table(quality: dict) -> str:
   """The demo's summary: initial vs final data, one metric per line."""
   names = ("instances", "relevance", "accuracy", "hallucination", "avg_question_words",
            "avg_answer_words", "mean_i2c", "i2c_auc")
-  fmt = lambda v: "-" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}")  # noqa: E731
   lines = [f"{'':20s} {'initial':>10s} {'final':>10s}"]
   for name in names:
-    lines.append(f"{name:20s} {fmt(quality['initial'].get(name)):>10s} "
-                 f"{fmt(quality['final'].get(name)):>10s}")
+    lines.append(f"{name:20s} {format_cell(quality['initial'].get(name)):>10s} "
+                 f"{format_cell(quality['final'].get(name)):>10s}")
   return "\n".join(lines)
 
 
