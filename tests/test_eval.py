@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 
 from c3l_jax import pipeline
+from c3l_jax.data.records import BadInput
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
 from configs import llava15
 
@@ -121,13 +122,38 @@ def test_pope_reads_official_question_files(tmp_path):
     with open(tmp_path / f"coco_pope_{split}.json", "w") as f:
       f.write(json.dumps({"question_id": 1, "image": "COCO_val2014_000000000042.jpg",
                           "text": "Is there an oven in the image?", "label": "no"}) + "\n")
-  got = pope.read_question_files(str(tmp_path))
+  with open(tmp_path / "coco_pope_adversarial.json", "a") as f:
+    f.write('{"question_id": 2, "image": "a.jpg"\n')
+    f.write(json.dumps({"question_id": 3, "image": "a.jpg", "text": "Is there a cat?", "label": "maybe"}) + "\n")
+    f.write(json.dumps({"question_id": 4, "image": "a.jpg", "label": "yes"}) + "\n")
+  got, rejected = pope.read_question_files(str(tmp_path))
   assert got["popular"] == [{"question_id": 1, "image": "COCO_val2014_000000000042.jpg",
                              "text": "Is there an oven in the image?", "label": "no",
                              "category": "popular"}]
+  assert len(got["adversarial"]) == 1 and rejected["random"] == rejected["popular"] == []
+  assert [(r["line"], r["reason"].split(":")[0]) for r in rejected["adversarial"]] == [
+      (2, "malformed JSON"), (3, "label must be yes or no, got 'maybe'"), (4, "missing field 'text'")]
+  with pytest.raises(BadInput, match=r"coco_pope_adversarial.json:2: malformed JSON"):
+    pope.read_question_files(str(tmp_path), strict=True)
   (tmp_path / "coco_pope_random.json").unlink()
-  with pytest.raises(FileNotFoundError, match="random"):
+  with pytest.raises(BadInput, match="random"):
     pope.read_question_files(str(tmp_path))
+
+
+def test_pope_annotations_quarantine_bad_lines(tmp_path):
+  path = tmp_path / "gt.jsonl"
+  path.write_bytes(b'{"image": "a.jpg", "objects": ["dog", "cat"]}\n'
+                   b'{"image": "b.jpg", "objects": "dog"}\n'
+                   b'\xff{"image": "c.jpg"}\n'
+                   b'["d.jpg"]\n'
+                   b'{"objects": ["car"]}\n')
+  annotations, rejected = pope.read_annotations(str(path))
+  assert [a["image"] for a in annotations] == ["a.jpg"]
+  assert [(r["line"], r["reason"]) for r in rejected] == [
+      (2, "'objects' must be a list of object names"), (3, "line is not valid UTF-8"),
+      (4, "a record must be a JSON object, got list"), (5, "missing field 'image'")]
+  with pytest.raises(BadInput, match="file not found"):
+    pope.read_annotations(str(tmp_path / "none.jsonl"))
 
 
 ITEM = mc.MCItem(id="q1", question="What is red?", options=("sky", "circle", "grass", "sea"), answer=1,
@@ -193,16 +219,45 @@ def test_load_official_files(tmp_path):
        "data_id": "3_4.jpg", "data_type": "image", "question": "Where?", "question_id": "102",
        "question_type_id": 4}],
       "question_type": {"Instance Location": 4, "Instances Counting": 5, "Action Recognition": 10}}
+  good = seed["questions"][0]
+  seed["questions"] += [
+      "not a question",
+      {k: v for k, v in good.items() if k != "choice_d"},
+      {**good, "question_id": "103", "answer": "E"},
+      {**good, "question_id": "101"},
+      {**good, "question_id": "104", "question_type_id": "dimension five"}]
   (tmp_path / "SEED-Bench.json").write_text(json.dumps(seed))
-  items = mc.load_seed_bench(str(tmp_path / "SEED-Bench.json"), "/imgs")
+  items, rejected = mc.load_seed_bench(str(tmp_path / "SEED-Bench.json"), "/imgs")
   assert [(i.id, i.answer, i.task, i.image) for i in items] == [
       ("101", 2, "Instances Counting", "/imgs/1_2.jpg"), ("102", 0, "Instance Location", "/imgs/3_4.jpg")]
+  assert [(r["index"], r["reason"]) for r in rejected] == [
+      (3, "a question must be a JSON object, got str"), (4, "missing field 'choice_d'"),
+      (5, "answer 'E' is not one of A-D"), (6, "duplicate question_id '101'"),
+      (7, "question_type_id must be a dimension number, got 'dimension five'")]
+  with pytest.raises(BadInput, match=r"SEED-Bench.json \(index 3\): a question must be"):
+    mc.load_seed_bench(str(tmp_path / "SEED-Bench.json"), "/imgs", strict=True)
+  (tmp_path / "bad.json").write_text("{not json")
+  with pytest.raises(BadInput, match="not a JSON file"):
+    mc.load_seed_bench(str(tmp_path / "bad.json"), "/imgs")
   red = _png_b64("red")
   rows = [["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"],
           ["7", "Which colour?", "Look closely.", "red", "blue", "green", "nan", "A", "attribute", red],
-          ["8", "Same image?", "nan", "yes", "no", "", "", "B", "reasoning", "7"]]
+          ["8", "Same image?", "nan", "yes", "no", "", "", "B", "reasoning", "7"],
+          ["9", "One option?", "nan", "yes", "", "", "", "A", "reasoning", red],
+          ["10", "Which colour?", "nan", "red", "blue", "", "", "C", "attribute", red],
+          ["11", "Which colour?", "nan", "red", "blue", "", "", "A", "attribute", "not*base64"],
+          ["12", "Which colour?", "nan", "red", "blue", "", "", "A", "attribute", "99"],
+          ["7", "Again?", "nan", "red", "blue", "", "", "A", "attribute", red],
+          ["", "No index?", "nan", "red", "blue", "", "", "A", "attribute", red]]
   (tmp_path / "mmb.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
-  items = mc.load_mmbench(str(tmp_path / "mmb.tsv"))
+  items, rejected = mc.load_mmbench(str(tmp_path / "mmb.tsv"))
+  assert [(r["line"], r["raw"]["index"], r["reason"].split(" (")[0]) for r in rejected] == [
+      (4, "9", "1 options"), (5, "10", "answer 'C' is outside its 2 options"),
+      (6, "11", "image is not valid base64"), (7, "12", "no image"), (8, "7", "duplicate index '7'"),
+      (9, "", "no index or no question")]
+  assert all("image" not in r["raw"] for r in rejected)  # the base64 is not copied into the quarantine
+  with pytest.raises(BadInput, match=r"mmb.tsv:4: 1 options"):
+    mc.load_mmbench(str(tmp_path / "mmb.tsv"), strict=True)
   assert [(i.id, i.options, i.answer, i.task, i.hint) for i in items] == [
       ("7", ("red", "blue", "green"), 0, "attribute", "Look closely."),
       ("8", ("yes", "no"), 1, "reasoning", "")]
@@ -213,7 +268,11 @@ def test_load_official_files(tmp_path):
 def test_llava_bench_answer_file_format(tmp_path):
   (tmp_path / "questions.jsonl").write_text(
       json.dumps({"image": "001.jpg", "text": "What is this?", "category": "conv", "question_id": 0}) + "\n")
-  (q,) = llava_bench.read_questions(str(tmp_path))
+  with open(tmp_path / "questions.jsonl", "a") as f:
+    f.write('{"image": "002.jpg", "text": "Where?"}\n{"question_id": 2, "image": "003.jpg"\n')
+  (q,), rejected = llava_bench.read_questions(str(tmp_path))
+  assert [(r["line"], r["reason"].split(":")[0]) for r in rejected] == [
+      (2, "missing field 'question_id'"), (3, "malformed JSON")]
   assert q["image_path"] == str(tmp_path / "images" / "001.jpg")
   rec = llava_bench.answer_record(q, "A cat.", "my-model")
   assert set(rec) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}

@@ -29,7 +29,10 @@ ANNOTATIONS = [
     {"image": "im2.png", "objects": ["dog", "cat", "car"]},
     {"image": "im3.png", "objects": ["cat", "tree", "sky", "car"]},
     {"image": "im4.png", "objects": ["bird", "boat"]},  # 2 objects: not drawn
+    {"image": "im5.png", "objects": ["dog", "tree", "sky"]},  # not on disk: its questions are rejected
 ]
+# Bad lines of the POPE annotation file (quarantined with their line number and reason).
+BAD_ANNOTATIONS = ['{"image": "im1.png", "objects": ', '{"image": "im2.png", "objects": "dog"}']
 SEED = [("how many objects are there?", ("one", "two", "three", "four"), "B", "im1.png", 5),
         ("what color is the circle?", ("red", "blue", "green", "yellow"), "A", "im2.png", 3),
         ("where is the dog?", ("on the left", "on the right", "at the top", "in the middle"), "D",
@@ -52,11 +55,13 @@ def corpus(tmp_path_factory):
   for i in range(1, 5):
     _png(images / f"im{i}.png", i)
   with open(root / "pope.jsonl", "w") as f:
-    f.writelines(json.dumps(a) + "\n" for a in ANNOTATIONS)
+    f.writelines([json.dumps(a) + "\n" for a in ANNOTATIONS] + [b + "\n" for b in BAD_ANNOTATIONS])
   questions = [{"answer": ans, **{f"choice_{c}": o for c, o in zip("abcd", opts)}, "data_id": im,
                 "data_type": "image", "question": q, "question_id": str(100 + i), "question_type_id": t}
                for i, (q, opts, ans, im, t) in enumerate(SEED)]
   questions.append({**questions[0], "data_type": "video", "question_id": "v1", "question_type_id": 10})
+  questions.append({**questions[0], "question_id": "103", "data_id": "missing.png"})  # image rejected
+  questions.append({k: v for k, v in questions[1].items() if k != "choice_d"} | {"question_id": "104"})
   (root / "seed.json").write_text(json.dumps({"questions": questions, "question_type": {
       "Instance Attributes": 3, "Instance Location": 4, "Instances Counting": 5}}))
   buf = io.BytesIO()
@@ -68,12 +73,14 @@ def corpus(tmp_path_factory):
           ["2", "is there a dog?", "look at the image", "yes", "no", "nan", "", "A", "existence", "1"],
           # not an image: rejected once (with every rotation in generate mode), never half-scored
           ["3", "which shape is it?", "nan", "circle", "square", "triangle", "star", "C", "attribute",
-           base64.b64encode(b"hello").decode()]]
+           base64.b64encode(b"hello").decode()],
+          ["4", "which shape is it?", "nan", "circle", "square", "", "", "A", "attribute", "not*base64"]]
   (root / "mmb.tsv").write_text("\n".join("\t".join(r) for r in rows) + "\n")
   with open(root / "images" / "questions.jsonl", "w") as f:
-    for qid, im in ((0, "im1.png"), (1, "im2.png")):
+    for qid, im in ((0, "im1.png"), (1, "im2.png"), (2, "missing.png")):
       f.write(json.dumps({"question_id": qid, "image": im, "text": "describe the image",
                           "category": "detail"}) + "\n")
+    f.write('{"question_id": 3, "image": "im1.png"}\n')  # no text
   for i in (1, 2):
     _png(images / "images" / f"im{i}.png", i)
   workdir = root / "w"
@@ -95,7 +102,7 @@ def corpus(tmp_path_factory):
                                        "--config.eval.mc_mode=generate"],
                             cwd=REPO, capture_output=True, text=True, env=env)
   return dict(root=root, hf=hf, images=images, model=str(root / "model"), proc=proc, workdir=workdir,
-              gen_proc=gen_proc, gen_workdir=gen_workdir)
+              gen_proc=gen_proc, gen_workdir=gen_workdir, cmd=cmd, env=env)
 
 
 def _parts(directory):
@@ -116,17 +123,25 @@ def test_eval_stage_tiny_checkpoint(corpus):
   # POPE: 3 eligible images x (3 yes + 3 no) per split; metrics are those of the answers written.
   p = metrics["pope"]
   assert p["source"] == "annotations" and p["objects_per_image"] == 3
+  bad_lines = [json.loads(line) for line in open(w / "eval" / "pope" / "rejected.jsonl")]
+  assert [(b["line"], b["raw"]) for b in bad_lines] == [
+      (len(ANNOTATIONS) + 1 + i, raw) for i, raw in enumerate(BAD_ANNOTATIONS)]
+  assert p["annotations_rejected"] == 2
+  # 4 drawn images x 6 questions per split; im5.png's 6 are rejected (missing image) in each split.
+  assert (p["read"], p["n"], p["rejected"], p["unasked"]) == (72, 54, 18, 0)
   f1s = []
   for split in pope.SPLITS:
     rows = _parts(w / "eval" / f"pope_{split}")
     assert len(rows) == 18 and [r["label"] for r in rows].count("yes") == 9
     assert {r["image"] for r in rows} == {"im1.png", "im2.png", "im3.png"}
+    bad = [json.loads(line) for line in open(w / "eval" / f"pope_{split}" / "rejected.jsonl")]
+    assert len(bad) == 6 and all(b["raw"]["image"] == "im5.png" and "missing" in b["reason"] for b in bad)
     want = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows], [r["label"] for r in rows])
     assert p[split] == want
     f1s.append(want["f1"])
     with open(w / "eval" / "pope" / f"annotations_pope_{split}.json") as f:
       official = [json.loads(line) for line in f]
-    assert [q["text"] for q in official] == [r["text"] for r in rows]
+    assert [q["text"] for q in official if q["image"] != "im5.png"] == [r["text"] for r in rows]
   assert p["mean_f1"] == pytest.approx(sum(f1s) / 3)
 
   # SEED (image questions only) by option likelihood = transformers' mean answer log-prob.
@@ -142,6 +157,11 @@ def test_eval_stage_tiny_checkpoint(corpus):
     assert row["predictions"][0] == int(np.argmax(want))
     correct += "ABCD"[int(np.argmax(want))] == answer
   assert metrics["seed"]["n"] == 3 and metrics["seed"]["overall"] == pytest.approx(100 * correct / 3)
+  # 5 image questions read (the video one is out of scope): 103's image is missing, 104 has no choice_d.
+  assert (metrics["seed"]["read"], metrics["seed"]["rejected"], metrics["seed"]["unasked"]) == (5, 2, 0)
+  bad = [json.loads(line) for line in open(w / "eval" / "seed" / "rejected.jsonl")]
+  assert [(b["raw"].get("question_id", b["raw"].get("id")), b["reason"][:20]) for b in bad] == [
+      ("104", "missing field 'choic"), ("103", "missing image file /")]
   assert metrics["seed"]["mode"] == "loglik"
 
   # MMBench: 4 and 2 options (row 2 reuses row 1's image), CircularEval over the rotations.
@@ -149,16 +169,22 @@ def test_eval_stage_tiny_checkpoint(corpus):
   assert [len(r["targets"]) for r in mmb] == [4, 2] and mmb[0]["targets"] == [1, 0, 3, 2]
   right = [r["predictions"] == r["targets"] for r in mmb]
   assert metrics["mmbench"]["overall"] == pytest.approx(50.0 * sum(right))
-  assert metrics["mmbench"]["circular"] is True and metrics["mmbench"]["rejected"] == 1
+  assert metrics["mmbench"]["circular"] is True
+  assert (metrics["mmbench"]["read"], metrics["mmbench"]["n"], metrics["mmbench"]["rejected"]) == (4, 2, 2)
   bad = [json.loads(line) for line in open(w / "eval" / "mmbench" / "rejected.jsonl")]
-  assert [b["raw"]["id"] for b in bad] == ["3"]
+  assert [(b["raw"].get("index", b["raw"].get("id")), b["reason"]) for b in bad][0] == (
+      "4", "image is not valid base64")
+  assert bad[1]["raw"]["id"] == "3" and "image" in bad[1]["reason"]
 
   # LLaVA-Bench: LLaVA's answer-file format.
   with open(w / "eval" / "llava_bench_answers.jsonl") as f:
     answers = [json.loads(line) for line in f]
   assert [a["question_id"] for a in answers] == [0, 1]
   assert all(a["prompt"] == "describe the image" and a["model_id"] == "model" for a in answers)
-  assert metrics["llava_bench"]["n"] == 2
+  lb = metrics["llava_bench"]
+  assert (lb["read"], lb["n"], lb["rejected"]) == (4, 2, 2)
+  bad = [json.loads(line) for line in open(w / "eval" / "llava_bench" / "rejected.jsonl")]
+  assert [b["reason"][:20] for b in bad] == ["missing field 'text'", "missing image file /"]
 
   # The printed Table-1 row.
   table = (w / "eval" / "table.txt").read_text()
@@ -187,7 +213,8 @@ def test_eval_stage_generated_letters(corpus):
            "mmbench": mc.load_mmbench(str(corpus["root"] / "mmb.tsv"))}
   for name, circular in (("seed", False), ("mmbench", True)):
     rows = _parts(w / "eval" / name)
-    good = [it for it in items[name] if it.id != "3"]
+    items[name] = items[name][0]
+    good = [it for it in items[name] if it.id != "3" and "missing" not in it.image]
     assert [r["id"] for r in rows] == [it.id for it in good]
     replies = _parts(w / "eval" / f"{name}_rotations")
     assert len(replies) == sum(len(it.options) if circular else 1 for it in good)
@@ -212,8 +239,12 @@ def test_eval_stage_generated_letters(corpus):
     assert metrics[name]["n"] == len(rows)
     assert metrics[name]["overall"] == pytest.approx(100 * sum(right) / len(right))
   bad = [json.loads(line) for line in open(w / "eval" / "mmbench" / "rejected.jsonl")]
-  assert [b["raw"]["id"] for b in bad] == ["3"] and "image" in bad[0]["reason"]
-  assert metrics["mmbench"]["rejected"] == 1 and metrics["seed"]["rejected"] == 0
+  assert [b["raw"].get("index", b["raw"].get("id")) for b in bad] == ["4", "3"]
+  assert "image" in bad[1]["reason"]  # rejected once, not once per rotation
+  assert metrics["mmbench"]["rejected"] == 2 and metrics["seed"]["rejected"] == 2
+  for name in ("seed", "mmbench"):
+    m = metrics[name]
+    assert m["read"] == m["n"] + m["rejected"] + m["unasked"]
 
 
 SCENES = os.path.join(REPO, "checkpoints", "scenes_tiny")
@@ -273,3 +304,59 @@ def test_eval_stage_on_the_shipped_scenes_checkpoint(shipped):
   assert header.split() == ["Method", "SEED", "LLaVA^W", "MMB", "POPE"]
   assert row.split() == ["scenes_tiny", "-", "-", "-", f"{100 * sum(f1s) / 3:.1f}"]
   assert proc.stdout.strip().splitlines()[-1] == f"workdir: {w} (metrics.json, eval/table.txt)"
+
+
+def test_eval_stage_strict_mode_stops_at_the_first_bad_input(corpus, tmp_path):
+  cmd = [c for c in corpus["cmd"] if not c.startswith("--workdir=")]
+  proc = subprocess.run(cmd + [f"--workdir={tmp_path / 'w'}", "--config.strict=True"], cwd=REPO,
+                        capture_output=True, text=True, env=corpus["env"])
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  line = len(ANNOTATIONS) + 1
+  assert last.startswith("error:") and f"pope.jsonl:{line}: malformed JSON" in last, last
+
+
+def _tree(directory, workdir):
+  """Every file under `directory` (relative path -> bytes), the workdir's path replaced by "W"."""
+  out = {}
+  for base, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(base, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read().replace(str(workdir).encode(), b"W")
+  return out
+
+
+def test_eval_stage_kill_9_and_resume_writes_identical_bytes(corpus, tmp_path):
+  """SIGKILL once POPE's popular split is written (adversarial, SEED, MMBench and LLaVA-Bench not yet),
+  rerun: every file under eval/ and the metrics equal the uninterrupted run's, byte for byte."""
+  import signal
+  import time
+
+  assert corpus["proc"].returncode == 0
+  workdir = tmp_path / "w"
+  cmd = [c for c in corpus["cmd"] if not c.startswith("--workdir=")] + [f"--workdir={workdir}"]
+  marker = workdir / "eval" / "pope_popular" / "part-00000.done"
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=corpus["env"])
+  deadline = time.time() + 600
+  while proc.poll() is None and not marker.exists() and time.time() < deadline:
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "metrics.json").exists()
+  assert not (workdir / "eval" / "llava_bench_answers.jsonl").exists()  # the last benchmark: not reached
+  kept = {p: p.stat().st_mtime_ns for p in (workdir / "eval").glob("pope_*/part-*.jsonl")}
+  assert len(kept) >= 2
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=corpus["env"])
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  got, want = _tree(workdir / "eval", workdir), _tree(corpus["workdir"] / "eval", corpus["workdir"])
+  assert sorted(got) == sorted(want)
+  for name in want:
+    assert got[name] == want[name], name
+  for path, mtime in kept.items():  # the finished chunks were kept, not redone
+    assert path.stat().st_mtime_ns == mtime, path
+  metrics = lambda w: json.loads(  # noqa: E731
+      (w / "metrics.json").read_text().replace(str(w), "W"))["eval"]
+  assert metrics(workdir) == metrics(corpus["workdir"])

@@ -7,7 +7,8 @@ so nothing is lost silently; with `strict=True` the first bad line raises `BadIn
 from __future__ import annotations
 
 import json
-from typing import Iterator, Sequence
+import os
+from typing import Callable, Iterator, Sequence
 
 REQUIRED = ("id", "image", "question", "answer")
 
@@ -20,6 +21,42 @@ def reject(raw: object, reason: str, **where: object) -> dict:
   return {"raw": raw, "reason": reason, **where}
 
 
+class Quarantine:
+  """The rejections of one input file. `add` records one (`{"raw", "reason", **where}`); with
+  `strict=True` it raises `BadInput` naming the file, the place (`line=` / `index=`) and the reason."""
+
+  def __init__(self, path: str, strict: bool = False):
+    self.path, self.strict, self.rows = path, strict, []
+
+  def add(self, raw: object, reason: str, **where: object) -> None:
+    if self.strict:
+      place = "".join(f":{v}" if k == "line" else f" ({k} {v})" for k, v in where.items())
+      raise BadInput(f"{self.path}{place}: {reason}")
+    self.rows.append(reject(raw, reason, **where))
+
+
+def read_jsonl(path: str, check: Callable[[dict], str | None] | None = None, strict: bool = False
+               ) -> tuple[list[dict], list[dict]]:
+  """Read a JSON-lines file: returns `(records, rejected)`.
+
+  Rejected (`{"raw": <line>, "line": N, "reason"}`): non-UTF-8 lines, malformed JSON, non-objects, and
+  records for which `check(record)` returns a reason. Blank lines are skipped. A missing file raises
+  `BadInput`.
+  """
+  if not os.path.isfile(path):
+    raise BadInput(f"{path}: file not found")
+  records, bad = [], Quarantine(path, strict)
+  for lineno, raw in _lines(path):
+    problem, rec = _parse_line(raw)
+    if problem is None and check is not None:
+      problem = check(rec)
+    if problem:
+      bad.add(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"), problem, line=lineno)
+      continue
+    records.append(rec)
+  return records, bad.rows
+
+
 def read_records(path: str, required: Sequence[str] = REQUIRED, strict: bool = False
                  ) -> tuple[list[dict], list[dict]]:
   """Read `path`: returns `(records, rejected)`.
@@ -27,18 +64,32 @@ def read_records(path: str, required: Sequence[str] = REQUIRED, strict: bool = F
   Rejected: non-UTF-8 lines, malformed JSON, non-objects, missing or empty (or non-string) required
   fields, duplicate ids (the first occurrence is kept). Blank lines are skipped.
   """
-  records, rejected, seen = [], [], set()
-  for lineno, raw in _lines(path):
-    problem, rec = _check_line(raw, required, seen)
-    if problem:
-      if strict:
-        raise BadInput(f"{path}:{lineno}: {problem}")
-      rejected.append(reject(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"),
-                             problem, line=lineno))
-      continue
-    seen.add(rec["id"])
-    records.append(rec)
-  return records, rejected
+  seen: set = set()
+
+  def check(rec: dict) -> str | None:
+    problem = missing_field(rec, required, str)
+    if problem is None and rec["id"] in seen:
+      problem = f"duplicate id {rec['id']!r}"
+    if problem is None:
+      seen.add(rec["id"])
+    return problem
+
+  return read_jsonl(path, check, strict)
+
+
+def missing_field(rec: dict, required: Sequence[str], kind: type | tuple[type, ...] = str) -> str | None:
+  """Why `rec` lacks one of `required` (absent, not of `kind`, or an empty string), or None."""
+  for field in required:
+    if field not in rec:
+      return f"missing field {field!r}"
+    value = rec[field]
+    if not isinstance(value, kind) or isinstance(value, bool):
+      names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+      return f"field {field!r} must be {'a ' if isinstance(kind, type) else ''}{names}, " \
+             f"got {type(value).__name__}"
+    if isinstance(value, str) and not value.strip():
+      return f"empty field {field!r}"
+  return None
 
 
 def _lines(path: str) -> Iterator[tuple[int, str | bytes]]:
@@ -53,7 +104,7 @@ def _lines(path: str) -> Iterator[tuple[int, str | bytes]]:
         yield lineno, line
 
 
-def _check_line(raw: str | bytes, required: Sequence[str], seen: set) -> tuple[str | None, dict]:
+def _parse_line(raw: str | bytes) -> tuple[str | None, dict]:
   if isinstance(raw, bytes):
     return "line is not valid UTF-8", {}
   try:
@@ -62,23 +113,11 @@ def _check_line(raw: str | bytes, required: Sequence[str], seen: set) -> tuple[s
     return f"malformed JSON: {e.msg} at column {e.colno}", {}
   if not isinstance(rec, dict):
     return f"a record must be a JSON object, got {type(rec).__name__}", {}
-  for field in required:
-    if field not in rec:
-      return f"missing field {field!r}", {}
-    value = rec[field]
-    if not isinstance(value, str):
-      return f"field {field!r} must be a string, got {type(value).__name__}", {}
-    if not value.strip():
-      return f"empty field {field!r}", {}
-  if rec["id"] in seen:
-    return f"duplicate id {rec['id']!r}", {}
   return None, rec
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
   """Write rows as JSON lines atomically (tmp file + rename)."""
-  import os
-
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     for row in rows:

@@ -18,16 +18,24 @@ import hashlib
 import json
 import os
 
+from c3l_jax.data.records import BadInput, missing_field, read_jsonl
 
-def read_questions(bench_dir: str) -> list[dict]:
-  """`questions.jsonl` of the LLaVA-Bench folder, in order, each with `image_path` added."""
+
+def _check_question(rec: dict) -> str | None:
+  if "question_id" not in rec:
+    return "missing field 'question_id'"
+  return missing_field(rec, ("image", "text"), str)
+
+
+def read_questions(bench_dir: str, strict: bool = False) -> tuple[list[dict], list[dict]]:
+  """`questions.jsonl` of the LLaVA-Bench folder, in order, each with `image_path` added, and the
+  rejected lines (malformed, no `question_id` / `image` / `text`; `strict` raises on the first)."""
   path = os.path.join(bench_dir, "questions.jsonl")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path!r} not found: eval.llava_bench_dir must be the llava-bench-in-the-wild "
+    raise BadInput(f"{path!r} not found: eval.llava_bench_dir must be the llava-bench-in-the-wild "
                             "folder (questions.jsonl, images/)")
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [{**r, "image_path": os.path.join(bench_dir, "images", r["image"])} for r in rows]
+  rows, rejected = read_jsonl(path, _check_question, strict)
+  return [{**r, "image_path": os.path.join(bench_dir, "images", r["image"])} for r in rows], rejected
 
 
 def answer_record(question: dict, text: str, model_id: str) -> dict:

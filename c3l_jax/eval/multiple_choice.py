@@ -38,6 +38,8 @@ import string
 import sys
 from typing import Any, Sequence
 
+from c3l_jax.data.records import BadInput, Quarantine, missing_field
+
 LETTERS = string.ascii_uppercase
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 SEED_IMAGE_TASKS = 9  # SEED-Bench v1 dimensions 1-9 are the image tasks
@@ -57,56 +59,123 @@ class MCItem:
   image_bytes: bytes | None = None
 
 
-def load_seed_bench(json_path: str, image_dir: str) -> list[MCItem]:
-  """SEED-Bench v1 image questions (dimensions 1-9, `data_type == "image"`), in file order."""
-  with open(json_path, encoding="utf-8") as f:
-    data = json.load(f)
-  questions = data["questions"] if isinstance(data, dict) else data
-  names = {int(v): k for k, v in (data.get("question_type", {}) if isinstance(data, dict) else {}).items()}
-  items = []
-  for q in questions:
-    if q.get("data_type") != "image" or int(q.get("question_type_id", 0)) > SEED_IMAGE_TASKS:
+SEED_FIELDS = ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer",
+               "data_id")
+
+
+def load_seed_bench(json_path: str, image_dir: str, strict: bool = False
+                    ) -> tuple[list[MCItem], list[dict]]:
+  """SEED-Bench v1 image questions (dimensions 1-9, `data_type == "image"`), in file order, and the
+  rejected ones (`{"raw", "reason", "index"}`: not an object, a missing field, an answer that is not
+  A-D, a repeated `question_id`); `strict` raises on the first. Video questions are skipped."""
+  data = _read_json(json_path)
+  questions = data.get("questions") if isinstance(data, dict) else data
+  if not isinstance(questions, list):
+    raise BadInput(f"{json_path}: not a SEED-Bench file (a list of questions, or "
+                   "{\"questions\": [...]})")
+  types = data.get("question_type", {}) if isinstance(data, dict) else {}
+  names = {int(v): k for k, v in types.items() if str(v).strip().isdigit()}
+  items: list[MCItem] = []
+  bad, seen = Quarantine(json_path, strict), set()
+  for i, q in enumerate(questions):
+    if not isinstance(q, dict):
+      bad.add(q, f"a question must be a JSON object, got {type(q).__name__}", index=i)
       continue
-    options = tuple(str(q[f"choice_{c}"]) for c in "abcd")
-    tid = int(q["question_type_id"])
-    items.append(MCItem(id=str(q["question_id"]), question=str(q["question"]), options=options,
-                        answer=LETTERS.index(str(q["answer"]).strip().upper()),
-                        task=names.get(tid, f"dimension {tid}"),
+    if q.get("data_type", "image") != "image":
+      continue  # video dimensions 10-12: not evaluated
+    tid = str(q.get("question_type_id", "")).strip()
+    if not tid.isdigit():
+      bad.add(q, f"question_type_id must be a dimension number, got {q.get('question_type_id')!r}",
+              index=i)
+      continue
+    if int(tid) > SEED_IMAGE_TASKS:
+      continue
+    problem = missing_field(q, SEED_FIELDS, (str, int, float))
+    answer = str(q.get("answer", "")).strip().upper()
+    if problem is None and answer not in LETTERS[:4]:
+      problem = f"answer {q['answer']!r} is not one of A-D"
+    if problem is None and str(q["question_id"]) in seen:
+      problem = f"duplicate question_id {q['question_id']!r}"
+    if problem:
+      bad.add(q, problem, index=i)
+      continue
+    seen.add(str(q["question_id"]))
+    items.append(MCItem(id=str(q["question_id"]), question=str(q["question"]),
+                        options=tuple(str(q[f"choice_{c}"]) for c in "abcd"),
+                        answer=LETTERS.index(answer), task=names.get(int(tid), f"dimension {tid}"),
                         image=os.path.join(image_dir, str(q["data_id"]))))
-  return items
+  return items, bad.rows
+
+
+def _read_json(path: str) -> Any:
+  if not os.path.isfile(path):
+    raise BadInput(f"{path}: file not found")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BadInput(f"{path}: not a JSON file ({e})") from None
 
 
 def _present(value: Any) -> bool:
   return value is not None and str(value).strip() != "" and str(value).strip().lower() != "nan"
 
 
-def load_mmbench(tsv_path: str) -> list[MCItem]:
-  """MMBench questions from its TSV (base64 images), in file order."""
+def load_mmbench(tsv_path: str, strict: bool = False) -> tuple[list[MCItem], list[dict]]:
+  """MMBench questions from its TSV (base64 images), in file order, and the rejected rows
+  (`{"raw": row without its image, "reason", "line"}`: no index or question, fewer than 2 options, an
+  answer outside the options (the test split has none), a missing, unknown or non-base64 image, a
+  repeated index); `strict` raises on the first."""
+  if not os.path.isfile(tsv_path):
+    raise BadInput(f"{tsv_path}: file not found")
   csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
   with open(tsv_path, encoding="utf-8", newline="") as f:
-    rows = list(csv.DictReader(f, delimiter="\t"))
-  images = {str(r["index"]): r.get("image", "") for r in rows}
-  items = []
-  for r in rows:
+    reader = csv.DictReader(f, delimiter="\t")
+    missing = [c for c in ("index", "question", "answer", "image") if c not in (reader.fieldnames or ())]
+    if missing:
+      raise BadInput(f"{tsv_path}: not an MMBench TSV (no column {missing[0]!r})")
+    rows = [(reader.line_num, r) for r in reader]
+  images = {str(r["index"]).strip(): r.get("image") or "" for _, r in rows}
+  items: list[MCItem] = []
+  bad, seen = Quarantine(tsv_path, strict), set()
+  for line, r in rows:
+    raw = {k: v for k, v in r.items() if k != "image" and k is not None}
+    index = str(r.get("index") or "").strip()
     options = []
     for letter in LETTERS[:8]:
-      if letter in r and _present(r[letter]):
-        options.append(str(r[letter]))
-      else:
+      if not _present(r.get(letter)):
         break
-    image = r.get("image", "") or ""
+      options.append(str(r[letter]))
+    image = (r.get("image") or "").strip()
     if image.isdigit() and len(image) < 64:  # a reference to another row's image
-      image = images.get(image, "")
-    answer = str(r.get("answer", "")).strip().upper()
-    if answer not in LETTERS[:len(options)]:
-      raise ValueError(f"{tsv_path}: question {r['index']!r} has answer {answer!r} outside its "
-                       f"{len(options)} options (the dev split has answers; test does not)")
-    items.append(MCItem(id=str(r["index"]), question=str(r["question"]), options=tuple(options),
+      image = images.get(image, "").strip()
+    answer = str(r.get("answer") or "").strip().upper()
+    problem = None
+    if not index or not _present(r.get("question")):
+      problem = "no index or no question"
+    elif index in seen:
+      problem = f"duplicate index {index!r}"
+    elif len(options) < 2:
+      problem = f"{len(options)} options (a question needs at least 2)"
+    elif answer not in LETTERS[:len(options)]:
+      problem = (f"answer {answer!r} is outside its {len(options)} options (the dev split has answers; "
+                 "test does not)")
+    elif not image or image.isdigit():
+      problem = "no image (or a reference to a row without one)"
+    else:
+      try:
+        data = base64.b64decode(image, validate=True)
+      except ValueError:
+        problem = "image is not valid base64"
+    if problem:
+      bad.add(raw, problem, line=line)
+      continue
+    seen.add(index)
+    items.append(MCItem(id=index, question=str(r["question"]), options=tuple(options),
                         answer=LETTERS.index(answer), task=str(r.get("category", "") or "all"),
                         hint=str(r["hint"]) if _present(r.get("hint")) else "",
-                        image=f"mmbench/{r['index']}", image_bytes=base64.b64decode(image)))
-  return items
-
+                        image=f"mmbench/{index}", image_bytes=data))
+  return items, bad.rows
 
 def rotated(item: MCItem, r: int) -> tuple[tuple[str, ...], int]:
   """Options rotated left by `r` (CircularEval pass r) and the index of the right one among them."""

@@ -33,6 +33,8 @@ import os
 import random
 from typing import Any, Iterable, Sequence
 
+from c3l_jax.data.records import BadInput, missing_field, read_jsonl
+
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 TEMPLATE = "Is there a {} in the image?"
 LLAVA_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -148,33 +150,41 @@ def build_splits(annotations: Sequence[dict], num_images: int = 500, k: int = 3,
   return {s: build_split(images, s, k, seed, template, universe) for s in SPLITS}
 
 
-def read_annotations(path: str) -> list[dict]:
-  """POPE's ground-truth object file: one `{"image": ..., "objects": [...]}` JSON object per line."""
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      rec = json.loads(line)
-      if not isinstance(rec.get("image"), str) or not isinstance(rec.get("objects"), list):
-        raise ValueError(f"{path}:{lineno}: a POPE annotation needs 'image' (str) and 'objects' (list)")
-      out.append(rec)
-  return out
+def _check_annotation(rec: dict) -> str | None:
+  problem = missing_field(rec, ("image",), str)
+  if problem is None and not (isinstance(rec.get("objects"), list)
+                              and all(isinstance(o, str) and o.strip() for o in rec["objects"])):
+    problem = "'objects' must be a list of object names"
+  return problem
 
 
-def read_question_files(directory: str) -> dict[str, list[dict]]:
-  """Official POPE question files in `directory`: `*pope_{split}.json[l]` for each split (JSON lines)."""
-  out = {}
+def read_annotations(path: str, strict: bool = False) -> tuple[list[dict], list[dict]]:
+  """POPE's ground-truth object file: one `{"image": ..., "objects": [...]}` JSON object per line.
+  Returns `(annotations, rejected)` (bad lines with their reason; `strict` raises on the first)."""
+  return read_jsonl(path, _check_annotation, strict)
+
+
+def _check_question(rec: dict) -> str | None:
+  problem = missing_field(rec, ("image", "text", "label"), str)
+  if problem is None and rec["label"].strip().lower() not in ("yes", "no"):
+    problem = f"label must be yes or no, got {rec['label']!r}"
+  return problem
+
+
+def read_question_files(directory: str, strict: bool = False
+                        ) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+  """Official POPE question files in `directory`: `*pope_{split}.json[l]` for each split (JSON lines).
+  Returns the questions and the rejected lines per split (no image / text / yes-no label)."""
+  out, rejected = {}, {}
   for split in SPLITS:
     paths = sorted(glob.glob(os.path.join(directory, f"*pope_{split}.json*")))
     if not paths:
-      raise FileNotFoundError(f"no POPE {split} question file (*pope_{split}.json) in {directory!r}")
-    with open(paths[0], encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+      raise BadInput(f"no POPE {split} question file (*pope_{split}.json) in {directory!r}")
+    rows, rejected[split] = read_jsonl(paths[0], _check_question, strict)
     for r in rows:
       r.setdefault("category", split)
     out[split] = rows
-  return out
+  return out, rejected
 
 
 def parse_yes_no(text: str) -> str:

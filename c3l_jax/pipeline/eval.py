@@ -25,6 +25,13 @@ replies of every option rotation are in `<benchmark>_rotations/` and `<benchmark
 question with its replies, predictions and targets), the POPE questions in the
 official format (`pope/<source>_pope_<split>.json`), `llava_bench_answers.jsonl`, and `table.txt` (the
 printed table). Work is split in chunks over processes; finished chunks are skipped on a rerun.
+
+Bad input is quarantined with its reason, never dropped: entries of a benchmark file that cannot be
+asked (malformed lines, missing fields, an answer outside the options, an undecodable MMBench image, a
+POPE label that is not yes/no) and questions whose image cannot be loaded go to the benchmark's
+`rejected.jsonl` (bad POPE annotation lines to `pope/rejected.jsonl`); `strict=True` stops at the first.
+Counts per benchmark (metrics.json): `read` = `n` (answered) + `rejected` + `unasked` (past
+`eval.max_items`); POPE's are over its three splits.
 """
 
 from __future__ import annotations
@@ -102,10 +109,11 @@ class Evaluator:
     return apply_image_aspect(img, self.config.data.image_aspect, self.inf.builder.processor)
 
   # -- the runner ---------------------------------------------------------------------------------
-  def run_chunks(self, name: str, n: int, work: Callable[[int, range], tuple[list[dict], list[dict]]]
-                 ) -> tuple[list[dict], int]:
+  def run_chunks(self, name: str, n: int, work: Callable[[int, range], tuple[list[dict], list[dict]]],
+                 upfront: Sequence[dict] = ()) -> tuple[list[dict], int]:
     """Run `work(chunk_index, item_range) -> (rows, rejected)` over chunks of `self.chunk` items (this
-    process's share, unfinished ones only); returns every process's rows in order and the rejections."""
+    process's share, unfinished ones only); returns every process's rows in order and the number of
+    rejections: `upfront` (the benchmark file's bad entries) + every chunk's, all in `rejected.jsonl`."""
     out = os.path.join(self.dir, name)
     count = max(1, math.ceil(n / self.chunk))
     todo = [i for i in common.my_shards(range(count)) if not shards.is_done(out, i)]
@@ -118,7 +126,7 @@ class Evaluator:
       bar.update(len(span))
     bar.close()
     common.sync(f"eval:{name}")
-    n_rejected = shards.gather_rejected(out, []) if common.is_lead() else 0
+    n_rejected = shards.gather_rejected(out, upfront) if common.is_lead() else 0
     return shards.read_parts(out), n_rejected
 
   def _bad_image(self, rejected: list[dict], what: dict, e: ImageError) -> None:
@@ -127,7 +135,8 @@ class Evaluator:
     rejected.append(reject(what, str(e)))
 
   def generate(self, name: str, questions: Sequence[dict], max_new: int,
-               prompt: Callable[[dict], str], image: Callable[[dict], Any]) -> tuple[list[dict], int]:
+               prompt: Callable[[dict], str], image: Callable[[dict], Any],
+               upfront: Sequence[dict] = ()) -> tuple[list[dict], int]:
     """Greedy answers to `questions` (dicts): each row comes back with `answer` (the generated text)."""
     def work(index: int, span: range) -> tuple[list[dict], list[dict]]:
       ids, pixels, keep, rejected, cache = [], [], [], [], {}
@@ -149,7 +158,7 @@ class Evaluator:
       keys = common.row_keys(self.config.seed, "eval", index, list(range(len(ids))))
       texts, _ = self.inf.generate(ids, pixels, keys, max_new)
       return [{**questions[j], "answer": t.strip()} for j, t in zip(keep, texts)], rejected
-    return self.run_chunks(name, len(questions), work)
+    return self.run_chunks(name, len(questions), work, upfront)
 
   def scorer(self) -> scoring.Scorer:
     if self._scorer is None:
@@ -159,8 +168,8 @@ class Evaluator:
                                     self.inf.model.cfg.image_token_id, self.inf.builder.pad_id)
     return self._scorer
 
-  def option_loglik(self, name: str, items: Sequence[mc.MCItem], image: Callable[[mc.MCItem], Any]
-                    ) -> tuple[list[dict], int]:
+  def option_loglik(self, name: str, items: Sequence[mc.MCItem], image: Callable[[mc.MCItem], Any],
+                    upfront: Sequence[dict] = ()) -> tuple[list[dict], int]:
     """Mean per-token log-likelihood of every option's text as the answer to the bare question."""
     builder = self.inf.builder
 
@@ -188,10 +197,11 @@ class Evaluator:
         for (j, o), res in zip(owners, self.scorer().score(inputs, pixels)):
           scores[j][o] = res["logp_image"] / res["n_tokens"]
       return [_mc_row(items[j], scores=scores[j]) for j in rows], rejected
-    return self.run_chunks(name, len(items), work)
+    return self.run_chunks(name, len(items), work, upfront)
 
   def option_generate(self, name: str, items: Sequence[mc.MCItem], circular: bool,
-                      image: Callable[[mc.MCItem], Any]) -> tuple[list[dict], int]:
+                      image: Callable[[mc.MCItem], Any], upfront: Sequence[dict] = ()
+                      ) -> tuple[list[dict], int]:
     """A generated letter per rotation (every rotation with `circular`, else the original order).
 
     The replies go to `eval/<name>_rotations/` (one row per rotation, resumable like every benchmark);
@@ -225,9 +235,9 @@ class Evaluator:
                          reasons.get(j, "a rotation has no reply")) for j in missing]
       out_dir = os.path.join(self.dir, name)
       shards.write_shard(out_dir, 0, out, rejected)
-      shards.gather_rejected(out_dir, [])
+      shards.gather_rejected(out_dir, upfront)
     common.sync(f"eval:{name}:items")
-    return out, len(missing)
+    return out, len(upfront) + len(missing)
 
 
 def _mc_row(item: mc.MCItem, scores: Sequence[float] | None = None,
@@ -261,12 +271,20 @@ def _cap(items: list, limit: int) -> list:
 
 
 def _pope(ev: Evaluator, cfg: Any) -> dict:
+  strict = ev.config.strict
+  file_rejected: dict[str, list[dict]] = {split: [] for split in pope.SPLITS}
+  out: dict[str, Any] = {}
   if cfg.pope_questions_dir:
-    splits, origin = pope.read_question_files(cfg.pope_questions_dir), "questions"
-    k = None
+    splits, file_rejected = pope.read_question_files(cfg.pope_questions_dir, strict)
+    origin, k = "questions", None
   else:
     if cfg.pope_annotations:
-      annotations, origin = pope.read_annotations(cfg.pope_annotations), "annotations"
+      annotations, bad = pope.read_annotations(cfg.pope_annotations, strict)
+      origin = "annotations"
+      out["annotations_rejected"] = len(bad)
+      os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
+      if common.is_lead():
+        write_jsonl(os.path.join(ev.dir, "pope", "rejected.jsonl"), bad)
     else:
       items, _ = ev.inf.source.items(0)
       annotations = [{"image": it.image, "image_id": it.image_id, "objects": list(it.objects)}
@@ -283,17 +301,22 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
         write_jsonl(os.path.join(ev.dir, "pope", f"{origin}_pope_{split}.json"),
                     [{key: q[key] for key in ("question_id", "image", "image_id", "text", "label")
                       if key in q} for q in questions])
-  per_split, rejected = {}, 0
+  per_split, read, rejected, unasked = {}, 0, 0, 0
   for split in pope.SPLITS:
     questions = _cap(splits[split], ev.config.eval.max_items)
     rows, n_bad = ev.generate(f"pope_{split}", questions, cfg.max_new_tokens,
                               lambda q: q["text"] + pope.LLAVA_SUFFIX,
-                              lambda q: ev.load(q["image"], cfg.pope_images or None))
+                              lambda q: ev.load(q["image"], cfg.pope_images or None),
+                              upfront=file_rejected[split])
+    read += len(splits[split]) + len(file_rejected[split])
     rejected += n_bad
+    unasked += len(splits[split]) - len(questions)
     per_split[split] = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows],
                                     [r["label"] for r in rows])
-  out = pope.summarize(per_split)
-  out.update(source=origin, rejected=rejected)
+  out.update(pope.summarize(per_split))
+  # read = n + rejected + unasked (over the three splits; unasked: past eval.max_items)
+  out.update(source=origin, read=read, n=sum(m["n"] for m in per_split.values()), rejected=rejected,
+             unasked=unasked)
   if k is not None:
     out["objects_per_image"] = k
   return out
@@ -304,33 +327,36 @@ def _multiple_choice(ev: Evaluator, cfg: Any, name: str) -> dict:
     if not cfg.seed_bench_json:
       raise BadInput("benchmark seed needs eval.seed_bench_json (SEED-Bench.json) and "
                      "eval.seed_bench_images (its image folder)")
-    items = mc.load_seed_bench(cfg.seed_bench_json, cfg.seed_bench_images)
+    items, bad = mc.load_seed_bench(cfg.seed_bench_json, cfg.seed_bench_images, ev.config.strict)
     circular = False
   else:
     if not cfg.mmbench_tsv:
       raise BadInput("benchmark mmbench needs eval.mmbench_tsv (the MMBench dev TSV)")
-    items = mc.load_mmbench(cfg.mmbench_tsv)
+    items, bad = mc.load_mmbench(cfg.mmbench_tsv, ev.config.strict)
     circular = True
-  items = _cap(items, cfg.max_items)
+  asked = _cap(items, cfg.max_items)
   image = lambda it: ev.load(it.image, "", it.image_bytes)  # noqa: E731
   if cfg.mc_mode == "loglik":
-    rows, n_bad = ev.option_loglik(name, items, image)
+    rows, n_bad = ev.option_loglik(name, asked, image, bad)
   else:
-    rows, n_bad = ev.option_generate(name, items, circular, image)
-  return _mc_metrics(rows, circular, cfg.mc_mode, n_bad)
+    rows, n_bad = ev.option_generate(name, asked, circular, image, bad)
+  return {**_mc_metrics(rows, circular, cfg.mc_mode, n_bad), "read": len(items) + len(bad),
+          "unasked": len(items) - len(asked)}
 
 
 def _llava_bench(ev: Evaluator, cfg: Any) -> dict:
   if not cfg.llava_bench_dir:
     raise BadInput("benchmark llava_bench needs eval.llava_bench_dir (the llava-bench-in-the-wild "
                    "folder: questions.jsonl, images/)")
-  questions = _cap(llava_bench.read_questions(cfg.llava_bench_dir), cfg.max_items)
-  rows, n_bad = ev.generate("llava_bench", questions, cfg.long_max_new_tokens, lambda q: q["text"],
-                            lambda q: ev.load(q["image_path"], ""))
+  questions, bad = llava_bench.read_questions(cfg.llava_bench_dir, ev.config.strict)
+  asked = _cap(questions, cfg.max_items)
+  rows, n_bad = ev.generate("llava_bench", asked, cfg.long_max_new_tokens, lambda q: q["text"],
+                            lambda q: ev.load(q["image_path"], ""), upfront=bad)
   path = os.path.join(ev.dir, "llava_bench_answers.jsonl")
   if common.is_lead():
     write_jsonl(path, [llava_bench.answer_record(r, r["answer"], ev.model_id) for r in rows])
-  return {"n": len(rows), "answers": path, "rejected": n_bad}
+  return {"n": len(rows), "answers": path, "read": len(questions) + len(bad), "rejected": n_bad,
+          "unasked": len(questions) - len(asked)}
 
 
 def _dataset_stats(workdir: str) -> dict | None:
