@@ -265,7 +265,9 @@ TAUGHT = {"conversation": ("is there a dog", "yes"),
           "detailed_description": ("where is the dog", "in the tree"),
           "complex_reasoning": ("what is in the tree", "a cat")}
 NEXT_TURN = "###Human: what"
-PIPELINE_STAGES = "initial,filter,score,select,train,final,export"
+PIPELINE_STAGES = "initial,filter,score,select,train,final,export,eval"
+# POPE annotations of the world's images (5 object names: 2 present + 2 absent asked per image).
+POPE_OBJECTS = {"grey.png": ["dog", "cat"], "rgba.png": ["car", "tree"], "odd.jpg": ["dog", "sky"]}
 
 
 def _read_parts(stage_dir):
@@ -311,15 +313,19 @@ def pipeline_run(world, tmp_path_factory):
   records = root / "records.jsonl"
   records.write_text("".join(json.dumps(dict(id=i, image=im, question=q, answer=a)) + "\n"
                              for i, im, q, a in RECORDS))
+  (root / "pope.jsonl").write_text("".join(json.dumps({"image": im, "objects": objs}) + "\n"
+                                           for im, objs in POPE_OBJECTS.items()))
   workdir = root / "w"
   cmd = [sys.executable, "launch.py", "--config=configs/minigpt4.py:tiny", f"--workdir={workdir}",
          f"--config.stages={PIPELINE_STAGES}", f"--config.model.checkpoint={model_dir}",
          f"--config.data.records={records}", f"--config.data.image_root={world['images']}",
-         "--config.generation.caption_max_new_tokens=16"]
+         "--config.generation.caption_max_new_tokens=16",
+         f"--config.eval.pope_annotations={root / 'pope.jsonl'}", f"--config.eval.pope_images={world['images']}",
+         "--config.eval.max_new_tokens=8"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return dict(ref=ref, model_dir=model_dir, workdir=workdir, pixels=pixels,
+  return dict(ref=ref, model_dir=model_dir, workdir=workdir, pixels=pixels, stdout=proc.stdout,
               metrics=json.load(open(workdir / "metrics.json")))
 
 
@@ -433,3 +439,27 @@ def test_config_file_validates():
   assert minigpt4.get_config("tiny").generation.max_new_tokens == 16
   with pytest.raises(ValueError, match="unknown arg"):
     minigpt4.get_config("13b")
+
+
+def test_eval_stage_evaluates_the_trained_generator(pipeline_run):
+  """The eval stage after train evaluates `train/generator` (MiniGPT-4 prompts, "###" stop) on POPE
+  built from annotations: answers cut before "###", metrics recounted from them, the Table-1 row."""
+  from c3l_jax.eval import pope
+
+  workdir, ev = pipeline_run["workdir"], pipeline_run["metrics"]["eval"]
+  assert ev["checkpoint"] == str(workdir / "train" / "generator")
+  p = ev["pope"]
+  assert p["objects_per_image"] == 2 and (p["read"], p["n"], p["rejected"]) == (36, 36, 0)
+  f1s = []
+  for split in pope.SPLITS:
+    rows = _read_parts(workdir / "eval" / f"pope_{split}")
+    assert len(rows) == 12 and {r["image"] for r in rows} == set(POPE_OBJECTS)
+    for r in rows:
+      assert "###" not in r["answer"]
+      assert (r["object"] in POPE_OBJECTS[r["image"]]) == (r["label"] == "yes")
+    want = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows], [r["label"] for r in rows])
+    assert p[split] == want
+    f1s.append(want["f1"])
+  table = (workdir / "eval" / "table.txt").read_text()
+  assert table in pipeline_run["stdout"]
+  assert table.splitlines()[1].split() == ["generator", "-", "-", "-", f"{100 * sum(f1s) / 3:.1f}"]
