@@ -66,6 +66,7 @@ def make_images(root: str) -> str:
     f.write("plain text\n")
   lines = [json.dumps({"id": f"im{i}", "image": f"im{i}.png"}).encode() for i in range(GOOD_IMAGES)]
   lines[2:2] = list(BAD_LINES)
+  lines.append(json.dumps({"id": "im0_again", "image": "im0.png"}).encode())  # generated for once
   lines += [json.dumps({"id": f"bad_{name}", "image": name}).encode() for name in BAD_IMAGES]
   path = os.path.join(root, "images.jsonl")
   with open(path, "wb") as f:

@@ -149,8 +149,9 @@ def test_bad_inputs_are_quarantined_with_reasons_and_counts_add_up(world, refere
   metrics = json.load(open(os.path.join(reference, "metrics.json")))
   assert set(metrics) == set(STAGES)
   m = metrics["initial"]
-  assert m["read"] == m["images"] + m["rejected"]
+  assert m["read"] == m["images"] + m["rejected"] + m["repeated"]
   assert (m["images"], m["rejected"]) == (pw.GOOD_IMAGES, len(pw.BAD_IMAGES) + len(pw.BAD_LINES))
+  assert m["repeated"] == 1  # im0_again: a second line for im0.png
   assert m["samples"] == m["written"] + m["samples_rejected"] == pw.GOOD_IMAGES * PER_IMAGE
   assert m["written"] == len(initial) and m["samples_rejected"] == 0
   assert m["rejected"] + m["samples_rejected"] == len(rejected)

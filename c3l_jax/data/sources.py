@@ -57,6 +57,7 @@ class ImageSource:
     self._elements: Sequence[dict] | None = None
     self._index: dict[str, int] | None = None
     self._cache: dict[str, Any] = {}
+    self.repeated = 0  # records source: lines naming an image an earlier line already lists
 
   # -- tfds-backed sources -------------------------------------------------------------------------
   def elements(self) -> Sequence[dict]:
@@ -98,8 +99,10 @@ class ImageSource:
       recs, rejected = read_records(self.config.data.records, required=("id", "image"),
                                     strict=self.config.strict)
       items, seen = [], set()
+      self.repeated = 0
       for rec in recs:
         if rec["image"] in seen:  # several QA records of one image: generate for the image once
+          self.repeated += 1
           continue
         seen.add(rec["image"])
         items.append(ImageItem(image=rec["image"], image_id=rec["id"],

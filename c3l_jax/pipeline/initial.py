@@ -183,11 +183,13 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
 
 
 def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]], mode: str,
-                   checkpoint: str | None, upfront: Sequence[dict], records: int) -> dict:
+                   checkpoint: str | None, upfront: Sequence[dict], records: int,
+                   repeated: int = 0) -> dict:
   """Generate every unfinished shard of `chunks` (this process's share) and count the stage.
 
   `records`: the input records the jobs draw on (their distinct images, each counted by one job) plus
-  `upfront`, the input lines rejected before generation.
+  `upfront`, the input lines rejected before generation, plus `repeated`, the lines that name an image
+  an earlier line lists (generated for once).
   """
   stage_dir = os.path.join(workdir, stage)
   todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
@@ -205,7 +207,7 @@ def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]
   if common.is_lead():
     shards.gather_rejected(stage_dir, upfront)
   rows = shards.read_parts(stage_dir)
-  return {"read": records, "images": counts["images"],
+  return {"read": records, "images": counts["images"], "repeated": repeated,
           "rejected": len(upfront) + counts["images_rejected"],
           "samples": counts["samples"], "samples_rejected": counts["samples_rejected"],
           "written": counts["written"], "tokens": counts["tokens"],
@@ -224,7 +226,7 @@ def run(config: Any, workdir: str) -> dict:
     rng = np.random.default_rng([config.seed, common.SALTS["initial"], index])
     chunks.append(draw_jobs(items[start:start + size], config.generation.per_image, mix, rng))
   return run_generation(config, workdir, "initial", chunks, config.generation.mode, None, upfront,
-                        records=len(items) + len(upfront))
+                        records=len(items) + len(upfront) + source.repeated, repeated=source.repeated)
 
 
 __all__ = ["Job", "draw_jobs", "generate_jobs", "run", "run_generation"]
