@@ -105,6 +105,12 @@ def corpus(tmp_path_factory):
               gen_proc=gen_proc, gen_workdir=gen_workdir, cmd=cmd, env=env)
 
 
+def _rejected(directory):
+  """The quarantine a benchmark wrote (`directory/rejected.jsonl`), in order."""
+  with open(os.path.join(directory, "rejected.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def _parts(directory):
   rows = []
   for name in sorted(os.listdir(directory)):
@@ -123,7 +129,7 @@ def test_eval_stage_tiny_checkpoint(corpus):
   # POPE: 3 eligible images x (3 yes + 3 no) per split; metrics are those of the answers written.
   p = metrics["pope"]
   assert p["source"] == "annotations" and p["objects_per_image"] == 3
-  bad_lines = [json.loads(line) for line in open(w / "eval" / "pope" / "rejected.jsonl")]
+  bad_lines = _rejected(w / "eval" / "pope")
   assert [(b["line"], b["raw"]) for b in bad_lines] == [
       (len(ANNOTATIONS) + 1 + i, raw) for i, raw in enumerate(BAD_ANNOTATIONS)]
   assert p["annotations_rejected"] == 2
@@ -134,7 +140,7 @@ def test_eval_stage_tiny_checkpoint(corpus):
     rows = _parts(w / "eval" / f"pope_{split}")
     assert len(rows) == 18 and [r["label"] for r in rows].count("yes") == 9
     assert {r["image"] for r in rows} == {"im1.png", "im2.png", "im3.png"}
-    bad = [json.loads(line) for line in open(w / "eval" / f"pope_{split}" / "rejected.jsonl")]
+    bad = _rejected(w / "eval" / f"pope_{split}")
     assert len(bad) == 6 and all(b["raw"]["image"] == "im5.png" and "missing" in b["reason"] for b in bad)
     want = pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows], [r["label"] for r in rows])
     assert p[split] == want
@@ -159,7 +165,7 @@ def test_eval_stage_tiny_checkpoint(corpus):
   assert metrics["seed"]["n"] == 3 and metrics["seed"]["overall"] == pytest.approx(100 * correct / 3)
   # 5 image questions read (the video one is out of scope): 103's image is missing, 104 has no choice_d.
   assert (metrics["seed"]["read"], metrics["seed"]["rejected"], metrics["seed"]["unasked"]) == (5, 2, 0)
-  bad = [json.loads(line) for line in open(w / "eval" / "seed" / "rejected.jsonl")]
+  bad = _rejected(w / "eval" / "seed")
   assert [(b["raw"].get("question_id", b["raw"].get("id")), b["reason"][:20]) for b in bad] == [
       ("104", "missing field 'choic"), ("103", "missing image file /")]
   assert metrics["seed"]["mode"] == "loglik"
@@ -171,7 +177,7 @@ def test_eval_stage_tiny_checkpoint(corpus):
   assert metrics["mmbench"]["overall"] == pytest.approx(50.0 * sum(right))
   assert metrics["mmbench"]["circular"] is True
   assert (metrics["mmbench"]["read"], metrics["mmbench"]["n"], metrics["mmbench"]["rejected"]) == (4, 2, 2)
-  bad = [json.loads(line) for line in open(w / "eval" / "mmbench" / "rejected.jsonl")]
+  bad = _rejected(w / "eval" / "mmbench")
   assert [(b["raw"].get("index", b["raw"].get("id")), b["reason"]) for b in bad][0] == (
       "4", "image is not valid base64")
   assert bad[1]["raw"]["id"] == "3" and "image" in bad[1]["reason"]
@@ -183,7 +189,7 @@ def test_eval_stage_tiny_checkpoint(corpus):
   assert all(a["prompt"] == "describe the image" and a["model_id"] == "model" for a in answers)
   lb = metrics["llava_bench"]
   assert (lb["read"], lb["n"], lb["rejected"]) == (4, 2, 2)
-  bad = [json.loads(line) for line in open(w / "eval" / "llava_bench" / "rejected.jsonl")]
+  bad = _rejected(w / "eval" / "llava_bench")
   assert [b["reason"][:20] for b in bad] == ["missing field 'text'", "missing image file /"]
 
   # The printed Table-1 row.
@@ -238,7 +244,7 @@ def test_eval_stage_generated_letters(corpus):
     assert metrics[name]["mode"] == "generate" and metrics[name]["circular"] is circular
     assert metrics[name]["n"] == len(rows)
     assert metrics[name]["overall"] == pytest.approx(100 * sum(right) / len(right))
-  bad = [json.loads(line) for line in open(w / "eval" / "mmbench" / "rejected.jsonl")]
+  bad = _rejected(w / "eval" / "mmbench")
   assert [b["raw"].get("index", b["raw"].get("id")) for b in bad] == ["4", "3"]
   assert "image" in bad[1]["reason"]  # rejected once, not once per rotation
   assert metrics["mmbench"]["rejected"] == 2 and metrics["seed"]["rejected"] == 2

@@ -177,6 +177,7 @@ def load_mmbench(tsv_path: str, strict: bool = False) -> tuple[list[MCItem], lis
                         image=f"mmbench/{index}", image_bytes=data))
   return items, bad.rows
 
+
 def rotated(item: MCItem, r: int) -> tuple[tuple[str, ...], int]:
   """Options rotated left by `r` (CircularEval pass r) and the index of the right one among them."""
   n = len(item.options)

@@ -28,7 +28,6 @@ F1 and the yes-ratio (`metrics`; "yes" is the positive class). Official question
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 from typing import Any, Iterable, Sequence

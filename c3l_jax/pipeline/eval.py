@@ -278,11 +278,11 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
     splits, file_rejected = pope.read_question_files(cfg.pope_questions_dir, strict)
     origin, k = "questions", None
   else:
+    os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
     if cfg.pope_annotations:
       annotations, bad = pope.read_annotations(cfg.pope_annotations, strict)
       origin = "annotations"
       out["annotations_rejected"] = len(bad)
-      os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
       if common.is_lead():
         write_jsonl(os.path.join(ev.dir, "pope", "rejected.jsonl"), bad)
     else:
@@ -295,7 +295,6 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
                        "eval.pope_questions_dir (official question files) or eval.pope_annotations")
     k = pope.effective_k(cfg.pope_objects, {o for a in annotations for o in a["objects"]})
     splits = pope.build_splits(annotations, cfg.pope_num_images, k, ev.config.seed)
-    os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
     if common.is_lead():
       for split, questions in splits.items():
         write_jsonl(os.path.join(ev.dir, "pope", f"{origin}_pope_{split}.json"),
