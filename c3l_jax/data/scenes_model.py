@@ -32,17 +32,8 @@ import numpy as np
 
 from c3l_jax.data import instructions as ins
 from c3l_jax.data import scenes
-from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
+from c3l_jax.data.prompts import LLAVA15_CHAT_TEMPLATE, VIGC_INSTRUCTIONS, vigc_target
 
-# The llava-hf LLaVA-1.5 chat template (as shipped in llava-hf/llava-1.5-7b-hf's chat_template.json).
-LLAVA15_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
-    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
-    "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3; <image> is the last id

@@ -20,6 +20,11 @@ import json
 from typing import Any
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+# How a LLaVA checkpoint's prompts are rendered: its own HF chat template (llava-hf), or the LLaVA
+# repository's conversation templates (original-format checkpoints): `conv_vicuna_v1` (LLaVA-1.5's
+# training and evaluation template) or `conv_llava_v1`.
+LLAVA_PROMPT_FORMATS = ("chat_template", "vicuna_v1", "llava_v1")
+LLAVA_IMAGE_ASPECTS = ("resize", "pad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +98,21 @@ class LlavaConfig:
   projector_hidden_act: str = "gelu"
   multimodal_projector_bias: bool = True
   family: str = "llava15"
+  # The checkpoint's conventions (original LLaVA format: "vicuna_v1" and "pad"; see `c3l_jax.convert`).
+  prompt_format: str = "chat_template"
+  image_aspect_ratio: str = "resize"  # pad: squared on the image mean before the processor (expand2square)
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: bool = False
+
+  def __post_init__(self):
+    if self.prompt_format not in LLAVA_PROMPT_FORMATS:
+      raise ValueError(f"unknown prompt_format {self.prompt_format!r} "
+                       f"(valid: {', '.join(LLAVA_PROMPT_FORMATS)})")
+    if self.image_aspect_ratio not in LLAVA_IMAGE_ASPECTS:
+      raise ValueError(f"unknown image_aspect_ratio {self.image_aspect_ratio!r} "
+                       f"(valid: {', '.join(LLAVA_IMAGE_ASPECTS)})")
 
   @property
   def feature_layers(self) -> tuple[int, ...]:

@@ -1,0 +1,86 @@
+"""The published files in `tests/fixtures/` (see its SOURCES.md), and checkpoints shaped like them.
+
+`published_7b_headers` writes the real llava-1.5-7b-hf shard files as they would be on disk after a
+download (each tensor's header entry, the data region left sparse: nothing is allocated), with every
+shape taken from transformers' own `LlavaForConditionalGeneration` built from the real `config.json` on
+the meta device. So a dry run over them checks our reading of the config against transformers'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+LLAVA_HF_7B = os.path.join(FIXTURES, "llava-1.5-7b-hf")
+LLAVA_ORIGINAL_7B = os.path.join(FIXTURES, "llava-v1.5-7b-original")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json",
+                   "chat_template.jinja", "generation_config.json")
+
+# transformers 5 names its modules `model.language_model.*`; the hub files keep the 4.x layout.
+_HUB_TO_MODULE = (("language_model.model.", "model.language_model."),
+                  ("language_model.lm_head.", "lm_head."),
+                  ("vision_tower.vision_model.", "model.vision_tower."),
+                  ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def copy_files(src: str, dst: str, names) -> None:
+  os.makedirs(dst, exist_ok=True)
+  for name in names:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def transformers_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
+  """Module-name -> shape of transformers' LLaVA built from `config_dir/config.json` (meta device)."""
+  import torch
+  from transformers import AutoConfig, LlavaForConditionalGeneration
+
+  with torch.device("meta"):
+    model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(config_dir))
+  return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def hub_to_module(name: str) -> str:
+  for old, new in _HUB_TO_MODULE:
+    if name.startswith(old):
+      return new + name[len(old):]
+  return name
+
+
+def write_sparse_safetensors(path: str, shapes: dict[str, tuple[int, ...]], dtype: str = "F16",
+                             itemsize: int = 2, shape_override: dict | None = None) -> int:
+  """A safetensors file with these tensors' header and a sparse (unallocated) data region."""
+  header, offset = {}, 0
+  for name in sorted(shapes):
+    shape = (shape_override or {}).get(name, shapes[name])
+    n = 1
+    for d in shape:
+      n *= d
+    header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n * itemsize]}
+    offset += n * itemsize
+  blob = json.dumps(header).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    f.truncate(8 + len(blob) + offset)
+  return offset
+
+
+def published_7b_headers(dst: str, shape_override: dict | None = None) -> int:
+  """The real llava-1.5-7b-hf directory (config, index, tokenizer, processor) with its three shard files
+  as sparse safetensors; returns the total data bytes written into the headers."""
+  shutil.copytree(LLAVA_HF_7B, dst)
+  with open(os.path.join(dst, "model.safetensors.index.json")) as f:
+    weight_map = json.load(f)["weight_map"]
+  shapes = transformers_shapes(dst)
+  files: dict[str, dict[str, tuple[int, ...]]] = {}
+  for name, file in weight_map.items():
+    files.setdefault(file, {})[name] = shapes[hub_to_module(name)]
+  return sum(write_sparse_safetensors(os.path.join(dst, file), tensors, shape_override=shape_override)
+             for file, tensors in files.items())
