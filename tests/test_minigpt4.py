@@ -21,6 +21,7 @@ from c3l_jax import sampling, sharding
 from c3l_jax.convert import ConversionError, convert_minigpt4
 from c3l_jax.data.images import load_image
 from c3l_jax.data.prompts import PromptBuilder, load_processor
+import real_files
 from hf_reference import REPO
 from minigpt4_reference import (IMAGE, LLAMA2_TEMPLATE, NUM_QUERY, STOP, TINY_EVA, TINY_QFORMER, VICUNA_TEMPLATE,
                                 VOCAB, TorchMiniGPT4, make_hf_blip2, make_hf_llama, make_llama_proj,
@@ -216,18 +217,31 @@ def test_generation_stops_at_hash(world):
       assert texts[row] == world["tokenizer"].decode(want[:-1], skip_special_tokens=True).strip()
 
 
-def test_hash_stop_with_a_sentencepiece_llama_tokenizer(tmp_path):
-  """With a Llama-style SentencePiece `tokenizer.model` (loaded as Vicuna's is: transformers converts it),
+def _vicuna_tokenizer_dir(path: str, which: str) -> dict[str, int]:
+  """A Vicuna-style tokenizer directory (`tokenizer.model` + a `LlamaTokenizer` config): the synthetic
+  Llama-layout SentencePiece model, or the real Llama `tokenizer.model` (tests/fixtures, the file Vicuna
+  and LLaVA ship); returns the ids of "▁###", "##" and "#"."""
+  if which == "synthetic":
+    return make_sentencepiece_llama_tokenizer(path)
+  real_files.copy_files(real_files.LLAVA_ORIGINAL_7B, path, ("tokenizer_config.json", "special_tokens_map.json"))
+  real_files.copy_files(real_files.LLAVA_HF_7B, path, ("tokenizer.model",))
+  return {"▁###": 835, "##": 2277, "#": 29937}  # MiniGPT-4's stop list [[835], [2277, 29937]]
+
+
+@pytest.mark.parametrize("which", ["synthetic", "real"])
+def test_hash_stop_with_a_sentencepiece_llama_tokenizer(tmp_path, which):
+  """With a Llama SentencePiece `tokenizer.model` (loaded as Vicuna's is: transformers converts it),
   "###" is "▁###" at a word start and "##" + "#" after a word, with no "###" token; the builder derives
-  both spellings (MiniGPT-4's `[[835], [2277, 29937]]`), generation stops at either, and the text is cut
-  before "###". Prompts tokenize exactly as SentencePiece itself (MiniGPT-4's slow LlamaTokenizer)."""
+  both spellings (MiniGPT-4's `[[835], [2277, 29937]]` on the real file), generation stops at either,
+  and the text is cut before "###". Prompts tokenize exactly as SentencePiece itself (MiniGPT-4's slow
+  LlamaTokenizer)."""
   import jax.numpy as jnp
   import sentencepiece as spm
   from transformers import AutoTokenizer
 
   from c3l_jax.data.prompts import MiniGPT4Processor, blip2_image_processor
 
-  pieces = make_sentencepiece_llama_tokenizer(str(tmp_path))
+  pieces = _vicuna_tokenizer_dir(str(tmp_path), which)
   sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
   tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
   assert STOP not in tok.get_vocab() and tok.convert_tokens_to_ids("▁###") == pieces["▁###"]

@@ -21,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+from absl import logging
+
+from c3l_jax.data.images import expand_to_square, pad_background
 
 MODEL_CONFIG_FILE = "c3l_model.json"  # = c3l_jax.checkpoint.MODEL_CONFIG (read here without jax)
 IMAGE_HERE = "<ImageHere>"
@@ -78,25 +81,78 @@ def blip2_image_processor(image_size: int) -> Any:
                                do_convert_rgb=True)
 
 
-class MiniGPT4Processor:
-  """MiniGPT-4's prompts and image preprocessing behind LLaVA's processor interface.
+class SplicedPromptProcessor:
+  """A processor for models whose prompts mark the image with a string that is not a token (MiniGPT-4's
+  `<ImageHere>`, the original LLaVA's `<image>`), behind LLaVA's processor interface.
 
-  `apply_chat_template(conversation)` renders the MiniGPT-4 template; `__call__(images=, text=)` tokenizes
-  a prompt holding `<ImageHere>` segment by segment (as MiniGPT-4's `get_context_emb`) with
-  `image_seq_length` placeholder ids in place of `<ImageHere>`, and preprocesses the image with the BLIP
-  image processor. `tokenizer` and `image_processor` are the usual transformers objects.
+  The prompt is tokenized segment by segment around the marker, the first segment with BOS and the
+  others without (MiniGPT-4's `get_context_emb`; LLaVA's `tokenizer_image_token`, which tokenizes each
+  chunk with BOS and drops it), with `image_seq_length` placeholder ids in place of the marker (the
+  model writes the image features over them). Subclasses render the conversation
+  (`apply_chat_template`) and may prepare the image (`prepare_image`).
   """
+
+  image_marker: str = IMAGE_HERE
+  stop_strings: tuple[str, ...] = ()
+
+  def __init__(self, tokenizer: Any, image_processor: Any, image_token_id: int, image_seq_length: int):
+    self.tokenizer = tokenizer
+    self.image_processor = image_processor
+    self.image_token_id = image_token_id
+    self.image_seq_length = image_seq_length
+
+  def apply_chat_template(self, conversation: Sequence[dict], add_generation_prompt: bool = True,
+                          tokenize: bool = False) -> str:
+    raise NotImplementedError
+
+  def prepare_image(self, image: Any) -> Any:
+    return image
+
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of a prompt, the image marker -> `image_seq_length` placeholder ids."""
+    ids: list[int] = []
+    for i, segment in enumerate(text.split(self.image_marker)):
+      if i:
+        ids += [self.image_token_id] * self.image_seq_length
+      ids += self.tokenizer(segment, add_special_tokens=i == 0).input_ids
+    return ids
+
+  def __call__(self, images: Any = None, text: str | None = None, return_tensors: str = "np",
+               **kwargs: Any) -> dict[str, np.ndarray]:
+    """`{"input_ids": [1, T], "pixel_values": [N, C, H, W]}` (as LlavaProcessor returns with `np`)."""
+    out: dict[str, np.ndarray] = {}
+    if text is not None:
+      out["input_ids"] = np.asarray([self.encode_text(text)], np.int64)
+    if images is not None:
+      if not isinstance(images, (list, tuple)):
+        images = [images]
+      images = [self.prepare_image(im) for im in images]
+      out["pixel_values"] = np.asarray(
+          self.image_processor(images=images, return_tensors="np")["pixel_values"], np.float32)
+    return out
+
+
+def _messages(conversation: Sequence[dict]) -> Iterator[tuple[str, str, bool]]:
+  """`(role, text, has_image)` of each message of a chat-template conversation."""
+  for message in conversation:
+    content = message["content"]
+    if isinstance(content, str):
+      content = [{"type": "text", "text": content}]
+    text = " ".join(c["text"] for c in content if c.get("type") == "text")
+    yield message["role"], text, any(c.get("type") == "image" for c in content)
+
+
+class MiniGPT4Processor(SplicedPromptProcessor):
+  """MiniGPT-4's prompts (`MINIGPT4_TEMPLATES[variant]`) and BLIP image preprocessing."""
 
   def __init__(self, tokenizer: Any, image_processor: Any, variant: str, image_token_id: int,
                image_seq_length: int):
     if variant not in MINIGPT4_TEMPLATES:
       raise ValueError(f"unknown MiniGPT-4 variant {variant!r} (valid: {', '.join(MINIGPT4_TEMPLATES)})")
-    self.tokenizer = tokenizer
-    self.image_processor = image_processor
+    super().__init__(tokenizer, image_processor, image_token_id, image_seq_length)
     self.variant = variant
     self.template = MINIGPT4_TEMPLATES[variant]
-    self.image_token_id = image_token_id
-    self.image_seq_length = image_seq_length
+    self.stop_strings = self.template.stop_strings
 
   @classmethod
   def from_pretrained(cls, model_dir: str, model_config: dict) -> "MiniGPT4Processor":
@@ -117,10 +173,6 @@ class MiniGPT4Processor:
     return cls(tokenizer, image_processor, model_config.get("variant", "vicuna0"),
                model_config["image_token_id"], seq)
 
-  @property
-  def stop_strings(self) -> tuple[str, ...]:
-    return self.template.stop_strings
-
   def apply_chat_template(self, conversation: Sequence[dict], add_generation_prompt: bool = True,
                           tokenize: bool = False) -> str:
     """Render `[{"role": "user", "content": [{"type": "image"}?, {"type": "text", "text": q}]}, ...]`.
@@ -132,36 +184,74 @@ class MiniGPT4Processor:
     if tokenize:
       raise NotImplementedError("MiniGPT4Processor.apply_chat_template renders text only")
     out = []
-    for message in conversation:
-      content = message["content"]
-      if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
-      text = " ".join(c["text"] for c in content if c.get("type") == "text")
-      if message["role"] == "assistant":
-        out.append(text + self.template.end)
-      else:
-        out.append(self.template.render(text, any(c.get("type") == "image" for c in content)))
+    for role, text, has_image in _messages(conversation):
+      out.append(text + self.template.end if role == "assistant"
+                 else self.template.render(text, has_image))
     return "".join(out)
 
-  def encode_text(self, text: str) -> list[int]:
-    """Token ids of a prompt, `<ImageHere>` -> `image_seq_length` placeholder ids (`get_context_emb`)."""
-    ids: list[int] = []
-    for i, segment in enumerate(text.split(IMAGE_HERE)):
-      if i:
-        ids += [self.image_token_id] * self.image_seq_length
-      ids += self.tokenizer(segment, add_special_tokens=i == 0).input_ids
-    return ids
 
-  def __call__(self, images: Any = None, text: str | None = None, return_tensors: str = "np",
-               **kwargs: Any) -> dict[str, np.ndarray]:
-    """`{"input_ids": [1, T], "pixel_values": [N, C, H, W]}` (as LlavaProcessor returns with `np`)."""
-    out: dict[str, np.ndarray] = {}
-    if text is not None:
-      out["input_ids"] = np.asarray([self.encode_text(text)], np.int64)
-    if images is not None:
-      out["pixel_values"] = np.asarray(
-          self.image_processor(images=images, return_tensors="np")["pixel_values"], np.float32)
+# The LLaVA repository's conversation templates (llava/conversation.py, `SeparatorStyle.TWO`).
+LLAVA_SYSTEM_PROMPTS = {
+    "vicuna_v1": "A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+}
+
+
+class LlavaV1Processor(SplicedPromptProcessor):
+  """An original-format LLaVA checkpoint's prompts and preprocessing, as the LLaVA repository does them.
+
+  Prompts: `conv_vicuna_v1` (or `conv_llava_v1`) `get_prompt()`: `SYSTEM USER: <image>\nQ ASSISTANT:`,
+  an assistant turn ending with `</s>`; tokenized as `tokenizer_image_token`. Images: with
+  `image_aspect_ratio="pad"`, `expand2square` on the image processor's mean colour, then CLIP's
+  preprocessing (`process_images`).
+  """
+
+  image_marker = "<image>"
+  roles = ("USER", "ASSISTANT")
+  seps = (" ", "</s>")
+
+  def __init__(self, tokenizer: Any, image_processor: Any, conv_mode: str, image_aspect_ratio: str,
+               image_token_id: int, image_seq_length: int):
+    if conv_mode not in LLAVA_SYSTEM_PROMPTS:
+      raise ValueError(f"unknown LLaVA conversation mode {conv_mode!r} "
+                       f"(valid: {', '.join(LLAVA_SYSTEM_PROMPTS)})")
+    super().__init__(tokenizer, image_processor, image_token_id, image_seq_length)
+    self.system = LLAVA_SYSTEM_PROMPTS[conv_mode]
+    self.image_aspect_ratio = image_aspect_ratio
+
+  @classmethod
+  def from_pretrained(cls, model_dir: str, model_config: dict) -> "LlavaV1Processor":
+    """From a directory converted from the original format (tokenizer + CLIP `preprocessor_config.json`)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    vision = model_config["vision"]
+    seq = ((vision["image_size"] // vision["patch_size"]) ** 2
+           + (model_config.get("vision_feature_select_strategy") == "full"))
+    return cls(tokenizer, image_processor, model_config["prompt_format"],
+               model_config.get("image_aspect_ratio", "resize"), model_config["image_token_id"], seq)
+
+  def apply_chat_template(self, conversation: Sequence[dict], add_generation_prompt: bool = True,
+                          tokenize: bool = False) -> str:
+    """`Conversation.get_prompt()` of the user / assistant turns (+ `ASSISTANT:` to generate)."""
+    if tokenize:
+      raise NotImplementedError("LlavaV1Processor.apply_chat_template renders text only")
+    out = self.system + self.seps[0]
+    turns = [(text if role == "assistant" or not has_image else f"{self.image_marker}\n{text}")
+             for role, text, has_image in _messages(conversation)]
+    for i, text in enumerate(turns):
+      out += f"{self.roles[i % 2]}: {text}{self.seps[i % 2]}"
+    if add_generation_prompt and len(turns) % 2 == 1:
+      out += f"{self.roles[1]}:"
     return out
+
+  def prepare_image(self, image: Any) -> Any:
+    if self.image_aspect_ratio == "pad":
+      return expand_to_square(image, pad_background(self.image_processor))
+    return image
 
 
 def read_model_config(model_dir: str) -> dict | None:
@@ -176,8 +266,15 @@ def read_model_config(model_dir: str) -> dict | None:
 def load_processor(model_dir: str) -> Any:
   """The processor saved next to a converted model (local files only, never the hub).
 
-  LLaVA: the HF processor (`AutoProcessor`). MiniGPT-4 (`family` in `c3l_model.json`):
-  `MiniGPT4Processor` over the saved tokenizer and BLIP image processor.
+  By `c3l_model.json`: MiniGPT-4 -> `MiniGPT4Processor`; LLaVA converted from the original format
+  (`prompt_format` vicuna_v1 / llava_v1) -> `LlavaV1Processor`; llava-hf -> transformers' processor
+  (`AutoProcessor`), made to match the model where published snapshots differ:
+  - the chat template may sit in `chat_template.jinja`, `chat_template.json` or only in
+    `tokenizer_config.json` (transformers' processor reads the first two only);
+  - without `processor_config.json` the processor has no `patch_size` (transformers 5 then fails);
+  - without `num_additional_image_tokens` (snapshots before transformers#36002) it counts one image
+    token too few (575 for 576 features).
+  The last two are set from the model config, which is what the model computes.
   """
   from transformers import AutoProcessor
 
@@ -185,9 +282,44 @@ def load_processor(model_dir: str) -> Any:
     raise FileNotFoundError(f"{model_dir!r} has no tokenizer files: convert from a HF directory that "
                             "includes the processor (tokenizer, preprocessor and chat template)")
   model_config = read_model_config(model_dir)
-  if model_config is not None and model_config.get("family") == "minigpt4":
+  family = (model_config or {}).get("family", "llava15")
+  if family == "minigpt4":
     return MiniGPT4Processor.from_pretrained(model_dir, model_config)
-  return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+  if (model_config or {}).get("prompt_format", "chat_template") != "chat_template":
+    return LlavaV1Processor.from_pretrained(model_dir, model_config)
+  processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+  if getattr(processor, "chat_template", None) is None:
+    template = getattr(processor.tokenizer, "chat_template", None)
+    if template is None:
+      raise FileNotFoundError(f"{model_dir!r} has no chat template (chat_template.jinja, "
+                              "chat_template.json or tokenizer_config.json): convert it again, the "
+                              "converter writes LLaVA-1.5's")
+    processor.chat_template = template
+  if model_config is not None:
+    _match_image_tokens(processor, model_config, model_dir)
+  return processor
+
+
+def _match_image_tokens(processor: Any, model_config: dict, model_dir: str) -> None:
+  """Make a transformers LLaVA processor expand `<image>` to the model's `image_seq_length`."""
+  if not hasattr(processor, "num_additional_image_tokens"):
+    return  # a processor that does not expand `<image>` (PromptBuilder expands a single token)
+  vision = model_config["vision"]
+  strategy = model_config.get("vision_feature_select_strategy", "default")
+  grid = (vision["image_size"] // vision["patch_size"]) ** 2
+  if processor.patch_size is None or processor.vision_feature_select_strategy is None:
+    logging.warning("%s has no processor_config.json (an older llava-hf snapshot): patch size %d and "
+                    "strategy %r taken from the model", model_dir, vision["patch_size"], strategy)
+    processor.patch_size = vision["patch_size"]
+    processor.vision_feature_select_strategy = strategy
+  want = grid + (strategy == "full")
+  got = ((vision["image_size"] // processor.patch_size) ** 2 + processor.num_additional_image_tokens
+         - (processor.vision_feature_select_strategy == "default"))
+  if got != want:
+    logging.warning("%s: the processor would expand <image> to %d tokens, the model has %d image "
+                    "features (processor_config.json without num_additional_image_tokens, "
+                    "transformers#36002): using %d", model_dir, got, want, want)
+    processor.num_additional_image_tokens += want - got
 
 
 # VIGC-format generation instructions, one per instruction type (the generator's input besides the
