@@ -408,3 +408,43 @@ def test_original_format_dry_run_and_errors(tiny_original, tmp_path):
   assert proc.returncode == 2 and "unsupported mm_projector_type 'linear'" in proc.stderr
   with pytest.raises(ConversionError, match="original LLaVA repository's format"):
     read_hf_config(tiny_original["llava"])
+
+
+def test_original_format_through_the_score_stage(tiny_original, tmp_path):
+  """`launch.py --config.stages=score` on the converted original-format model: every record's S(I2C)
+  and log-probs equal the LLaVA repository's computation (its prompt, padding and splicing)."""
+  from transformers import AutoTokenizer, CLIPImageProcessor
+
+  images = tmp_path / "images"
+  images.mkdir()
+  for i, image in enumerate(_images()):
+    image.save(images / f"{i}.png")
+  records = tmp_path / "records.jsonl"
+  rows = [dict(id=f"{i}-{j}", image=f"{i}.png", question=q, answer=a)
+          for i in range(2) for j, (q, a) in enumerate(QA)]
+  records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  proc = subprocess.run(
+      [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={tmp_path / 'w'}",
+       "--config.stages=score", f"--config.model.checkpoint={tiny_original['ours']}",
+       f"--config.data.records={records}", f"--config.data.image_root={images}"],
+      cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  score_dir = tmp_path / "w" / "score"
+  got = {r["id"]: r for p in sorted(os.listdir(score_dir)) if p.startswith("part-") and p.endswith(".jsonl")
+         and not p.endswith(".rejected.jsonl") for r in map(json.loads, open(score_dir / p))}
+  assert sorted(got) == sorted(r["id"] for r in rows)
+  ref = tiny_original["ref"]
+  tokenizer = AutoTokenizer.from_pretrained(tiny_original["llava"], use_fast=False)
+  image_processor = CLIPImageProcessor.from_pretrained(tiny_original["clip"])
+  for r in rows:
+    image = PIL.Image.open(images / r["image"]).convert("RGB")
+    ids = orig.tokenizer_image_token(orig.get_prompt(r["question"], True), tokenizer)
+    text_ids = tokenizer(orig.get_prompt(r["question"], False)).input_ids
+    answer = tokenizer(r["answer"], add_special_tokens=False).input_ids
+    pixels = orig.process_image(image, image_processor)
+    lv = _answer_logprobs(ref.logits(ids + answer, pixels), len(ids) + 575, answer)
+    ld = _answer_logprobs(ref.logits(text_ids + answer, None), len(text_ids), answer)
+    want = dict(i2c=float(np.sum(np.exp(lv) * (lv - ld))), logp_image=float(lv.sum()),
+                logp_text=float(ld.sum()))
+    for key, value in want.items():
+      assert abs(got[r["id"]][key] - value) <= 1e-3 + 1e-3 * abs(value), (r["id"], key)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from typing import Any
 
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
@@ -27,8 +29,42 @@ LLAVA_PROMPT_FORMATS = ("chat_template", "vicuna_v1", "llava_v1")
 LLAVA_IMAGE_ASPECTS = ("resize", "pad")
 
 
+class JsonConfig:
+  """JSON round trip for the config dataclasses: `to_dict` / `to_json`, and `from_dict`, which rebuilds
+  nested config fields (also `X | None`) from their dicts and JSON lists as tuples."""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+      if isinstance(value, dict):
+        kind = next((t for t in _members(hints[key]) if isinstance(t, type) and issubclass(t, JsonConfig)),
+                    None)
+        if kind is None:
+          raise ValueError(f"{cls.__name__}.{key} is not a nested config")
+        value = kind.from_dict(value)
+      elif isinstance(value, list):
+        value = tuple(value)
+      kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+  """The alternatives of a `A | B` / `Optional[A]` hint, or the hint itself."""
+  if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    return typing.get_args(hint)
+  return (hint,)
+
+
 @dataclasses.dataclass(frozen=True)
-class RopeConfig:
+class RopeConfig(JsonConfig):
   """RoPE frequencies: `rope_type` in default | linear | dynamic | llama3 (the types Llama/Vicuna use)."""
 
   theta: float = 10000.0
@@ -41,7 +77,7 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(JsonConfig):
   hidden_size: int = 1024
   intermediate_size: int = 4096
   num_hidden_layers: int = 24
@@ -62,7 +98,7 @@ class CLIPVisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(JsonConfig):
   vocab_size: int = 32064
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -83,7 +119,7 @@ class LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
+class LlavaConfig(JsonConfig):
   """LLaVA-1.5: CLIP ViT + 2-layer MLP projector + Llama decoder.
 
   Runtime fields (`dtype`, `param_dtype`, `scan_layers`, `remat`) are not architecture: they are set from
@@ -125,27 +161,9 @@ class LlavaConfig:
     extra = 1 if self.vision_feature_select_strategy == "full" else 0
     return self.vision.num_patches + extra
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":
-    d = dict(d)
-    vision = CLIPVisionConfig(**d.pop("vision"))
-    text = dict(d.pop("text"))
-    rope = RopeConfig(**text.pop("rope"))
-    if isinstance(text.get("eos_token_id"), list):
-      text["eos_token_id"] = tuple(text["eos_token_id"])
-    if isinstance(d.get("vision_feature_layer"), list):
-      d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
-    return cls(vision=vision, text=LlamaConfig(rope=rope, **text), **d)
-
 
 @dataclasses.dataclass(frozen=True)
-class EVAVisionConfig:
+class EVAVisionConfig(JsonConfig):
   """EVA ViT-g as BLIP-2 / MiniGPT-4 use it: transformers' `Blip2VisionConfig` (defaults = ViT-g/14, 39
   layers, the depth LAVIS' `create_eva_vit_g` keeps)."""
 
@@ -170,7 +188,7 @@ class EVAVisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(JsonConfig):
   """BLIP-2's Q-Former (transformers' `Blip2QFormerConfig`, query path only) + its learned queries."""
 
   hidden_size: int = 768
@@ -192,7 +210,7 @@ MINIGPT4_VARIANTS = ("vicuna0", "llama2")
 
 
 @dataclasses.dataclass(frozen=True)
-class MiniGPT4Config:
+class MiniGPT4Config(JsonConfig):
   """MiniGPT-4: EVA ViT-g (+ `ln_vision` = the ViT's post-layernorm) -> connector -> `llama_proj` -> Llama.
 
   The connector is the Q-Former (`qformer` set: `num_query_tokens` image tokens) or, for the Llama-2
@@ -235,24 +253,6 @@ class MiniGPT4Config:
     if self.qformer is not None:
       return self.qformer.hidden_size
     return self.vision.hidden_size * self.merge_patches
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "MiniGPT4Config":
-    d = dict(d)
-    vision = EVAVisionConfig(**d.pop("vision"))
-    qformer = d.pop("qformer")
-    text = dict(d.pop("text"))
-    rope = RopeConfig(**text.pop("rope"))
-    if isinstance(text.get("eos_token_id"), list):
-      text["eos_token_id"] = tuple(text["eos_token_id"])
-    return cls(vision=vision, qformer=None if qformer is None else QFormerConfig(**qformer),
-               text=LlamaConfig(rope=rope, **text), **d)
 
 
 ModelConfig = LlavaConfig | MiniGPT4Config
