@@ -86,6 +86,27 @@ def world(tmp_path_factory):
               model_dir=str(out), model=model, stop_id=stop_id)
 
 
+def test_dry_run(world, tmp_path):
+  """`--dry_run` reads the three sources' headers only: the parameters MiniGPT-4 uses, counted in torch
+  (EVA ViT, the Q-Former's query path and its queries, Llama, llama_proj; not the Q-Former's text-only
+  feed-forward and embeddings), and writes nothing."""
+  import re
+
+  root = world["root"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "c3l_jax.convert", "--family=minigpt4", f"--blip2_path={root / 'blip2'}",
+       f"--llm_path={root / 'llm'}", f"--proj_path={root / 'minigpt4.pth'}", f"--out={tmp_path / 'o'}",
+       "--dry_run"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text_only = re.compile(r"qformer\.(embeddings\.|encoder\.layer\.\d+\.(intermediate|output)\.)")
+  used = sum(p.numel() for n, p in world["blip2"].named_parameters()
+             if n.split(".")[0] in ("vision_model", "qformer", "query_tokens") and not text_only.match(n))
+  used += sum(p.numel() for p in world["llama"].parameters()) + sum(p.numel() for p in world["ref"].proj.parameters())
+  assert f"parameters: {used:,}" in proc.stdout.splitlines()
+  assert "prompt: MiniGPT-4 vicuna0 template" in proc.stdout
+  assert not (tmp_path / "o").exists()
+
+
 def test_converted_config(world):
   cfg = world["model"].cfg
   assert cfg.family == "minigpt4" and cfg.variant == "vicuna0"

@@ -39,7 +39,8 @@ def _llama_config(raw: dict):
   """transformers' `LlamaConfig` of the flat original config (the LLaVA class subclasses it)."""
   from transformers import LlamaConfig as HFLlamaConfig
 
-  d = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "transformers_version")}
+  d = {k: v for k, v in raw.items()
+       if k not in ("model_type", "architectures", "transformers_version") and v is not None}
   return HFLlamaConfig(**d)
 
 
@@ -54,17 +55,22 @@ def read_config(llava_path: str, clip_path: str, prompt_format: str = "vicuna_v1
   if any(not a.startswith("LlavaLlama") for a in archs):
     raise ConversionError(f"{where}: architecture {archs} is not supported (LLaVA-1.5 is "
                           "LlavaLlamaForCausalLM)")
+  try:
+    llama = _llama_config(raw)  # the mm_* keys become its attributes, as in LLaVA's LlavaConfig
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f"{where}: {e}") from e
+  mm = lambda name, default=None: getattr(llama, name, default)  # noqa: E731
   checks = [
-      (raw.get("mm_projector_type", "linear") == "mlp2x_gelu",
-       f"mm_projector_type {raw.get('mm_projector_type', 'linear')!r} is not LLaVA-1.5's mlp2x_gelu"),
-      (not raw.get("mm_use_im_start_end", False), "mm_use_im_start_end (LLaVA v1.0 image markers)"),
-      (not raw.get("mm_use_im_patch_token", False), "mm_use_im_patch_token (LLaVA v1.0 patch tokens)"),
-      (raw.get("image_aspect_ratio") in (None, "", "pad", "square"),
-       f"image_aspect_ratio {raw.get('image_aspect_ratio')!r} (LLaVA-NeXT's anyres)"),
-      (raw.get("mm_patch_merge_type", "flat") == "flat",
-       f"mm_patch_merge_type {raw.get('mm_patch_merge_type')!r} (LLaVA-NeXT)"),
-      (raw.get("mm_vision_select_feature", "patch") in ("patch", "cls_patch"),
-       f"mm_vision_select_feature {raw.get('mm_vision_select_feature')!r}"),
+      (mm("mm_projector_type", "linear") == "mlp2x_gelu",
+       f"mm_projector_type {mm('mm_projector_type', 'linear')!r} is not LLaVA-1.5's mlp2x_gelu"),
+      (not mm("mm_use_im_start_end", False), "mm_use_im_start_end (LLaVA v1.0 image markers)"),
+      (not mm("mm_use_im_patch_token", False), "mm_use_im_patch_token (LLaVA v1.0 patch tokens)"),
+      (mm("image_aspect_ratio") in (None, "", "pad", "square"),
+       f"image_aspect_ratio {mm('image_aspect_ratio')!r} (LLaVA-NeXT's anyres)"),
+      (mm("mm_patch_merge_type", "flat") == "flat",
+       f"mm_patch_merge_type {mm('mm_patch_merge_type')!r} (LLaVA-NeXT)"),
+      (mm("mm_vision_select_feature", "patch") in ("patch", "cls_patch"),
+       f"mm_vision_select_feature {mm('mm_vision_select_feature')!r}"),
   ]
   for ok, what in checks:
     if not ok:
@@ -76,18 +82,18 @@ def read_config(llava_path: str, clip_path: str, prompt_format: str = "vicuna_v1
   if getattr(vision, "model_type", "") != "clip_vision_model":
     raise ConversionError(f"{clip_path!r}: model_type {getattr(clip, 'model_type', None)!r} is not CLIP")
   try:
-    text = llama_from_hf(_llama_config(raw))
+    text = llama_from_hf(llama)
     cfg = LlavaConfig(
         vision=clip_from_hf(vision), text=text, image_token_id=text.vocab_size,
-        vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
-        vision_feature_select_strategy=("default" if raw.get("mm_vision_select_feature", "patch") == "patch"
+        vision_feature_layer=int(mm("mm_vision_select_layer", -2)),
+        vision_feature_select_strategy=("default" if mm("mm_vision_select_feature", "patch") == "patch"
                                         else "full"),
         projector_hidden_act="gelu", multimodal_projector_bias=True,
         prompt_format=prompt_format,
-        image_aspect_ratio="pad" if raw.get("image_aspect_ratio") == "pad" else "resize")
+        image_aspect_ratio="pad" if mm("image_aspect_ratio") == "pad" else "resize")
   except (ValueError, KeyError, TypeError) as e:
     raise ConversionError(f"{where}: {e}") from e
-  mm_hidden = raw.get("mm_hidden_size")
+  mm_hidden = mm("mm_hidden_size")
   if mm_hidden is not None and mm_hidden != cfg.vision.hidden_size:
     raise ConversionError(f"{where}: mm_hidden_size {mm_hidden} but the CLIP tower at {clip_path!r} "
                           f"is {cfg.vision.hidden_size} wide")
