@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
 # How a LLaVA checkpoint's prompts are rendered: its own HF chat template (llava-hf), or the LLaVA
 # repository's conversation templates (original-format checkpoints): `conv_vicuna_v1` (LLaVA-1.5's
 # training and evaluation template) or `conv_llava_v1`.
@@ -141,6 +141,7 @@ class LlavaConfig(JsonConfig):
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: bool = False
+  attention: str = "xla"  # c3l_jax.models.attention: auto | xla | cudnn | splash
 
   def __post_init__(self):
     if self.prompt_format not in LLAVA_PROMPT_FORMATS:
@@ -232,6 +233,7 @@ class MiniGPT4Config(JsonConfig):
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: bool = False
+  attention: str = "xla"  # c3l_jax.models.attention: auto | xla | cudnn | splash
 
   def __post_init__(self):
     if self.variant not in MINIGPT4_VARIANTS:

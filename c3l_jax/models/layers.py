@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from c3l_jax.models.attention import attention as _attention
+
 Axes = tuple[str | None, ...]
 
 
@@ -68,26 +70,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Scaled dot-product attention with grouped KV heads, softmax in float32.
-
-  Args:
-    q: `[B, T, H, D]` queries.
-    k, v: `[B, K, S, D]` keys / values, heads-major (the KV-cache layout: each head's keys are
-      contiguous, which XLA's CPU and GPU dots prefer), `H % K == 0` (GQA; `K == H` is MHA).
-    mask: boolean `[B, T, S]` (True = attend) or None for full attention.
-  Returns:
-    `[B, T, H, D]` in `q.dtype`.
-  """
-  b, t, h, d = q.shape
-  kv = k.shape[1]
-  q = q.reshape(b, t, kv, h // kv, d)
-  logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (d ** -0.5)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
+  """Plain (XLA) attention: `c3l_jax.models.attention.attention` with `impl="xla"` (the vision towers'
+  and the Q-Former's; the decoder picks its implementation from the model config)."""
+  return _attention(q, k, v, mask)
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from c3l_jax.models import attention as A
 from c3l_jax.models import layers as L
 from c3l_jax.models.configs import LlamaConfig, RopeConfig
 
@@ -81,8 +82,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 class LlamaBlock(nnx.Module):
 
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "xla"):
     d, hd, m = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    self.attention = attention  # a resolved `c3l_jax.models.attention` implementation
     h, k = cfg.num_attention_heads, cfg.num_key_value_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = L.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -98,7 +100,7 @@ class LlamaBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None,
-               write_index: jax.Array | None = None,
+               write_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One block.
 
@@ -107,6 +109,8 @@ class LlamaBlock(nnx.Module):
       cache: the whole stacked cache `(k, v)` `[L, B, K, S, Dh]`, or None (keys are this call's `T`
         tokens, S = T). This call's keys/values are written in place at `[layer, :, :, write_index]`,
         so a decode step moves one token's keys, not the cache.
+      segment_ids: `[B, T]`, given when `mask` is "causal over slots within a segment" (no cache); the
+        fused kernels that need that structure (splash) use it.
     Returns:
       `[B, T, D]` and the updated stacked cache, or this call's keys/values `[B, K, T, Dh]`.
     """
@@ -125,7 +129,8 @@ class LlamaBlock(nnx.Module):
       kv_out = (ck, cv)
     else:
       kv_out = (k, v)
-    attn = L.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    attn = A.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.attention,
+                       segment_ids=segment_ids if cache is None else None)
     x = x + self.o_proj(attn.reshape(b, t, self.num_heads * self.head_dim))
     h = self.post_attention_layernorm(x)
     x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -136,14 +141,15 @@ class LlamaForCausalLM(nnx.Module):
   """Embeddings, stacked blocks, final norm and LM head."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               scan: bool = True, remat: bool = False, rngs: nnx.Rngs):
+               scan: bool = True, remat: bool = False, attention: str = "xla", rngs: nnx.Rngs):
     self.cfg = cfg
+    impl = A.resolve(attention, dtype)
     self.embed_tokens = nnx.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
         embedding_metadata={"out_sharding": ("vocab", "embed")})
     self.layers = L.stacked(
-        lambda r: LlamaBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+        lambda r: LlamaBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r, attention=impl),
         cfg.num_hidden_layers, rngs)
     self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     if not cfg.tie_word_embeddings:
@@ -159,13 +165,15 @@ class LlamaForCausalLM(nnx.Module):
 
   def decode_hidden(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                     cache: KVCache | None = None, write_index: jax.Array | int = 0,
-                    ) -> tuple[jax.Array, KVCache]:
+                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Run the blocks and the final norm.
 
     Args:
       x: input embeddings `[B, T, D]`.  positions: RoPE positions `[B, T]`.
       mask: boolean `[B, T, S]`; S = T without a cache, S = cache slots with one.
       cache: optional fixed-size `KVCache`; this call's keys/values are written at `write_index`.
+      segment_ids: `[B, T]` when `mask` is `positions_and_mask`'s (causal over slots, padding its own
+        segment), for the attention kernels that take that structure instead of a mask.
     Returns:
       final hidden states `[B, T, D]` (after the final norm) and the KV cache (the updated one, or this
       call's keys/values `[L, B, K, T, Dh]` when no cache was given).
@@ -174,7 +182,7 @@ class LlamaForCausalLM(nnx.Module):
     x = x.astype(self.dtype)
     if cache is None:
       def body(layer, h, _):
-        return layer(h, cos, sin, mask)
+        return layer(h, cos, sin, mask, segment_ids=segment_ids)
 
       x, kv = L.scan_layers(self.layers, body, x, scan=self.scan, remat=self.remat)
       return self.norm(x), KVCache(*kv)
@@ -201,7 +209,7 @@ class LlamaForCausalLM(nnx.Module):
     """Text-only full forward: tokens `[B, T]`, padding mask `[B, T]` -> logits `[B, T, V]`."""
     x = self.embed(tokens)
     positions, mask = positions_and_mask(attention_mask, tokens.shape)
-    hidden, _ = self.decode_hidden(x, positions, mask)
+    hidden, _ = self.decode_hidden(x, positions, mask, segment_ids=segments(attention_mask, tokens.shape))
     return self.logits(hidden)
 
 
@@ -220,3 +228,10 @@ def positions_and_mask(attention_mask: jax.Array | None, shape: tuple[int, int],
   slots = jnp.broadcast_to(jnp.arange(t), (b, t))
   return positions, L.causal_mask(slots, slots, valid)
 
+
+def segments(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+  """Segment ids `[B, T]` of a left-padded batch (padding 0, tokens 1): with causality over slots, the
+  structure of `positions_and_mask`'s mask, for the attention kernels that take it instead."""
+  if attention_mask is None:
+    return jnp.ones(shape, jnp.int32)
+  return attention_mask.astype(jnp.int32)

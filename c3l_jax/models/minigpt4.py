@@ -39,7 +39,8 @@ class MiniGPT4VLM(VLM):
       self.qformer = QFormer(cfg.qformer, **kw) if cfg.qformer is not None else None
       self.llama_proj = L.dense(cfg.projector_input_size, cfg.text.hidden_size,
                                 ("vision_embed", "mlp"), bias=True, **kw)
-      self.language_model = LlamaForCausalLM(cfg.text, scan=cfg.scan_layers, remat=cfg.remat, **kw)
+      self.language_model = LlamaForCausalLM(cfg.text, scan=cfg.scan_layers, remat=cfg.remat,
+                                             attention=cfg.attention, **kw)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """`[N_img, C, H, W]` -> `llama_proj` outputs `[N_img, image_seq_length, D]`."""

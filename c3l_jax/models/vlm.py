@@ -22,7 +22,7 @@ from flax import nnx
 from c3l_jax.models import layers as L
 from c3l_jax.models.clip import CLIPVisionTower
 from c3l_jax.models.configs import LlavaConfig
-from c3l_jax.models.llama import KVCache, LlamaForCausalLM, positions_and_mask
+from c3l_jax.models.llama import KVCache, LlamaForCausalLM, positions_and_mask, segments
 
 
 class VLM(nnx.Module):
@@ -62,7 +62,8 @@ class VLM(nnx.Module):
     padding mask `[B, T]` -> logits `[B, T, V]` (float32)."""
     x = self.embed_image_and_text(tokens, pixel_values)
     positions, mask = positions_and_mask(attention_mask, tokens.shape)
-    hidden, _ = self.language_model.decode_hidden(x, positions, mask)
+    hidden, _ = self.language_model.decode_hidden(x, positions, mask,
+                                                  segment_ids=segments(attention_mask, tokens.shape))
     return self.language_model.logits(hidden)
 
 
@@ -92,7 +93,8 @@ class LlavaVLM(VLM):
     with nnx.use_eager_sharding(False):
       self.vision_tower = CLIPVisionTower(cfg.vision, scan=cfg.scan_layers, remat=cfg.remat, **kw)
       self.multi_modal_projector = MultiModalProjector(cfg, **kw)
-      self.language_model = LlamaForCausalLM(cfg.text, scan=cfg.scan_layers, remat=cfg.remat, **kw)
+      self.language_model = LlamaForCausalLM(cfg.text, scan=cfg.scan_layers, remat=cfg.remat,
+                                             attention=cfg.attention, **kw)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:
     """`[N_img, C, H, W]` -> projected features `[N_img, image_seq_length, D]`."""
