@@ -1,4 +1,4 @@
-"""Shared defaults for every c3l-jax config (see DESIGN.md, "Configuration").
+"""Shared defaults for every c3l-jax config (see docs/design.md, "Configuration").
 
 Every field has a typed default (no `None`), so `--config.a.b=v` overrides are parsed and
 type-checked by ml_collections/absl: an unknown key or a value of the wrong type (`abc` for a float)
@@ -21,6 +21,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.strict = False  # True: fail on the first bad input instead of quarantining it.
   config.distributed = False  # True: call jax.distributed.initialize() first (multi-host).
+  # Comma-separated modules imported before the config is checked: testbeds that register their own
+  # data sources and eval benchmarks (c3l_jax.registry), e.g. "c3l_jax.scenes" (data.source=scenes).
+  config.plugins = ""
 
   config.model = ml_collections.ConfigDict()
   config.model.family = "llava15"  # llava15
@@ -38,16 +41,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.tensor = 1
 
   config.data = ml_collections.ConfigDict()
-  config.data.records = ""  # JSONL records (see DESIGN.md, "Records")
+  config.data.records = ""  # JSONL records (see docs/design.md, "Records")
   config.data.image_root = ""  # record `image` paths are relative to this directory
   config.data.coco_dir = ""  # COCO 2014 root laid out as the official download (tfds manual dir)
-  # Where images come from: records (data.records + data.image_root) | coco (data.coco_dir) |
-  # scenes (the synthetic world, data.scenes_*); '' = coco if coco_dir is set, else records.
+  # Where images come from: records (data.records + data.image_root) | coco (data.coco_dir) | a source
+  # registered by a plugin (scenes: the synthetic world, data.scenes_*, with plugins="c3l_jax.scenes");
+  # '' = coco if coco_dir is set, else records.
   config.data.source = ""
   config.data.split = "train"  # tfds split of coco / scenes: train | val
   config.data.tfds_dir = ""  # where tfds prepares coco / scenes; '' = ~/tensorflow_datasets
   config.data.max_images = 0  # images the initial / final stages draw from; 0 = all
-  config.data.scenes_images = 300  # size of the synthetic scenes world (train split)
+  # Read by the scenes testbed's source (c3l_jax.scenes), when data.source=scenes:
+  config.data.scenes_images = 300  # size of the synthetic scenes world (train split), >= 1
   config.data.scenes_seed = 0
   config.data.image_aspect = "resize"  # resize | pad (LLaVA-1.5's expand2square, image-mean border)
   config.data.max_pixels = 64_000_000  # larger images are quarantined before decoding

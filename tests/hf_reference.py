@@ -129,7 +129,7 @@ def rewrite_layout(src: str, dst: str, rename, shards: int = 1) -> None:
 
 # llava-hf's LLaVA-1.5 chat template (llava-hf/llava-1.5-7b-hf's chat_template.json): one copy, the
 # library's (the shipped scenes model's processor uses it too).
-from c3l_jax.data.scenes_model import LLAVA15_CHAT_TEMPLATE  # noqa: E402
+from c3l_jax.data.prompts import LLAVA15_CHAT_TEMPLATE  # noqa: E402
 
 _CORPUS = """USER: ASSISTANT: ? . , : a the red blue green yellow circle square triangle is are there in on of left right
 above below what color shape how many objects image picture question answer describe small large

@@ -275,7 +275,8 @@ def shipped(tmp_path_factory):
 def test_eval_stage_on_the_shipped_scenes_checkpoint(shipped):
   """Eval only: POPE on held-out scenes (present objects are the scene's shapes, absent ones are not),
   metrics that recount from the written answers, and the Table-1 row named after the checkpoint."""
-  from c3l_jax.data import scenes, scenes_tfds
+  from c3l_jax import scenes
+from c3l_jax.scenes import dataset as scenes_tfds
 
   w, proc = shipped
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from c3l_jax.data import scenes as S
+from c3l_jax import scenes as S
 
 # A fixed scene: cells (row, col), row 0 = top. No cross in it.
 #   large red circle   (0,0) | .                 | large green triangle (0,2)
@@ -316,9 +316,10 @@ try:
   raise SystemExit('tensorflow is installed')
 except ImportError:
   pass
-from c3l_jax.data import scenes, scenes_tfds
+from c3l_jax import scenes
+from c3l_jax.scenes import dataset as scenes_tfds
 import tensorflow_datasets as tfds
-train = scenes.load_split({str(tmp_path)!r}, 'train', 6, 2, num_val=3)
+train = scenes_tfds.load_split({str(tmp_path)!r}, 'train', 6, 2, num_val=3)
 val = scenes_tfds.load_split({str(tmp_path)!r}, 'val', 6, 2, num_val=3)
 assert 'tensorflow' not in sys.modules
 assert (len(train), len(val)) == (6, 3)

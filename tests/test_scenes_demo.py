@@ -17,7 +17,7 @@ import pytest
 
 import browser
 
-from c3l_jax.data import scenes
+from c3l_jax import scenes
 from c3l_jax.eval import pope
 from hf_reference import REPO
 

@@ -28,6 +28,16 @@ import numpy as np
 MODEL_CONFIG_FILE = "c3l_model.json"  # = c3l_jax.checkpoint.MODEL_CONFIG (read here without jax)
 IMAGE_HERE = "<ImageHere>"
 
+# The llava-hf LLaVA-1.5 chat template (as shipped in llava-hf/llava-1.5-7b-hf's chat_template.json).
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
+    "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
 
 @dataclasses.dataclass(frozen=True)
 class MiniGPT4Template:
