@@ -109,4 +109,20 @@ def captured_stdout(label: str) -> Iterator[None]:
       logging.info("%s: %s", label, line.strip())
 
 
-__all__ = ["LOG_FILE", "captured_stdout", "counts", "quiet_environment", "say", "setup"]
+def prepare_tfds(builder: Any, label: str, **kwargs: Any) -> None:
+  """`builder.download_and_prepare(**kwargs)` without tensorflow-datasets' own progress bars and
+  prints on the console: one line when it prepares (once per dataset), its notes in the log."""
+  import tensorflow_datasets as tfds
+
+  if os.path.isfile(os.path.join(os.fspath(builder.data_dir), "dataset_info.json")):
+    return  # already prepared: tfds only reads it
+  say(f"{label}: preparing the tfds dataset in {os.fspath(builder.data_dir)} (once)")
+  tfds.display_progress_bar(False)
+  try:
+    with captured_stdout(label):
+      builder.download_and_prepare(**kwargs)
+  finally:
+    tfds.display_progress_bar(True)
+
+
+__all__ = ["LOG_FILE", "captured_stdout", "counts", "prepare_tfds", "quiet_environment", "say", "setup"]

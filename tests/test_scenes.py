@@ -343,6 +343,6 @@ assert (tmp_path := __import__('pathlib').Path({str(tmp_path)!r})).exists()
 assert list(tmp_path.rglob('*.array_record*'))
 print('OK')
 """
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                      cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
   assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from c3l_jax.scenes import text as text_lib
 from c3l_jax.scenes import world as world_lib
+from c3l_jax import console
 from c3l_jax.data.coco import to_python  # the same element contract as COCO
 
 VERSION = "1.0.0"
@@ -139,5 +140,5 @@ def load_split(data_dir: str, split: str, num_images: int, seed: int, *, num_val
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
   b = builder(data_dir, num_images, seed, num_val, image_size)
-  b.download_and_prepare()
+  console.prepare_tfds(b, "scenes world")
   return _PythonSource(b.as_data_source(split))
