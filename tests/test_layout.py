@@ -114,9 +114,20 @@ def test_the_core_never_imports_the_testbed():
       assert not re.search(r"""==\s*["']scenes["']|["']scenes["']\s*==""", text), module
 
 
+def _headings(path: str) -> list[str]:
+  return [h.strip() for h in re.findall(r"^#+ (.*)$", open(path, encoding="utf-8").read(), flags=re.M)]
+
+
+def _anchor(heading: str) -> str:
+  """GitHub's anchor of a markdown heading."""
+  return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
 def test_design_references_resolve():
-  """Every `docs/<name>.md` (or `DESIGN.md`) a module, config or the README names exists, and every
-  `docs/<name>.md, "Section"` names a section heading of that file."""
+  """Every `docs/<name>.md` a module, config, test or the README names exists (the old design sketch,
+  not in the repository, is named nowhere), every `docs/<name>.md, "Section"` names a heading of that
+  file, and every markdown link to a .md file (and #anchor) of the README and docs/ resolves."""
+  old_sketch = "DESIGN" + ".md"
   files = list(_modules().values())
   for folder in ("configs", "tests", "bench"):
     files += [os.path.join(REPO, folder, f) for f in os.listdir(os.path.join(REPO, folder))
@@ -126,13 +137,18 @@ def test_design_references_resolve():
   seen = 0
   for path in files:
     text = open(path, encoding="utf-8").read()
-    assert "DESIGN.md" not in text, f"{path} names DESIGN.md, which is not in the repository"
+    assert old_sketch not in text, f"{path} names {old_sketch}, which is not in the repository"
     for doc, section in re.findall(r'docs/([\w-]+\.md)(?:,\s*"([^"]+)")?', text.replace("\n", " ")):
       target = os.path.join(REPO, "docs", doc)
       assert os.path.isfile(target), f"{path} names docs/{doc}"
       if section:
-        headings = [h.strip() for h in re.findall(r"^#+ (.*)$", open(target, encoding="utf-8").read(),
-                                                   flags=re.M)]
-        assert section in headings, f"{path} names section {section!r} of docs/{doc}"
+        assert section in _headings(target), f"{path} names section {section!r} of docs/{doc}"
       seen += 1
+    if path.endswith(".md"):
+      for link, anchor in re.findall(r"\]\(([\w./-]*\.md)?(?:#([\w-]+))?\)", text):
+        target = os.path.normpath(os.path.join(os.path.dirname(path), link)) if link else path
+        assert os.path.isfile(target), f"{path} links {link}"
+        if anchor:
+          assert anchor in [_anchor(h) for h in _headings(target)], f"{path} links {link}#{anchor}"
+        seen += 1
   assert seen > 0

@@ -53,7 +53,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from c3l_jax import sampling, sharding
+from c3l_jax import console, sampling, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.batching import right_pad, round_up
@@ -478,10 +478,10 @@ def run(config: Any, workdir: str) -> dict:
                                       bool(p.align_ce_weight), p.seq_image),
       os.path.join(stage_dir, "stage1", "checkpoints"), seed, p.checkpoint_every)
   scale_before, scale_after = match_feature_scale(vlm, pixels[:64])
-  logging.info("pretrain stage 1a (align): %d steps in %.0fs, loss %.3f -> %.3f; image feature / "
-               "embedding norm %.3g -> %.3g", len(hist1), sec1,
-               hist1[0]["loss"] if hist1 else float("nan"), hist1[-1]["loss"] if hist1 else float("nan"),
-               scale_before, scale_after)
+  console.say("pretrain stage 1a (align): %d steps in %.0fs, loss %.3f -> %.3f; image feature / "
+              "embedding norm %.3g -> %.3g" % (
+                  len(hist1), sec1, hist1[0]["loss"] if hist1 else float("nan"),
+                  hist1[-1]["loss"] if hist1 else float("nan"), scale_before, scale_after))
 
   # Stage 1b: captioning CE + alignment with the decoder trained too (it starts from scratch).
   cfg1b = trainer_lib.TrainConfig(
@@ -492,9 +492,9 @@ def run(config: Any, workdir: str) -> dict:
       vlm, mesh, cfg1b, stage1_batches(examples, p.batch_size, seed + 1, builder.pad_id, True,
                                        p.seq_image),
       os.path.join(stage_dir, "stage1b", "checkpoints"), seed, p.checkpoint_every)
-  logging.info("pretrain stage 1b (captions): %d steps in %.0fs, loss %.3f -> %.3f", len(hist1b), sec1b,
-               hist1b[0]["loss"] if hist1b else float("nan"),
-               hist1b[-1]["loss"] if hist1b else float("nan"))
+  console.say("pretrain stage 1b (captions): %d steps in %.0fs, loss %.3f -> %.3f" % (
+      len(hist1b), sec1b, hist1b[0]["loss"] if hist1b else float("nan"),
+      hist1b[-1]["loss"] if hist1b else float("nan")))
 
   # Stage 2: instruction tuning on the mix.
   cfg2 = trainer_lib.TrainConfig(
@@ -505,7 +505,7 @@ def run(config: Any, workdir: str) -> dict:
   vlm, hist2, sec2 = train_stage(vlm, mesh, cfg2, batches2, os.path.join(stage_dir, "stage2",
                                                                          "checkpoints"),
                                  seed, p.checkpoint_every)
-  logging.info("pretrain stage 2 (tune): %d steps in %.0fs", len(hist2), sec2)
+  console.say(f"pretrain stage 2 (tune): {len(hist2)} steps in {sec2:.0f}s")
 
   model_dir = os.path.join(stage_dir, "model")
   export_generator(vlm, base, model_dir)
@@ -566,7 +566,6 @@ def main(argv: Sequence[str]) -> None:
 
   from absl import flags
 
-  from c3l_jax import console
   from c3l_jax.pipeline import write_json
 
   if len(argv) > 1:
