@@ -11,6 +11,30 @@ from __future__ import annotations
 import ml_collections
 
 
+def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty;
+  a full-size ARG computes in bfloat16, `tiny` (a small random / test checkpoint on CPU) gets small
+  batches and short runs."""
+  arg = (arg or valid_args[0]).strip().lower()
+  if arg not in valid_args:
+    raise ValueError(f"unknown arg {arg!r} (valid: {', '.join(valid_args)})")
+  config = get_base_config()
+  config.model.family = family
+  if arg != "tiny":
+    config.model.dtype = "bfloat16"
+  else:
+    config.data.batch_size = 2
+    config.data.eval_batch_size = 2
+    config.scoring.batch_size = 2
+    config.generation.max_new_tokens = 16
+    config.generation.num_final = 8
+    config.train.batch_size = 2
+    config.train.steps = 4
+    config.train.checkpoint_every = 2
+  config.lock()
+  return config
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """The unlocked base config; `configs/<name>.py:get_config()` specialise and lock it."""
   config = ml_collections.ConfigDict()
