@@ -78,7 +78,7 @@ def benchmark_names() -> tuple[str, ...]:
 
 
 def plugin_names(config: Any) -> list[str]:
-  return [p.strip() for p in str(config.get("plugins", "") or "").split(",") if p.strip()]
+  return [p.strip() for p in str(getattr(config, "plugins", "") or "").split(",") if p.strip()]
 
 
 def load_plugins(config: Any) -> None:

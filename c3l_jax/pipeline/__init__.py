@@ -118,7 +118,7 @@ def parse_stages(spec: str) -> tuple[str, ...]:
 
 def check_config(config: Any) -> tuple[str, ...]:
   """Check every value that types alone do not; return the stages to run. Raises `ConfigError`."""
-  if config.get("command"):  # e.g. configs/scenes_pretrain.py: a testbed's recipe, not a pipeline run
+  if getattr(config, "command", ""):  # e.g. configs/scenes_pretrain.py: a testbed recipe
     raise ConfigError(f"this config is not a pipeline config: it is run by its own command, "
                       f"{config.command}")
   stages = parse_stages(config.stages)

@@ -116,7 +116,8 @@ def data_quality(config: Any, workdir: str, plugin: registry.Source, final_rows:
 def quality_title(config: Any) -> str:
   """The line above `quality_table`: the registered source's title."""
   plugin = registry.SOURCES.get(source_kind(config))
-  return (plugin.quality_title if plugin is not None else "") or "Generated data, checked against ground truth:"
+  title = plugin.quality_title if plugin is not None else ""
+  return title or "Generated data, checked against ground truth:"
 
 
 def quality_table(quality: dict) -> str:

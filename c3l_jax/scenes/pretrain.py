@@ -598,8 +598,8 @@ def main(argv: Sequence[str]) -> None:
   if quality:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     console.say(f"held-out scenes ({quality['eval_scenes']}): VQA accuracy "
-                f"{fmt(quality['vqa']['accuracy'])} (without the image {fmt(quality['vqa_blind']['accuracy'])}), "
-                f"POPE accuracy {fmt(quality['pope']['accuracy'])}")
+                f"{fmt(quality['vqa']['accuracy'])} (without the image "
+                f"{fmt(quality['vqa_blind']['accuracy'])}), POPE accuracy {fmt(quality['pope']['accuracy'])}")
   print(f"model: {metrics['out']}; workdir: {workdir} (metrics.json, {METRICS_FILE} in the model)")
 
 
