@@ -12,6 +12,10 @@ problem ends the run with one `error: ...` line on stderr and exit status 2.
 
 `--dry_run` stops after the value checks and writing WORKDIR/config.json; the "can it run here"
 problems are reported as `warning: ...` lines instead of errors (exit status 0).
+
+The console shows the workdir, a line per stage start / end with its counts, progress bars, warnings,
+errors and the final tables; every library log line goes to WORKDIR/logs/run.log (`--verbosity=1`: to
+the console too). See `c3l_jax.console`.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from c3l_jax import console
 
-from c3l_jax import pipeline
-from c3l_jax.data.records import BadInput
+console.quiet_environment()  # before anything imports transformers / jax
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from c3l_jax import pipeline  # noqa: E402
+from c3l_jax.data.records import BadInput  # noqa: E402
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,7 +130,8 @@ def main(argv: Sequence[str]) -> None:
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {os.path.join(workdir, 'config.json')}")
     return
 
-  logging.info("workdir %s; stages %s", workdir, ", ".join(stages))
+  log = console.setup(workdir)
+  console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {os.path.relpath(log, workdir)}")
   if config.distributed:
     import jax  # pylint: disable=g-import-not-at-top  (kept out of the validation path)
     jax.distributed.initialize()
@@ -131,9 +140,9 @@ def main(argv: Sequence[str]) -> None:
   except BadInput as e:  # strict mode, or an input no stage can start from
     _fail(str(e))
   quality = metrics.get("export", {}).get("quality")
-  if quality:  # ground truth exists (the scenes world): end with the initial-vs-final data table
-    from c3l_jax.pipeline.export import quality_table  # pylint: disable=g-import-not-at-top
-    print("\nGenerated data, checked against the scenes' ground truth:")
+  if quality:  # the source has ground truth (e.g. the scenes world): end with the initial-vs-final table
+    from c3l_jax.pipeline.export import quality_table, quality_title  # pylint: disable=g-import-not-at-top
+    print(f"\n{quality_title(config)}")
     print(quality_table(quality))
   outputs = [f for f in ("metrics.json", "export/c3l_vlit.json", "report.html", "eval/table.txt",
                           "ablation/table.txt") if os.path.exists(os.path.join(workdir, f))]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tqdm
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -239,6 +240,8 @@ class Trainer:
     gradient, before the bad update is kept.
     """
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    bar = tqdm.tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
+                    disable=self.step >= self.cfg.steps)
     try:
       while self.step < self.cfg.steps:
         batch = sharding.shard_batch(sharding.process_slice(batches(self.step)), self.mesh)
@@ -252,6 +255,8 @@ class Trainer:
         self.step += 1
         self.history.append({"step": self.step, **metrics})
         logging.log_every_n_seconds(logging.INFO, "train step %d: %s", 10, self.step, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
         if self._preempted:
           self.save()
           raise SystemExit(143)
@@ -260,6 +265,7 @@ class Trainer:
       self.save()
       return self.history
     finally:
+      bar.close()
       signal.signal(signal.SIGTERM, previous)
 
   def _on_sigterm(self, signum, frame) -> None:

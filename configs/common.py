@@ -1,4 +1,4 @@
-"""Shared defaults for every c3l-jax config (see DESIGN.md, "Configuration").
+"""Shared defaults for every c3l-jax config (see docs/design.md, "Configuration").
 
 Every field has a typed default (no `None`), so `--config.a.b=v` overrides are parsed and
 type-checked by ml_collections/absl: an unknown key or a value of the wrong type (`abc` for a float)
@@ -11,6 +11,30 @@ from __future__ import annotations
 import ml_collections
 
 
+def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty;
+  a full-size ARG computes in bfloat16, `tiny` (a small random / test checkpoint on CPU) gets small
+  batches and short runs."""
+  arg = (arg or valid_args[0]).strip().lower()
+  if arg not in valid_args:
+    raise ValueError(f"unknown arg {arg!r} (valid: {', '.join(valid_args)})")
+  config = get_base_config()
+  config.model.family = family
+  if arg != "tiny":
+    config.model.dtype = "bfloat16"
+  else:
+    config.data.batch_size = 2
+    config.data.eval_batch_size = 2
+    config.scoring.batch_size = 2
+    config.generation.max_new_tokens = 16
+    config.generation.num_final = 8
+    config.train.batch_size = 2
+    config.train.steps = 4
+    config.train.checkpoint_every = 2
+  config.lock()
+  return config
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   """The unlocked base config; `configs/<name>.py:get_config()` specialise and lock it."""
   config = ml_collections.ConfigDict()
@@ -21,6 +45,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.strict = False  # True: fail on the first bad input instead of quarantining it.
   config.distributed = False  # True: call jax.distributed.initialize() first (multi-host).
+  # Comma-separated modules imported before the config is checked: testbeds that register their own
+  # data sources and eval benchmarks (c3l_jax.registry), e.g. "c3l_jax.scenes" (data.source=scenes).
+  config.plugins = ""
 
   config.model = ml_collections.ConfigDict()
   config.model.family = "llava15"  # llava15
@@ -29,7 +56,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.param_dtype = "float32"  # float32 | bfloat16 | float16
   config.model.scan_layers = True
   config.model.remat = False
-  config.model.attention = "xla"  # xla
+  config.model.attention = "xla"  # auto | xla | cudnn | splash (c3l_jax/models/attention.py)
 
   # Mesh axis sizes; -1 = the rest of the devices (at most one axis).
   config.mesh = ml_collections.ConfigDict()
@@ -38,16 +65,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.tensor = 1
 
   config.data = ml_collections.ConfigDict()
-  config.data.records = ""  # JSONL records (see DESIGN.md, "Records")
+  config.data.records = ""  # JSONL records (see docs/design.md, "Records")
   config.data.image_root = ""  # record `image` paths are relative to this directory
   config.data.coco_dir = ""  # COCO 2014 root laid out as the official download (tfds manual dir)
-  # Where images come from: records (data.records + data.image_root) | coco (data.coco_dir) |
-  # scenes (the synthetic world, data.scenes_*); '' = coco if coco_dir is set, else records.
+  # Where images come from: records (data.records + data.image_root) | coco (data.coco_dir) | a source
+  # registered by a plugin (scenes: the synthetic world, data.scenes_*, with plugins="c3l_jax.scenes");
+  # '' = coco if coco_dir is set, else records.
   config.data.source = ""
   config.data.split = "train"  # tfds split of coco / scenes: train | val
   config.data.tfds_dir = ""  # where tfds prepares coco / scenes; '' = ~/tensorflow_datasets
   config.data.max_images = 0  # images the initial / final stages draw from; 0 = all
-  config.data.scenes_images = 300  # size of the synthetic scenes world (train split)
+  # Read by the scenes testbed's source (c3l_jax.scenes), when data.source=scenes:
+  config.data.scenes_images = 300  # size of the synthetic scenes world (train split), >= 1
   config.data.scenes_seed = 0
   config.data.image_aspect = "resize"  # resize | pad (LLaVA-1.5's expand2square, image-mean border)
   config.data.max_pixels = 64_000_000  # larger images are quarantined before decoding

@@ -18,21 +18,4 @@ VALID_ARGS = ("vicuna7b", "llama2", "tiny")
 
 
 def get_config(arg: str = "vicuna7b") -> ml_collections.ConfigDict:
-  arg = (arg or "vicuna7b").strip().lower()
-  if arg not in VALID_ARGS:
-    raise ValueError(f"unknown arg {arg!r} (valid: {', '.join(VALID_ARGS)})")
-  config = common.get_base_config()
-  config.model.family = "minigpt4"
-  if arg in ("vicuna7b", "llama2"):
-    config.model.dtype = "bfloat16"
-  else:  # tiny: a small random/test checkpoint on CPU; small batches, short runs.
-    config.data.batch_size = 2
-    config.data.eval_batch_size = 2
-    config.scoring.batch_size = 2
-    config.generation.max_new_tokens = 16
-    config.generation.num_final = 8
-    config.train.batch_size = 2
-    config.train.steps = 4
-    config.train.checkpoint_every = 2
-  config.lock()
-  return config
+  return common.get_model_config("minigpt4", arg, VALID_ARGS)

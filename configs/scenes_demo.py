@@ -23,6 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.family = "llava15"
   config.model.checkpoint = "checkpoints/scenes_tiny"
 
+  config.plugins = "c3l_jax.scenes"  # registers data.source=scenes and the scenes_vqa benchmark
   config.data.source = "scenes"
   config.data.scenes_images = 300
   config.data.batch_size = 32

@@ -1,6 +1,7 @@
-"""Train the shipped scenes generator from scratch: `python launch.py --config=configs/scenes_pretrain.py`.
+"""Train the shipped scenes generator from scratch: `python -m c3l_jax.scenes.pretrain`.
 
-Runs the `pretrain` stage only (`c3l_jax/pipeline/pretrain.py`): build the world's processor and a random
+The scenes testbed's own command (`c3l_jax/scenes/pretrain.py`; this file is its default `--config`),
+not a pipeline stage: build the world's processor and a random
 tiny LLaVA-1.5 (transformers, then `c3l_jax.convert`), CG-VLM alignment on captions, a captioning phase,
 instruction tuning on captions / VIGC / VQA / QA-from-caption / generic chat, export to `pretrain.out`
 (default `checkpoints/scenes_tiny`) with `training_metrics.json`. About 10-15 minutes on a 2-core CPU.
@@ -88,7 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"takes no arg, got {arg!r}")
   config = common.get_base_config()
-  config.stages = "pretrain"
+  config.command = "python -m c3l_jax.scenes.pretrain [--config=configs/scenes_pretrain.py]"
   config.model.family = "llava15"
   config.model.checkpoint = ""  # the stage builds its own model
   config.pretrain = get_pretrain_section()

@@ -100,7 +100,7 @@ def prepared(coco) -> dict:
   """Prepare and read the fake tree in a fresh interpreter where `import tensorflow` fails (whether or
   not TensorFlow is installed)."""
   proc = subprocess.run([sys.executable, "-c", BLOCK_TF_AND_READ, str(coco["root"]), str(coco["data_dir"])],
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]

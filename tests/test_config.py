@@ -19,7 +19,7 @@ CONVERT_HINT = "python -m c3l_jax.convert --hf_path=DIR --out=DIR"
 
 def launch(repo_root, *args, cwd=None) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, str(repo_root / "launch.py"), *args], cwd=cwd or repo_root,
-                        capture_output=True, text=True, timeout=120,
+                        capture_output=True, text=True, timeout=600,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 

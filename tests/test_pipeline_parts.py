@@ -148,7 +148,7 @@ def test_coco_source_lists_and_loads_images(tmp_path):
 
 
 def test_scenes_source_serves_the_world(tmp_path):
-  from c3l_jax.data import scenes
+  from c3l_jax import scenes
   from c3l_jax.data.sources import open_source
 
   config = _config(source="scenes", scenes_images=5, tfds_dir=str(tmp_path / "tfds"))
@@ -162,7 +162,7 @@ def test_scenes_source_serves_the_world(tmp_path):
 
 
 def test_roc_auc_by_hand():
-  from c3l_jax.eval.scenes_quality import roc_auc
+  from c3l_jax.scenes.quality import roc_auc
 
   assert roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
   assert roc_auc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
@@ -173,8 +173,8 @@ def test_roc_auc_by_hand():
 
 
 def test_dataset_quality_on_a_hand_made_scene():
-  from c3l_jax.data import scenes
-  from c3l_jax.eval.scenes_quality import dataset_quality
+  from c3l_jax import scenes
+  from c3l_jax.scenes.quality import dataset_quality
 
   scene = scenes.Scene(image_id=0, file_name="s.png", background="black", theme="none", objects=[
       scenes.SceneObject("circle", "red", "large", 0.2, 0.2),

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from c3l_jax.data import scenes as S
+from c3l_jax import scenes as S
 
 # A fixed scene: cells (row, col), row 0 = top. No cross in it.
 #   large red circle   (0,0) | .                 | large green triangle (0,2)
@@ -316,9 +316,10 @@ try:
   raise SystemExit('tensorflow is installed')
 except ImportError:
   pass
-from c3l_jax.data import scenes, scenes_tfds
+from c3l_jax import scenes
+from c3l_jax.scenes import dataset as scenes_tfds
 import tensorflow_datasets as tfds
-train = scenes.load_split({str(tmp_path)!r}, 'train', 6, 2, num_val=3)
+train = scenes_tfds.load_split({str(tmp_path)!r}, 'train', 6, 2, num_val=3)
 val = scenes_tfds.load_split({str(tmp_path)!r}, 'val', 6, 2, num_val=3)
 assert 'tensorflow' not in sys.modules
 assert (len(train), len(val)) == (6, 3)
@@ -342,6 +343,6 @@ assert (tmp_path := __import__('pathlib').Path({str(tmp_path)!r})).exists()
 assert list(tmp_path.rglob('*.array_record*'))
 print('OK')
 """
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                      cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
   assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]

@@ -17,7 +17,7 @@ import pytest
 
 import browser
 
-from c3l_jax.data import scenes
+from c3l_jax import scenes
 from c3l_jax.eval import pope
 from hf_reference import REPO
 
@@ -106,6 +106,40 @@ def test_shrunken_demo_end_to_end(demo):
   assert vqa["questions"] == 16 and 0.0 <= vqa["accuracy"] <= 1.0
   assert (workdir / "report.html").stat().st_size > 1000
   assert "POPE" in proc.stdout
+
+
+def test_console_is_quiet_and_the_log_holds_the_rest(demo):
+  """The console: the workdir, a start and an end line per stage, bars, the tables; no library log line
+  (orbax, tfds, jax, absl INFO), no inapplicable warning. They are in WORKDIR/logs/run.log; a rerun
+  with --verbosity=1 (every stage done, so it only reprints) shows log lines on the console too."""
+  import re
+
+  workdir, tfds_dir, proc = demo
+  console = proc.stdout + proc.stderr
+  assert not re.search(r"^[IWE]\d{4} ", console, flags=re.M), console[:3000]
+  for chatter in ("orbax", "Using custom data configuration", "Downloading and preparing",
+                  "Generating splits", "libtpu", "PyTorch was not found"):
+    assert chatter not in console, chatter
+  stages = ["initial", "filter", "score", "select", "train", "final", "export", "eval"]
+  assert proc.stdout.splitlines()[0].startswith(f"workdir {os.path.abspath(workdir)}; stages ")
+  for stage in stages:
+    assert f"\nstage {stage}: start\n" in proc.stdout
+    assert re.search(rf"^stage {stage}: done in \d+\.\ds", proc.stdout, flags=re.M), stage
+  assert re.search(r"^stage score: done in .*\(read (\d+), written \1, rejected 0\)$", proc.stdout,
+                   flags=re.M)
+  log = (workdir / "logs" / "run.log").read_text(encoding="utf-8")
+  assert re.search(r"^I\d{4} .*\] initial: shard 0 done \(", log, flags=re.M)
+  assert "orbax" in log.lower() and "Dataset scenes_world downloaded and prepared" in log
+  assert re.search(r"stage score metrics: \{", log)
+
+  cmd = [sys.executable, "launch.py", f"--workdir={workdir}", f"--config.data.tfds_dir={tfds_dir}", *SHRINK,
+         "--verbosity=1"]
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
+  assert again.returncode == 0, again.stderr[-4000:]
+  for stage in stages:
+    assert f"stage {stage}: already done in this workdir, skipped" in again.stdout
+  assert re.search(r"^I\d{4} .*\] done: metrics in ", again.stderr, flags=re.M), again.stderr[-3000:]
+  assert again.stdout.strip().splitlines()[-1] == proc.stdout.strip().splitlines()[-1]  # workdir line
 
 
 # What the rendered page must show, read back from the DOM after Chromium has laid it out and decoded it.

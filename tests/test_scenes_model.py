@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 
 from c3l_jax import sharding
+from c3l_jax import scenes
 from c3l_jax.data import instructions as ins
-from c3l_jax.data import scenes
-from c3l_jax.data import scenes_model as sm
+from c3l_jax.scenes import processor as sm
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ def test_tokenizer_round_trip():
 
 @pytest.fixture(scope="module")
 def shipped():
-  from c3l_jax.pipeline import pretrain
+  from c3l_jax.scenes import pretrain
 
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   return pretrain.Evaluator(SHIPPED, mesh, batch_size=32)
@@ -107,12 +107,13 @@ def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
 
 
 def test_pretrain_stage_end_to_end(tmp_path):
-  """`pretrain` with a minute architecture and 2 + 1 + 2 steps: builds, aligns, captions, tunes, and
+  """`python -m c3l_jax.scenes.pretrain`'s `run` with a minute architecture and 2 + 1 + 2 steps: builds, aligns, captions, tunes, and
   exports a model directory that loads like a converted checkpoint, with its metrics (evaluation off)."""
   from configs import scenes_pretrain
 
   from c3l_jax import pipeline
   from c3l_jax.data.prompts import PromptBuilder, load_processor
+  from c3l_jax.scenes import pretrain
 
   config = scenes_pretrain.get_config()
   out = tmp_path / "model"
@@ -122,9 +123,10 @@ def test_pretrain_stage_end_to_end(tmp_path):
         text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, max_position_embeddings=256,
         align_steps=2, align_batch_size=8, caption_steps=1, caption_examples_per_scene=1, tune_steps=2,
         batch_size=8, text_every=0, p_detail=0.0, warmup_steps=0)  # 8 (simulated) devices
-  assert pipeline.check_config(config) == ("pretrain",)
-  assert pipeline.environment_problems(config, ("pretrain",)) == []
-  metrics = pipeline.run_stages(config, str(tmp_path / "w"), ("pretrain",))["pretrain"]
+  assert pretrain.check_config(config) is None  # the recipe's own checks pass
+  with pytest.raises(pipeline.ConfigError, match="run by its own command"):
+    pipeline.check_config(config)  # not a pipeline config: launch.py refuses it
+  metrics = pretrain.run(config, str(tmp_path / "w"))
   assert metrics["stage1_align"]["steps"] == 2 and metrics["stage1b_captions"]["steps"] == 1
   assert metrics["stage2_tune"]["steps"] == 2
   assert metrics["stage2_tune"]["steps_by_batch_kind"] == {"image": 2}
@@ -141,7 +143,7 @@ def test_pretrain_stage_end_to_end(tmp_path):
   # Reproducible: a second run from scratch (fresh workdir and output) gives the same losses and weights.
   with config.unlocked():
     config.pretrain.out = str(tmp_path / "again")
-  again = pipeline.run_stages(config, str(tmp_path / "w2"), ("pretrain",))["pretrain"]
+  again = pretrain.run(config, str(tmp_path / "w2"))
   for phase in ("stage1_align", "stage1b_captions", "stage2_tune"):
     assert again[phase]["first_loss"] == metrics[phase]["first_loss"]
     assert again[phase]["curve"] == metrics[phase]["curve"]

@@ -244,8 +244,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(world, tmp_path):
   work = tmp_path / "w"
   proc = _launch(world, work, 10_000, 10_000)  # no periodic save: only SIGTERM can write one
   log = work / "launch.log"
+  run_log = work / "logs" / "run.log"  # the library's INFO lines ("train step ...") go to the run log
   deadline = time.time() + 600
-  while "train step" not in (log.read_text() if log.exists() else ""):
+  while "train step" not in (run_log.read_text() if run_log.exists() else ""):
     assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)

@@ -43,6 +43,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from c3l_jax import console
+
 SPLITS = ("train", "val")
 _FOLDERS = {"train": "train2014", "val": "val2014"}
 NAME = "coco2014"
@@ -245,8 +247,8 @@ def load_split(coco_dir: str, split: str, data_dir: str) -> CocoSplit:
     if not available_splits(coco_dir):
       raise FileNotFoundError(_no_split_message(coco_dir))
     logging.info("Preparing COCO 2014 from %s into %s (once)", coco_dir, path)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=coco_dir))
+    console.prepare_tfds(builder, "COCO 2014",
+                         download_config=tfds.download.DownloadConfig(manual_dir=coco_dir))
     builder = Coco2014(data_dir=data_dir or None, file_format="array_record")
   prepared_from = builder.info.metadata.get("coco_dir", "")
   if coco_dir and prepared_from and prepared_from != os.path.realpath(coco_dir):

@@ -3,8 +3,11 @@
 "With image" is the user turn `[image, text]`; "no image" is the same conversation with the image part
 removed (no image placeholder, no image tokens), as the I2C score needs:
 
-- LLaVA-1.5: rendered by the checkpoint's own processor and chat template (`USER: <image>\nQ ASSISTANT:`);
-  "no image" is LLaVA's text-only path (no `<image>` placeholder).
+- LLaVA-1.5 (llava-hf): rendered by the checkpoint's own processor and chat template
+  (`USER: <image>\nQ ASSISTANT:`); "no image" is LLaVA's text-only path (no `<image>` placeholder).
+- LLaVA-1.5 converted from the LLaVA repository's format (`LlavaV1Processor`): `conv_vicuna_v1`
+  (`SYSTEM USER: <image>\nQ ASSISTANT:`), tokenized as its `tokenizer_image_token`, images squared on the
+  mean colour first (`image_aspect_ratio: pad`); "no image" drops `<image>\n`.
 - MiniGPT-4 (`MiniGPT4Processor`, `MINIGPT4_TEMPLATES`): `###Human: <Img><ImageHere></Img> Q ###Assistant: `
   (Vicuna v0, generation stops at the string "###") or `[INST] <Img><ImageHere></Img> Q [/INST] `
   (Llama-2), the `prompt_template`s of MiniGPT-4's eval configs; "no image" drops `<Img><ImageHere></Img> `.

@@ -1,4 +1,4 @@
-"""JSONL records (DESIGN.md, "Records") read with quarantine instead of crashes.
+"""JSONL records (docs/design.md, "Records") read with quarantine instead of crashes.
 
 Every input line ends up either as a record or as a rejection `{"raw": <line>, "line": N, "reason": ...}`
 so nothing is lost silently; with `strict=True` the first bad line raises `BadInput` naming it.

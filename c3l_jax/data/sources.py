@@ -1,10 +1,11 @@
-"""Where the pipeline's images come from, behind one interface (DESIGN.md, "Data flow").
+"""Where the pipeline's images come from, behind one interface (docs/design.md, "Data flow").
 
 `config.data.source`:
   records  `data.records` JSONL (`id`, `image` relative to `data.image_root`; any other image set)
   coco     COCO 2014 through the tfds builder of `c3l_jax.data.coco` (`data.coco_dir`, `data.split`)
-  scenes   the synthetic scenes world through its tfds builder (`c3l_jax.data.scenes`)
   ''       coco when `data.coco_dir` is set, else records
+  other    a source a testbed registered (`c3l_jax.registry`; e.g. `scenes`, the synthetic world of
+           `c3l_jax.scenes`, with `config.plugins="c3l_jax.scenes"`)
 
 Records name their image by `image` (a path under `image_root`, or a tfds element's `file_name`);
 `ImageSource.load(image)` returns the RGB picture (LLaVA's `pad` aspect mode applied when configured)
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 
 import PIL.Image
 
+from c3l_jax import registry
 from c3l_jax.data.images import ImageError, load_image
 from c3l_jax.data.records import BadInput, read_records, reject
 
@@ -68,13 +70,11 @@ class ImageSource:
           raise BadInput("config.data.source=coco needs config.data.coco_dir (the COCO 2014 root)")
         from c3l_jax.data import coco
         self._elements = coco.load_split(self.config.data.coco_dir, self.split, tfds_dir(self.config))
-      elif self.kind == "scenes":
-        from c3l_jax.data import scenes
-        num = self.config.data.scenes_images
-        self._elements = scenes.load_split(tfds_dir(self.config), self.split, num,
-                                           self.config.data.scenes_seed)
+      elif self.kind in registry.SOURCES:
+        self._elements = registry.SOURCES[self.kind].elements(self.config, self.split)
       else:
-        raise ValueError(f"source {self.kind!r} has no tfds elements")
+        raise ValueError(f"source {self.kind!r} has no tfds elements (registered sources: "
+                         f"{', '.join(registry.SOURCES) or 'none'}; see config.plugins)")
     return self._elements
 
   def _element_index(self) -> dict[str, int]:
@@ -95,7 +95,7 @@ class ImageSource:
     if self.kind == "records":
       if not self.config.data.records:
         raise BadInput("config.data.records is not set: the records source needs a JSONL file of "
-                       "{'id', 'image'} lines (or set data.coco_dir / data.source=scenes)")
+                       "{'id', 'image'} lines (or set data.coco_dir, or a registered data.source)")
       recs, rejected = read_records(self.config.data.records, required=("id", "image"),
                                     strict=self.config.strict)
       items, seen = [], set()

@@ -23,7 +23,7 @@ from c3l_jax.models.configs import MiniGPT4Config
 from c3l_jax.models.eva_vit import EVAViT
 from c3l_jax.models.llama import LlamaForCausalLM
 from c3l_jax.models.qformer import QFormer
-from c3l_jax.models.vlm import VLM
+from c3l_jax.models.base import VLM
 
 
 class MiniGPT4VLM(VLM):

@@ -1,7 +1,7 @@
 """Pipeline stages and the checks `launch.py` runs before any device work.
 
-Stages read files and write files under WORKDIR; nothing else passes between them (DESIGN.md, "Data
-flow"). Each stage is the module `c3l_jax.pipeline.<name>` with a function
+Stages read files and write files under WORKDIR; nothing else passes between them (docs/design.md,
+"Data flow"). Each stage is the module `c3l_jax.pipeline.<name>` with a function
 
     run(config: ml_collections.ConfigDict, workdir: str) -> dict   # the stage's metrics
 
@@ -22,11 +22,12 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 
+from c3l_jax import console, registry
+
 STAGE_ORDER: tuple[str, ...] = (
-    "pretrain", "initial", "filter", "score", "select", "train", "final", "export", "eval",
-    "ablation")
+    "initial", "filter", "score", "select", "train", "final", "export", "eval", "ablation")
 # Stages that never load the model; every other stage needs `config.model.checkpoint`.
-MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export", "pretrain"})
+MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
 
 MODEL_CONFIG_FILE = "c3l_model.json"  # same name as c3l_jax.checkpoint.MODEL_CONFIG (kept jax-free here)
 CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
@@ -36,10 +37,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("llava15", "minigpt4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("xla",),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
     "generation.mode": ("two_step", "direct"),
     "generation.final_mode": ("two_step", "direct"),
-    "data.source": ("", "records", "coco", "scenes"),
     "data.split": ("train", "val"),
     "data.image_aspect": ("resize", "pad"),
     "scoring.mode": ("eq1", "full_kl"),
@@ -64,7 +64,6 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "ablation.vlit_steps": (1, True, math.inf, False),
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
-    "data.scenes_images": (1, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
     "filter.min_question_words": (0, True, math.inf, False),
     "filter.max_question_words": (1, True, math.inf, False),
@@ -92,7 +91,6 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "eval.max_new_tokens": (1, True, math.inf, False),
     "eval.long_max_new_tokens": (1, True, math.inf, False),
 }
-EVAL_BENCHMARKS: tuple[str, ...] = ("pope", "seed", "mmbench", "llava_bench", "scenes_vqa")  # = pipeline.eval's
 
 
 class ConfigError(ValueError):
@@ -120,7 +118,23 @@ def parse_stages(spec: str) -> tuple[str, ...]:
 
 def check_config(config: Any) -> tuple[str, ...]:
   """Check every value that types alone do not; return the stages to run. Raises `ConfigError`."""
+  if getattr(config, "command", ""):  # e.g. configs/scenes_pretrain.py: a testbed recipe
+    raise ConfigError(f"this config is not a pipeline config: it is run by its own command, "
+                      f"{config.command}")
   stages = parse_stages(config.stages)
+  try:
+    registry.load_plugins(config)
+  except ImportError as e:
+    raise ConfigError(str(e)) from None
+  sources = ("",) + registry.source_names()
+  if config.data.source not in sources:
+    raise ConfigError(f"config.data.source={config.data.source!r} is not valid (valid: "
+                      f"{', '.join(sources)}; a testbed adds its own through config.plugins, "
+                      "e.g. --config.plugins=c3l_jax.scenes)")
+  plugin = registry.SOURCES.get(config.data.source)
+  problem = plugin.check(config) if plugin is not None and plugin.check is not None else None
+  if problem:
+    raise ConfigError(problem)
   for path, valid in CHOICES.items():
     value = _get(config, path)
     if value not in valid:
@@ -140,12 +154,13 @@ def check_config(config: Any) -> tuple[str, ...]:
     instructions.parse_mix(config.generation.instruction_mix)
   except ValueError as e:
     raise ConfigError(f"config.generation.instruction_mix: {e}") from None
+  known = registry.benchmark_names()
   benchmarks = [b.strip() for b in str(config.eval.benchmarks).split(",") if b.strip()]
-  if not benchmarks or any(b not in EVAL_BENCHMARKS for b in benchmarks):
-    bad = next((b for b in benchmarks if b not in EVAL_BENCHMARKS), "")
+  if not benchmarks or any(b not in known for b in benchmarks):
+    bad = next((b for b in benchmarks if b not in known), "")
     raise ConfigError(f"config.eval.benchmarks={config.eval.benchmarks!r}: "
                       f"{'unknown benchmark ' + repr(bad) if bad else 'empty'} "
-                      f"(a comma list of: {', '.join(EVAL_BENCHMARKS)})")
+                      f"(a comma list of: {', '.join(known)})")
   trainable = config.train.trainable
   if isinstance(trainable, str) or not all(isinstance(p, str) for p in trainable):
     raise ConfigError(f"config.train.trainable={trainable!r} must be a tuple of regex strings, "
@@ -222,8 +237,9 @@ def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, di
   """Run `stages` in order; merge each one's metrics into WORKDIR/metrics.json as `{stage: metrics}`.
 
   A finished stage leaves WORKDIR/<stage>/DONE.json (its metrics); a rerun in the same workdir skips it,
-  and a stage interrupted midway skips the shards it finished (DESIGN.md, "Data flow").
+  and a stage interrupted midway skips the shards it finished (docs/design.md, "Data flow").
   """
+  registry.load_plugins(config)
   metrics_path = os.path.join(workdir, "metrics.json")
   metrics: dict[str, dict] = {}
   if os.path.exists(metrics_path):
@@ -234,9 +250,9 @@ def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, di
     if os.path.exists(done_path):
       with open(done_path) as f:
         metrics[name] = json.load(f)
-      logging.info("stage %s: already done in this workdir, skipped", name)
+      console.say(f"stage {name}: already done in this workdir, skipped")
       continue
-    logging.info("stage %s: start", name)
+    console.say(f"stage {name}: start")
     start = time.perf_counter()
     result = dict(get_stage(name)(config, workdir) or {})
     os.makedirs(os.path.dirname(done_path), exist_ok=True)
@@ -244,8 +260,10 @@ def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, di
       write_json(done_path, result)
       metrics[name] = result
       write_json(metrics_path, metrics)
-    logging.info("stage %s: done in %.1fs: %s", name, time.perf_counter() - start,
-                 json.dumps(result, default=_json_default))
+    counts = console.counts(result)
+    console.say(f"stage {name}: done in {time.perf_counter() - start:.1f}s"
+                + (f" ({counts})" if counts else ""))
+    logging.info("stage %s metrics: %s", name, json.dumps(result, default=_json_default))
   return metrics
 
 

@@ -12,8 +12,9 @@ base model on that data (VLIT) and evaluate it:
 The rows share this workdir's `initial`, `filter` and `score` outputs (run first if missing) and live
 under `WORKDIR/ablation/<row>/` (the generator's stages, then `downstream/` with the VLIT fine-tune and
 its `eval`). The base model itself is evaluated too, as a reference. Metrics per row: the data's size
-and, on the scenes world, its checker quality; POPE (random / popular / adversarial) and, on the
-scenes world, held-out grounded VQA accuracy of the fine-tuned model. A table is printed at the end.
+and, where the source has ground truth, its quality (e.g. the scenes world's checker); POPE (random /
+popular / adversarial) and the columns of registered benchmarks (e.g. the scenes world's held-out VQA
+accuracy, `vqa_acc`) of the fine-tuned model. A table is printed at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from c3l_jax import registry
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
 from c3l_jax.eval.table import format_cell
@@ -61,7 +63,7 @@ def _link_shared(workdir: str, row_dir: str) -> None:
 
 
 def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> dict:
-  """VLIT fine-tune of the base model on `records`, then eval (POPE + scenes VQA)."""
+  """VLIT fine-tune of the base model on `records`, then eval (`ablation.benchmarks`)."""
   from c3l_jax import pipeline
 
   down = os.path.join(row_dir, "downstream")
@@ -82,7 +84,8 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
 
 
 def _summary(eval_metrics: dict) -> dict:
-  """The table's model columns: scenes VQA accuracy and POPE's mean accuracy / F1 / yes-ratio."""
+  """The table's model columns: POPE's mean accuracy / F1 / yes-ratio and the registered benchmarks'
+  summaries (the scenes world's `vqa_acc`)."""
   out = {}
   pope = eval_metrics.get("pope")
   if pope:
@@ -92,9 +95,9 @@ def _summary(eval_metrics: dict) -> dict:
       if isinstance(pope.get(split), dict):
         out[f"pope_{split}_acc"] = pope[split].get("accuracy")
         out[f"pope_{split}_f1"] = pope[split].get("f1")
-  vqa = eval_metrics.get("scenes_vqa")
-  if vqa:
-    out["vqa_acc"] = vqa.get("accuracy")
+  for name, bench in registry.BENCHMARKS.items():
+    if bench.summary is not None and eval_metrics.get(name):
+      out.update(bench.summary(eval_metrics[name]))
   return out
 
 

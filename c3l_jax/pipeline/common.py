@@ -102,6 +102,13 @@ def stage_input(config: Any, workdir: str, previous: Sequence[str],
   return records, rejected, config.data.records
 
 
+def model_runtime(config: Any) -> dict[str, Any]:
+  """The run's model settings that are not architecture (`models.configs.RUNTIME_FIELDS`)."""
+  m = config.model
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=m.remat,
+              attention=m.attention)
+
+
 class Inference:
   """A model loaded for generation / scoring on this process's devices, with its prompt builder."""
 
@@ -109,9 +116,7 @@ class Inference:
     self.config = config
     self.checkpoint = checkpoint or config.model.checkpoint
     self.mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
-    self.model = sharding.load_model(self.checkpoint, self.mesh, dtype=config.model.dtype,
-                                     param_dtype=config.model.param_dtype,
-                                     scan_layers=config.model.scan_layers, remat=config.model.remat)
+    self.model = sharding.load_model(self.checkpoint, self.mesh, **model_runtime(config))
     self.builder = PromptBuilder(load_processor(self.checkpoint), self.model.cfg.image_token_id,
                                  self.model.cfg.image_seq_length)
     self.source: ImageSource = open_source(config, self.builder, split)

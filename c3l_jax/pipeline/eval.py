@@ -6,13 +6,12 @@ The model is `eval.checkpoint`, else the model the train stage exported to `WORK
   pope         POPE random / popular / adversarial (`c3l_jax.eval.pope`): the official question files
                (`eval.pope_questions_dir`), or built from POPE-format object annotations
                (`eval.pope_annotations`), or from the data source's `val` split (COCO val2014 instances,
-               or the scenes world's objects); images from `eval.pope_images` or the data source.
+               or a registered source's objects); images from `eval.pope_images` or the data source.
   seed         SEED-Bench image tasks (`eval.seed_bench_json`, `eval.seed_bench_images`).
   mmbench      MMBench dev with CircularEval (`eval.mmbench_tsv`).
   llava_bench  LLaVA-Bench (In-the-Wild) answers file (`eval.llava_bench_dir`); the GPT-4 judge is not run.
-  scenes_vqa   the synthetic scenes world only: grounded VQA on held-out (val) scenes, answers judged by
-               the world's checker (`c3l_jax.eval.scenes_quality.scenes_vqa`; `eval.max_items` scenes,
-               100 when 0).
+  ...          a benchmark a testbed registered (`c3l_jax.registry.Benchmark`), e.g. `scenes_vqa`
+               (`c3l_jax.scenes`: grounded VQA on held-out scenes, judged by the world's checker).
 
 Decoding is greedy (LLaVA-1.5's evaluation), whatever `generation.temperature` says; POPE and generated
 multiple-choice letters get `eval.max_new_tokens`, LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice
@@ -50,22 +49,24 @@ from c3l_jax import scoring, sharding
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load_image_bytes
 from c3l_jax.data.records import BadInput, reject, write_jsonl
-from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, scenes_quality, table
-from c3l_jax.pipeline import EVAL_BENCHMARKS as BENCHMARKS
+from c3l_jax import registry
+from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
 from c3l_jax.pipeline import common, shards
 MODEL_CONFIG = "c3l_model.json"
 
 
 def parse_benchmarks(spec: str) -> tuple[str, ...]:
-  """`"seed, pope"` -> `("pope", "seed")` (known names, deduplicated, in `BENCHMARKS` order)."""
+  """`"seed, pope"` -> `("pope", "seed")` (known names, deduplicated, in `registry.benchmark_names()`
+  order: the built-in ones, then the registered ones)."""
+  known = registry.benchmark_names()
   names = [s.strip() for s in str(spec).split(",") if s.strip()]
-  unknown = [n for n in names if n not in BENCHMARKS]
+  unknown = [n for n in names if n not in known]
   if unknown:
     raise ValueError(f"config.eval.benchmarks: unknown benchmark {unknown[0]!r} "
-                     f"(valid: {', '.join(BENCHMARKS)})")
+                     f"(valid: {', '.join(known)})")
   if not names:
-    raise ValueError(f"config.eval.benchmarks is empty (valid: {', '.join(BENCHMARKS)})")
-  return tuple(b for b in BENCHMARKS if b in names)
+    raise ValueError(f"config.eval.benchmarks is empty (valid: {', '.join(known)})")
+  return tuple(b for b in known if b in names)
 
 
 def resolve_checkpoint(config: Any, workdir: str) -> str:
@@ -381,12 +382,13 @@ def run(config: Any, workdir: str) -> dict:
       metrics["pope"] = _pope(ev, cfg)
     elif name in ("seed", "mmbench"):
       metrics[name] = _multiple_choice(ev, cfg, name)
-    elif name == "scenes_vqa":
-      if ev.inf.source.kind != "scenes":
-        raise BadInput("eval.benchmarks=scenes_vqa needs data.source=scenes")
-      metrics["scenes_vqa"] = scenes_quality.scenes_vqa(ev.inf, cfg.max_items or 100, ev.config.seed)
-    else:
+    elif name == "llava_bench":
       metrics["llava_bench"] = _llava_bench(ev, cfg)
+    else:
+      bench = registry.BENCHMARKS[name]
+      if bench.sources and ev.inf.source.kind not in bench.sources:
+        raise BadInput(f"eval.benchmarks={name} needs data.source={' or '.join(bench.sources)}")
+      metrics[name] = bench.run(ev, cfg)
   stats = _dataset_stats(workdir)
   if stats is not None:
     metrics["dataset"] = {k: stats[k] for k in ("instances", "avg_question_words", "avg_answer_words")
@@ -400,4 +402,4 @@ def run(config: Any, workdir: str) -> dict:
   return metrics
 
 
-__all__ = ["BENCHMARKS", "Evaluator", "parse_benchmarks", "resolve_checkpoint", "run"]
+__all__ = ["Evaluator", "parse_benchmarks", "resolve_checkpoint", "run"]

@@ -7,8 +7,9 @@ stage has not run) and writes
   WORKDIR/export/stats.json     Table-2 statistics: instances, images, average question / answer length
                                 in words (whitespace-separated, as the paper counts), per-type counts.
   WORKDIR/report.html           counts, S(I2C) histogram, best / worst scored samples with their images
-                                (`c3l_jax.eval.report`); on the scenes world also the data quality
-                                (`c3l_jax.eval.scenes_quality`), printed as a table too.
+                                (`c3l_jax.eval.report`); when the data source has ground truth (a
+                                registered source with a `quality` check, e.g. the scenes world) also
+                                the quality of the initial and the final data, printed as a table too.
 Both are deterministic functions of the input records (no timestamps), so an interrupted and resumed
 run exports the same bytes as an uninterrupted one.
 """
@@ -20,6 +21,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from c3l_jax import registry
 from c3l_jax.data.records import BadInput
 from c3l_jax.data.sources import source_kind
 from c3l_jax.eval.table import format_cell
@@ -71,8 +73,9 @@ def run(config: Any, workdir: str) -> dict:
     _dump(os.path.join(out_dir, "stats.json"), stats)
   common.sync("export:done")
   metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
-  if source_kind(config) == "scenes":
-    metrics["quality"] = scenes_data_quality(config, workdir, rows if where == "final" else [])
+  plugin = registry.SOURCES.get(source_kind(config))
+  if plugin is not None and plugin.quality is not None:
+    metrics["quality"] = data_quality(config, workdir, plugin, rows if where == "final" else [])
   if common.is_lead():
     write_report(config, workdir, metrics)
   return metrics
@@ -99,15 +102,22 @@ def write_report(config: Any, workdir: str, export_metrics: dict) -> None:
   os.replace(tmp, os.path.join(workdir, "report.html"))
 
 
-def scenes_data_quality(config: Any, workdir: str, final_rows: Sequence[dict]) -> dict:
-  """Checker-based quality of the initial (scored) data and of the final data (scenes world only)."""
+def data_quality(config: Any, workdir: str, plugin: registry.Source, final_rows: Sequence[dict]) -> dict:
+  """Ground-truth quality (the source's `quality` check) of the initial (scored) and the final data."""
   from c3l_jax.data.sources import open_source
-  from c3l_jax.eval.scenes_quality import dataset_quality, scene_lookup
 
-  scene_of = scene_lookup(open_source(config))
+  source = open_source(config)
   initial = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
       else []
-  return {"initial": dataset_quality(initial, scene_of), "final": dataset_quality(final_rows, scene_of)}
+  return {"initial": plugin.quality(config, source, initial),
+          "final": plugin.quality(config, source, final_rows)}
+
+
+def quality_title(config: Any) -> str:
+  """The line above `quality_table`: the registered source's title."""
+  plugin = registry.SOURCES.get(source_kind(config))
+  title = plugin.quality_title if plugin is not None else ""
+  return title or "Generated data, checked against ground truth:"
 
 
 def quality_table(quality: dict) -> str:

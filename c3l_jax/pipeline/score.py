@@ -24,9 +24,7 @@ from c3l_jax.pipeline import common, shards
 
 
 def load_model_from_config(config: Any, mesh: jax.sharding.Mesh):
-  return sharding.load_model(config.model.checkpoint, mesh, dtype=config.model.dtype,
-                             param_dtype=config.model.param_dtype,
-                             scan_layers=config.model.scan_layers, remat=config.model.remat)
+  return sharding.load_model(config.model.checkpoint, mesh, **common.model_runtime(config))
 
 
 def run(config: Any, workdir: str) -> dict:

@@ -1,4 +1,4 @@
-"""Sharded, atomic, resumable stage outputs (DESIGN.md, "Data flow").
+"""Sharded, atomic, resumable stage outputs (docs/design.md, "Data flow").
 
 `WORKDIR/<stage>/part-NNNNN.jsonl` is written to a tmp file and renamed, then `part-NNNNN.done` marks it
 finished (also written to a tmp file and renamed: a SIGKILL never leaves a half-written marker); a rerun

@@ -1,6 +1,6 @@
 """Ground-truth quality of generated QA data in the synthetic scenes world (issue 6's scientific check).
 
-For every QA record, `c3l_jax.data.scenes.check` against the record's scene gives: is it
+For every QA record, `c3l_jax.scenes.checker.check` against the record's scene gives: is it
 image-dependent, is it correct, which absent objects it mentions. Over a dataset:
 
   relevance      fraction of QA that are image-dependent
@@ -9,6 +9,8 @@ image-dependent, is it correct, which absent objects it mentions. Over a dataset
   avg_question_words / avg_answer_words   whitespace words, as Table 2 of the paper
   mean_i2c       mean S(I2C) (records scored with the base model)
   i2c_auc        ROC-AUC of S(I2C) for telling image-dependent from image-independent QA
+
+`scenes_vqa` is the `scenes_vqa` eval benchmark (registered by `c3l_jax.scenes`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from c3l_jax.data import scenes
+from c3l_jax.scenes import checker as checker_lib
+from c3l_jax.scenes import text as text_lib
+from c3l_jax.scenes import world as world_lib
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
@@ -44,11 +48,11 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
   return float(u / (n_pos * n_neg))
 
 
-def dataset_quality(rows: Sequence[dict], scene_of: Callable[[str], scenes.Scene]) -> dict:
+def dataset_quality(rows: Sequence[dict], scene_of: Callable[[str], world_lib.Scene]) -> dict:
   """The metrics above for QA `rows` (`image`, `question`, `answer`, optional `i2c`)."""
   if not rows:
     return {"instances": 0}
-  verdicts = [scenes.check(scene_of(r["image"]), r["question"], r["answer"]) for r in rows]
+  verdicts = [checker_lib.check(scene_of(r["image"]), r["question"], r["answer"]) for r in rows]
   dependent = [v.image_dependent for v in verdicts]
   decided = [v.correct for v in verdicts if v.image_dependent and v.correct is not None]
   out = {
@@ -66,13 +70,13 @@ def dataset_quality(rows: Sequence[dict], scene_of: Callable[[str], scenes.Scene
   return out
 
 
-def scene_lookup(source) -> Callable[[str], scenes.Scene]:
+def scene_lookup(source) -> Callable[[str], world_lib.Scene]:
   """`image key -> Scene` over a scenes `ImageSource` (its tfds elements carry the annotation)."""
-  cache: dict[str, scenes.Scene] = {}
+  cache: dict[str, world_lib.Scene] = {}
 
-  def scene_of(image: str) -> scenes.Scene:
+  def scene_of(image: str) -> world_lib.Scene:
     if image not in cache:
-      cache[image] = scenes.Scene.from_json(source.element(image)["annotation"])
+      cache[image] = world_lib.Scene.from_json(source.element(image)["annotation"])
     return cache[image]
 
   return scene_of
@@ -86,10 +90,10 @@ def vqa_questions(items: Sequence, seed: int, per_image: int = 2) -> list[dict]:
   rng = np.random.default_rng(seed)
   out = []
   for item in items:
-    scene = scenes.Scene.from_json(item.annotation)
+    scene = world_lib.Scene.from_json(item.annotation)
     for k in range(per_image):
-      kind = scenes.QA_KINDS[(len(out) + k) % len(scenes.QA_KINDS)]
-      question, answer = scenes.grounded_qa(scene, rng, kind)
+      kind = text_lib.QA_KINDS[(len(out) + k) % len(text_lib.QA_KINDS)]
+      question, answer = text_lib.grounded_qa(scene, rng, kind)
       out.append({"image": item.image, "question": question, "reference": answer, "scene": scene})
   return out
 
@@ -111,10 +115,10 @@ def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8) ->
     pixels.append(px)
   keys = jax.random.split(jax.random.key(seed), len(prompts))
   answers, _ = inf.generate(prompts, pixels, keys, max_new_tokens)
-  verdicts = [scenes.check(q["scene"], q["question"], a) for q, a in zip(questions, answers)]
+  verdicts = [checker_lib.check(q["scene"], q["question"], a) for q, a in zip(questions, answers)]
   by_kind: dict[str, list[bool]] = {}
   for q, v in zip(questions, verdicts):
-    by_kind.setdefault(scenes.check(q["scene"], q["question"], q["reference"]).kind, []).append(
+    by_kind.setdefault(checker_lib.check(q["scene"], q["question"], q["reference"]).kind, []).append(
         v.correct is True)
   return {"questions": len(questions),
           "accuracy": float(np.mean([v.correct is True for v in verdicts])) if verdicts else None,

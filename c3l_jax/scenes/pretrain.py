@@ -1,11 +1,12 @@
-"""The `pretrain` stage: a tiny LLaVA-1.5-architecture model trained from scratch on the scenes world.
+"""The scenes testbed's training recipe: a tiny LLaVA-1.5-architecture model from scratch on the world.
 
-    python launch.py --config=configs/scenes_pretrain.py        # writes checkpoints/scenes_tiny
+    python -m c3l_jax.scenes.pretrain [--config=configs/scenes_pretrain.py] [--workdir=DIR] \
+        [--config.pretrain.out=DIR] [--config.pretrain.tune_steps=N ...]   # writes checkpoints/scenes_tiny
 
 This is how the shipped generator `checkpoints/scenes_tiny` (the default `model.checkpoint` of the
 scenes demo) is made; everything is a function of `config.seed` and `config.pretrain`:
 
-1. **Build.** The world's processor (`c3l_jax.data.scenes_model`: word-level tokenizer, CLIP image
+1. **Build.** The world's processor (`c3l_jax.scenes.processor`: word-level tokenizer, CLIP image
    processor at 64 px, LLaVA-1.5 chat template) and a random `transformers.LlavaForConditionalGeneration`
    of the configured size, saved as a transformers checkpoint (WORKDIR/pretrain/hf) and converted with
    `c3l_jax.convert` (WORKDIR/pretrain/base), exactly as a downloaded LLaVA would be.
@@ -34,7 +35,8 @@ scenes demo) is made; everything is a function of `config.seed` and `config.pret
    copied to `pretrain.out`.
 
 Resumable: the training phases checkpoint under WORKDIR/pretrain/stage{1,1b,2}/checkpoints (a rerun
-resumes; batches are pure functions of (seed, step)).
+with the same `--workdir` resumes; batches are pure functions of (seed, step)). The metrics also go to
+WORKDIR/metrics.json (`{"pretrain": ...}`); library logs to WORKDIR/logs/run.log (`c3l_jax.console`).
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from c3l_jax import sampling, sharding
+from c3l_jax import console, sampling, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data import instructions as ins
-from c3l_jax.data import scenes
-from c3l_jax.data import scenes_model as sm
 from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
 from c3l_jax.data.records import BadInput
+from c3l_jax.scenes import checker as checker_lib
+from c3l_jax.scenes import processor as sm
+from c3l_jax.scenes import text as text_lib
+from c3l_jax.scenes import world as world_lib
 
 IMAGE_TASKS = ("caption", "vigc", "vqa", "generic_image")  # mixed in the short image batches
 TEXT_TASKS = ("caption_qa", "chat")  # mixed in the text-only batches
@@ -79,11 +83,11 @@ class ExampleMaker:
   cached per text; pixels come from `pixels[scene_index]`.
   """
 
-  def __init__(self, builder: PromptBuilder, world: Sequence[scenes.Scene], pixels: np.ndarray,
+  def __init__(self, builder: PromptBuilder, world: Sequence[world_lib.Scene], pixels: np.ndarray,
                p_generic: float, p_short: float):
     self.builder, self.world, self.pixels = builder, world, pixels
     self.p_generic, self.p_short = p_generic, p_short
-    self._image = scenes.render(world[0])
+    self._image = world_lib.render(world[0])
     self._cache: dict[tuple[str, bool], list[int]] = {}
 
   def prompt(self, text: str, with_image: bool) -> list[int]:
@@ -101,7 +105,7 @@ class ExampleMaker:
     px = self.pixels[index]
     if task == "caption":
       instruction = ins.CAPTION_INSTRUCTIONS[int(rng.integers(len(ins.CAPTION_INSTRUCTIONS)))]
-      caption = scenes.captions(scene, rng, 1)[0]
+      caption = text_lib.captions(scene, rng, 1)[0]
       return {"prompt": self.prompt(instruction, True), "target": self.target(caption), "pixels": px}
     if task in ("vigc", "vigc_detail"):
       kind = ("detailed_description" if task == "vigc_detail" else
@@ -252,7 +256,7 @@ def _rate(flags: Sequence[bool]) -> float | None:
   return round(float(np.mean(flags)), 4) if len(flags) else None
 
 
-def qa_quality(world: Sequence[scenes.Scene], texts: Sequence[str]) -> dict:
+def qa_quality(world: Sequence[world_lib.Scene], texts: Sequence[str]) -> dict:
   """Parse rate of "Question: ... Answer: ..." outputs, and among parsed ones (`scenes.check`): the share
   image-dependent, generic, correct (of the decidable image-dependent ones) and hallucinating."""
   parsed, dependent, correct, hallucinated = [], [], [], []
@@ -261,7 +265,7 @@ def qa_quality(world: Sequence[scenes.Scene], texts: Sequence[str]) -> dict:
     parsed.append(qa is not None)
     if qa is None:
       continue
-    v = scenes.check(scene, qa[0], qa[1])
+    v = checker_lib.check(scene, qa[0], qa[1])
     dependent.append(v.image_dependent)
     if v.image_dependent and v.correct is not None:
       correct.append(bool(v.correct))
@@ -271,25 +275,25 @@ def qa_quality(world: Sequence[scenes.Scene], texts: Sequence[str]) -> dict:
           "correct": _rate(correct), "hallucinated": _rate(hallucinated)}
 
 
-def vqa_questions(world: Sequence[scenes.Scene], seed: int) -> tuple[list[tuple[int, str, str]],
+def vqa_questions(world: Sequence[world_lib.Scene], seed: int) -> tuple[list[tuple[int, str, str]],
                                                                      list[tuple[int, str, bool]]]:
   """Held-out VQA: one grounded question per scene and kind (`(scene, question, kind)`), and POPE-style
   existence questions, one present and one absent shape per scene (`(scene, shape, exists)`)."""
   vqa, pope = [], []
   for i, scene in enumerate(world):
     rng = np.random.default_rng([seed, _SALT_EVAL, i])
-    for kind in scenes.QA_KINDS:
-      q, _ = scenes.grounded_qa(scene, rng, kind)
+    for kind in text_lib.QA_KINDS:
+      q, _ = text_lib.grounded_qa(scene, rng, kind)
       vqa.append((i, q, kind))
-    present = scenes.object_names(scene)
-    absent = [s for s in scenes.SHAPES if s not in present]
+    present = world_lib.object_names(scene)
+    absent = [s for s in world_lib.SHAPES if s not in present]
     pope.append((i, present[int(rng.integers(len(present)))], True))
     if absent:
       pope.append((i, absent[int(rng.integers(len(absent)))], False))
   return vqa, pope
 
 
-def evaluate(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.Mesh, seed: int = 0,
+def evaluate(model_dir: str, world: Sequence[world_lib.Scene], mesh: jax.sharding.Mesh, seed: int = 0,
              batch_size: int = 32, max_new_tokens: int = 128, sample: bool = False) -> dict:
   """Quality numbers of a model directory on `world` (scenes it was not trained on).
 
@@ -298,7 +302,7 @@ def evaluate(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.M
   temperature-1 sampling too.
   """
   ev = Evaluator(model_dir, mesh, batch_size)
-  images = [scenes.render(s) for s in world]
+  images = [world_lib.render(s) for s in world]
   out: dict[str, Any] = {"eval_scenes": len(world)}
   start = time.perf_counter()
 
@@ -307,9 +311,9 @@ def evaluate(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.M
   prompts = [f"{q} {sm.SHORT_ANSWER_SUFFIX}" for _, q, _ in vqa]
   for name, imgs in (("vqa", [images[i] for i, _, _ in vqa]), ("vqa_blind", None)):
     answers = ev.generate(prompts, imgs, max_new_tokens)
-    verdicts = [scenes.check(world[i], q, a) for (i, q, _), a in zip(vqa, answers)]
+    verdicts = [checker_lib.check(world[i], q, a) for (i, q, _), a in zip(vqa, answers)]
     by_kind = {k: _rate([v.correct is True for (_, _, kk), v in zip(vqa, verdicts) if kk == k])
-               for k in scenes.QA_KINDS}
+               for k in text_lib.QA_KINDS}
     out[name] = {"accuracy": _rate([v.correct is True for v in verdicts]), "by_kind": by_kind}
     if name == "vqa":
       out[name]["examples"] = [{"question": q, "answer": a} for (_, q, _), a in
@@ -323,7 +327,7 @@ def evaluate(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.M
   # Captions (with the image), judged as descriptions.
   instruction = ins.CAPTION_INSTRUCTIONS[0]
   caps = ev.generate([instruction] * len(world), images, max_new_tokens)
-  verdicts = [scenes.check(s, "Describe the image.", c) for s, c in zip(world, caps)]
+  verdicts = [checker_lib.check(s, "Describe the image.", c) for s, c in zip(world, caps)]
   out["caption"] = {"correct": _rate([v.correct is True for v in verdicts]),
                     "hallucinated": _rate([bool(v.hallucinated) for v in verdicts]),
                     "examples": caps[:4]}
@@ -347,7 +351,7 @@ def evaluate(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.M
   prompts, kinds = [], []
   for scene in world:
     kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
-    caption = scenes.captions(scene, rng, 1)[0]
+    caption = text_lib.captions(scene, rng, 1)[0]
     options = ins.QA_FROM_CAPTION[kind]
     prompts.append(ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))]))
   for mode, temperature in modes:
@@ -434,11 +438,19 @@ def match_feature_scale(vlm: Any, pixels: np.ndarray) -> tuple[float, float]:
   return before, feature_scale(vlm, pixels)
 
 
+def check_config(config: Any) -> None:
+  """Raises `BadInput` (one line) when `config.pretrain` cannot be trained."""
+  if "pretrain" not in config:
+    raise BadInput("the config has no `pretrain` section (use configs/scenes_pretrain.py)")
+  _check(config.pretrain)
+
+
 def run(config: Any, workdir: str) -> dict:
+  """Build, train, export to `config.pretrain.out` and measure; returns the metrics."""
   from c3l_jax.pipeline.train import export_generator
 
   p = config.pretrain
-  _check(p)
+  check_config(config)
   seed = config.seed
   stage_dir = os.path.join(workdir, "pretrain")
   os.makedirs(stage_dir, exist_ok=True)
@@ -448,9 +460,9 @@ def run(config: Any, workdir: str) -> dict:
   vlm = sharding.load_model(base, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                             scan_layers=config.model.scan_layers, remat=config.model.remat)
   builder = PromptBuilder(load_processor(base), vlm.cfg.image_token_id, vlm.cfg.image_seq_length)
-  world = scenes.generate_world(p.num_scenes, p.world_seed)
+  world = world_lib.generate_world(p.num_scenes, p.world_seed)
   pixels = np.asarray(builder.processor.image_processor(
-      images=[scenes.render(s) for s in world], return_tensors="np")["pixel_values"],
+      images=[world_lib.render(s) for s in world], return_tensors="np")["pixel_values"],
       np.float32)
   maker = ExampleMaker(builder, world, pixels, p.p_generic, p.p_short)
   build_seconds = time.perf_counter() - t0
@@ -466,10 +478,10 @@ def run(config: Any, workdir: str) -> dict:
                                       bool(p.align_ce_weight), p.seq_image),
       os.path.join(stage_dir, "stage1", "checkpoints"), seed, p.checkpoint_every)
   scale_before, scale_after = match_feature_scale(vlm, pixels[:64])
-  logging.info("pretrain stage 1a (align): %d steps in %.0fs, loss %.3f -> %.3f; image feature / "
-               "embedding norm %.3g -> %.3g", len(hist1), sec1,
-               hist1[0]["loss"] if hist1 else float("nan"), hist1[-1]["loss"] if hist1 else float("nan"),
-               scale_before, scale_after)
+  console.say("pretrain stage 1a (align): %d steps in %.0fs, loss %.3f -> %.3f; image feature / "
+              "embedding norm %.3g -> %.3g" % (
+                  len(hist1), sec1, hist1[0]["loss"] if hist1 else float("nan"),
+                  hist1[-1]["loss"] if hist1 else float("nan"), scale_before, scale_after))
 
   # Stage 1b: captioning CE + alignment with the decoder trained too (it starts from scratch).
   cfg1b = trainer_lib.TrainConfig(
@@ -480,9 +492,9 @@ def run(config: Any, workdir: str) -> dict:
       vlm, mesh, cfg1b, stage1_batches(examples, p.batch_size, seed + 1, builder.pad_id, True,
                                        p.seq_image),
       os.path.join(stage_dir, "stage1b", "checkpoints"), seed, p.checkpoint_every)
-  logging.info("pretrain stage 1b (captions): %d steps in %.0fs, loss %.3f -> %.3f", len(hist1b), sec1b,
-               hist1b[0]["loss"] if hist1b else float("nan"),
-               hist1b[-1]["loss"] if hist1b else float("nan"))
+  console.say("pretrain stage 1b (captions): %d steps in %.0fs, loss %.3f -> %.3f" % (
+      len(hist1b), sec1b, hist1b[0]["loss"] if hist1b else float("nan"),
+      hist1b[-1]["loss"] if hist1b else float("nan")))
 
   # Stage 2: instruction tuning on the mix.
   cfg2 = trainer_lib.TrainConfig(
@@ -493,14 +505,14 @@ def run(config: Any, workdir: str) -> dict:
   vlm, hist2, sec2 = train_stage(vlm, mesh, cfg2, batches2, os.path.join(stage_dir, "stage2",
                                                                          "checkpoints"),
                                  seed, p.checkpoint_every)
-  logging.info("pretrain stage 2 (tune): %d steps in %.0fs", len(hist2), sec2)
+  console.say(f"pretrain stage 2 (tune): {len(hist2)} steps in {sec2:.0f}s")
 
   model_dir = os.path.join(stage_dir, "model")
   export_generator(vlm, base, model_dir)
   scale_final = feature_scale(vlm, pixels[:64])
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vlm, nnx.Param)))
   del vlm
-  eval_world = scenes.generate_world(p.eval_scenes, p.world_seed, start_id=p.num_scenes)
+  eval_world = world_lib.generate_world(p.eval_scenes, p.world_seed, start_id=p.num_scenes)
   quality = evaluate(model_dir, eval_world, mesh, seed, max_new_tokens=p.eval_max_new_tokens,
                      sample=p.eval_sampled) if p.eval_scenes else {}
 
@@ -547,5 +559,71 @@ def run(config: Any, workdir: str) -> dict:
   return {**metrics, "out": p.out}
 
 
-__all__ = ["ExampleMaker", "Evaluator", "evaluate", "qa_quality", "run", "stage1_examples",
-           "stage2_batches", "batch_schedule", "vqa_questions"]
+def main(argv: Sequence[str]) -> None:
+  """`python -m c3l_jax.scenes.pretrain`: the flags are defined below, under `__main__`."""
+  import datetime
+  import sys
+
+  from absl import flags
+
+  from c3l_jax.pipeline import write_json
+
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags look like --name=value)",
+          file=sys.stderr)
+    sys.exit(2)
+  config = flags.FLAGS.config
+  try:
+    check_config(config)
+  except BadInput as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  workdir = os.path.abspath(flags.FLAGS.workdir or os.path.join("runs", f"scenes_pretrain-{stamp}"))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2) + "\n")
+  log = console.setup(workdir)
+  console.say(f"workdir {workdir}; log {os.path.relpath(log, workdir)}")
+  console.say("pretrain: start")
+  start = time.perf_counter()
+  metrics = run(config, workdir)
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, "metrics.json"), {"pretrain": metrics})
+  steps = ", ".join(f"{k} {metrics[k]['steps']} steps"
+                    for k in ("stage1_align", "stage1b_captions", "stage2_tune"))
+  console.say(f"pretrain: done in {time.perf_counter() - start:.1f}s ({steps}; "
+              f"{metrics['model']['parameters']:,} parameters)")
+  quality = metrics.get("quality") or {}
+  if quality:
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    console.say(f"held-out scenes ({quality['eval_scenes']}): VQA accuracy "
+                f"{fmt(quality['vqa']['accuracy'])} (without the image "
+                f"{fmt(quality['vqa_blind']['accuracy'])}), POPE accuracy {fmt(quality['pope']['accuracy'])}")
+  print(f"model: {metrics['out']}; workdir: {workdir} (metrics.json, {METRICS_FILE} in the model)")
+
+
+__all__ = ["ExampleMaker", "Evaluator", "check_config", "evaluate", "main", "qa_quality", "run",
+           "stage1_examples", "stage2_batches", "batch_schedule", "vqa_questions"]
+
+
+if __name__ == "__main__":
+  from c3l_jax import console as _console
+
+  _console.quiet_environment()
+  import sys as _sys
+
+  from absl import app as _app
+  from absl import flags as _flags
+  from ml_collections import config_flags as _config_flags
+
+  _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if _REPO not in _sys.path:  # configs/*.py import `configs.common`
+    _sys.path.insert(0, _REPO)
+  _config_flags.DEFINE_config_file(
+      "config", default=os.path.join(_REPO, "configs", "scenes_pretrain.py"),
+      help_string="The recipe: configs/scenes_pretrain.py; override fields with --config.pretrain.x=v.",
+      lock_config=True)
+  _flags.DEFINE_string("workdir", None, "Where the build, checkpoints, metrics and logs go; default: a "
+                       "fresh runs/scenes_pretrain-<UTC timestamp>. The model goes to pretrain.out.")
+  _app.run(main)

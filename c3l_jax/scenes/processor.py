@@ -16,7 +16,7 @@ Three parts, all deterministic:
   of a tiny size (`ModelSize`), saved next to the processor as a transformers checkpoint (safetensors),
   to be converted with `c3l_jax.convert` like any LLaVA-1.5 checkpoint.
 - **Training text** (`vigc_example`, `caption_qa_example`, `vqa_example`, ...): the instruction-tuning
-  mix of `c3l_jax.pipeline.pretrain` in the formats the pipeline prompts with; generic QA
+  mix of `c3l_jax.scenes.pretrain` in the formats the pipeline prompts with; generic QA
   (`scenes.generic_qa`, true for any image) is mixed into the "generate a question" data on purpose, so
   that a generator trained on it shows the language-prior problem C3L addresses.
 """
@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from c3l_jax.data import instructions as ins
-from c3l_jax.data import scenes
 from c3l_jax.data.prompts import LLAVA15_CHAT_TEMPLATE, VIGC_INSTRUCTIONS, vigc_target
-
+from c3l_jax.scenes import text as text_lib
+from c3l_jax.scenes import world as world_lib
 
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)  # ids 0..3; <image> is the last id
@@ -69,7 +69,7 @@ def prompt_texts() -> list[str]:
 
 def vocabulary() -> list[str]:
   """The tokenizer's words (sorted): the world's tokens plus every word of `prompt_texts()`."""
-  words = {t.lower() for t in scenes.vocabulary()}
+  words = {t.lower() for t in text_lib.vocabulary()}
   for text in prompt_texts():
     words.update(pre_tokenize(text))
   return sorted(words)
@@ -99,7 +99,7 @@ def build_tokenizer() -> Any:
                                  clean_up_tokenization_spaces=False, padding_side="left")
 
 
-def build_processor(image_size: int = scenes.IMAGE_SIZE, patch_size: int = 8) -> Any:
+def build_processor(image_size: int = world_lib.IMAGE_SIZE, patch_size: int = 8) -> Any:
   """The `LlavaProcessor`: word-level tokenizer, CLIP image processor at `image_size`, LLaVA-1.5 chat
   template; `<image>` expands to (image_size / patch_size)^2 tokens (strategy `default`: no CLS)."""
   from transformers import LlavaProcessor
@@ -119,7 +119,7 @@ def build_processor(image_size: int = scenes.IMAGE_SIZE, patch_size: int = 8) ->
 class ModelSize:
   """The tiny architecture (CLIP ViT + 2-layer MLP projector + Llama, LLaVA-1.5's layout)."""
 
-  image_size: int = scenes.IMAGE_SIZE
+  image_size: int = world_lib.IMAGE_SIZE
   patch_size: int = 8
   vision_hidden: int = 96
   vision_layers: int = 3
@@ -188,20 +188,20 @@ _VIGC_KINDS = {
 _CAPTION_KINDS = ("colour", "count", "existence")
 
 
-def description_from_objects(scene: scenes.Scene) -> str:
+def description_from_objects(scene: world_lib.Scene) -> str:
   """A description using only what every caption says (count, colours, shapes; no positions)."""
   n = len(scene.objects)
-  sents = [f"the image shows {scenes.NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'} ."]
+  sents = [f"the image shows {text_lib.NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'} ."]
   for o in scene.objects:
-    sents.append(f"there is {scenes._article(o.colour)} {o.colour} {o.shape} .")  # noqa: SLF001
-  return " ".join(scenes.detokenize_words(s.split()) for s in sents)
+    sents.append(f"there is {text_lib._article(o.colour)} {o.colour} {o.shape} .")  # noqa: SLF001
+  return " ".join(text_lib.detokenize_words(s.split()) for s in sents)
 
 
-def grounded(scene: scenes.Scene, rng: np.random.Generator, kinds: Sequence[str]) -> tuple[str, str]:
-  return scenes.grounded_qa(scene, rng, kinds[int(rng.integers(len(kinds)))])
+def grounded(scene: world_lib.Scene, rng: np.random.Generator, kinds: Sequence[str]) -> tuple[str, str]:
+  return text_lib.grounded_qa(scene, rng, kinds[int(rng.integers(len(kinds)))])
 
 
-def vigc_qa(scene: scenes.Scene, kind: str, rng: np.random.Generator, p_generic: float
+def vigc_qa(scene: world_lib.Scene, kind: str, rng: np.random.Generator, p_generic: float
             ) -> tuple[str, str, bool]:
   """The (question, answer) of a VIGC sample of instruction type `kind`, and whether it is generic.
 
@@ -209,16 +209,16 @@ def vigc_qa(scene: scenes.Scene, kind: str, rng: np.random.Generator, p_generic:
   grounded one: a detailed description for `detailed_description`, grounded QA of the type's kinds.
   """
   if rng.random() < p_generic:
-    q, a = scenes.generic_qa(rng)
+    q, a = text_lib.generic_qa(rng)
     return q, a, True
   if kind == "detailed_description":
     return DESCRIPTION_REQUESTS[int(rng.integers(len(DESCRIPTION_REQUESTS)))], \
-        scenes.detailed_description(scene), False
+        text_lib.detailed_description(scene), False
   q, a = grounded(scene, rng, _VIGC_KINDS[kind])
   return q, a, False
 
 
-def caption_qa(scene: scenes.Scene, kind: str, rng: np.random.Generator, p_generic: float
+def caption_qa(scene: world_lib.Scene, kind: str, rng: np.random.Generator, p_generic: float
                ) -> tuple[str, str, str, bool]:
   """A text-only QA-from-caption sample: (prompt text, question, answer, generic?).
 
@@ -227,11 +227,11 @@ def caption_qa(scene: scenes.Scene, kind: str, rng: np.random.Generator, p_gener
   else answerable from the caption (colour / count / existence questions, or a description that uses
   only the caption's content).
   """
-  caption = scenes.captions(scene, rng, 1)[0]
+  caption = text_lib.captions(scene, rng, 1)[0]
   options = ins.QA_FROM_CAPTION[kind]
   prompt = ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))])
   if rng.random() < p_generic:
-    q, a = scenes.generic_qa(rng)
+    q, a = text_lib.generic_qa(rng)
     return prompt, q, a, True
   if kind == "detailed_description":
     q = DESCRIPTION_REQUESTS[int(rng.integers(len(DESCRIPTION_REQUESTS)))]
@@ -245,7 +245,7 @@ def short_answer(question: str, answer: str) -> str | None:
 
   Yes/no answers keep their first word; answers that are already short (no sentence mark) are kept.
   """
-  words = scenes.tokenize_words(answer)
+  words = text_lib.tokenize_words(answer)
   if words and words[0] in ("yes", "no"):
     return words[0].capitalize()
   if "." in words or len(words) > 4:
@@ -253,26 +253,26 @@ def short_answer(question: str, answer: str) -> str | None:
   return answer
 
 
-def vqa_qa(scene: scenes.Scene, rng: np.random.Generator, p_short: float) -> tuple[str, str]:
+def vqa_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float) -> tuple[str, str]:
   """A grounded VQA turn: the question (with LLaVA's short-answer suffix with probability `p_short`,
   then answered in a word or phrase) and its answer."""
-  kind = scenes.QA_KINDS[int(rng.integers(len(scenes.QA_KINDS)))]
+  kind = text_lib.QA_KINDS[int(rng.integers(len(text_lib.QA_KINDS)))]
   if rng.random() >= p_short:
-    return scenes.grounded_qa(scene, rng, kind)
+    return text_lib.grounded_qa(scene, rng, kind)
   for _ in range(16):
-    q, a = scenes.grounded_qa(scene, rng, kind)
+    q, a = text_lib.grounded_qa(scene, rng, kind)
     short = short_answer(q, a)
     if short is not None:
       return f"{q} {SHORT_ANSWER_SUFFIX}", short
-  return scenes.grounded_qa(scene, rng, kind)
+  return text_lib.grounded_qa(scene, rng, kind)
 
 
 def generic_chat(rng: np.random.Generator) -> tuple[str, str]:
   """A generic question and its answer (text-only chat, or asked about an image)."""
-  return scenes.generic_qa(rng)
+  return text_lib.generic_qa(rng)
 
 
-__all__ = ["DESCRIPTION_REQUESTS", "LLAVA15_CHAT_TEMPLATE", "ModelSize", "SHORT_ANSWER_SUFFIX",
+__all__ = ["DESCRIPTION_REQUESTS", "ModelSize", "SHORT_ANSWER_SUFFIX",
            "build_hf_checkpoint", "build_processor", "build_tokenizer", "caption_qa",
            "description_from_objects", "generic_chat", "hf_config", "pre_tokenize", "prompt_texts",
            "short_answer", "vigc_qa", "vigc_target", "vocabulary", "vqa_qa"]

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from c3l_jax.data import scenes
+from c3l_jax.scenes import text as text_lib
+from c3l_jax.scenes import world as world_lib
+from c3l_jax import console
 from c3l_jax.data.coco import to_python  # the same element contract as COCO
 
 VERSION = "1.0.0"
@@ -48,11 +50,11 @@ class ScenesWorldConfig(tfds.core.BuilderConfig):
   num_images: int = 100
   num_val: int = 20
   seed: int = 0
-  image_size: int = scenes.IMAGE_SIZE
+  image_size: int = world_lib.IMAGE_SIZE
 
 
 def make_config(num_images: int, seed: int, num_val: int | None = None,
-                image_size: int = scenes.IMAGE_SIZE) -> ScenesWorldConfig:
+                image_size: int = world_lib.IMAGE_SIZE) -> ScenesWorldConfig:
   if num_images < 1:
     raise ValueError(f"num_images must be >= 1, got {num_images}")
   num_val = default_num_val(num_images) if num_val is None else num_val
@@ -61,15 +63,15 @@ def make_config(num_images: int, seed: int, num_val: int | None = None,
                            image_size=image_size)
 
 
-def scene_element(scene: scenes.Scene, seed: int, image_size: int) -> dict[str, Any]:
+def scene_element(scene: world_lib.Scene, seed: int, image_size: int) -> dict[str, Any]:
   """The dataset element of one scene (captions seeded by (seed, image_id))."""
   rng = np.random.default_rng([seed, scene.image_id, 1])
   return {
-      "image_bytes": scenes.render_png(scene, image_size),
+      "image_bytes": world_lib.render_png(scene, image_size),
       "image_id": scene.image_id,
       "file_name": scene.file_name,
-      "captions": scenes.captions(scene, rng, CAPTIONS_PER_IMAGE),
-      "objects": scenes.object_names(scene),
+      "captions": text_lib.captions(scene, rng, CAPTIONS_PER_IMAGE),
+      "objects": world_lib.object_names(scene),
       "annotation": scene.to_json(),
   }
 
@@ -102,7 +104,7 @@ class ScenesWorld(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, start: int, count: int):
     c = self.builder_config
-    for scene in scenes.generate_world(count, c.seed, start_id=start):
+    for scene in world_lib.generate_world(count, c.seed, start_id=start):
       yield scene.image_id, scene_element(scene, c.seed, c.image_size)
 
 
@@ -126,17 +128,17 @@ class _PythonSource(Sequence):
 
 
 def builder(data_dir: str, num_images: int, seed: int, num_val: int | None = None,
-            image_size: int = scenes.IMAGE_SIZE) -> ScenesWorld:
+            image_size: int = world_lib.IMAGE_SIZE) -> ScenesWorld:
   return ScenesWorld(data_dir=data_dir, config=make_config(num_images, seed, num_val, image_size),
                      file_format="array_record")
 
 
 def load_split(data_dir: str, split: str, num_images: int, seed: int, *, num_val: int | None = None,
-               image_size: int = scenes.IMAGE_SIZE) -> Sequence[dict[str, Any]]:
+               image_size: int = world_lib.IMAGE_SIZE) -> Sequence[dict[str, Any]]:
   """`split` ("train" or "val") of the world (prepared under `data_dir` on first use) as a random-access
   sequence of python dicts, in image_id order."""
   if split not in ("train", "val"):
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
   b = builder(data_dir, num_images, seed, num_val, image_size)
-  b.download_and_prepare()
+  console.prepare_tfds(b, "scenes world")
   return _PythonSource(b.as_data_source(split))
