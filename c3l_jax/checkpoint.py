@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from c3l_jax.models.configs import ModelConfig, config_from_dict
+from c3l_jax.models.configs import MODEL_CONFIG_FILE, ModelConfig, config_from_dict
 
-MODEL_CONFIG = "c3l_model.json"
+MODEL_CONFIG = MODEL_CONFIG_FILE
 PARAMS_DIR = "params"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -42,6 +42,19 @@ ID: Transform = lambda w: w
 
 # canonical source name -> (Flax parameter path, layer index or None, transform)
 Plan = dict[str, tuple[tuple[str, ...], int | None, Transform]]
+
+
+def add_linear(plan: Plan, src: str, dst: tuple[str, ...], layer: int | None, bias: bool = True) -> None:
+  """torch Linear `src.{weight,bias}` -> Flax Dense `dst.{kernel,bias}`."""
+  plan[src + ".weight"] = (dst + ("kernel",), layer, T)
+  if bias:
+    plan[src + ".bias"] = (dst + ("bias",), layer, ID)
+
+
+def add_layer_norm(plan: Plan, src: str, dst: tuple[str, ...], layer: int | None) -> None:
+  """torch LayerNorm `src.{weight,bias}` -> Flax LayerNorm `dst.{scale,bias}`."""
+  plan[src + ".weight"] = (dst + ("scale",), layer, ID)
+  plan[src + ".bias"] = (dst + ("bias",), layer, ID)
 
 
 @dataclasses.dataclass

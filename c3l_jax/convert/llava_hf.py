@@ -17,7 +17,8 @@ import re
 from absl import logging
 
 from c3l_jax.convert import hf_dir, tensors
-from c3l_jax.convert.common import ID, T, Conversion, ConversionError, Plan, check_complete
+from c3l_jax.convert.common import (ID, T, Conversion, ConversionError, Plan, add_layer_norm, add_linear,
+                                   check_complete)
 from c3l_jax.models.configs import LlamaConfig, LlavaConfig, from_hf_config
 
 IGNORED = (
@@ -82,18 +83,15 @@ def clip_plan(cfg: LlavaConfig) -> Plan:
   plan["vision.embeddings.class_embedding"] = (vt + ("class_embedding",), None, ID)
   plan["vision.embeddings.position_embedding.weight"] = (vt + ("position_embedding",), None, ID)
   for norm in ("pre_layrnorm", "post_layernorm"):
-    plan[f"vision.{norm}.weight"] = (vt + (norm, "scale"), None, ID)
-    plan[f"vision.{norm}.bias"] = (vt + (norm, "bias"), None, ID)
+    add_layer_norm(plan, f"vision.{norm}", vt + (norm,), None)
   for i in range(cfg.vision.num_hidden_layers):
     src = f"vision.encoder.layers.{i}."
     for hf, ours in (("self_attn.q_proj", "q_proj"), ("self_attn.k_proj", "k_proj"),
                      ("self_attn.v_proj", "v_proj"), ("self_attn.out_proj", "out_proj"),
                      ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
-      plan[src + hf + ".weight"] = (vt + ("layers", ours, "kernel"), i, T)
-      plan[src + hf + ".bias"] = (vt + ("layers", ours, "bias"), i, ID)
+      add_linear(plan, src + hf, vt + ("layers", ours), i)
     for n in ("layer_norm1", "layer_norm2"):
-      plan[src + n + ".weight"] = (vt + ("layers", n, "scale"), i, ID)
-      plan[src + n + ".bias"] = (vt + ("layers", n, "bias"), i, ID)
+      add_layer_norm(plan, src + n, vt + ("layers", n), i)
   return plan
 
 
@@ -101,9 +99,7 @@ def conversion_plan(cfg: LlavaConfig) -> Plan:
   """canonical name -> (parameter path, layer index or None, transform) of a LLaVA-1.5 model."""
   plan = clip_plan(cfg)
   for n in ("linear_1", "linear_2"):
-    plan[f"projector.{n}.weight"] = (("multi_modal_projector", n, "kernel"), None, T)
-    if cfg.multimodal_projector_bias:
-      plan[f"projector.{n}.bias"] = (("multi_modal_projector", n, "bias"), None, ID)
+    add_linear(plan, f"projector.{n}", ("multi_modal_projector", n), None, cfg.multimodal_projector_bias)
   plan.update(text_plan(cfg.text))
   return plan
 

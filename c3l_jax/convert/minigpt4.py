@@ -26,7 +26,8 @@ import numpy as np
 from absl import logging
 
 from c3l_jax.convert import hf_dir, tensors
-from c3l_jax.convert.common import ID, T, Conversion, ConversionError, Plan, check_complete, listing
+from c3l_jax.convert.common import (ID, Conversion, ConversionError, Plan, add_layer_norm, add_linear,
+                                   check_complete, listing)
 from c3l_jax.convert.interpolate import interpolate_position_embedding
 from c3l_jax.convert.llava_hf import text_plan
 from c3l_jax.models.configs import MiniGPT4Config, minigpt4_from_hf
@@ -53,21 +54,16 @@ def _eva_plan(cfg: MiniGPT4Config) -> Plan:
       "vision.embeddings.position_embedding": (
           vt + ("position_embedding",), None,
           lambda w: interpolate_position_embedding(w.reshape(-1, w.shape[-1]), grid)),
-      "vision.post_layernorm.weight": (vt + ("post_layernorm", "scale"), None, ID),
-      "vision.post_layernorm.bias": (vt + ("post_layernorm", "bias"), None, ID),
   }
+  add_layer_norm(plan, "vision.post_layernorm", vt + ("post_layernorm",), None)
   for i in range(v.num_hidden_layers):
     src = f"vision.encoder.layers.{i}."
     biased = [("self_attn.projection", "projection"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")]
-    plan[src + "self_attn.qkv.weight"] = (vt + ("layers", "qkv", "kernel"), i, T)
-    if v.qkv_bias:
-      plan[src + "self_attn.qkv.bias"] = (vt + ("layers", "qkv", "bias"), i, ID)
+    add_linear(plan, src + "self_attn.qkv", vt + ("layers", "qkv"), i, bias=v.qkv_bias)
     for hf, ours in biased:
-      plan[src + hf + ".weight"] = (vt + ("layers", ours, "kernel"), i, T)
-      plan[src + hf + ".bias"] = (vt + ("layers", ours, "bias"), i, ID)
+      add_linear(plan, src + hf, vt + ("layers", ours), i)
     for n in ("layer_norm1", "layer_norm2"):
-      plan[src + n + ".weight"] = (vt + ("layers", n, "scale"), i, ID)
-      plan[src + n + ".bias"] = (vt + ("layers", n, "bias"), i, ID)
+      add_layer_norm(plan, src + n, vt + ("layers", n), i)
   return plan
 
 
@@ -76,19 +72,14 @@ def _qformer_plan(cfg: MiniGPT4Config) -> Plan:
   q = cfg.qformer
   assert q is not None
   qf = ("qformer",)
-  plan: Plan = {
-      "query_tokens": (qf + ("query_tokens",), None, lambda w: w.reshape(-1, w.shape[-1])),
-      "qformer.layernorm.weight": (qf + ("layernorm", "scale"), None, ID),
-      "qformer.layernorm.bias": (qf + ("layernorm", "bias"), None, ID),
-  }
+  plan: Plan = {"query_tokens": (qf + ("query_tokens",), None, lambda w: w.reshape(-1, w.shape[-1]))}
+  add_layer_norm(plan, "qformer.layernorm", qf + ("layernorm",), None)
 
   def attention(src: str, dst: tuple[str, ...], layer: int) -> None:
     for hf, ours in (("attention.query", "query"), ("attention.key", "key"),
                      ("attention.value", "value"), ("output.dense", "dense")):
-      plan[f"{src}.{hf}.weight"] = (dst + (ours, "kernel"), layer, T)
-      plan[f"{src}.{hf}.bias"] = (dst + (ours, "bias"), layer, ID)
-    plan[f"{src}.output.LayerNorm.weight"] = (dst + ("layer_norm", "scale"), layer, ID)
-    plan[f"{src}.output.LayerNorm.bias"] = (dst + ("layer_norm", "bias"), layer, ID)
+      add_linear(plan, f"{src}.{hf}", dst + (ours,), layer)
+    add_layer_norm(plan, f"{src}.output.LayerNorm", dst + ("layer_norm",), layer)
 
   for i in range(q.num_hidden_layers):
     src = f"qformer.encoder.layer.{i}"
@@ -96,10 +87,8 @@ def _qformer_plan(cfg: MiniGPT4Config) -> Plan:
     if i % q.cross_attention_frequency == 0:
       attention(f"{src}.crossattention", qf + ("crossattention",), i // q.cross_attention_frequency)
     for hf, ours in (("intermediate_query.dense", "intermediate"), ("output_query.dense", "output")):
-      plan[f"{src}.{hf}.weight"] = (qf + ("layers", ours, "kernel"), i, T)
-      plan[f"{src}.{hf}.bias"] = (qf + ("layers", ours, "bias"), i, ID)
-    plan[f"{src}.output_query.LayerNorm.weight"] = (qf + ("layers", "output_layer_norm", "scale"), i, ID)
-    plan[f"{src}.output_query.LayerNorm.bias"] = (qf + ("layers", "output_layer_norm", "bias"), i, ID)
+      add_linear(plan, f"{src}.{hf}", qf + ("layers", ours), i)
+    add_layer_norm(plan, f"{src}.output_query.LayerNorm", qf + ("layers", "output_layer_norm"), i)
   return plan
 
 
@@ -112,8 +101,7 @@ def minigpt4_conversion_plan(cfg: MiniGPT4Config) -> Plan:
   plan = _eva_plan(cfg)
   if cfg.qformer is not None:
     plan.update(_qformer_plan(cfg))
-  plan["llama_proj.weight"] = (("llama_proj", "kernel"), None, T)
-  plan["llama_proj.bias"] = (("llama_proj", "bias"), None, ID)
+  add_linear(plan, "llama_proj", ("llama_proj",), None)
   plan.update(text_plan(cfg.text))
   return plan
 

@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 
 from c3l_jax.data.images import expand_to_square, pad_background
+from c3l_jax.models.configs import MODEL_CONFIG_FILE
 
-MODEL_CONFIG_FILE = "c3l_model.json"  # = c3l_jax.checkpoint.MODEL_CONFIG (read here without jax)
 IMAGE_HERE = "<ImageHere>"
 
 # The llava-hf LLaVA-1.5 chat template (byte for byte llava-hf/llava-1.5-7b-hf's chat_template.json).

@@ -21,6 +21,7 @@ import types
 import typing
 from typing import Any
 
+MODEL_CONFIG_FILE = "c3l_model.json"  # a model directory's architecture (c3l_jax.checkpoint)
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
 # How a LLaVA checkpoint's prompts are rendered: its own HF chat template (llava-hf), or the LLaVA
 # repository's conversation templates (original-format checkpoints): `conv_vicuna_v1` (LLaVA-1.5's

@@ -23,13 +23,13 @@ from typing import Any, Callable, Sequence
 from absl import logging
 
 from c3l_jax import console, registry
+from c3l_jax.models.configs import MODEL_CONFIG_FILE
 
 STAGE_ORDER: tuple[str, ...] = (
     "initial", "filter", "score", "select", "train", "final", "export", "eval", "ablation")
 # Stages that never load the model; every other stage needs `config.model.checkpoint`.
 MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
 
-MODEL_CONFIG_FILE = "c3l_model.json"  # same name as c3l_jax.checkpoint.MODEL_CONFIG (kept jax-free here)
 CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
 
 # Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).

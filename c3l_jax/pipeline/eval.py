@@ -51,8 +51,8 @@ from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load
 from c3l_jax.data.records import BadInput, reject, write_jsonl
 from c3l_jax import registry
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
+from c3l_jax.models.configs import MODEL_CONFIG_FILE
 from c3l_jax.pipeline import common, shards
-MODEL_CONFIG = "c3l_model.json"
 
 
 def parse_benchmarks(spec: str) -> tuple[str, ...]:
@@ -75,7 +75,7 @@ def resolve_checkpoint(config: Any, workdir: str) -> str:
   if config.eval.checkpoint:
     return config.eval.checkpoint
   trained = os.path.join(workdir, "train", "generator")
-  if os.path.isfile(os.path.join(trained, MODEL_CONFIG)):
+  if os.path.isfile(os.path.join(trained, MODEL_CONFIG_FILE)):
     return trained
   return config.model.checkpoint
 

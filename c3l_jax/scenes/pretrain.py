@@ -59,6 +59,7 @@ from c3l_jax.data import instructions as ins
 from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
 from c3l_jax.data.records import BadInput
+from c3l_jax.models.configs import MODEL_CONFIG_FILE
 from c3l_jax.scenes import checker as checker_lib
 from c3l_jax.scenes import processor as sm
 from c3l_jax.scenes import text as text_lib
@@ -395,7 +396,7 @@ def build_base(p: Any, stage_dir: str, seed: int) -> str:
   from c3l_jax import convert
 
   base = os.path.join(stage_dir, "base")
-  if not os.path.exists(os.path.join(base, "c3l_model.json")):
+  if not os.path.exists(os.path.join(base, MODEL_CONFIG_FILE)):
     hf = os.path.join(stage_dir, "hf")
     shutil.rmtree(hf, ignore_errors=True)
     sm.build_hf_checkpoint(hf, sm.ModelSize.from_config(p), seed)
