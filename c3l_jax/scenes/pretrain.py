@@ -349,7 +349,7 @@ def evaluate(model_dir: str, world: Sequence[world_lib.Scene], mesh: jax.shardin
 
   # Two-step QA from (ground-truth) captions, text only.
   rng = np.random.default_rng([seed, _SALT_EVAL, 1 << 20])
-  prompts, kinds = [], []
+  prompts = []
   for scene in world:
     kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
     caption = text_lib.captions(scene, rng, 1)[0]
