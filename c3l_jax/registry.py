@@ -29,6 +29,10 @@ class Source:
                                                `source` is the open `ImageSource`); the export stage
                                                measures the initial and the final data with it
   quality_title                                the line printed above the initial-vs-final table
+  verdicts(config, source, rows) -> list[dict] one judgement per QA row against ground truth
+                                               (optional): `image_dependent` (bool), `correct` (bool
+                                               or None), `hallucinated` (bool); the export stage's
+                                               selection composition and report.html show them
   check(config) -> str | None                  a config problem (one line), checked with the config
   """
 
@@ -36,6 +40,7 @@ class Source:
   elements: Callable[[Any, str], Sequence[dict]]
   quality: Callable[[Any, Any, Sequence[dict]], dict] | None = None
   quality_title: str = ""
+  verdicts: Callable[[Any, Any, Sequence[dict]], list[dict]] | None = None
   check: Callable[[Any], str | None] | None = None
 
 

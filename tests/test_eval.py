@@ -321,3 +321,35 @@ def test_eval_config_checks():
   with ok.unlocked():
     ok.eval.checkpoint = "/nonexistent/model"
   assert any("/nonexistent/model" in p for p in pipeline.environment_problems(ok, ("eval",)))
+
+
+def test_selection_composition_on_hand_made_rows():
+  """Eq. 1's sum favours long answers; the length-normalised ranking does not. Five rows, top 40 % = 2."""
+  from c3l_jax.eval.selection import selection_composition
+
+  rows = [  # (type, S(I2C), answer tokens); per-token S(I2C) = 0.10, 0.125, 0.5, 0.6, 0.05
+      {"instruction_type": "detailed_description", "i2c": 3.0, "n_tokens": 30, "answer": "a b c d"},
+      {"instruction_type": "detailed_description", "i2c": 2.5, "n_tokens": 20, "answer": "a b c"},
+      {"instruction_type": "conversation", "i2c": 1.0, "n_tokens": 2, "answer": "red"},
+      {"instruction_type": "complex_reasoning", "i2c": 1.2, "n_tokens": 2, "answer": "two"},
+      {"instruction_type": "conversation", "i2c": 0.1, "n_tokens": 2, "answer": "yes"},
+      {"instruction_type": "conversation", "i2c": None, "n_tokens": 2, "answer": "unscored"},
+  ]
+  verdicts = [{"image_dependent": True, "correct": False, "hallucinated": True},
+              {"image_dependent": True, "correct": None, "hallucinated": False},
+              {"image_dependent": True, "correct": True, "hallucinated": False},
+              {"image_dependent": True, "correct": True, "hallucinated": False},
+              {"image_dependent": False, "correct": None, "hallucinated": False},
+              {"image_dependent": False, "correct": None, "hallucinated": False}]
+  comp = selection_composition(rows, 0.4, verdicts)
+  assert comp["all"]["n"] == 5  # the unscored row cannot be ranked
+  assert comp["all"]["instruction_types"] == {"complex_reasoning": 0.2, "conversation": 0.4,
+                                              "detailed_description": 0.4}
+  top = comp["top_sum"]  # rows 0 and 1
+  assert top["n"] == 2 and top["instruction_types"] == {"detailed_description": 1.0}
+  assert top["avg_answer_words"] == 3.5 and top["avg_answer_tokens"] == 25.0
+  assert (top["image_dependent"], top["correct"], top["hallucinated"]) == (1.0, 0.0, 0.5)
+  norm = comp["top_length_norm"]  # rows 3 and 2
+  assert norm["instruction_types"] == {"complex_reasoning": 0.5, "conversation": 0.5}
+  assert (norm["avg_answer_tokens"], norm["correct"], norm["hallucinated"]) == (2.0, 1.0, 0.0)
+  assert comp["all"]["correct"] == 2 / 3 and comp["all"]["image_dependent"] == 0.8

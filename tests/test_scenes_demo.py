@@ -108,6 +108,37 @@ def test_shrunken_demo_end_to_end(demo):
   assert "POPE" in proc.stdout
 
 
+def test_what_the_top_fraction_is_made_of(demo):
+  """metrics.json's `selection`: the top 30 % (the shrunken demo's select.top_fraction) of the scored data
+  by S(I2C) (eq. 1's sum) and by S(I2C) / answer tokens, recounted by hand: instruction-type shares,
+  answer length and the checker's verdicts; and the sum ranking is exactly the select stage's top set."""
+  import math
+
+  workdir, _, _ = demo
+  selection = json.load(open(workdir / "metrics.json"))["export"]["selection"]
+  scored = _parts(workdir / "score")
+  world = {s.file_name: s for s in scenes.generate_world(40, 0)}
+  k = math.ceil(0.3 * len(scored))
+  by_sum = sorted(range(len(scored)), key=lambda i: (-scored[i]["i2c"], i))[:k]
+  by_norm = sorted(range(len(scored)), key=lambda i: (-scored[i]["i2c"] / scored[i]["n_tokens"], i))[:k]
+  assert {scored[i]["id"] for i in by_sum} == \
+      {r["id"] for r in _parts(workdir / "select") if r["top_fraction"]}
+  for name, picked in (("all", range(len(scored))), ("top_sum", by_sum), ("top_length_norm", by_norm)):
+    rows = [scored[i] for i in picked]
+    got = selection[name]
+    assert got["n"] == len(rows)
+    for kind in {r["instruction_type"] for r in scored}:
+      share = sum(r["instruction_type"] == kind for r in rows) / len(rows)
+      assert got["instruction_types"].get(kind, 0.0) == pytest.approx(share), (name, kind)
+    assert got["avg_answer_words"] == pytest.approx(np.mean([len(r["answer"].split()) for r in rows]))
+    assert got["avg_answer_tokens"] == pytest.approx(np.mean([r["n_tokens"] for r in rows]))
+    verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in rows]
+    assert got["image_dependent"] == pytest.approx(np.mean([v.image_dependent for v in verdicts]))
+    assert got["hallucinated"] == pytest.approx(np.mean([bool(v.hallucinated) for v in verdicts]))
+    decided = [v.correct for v in verdicts if v.image_dependent and v.correct is not None]
+    assert got["correct"] == (pytest.approx(np.mean(decided)) if decided else None)
+
+
 def test_console_is_quiet_and_the_log_holds_the_rest(demo):
   """The console: the workdir, a start and an end line per stage, bars, the tables; no library log line
   (orbax, tfds, jax, absl INFO), no inapplicable warning. They are in WORKDIR/logs/run.log; a rerun
@@ -153,7 +184,10 @@ return {
   images: [...document.images].map(i => ({src: i.src, complete: i.complete, w: i.naturalWidth,
                                           h: i.naturalHeight, shown: box(i).width})),
   svg_width: box(svg).width,
-  bars: [...svg.querySelectorAll('rect')].map(r => ({h: box(r).height, title: r.textContent})),
+  bars: [...svg.querySelectorAll('rect')].filter(r => r.querySelector('title')).map(
+      r => ({h: box(r).height, title: r.textContent, fill: r.getAttribute('fill')})),
+  legend: [...svg.querySelectorAll('text')].map(t => t.textContent),
+  verdicts: [...document.querySelectorAll('.verdict')].map(p => p.innerText),
   tables: [...document.querySelectorAll('table')].map(t => [...t.rows].map(
       r => [...r.cells].map(c => c.innerText))),
 };
@@ -180,11 +214,39 @@ def test_report_renders_in_headless_chromium(demo):
     thumb = PIL.Image.open(io.BytesIO(base64.b64decode(img["src"].split(",", 1)[1])))
     assert img["complete"] and (img["w"], img["h"]) == thumb.size and max(thumb.size) <= 96
     assert img["shown"] == 96
-  # The histogram is drawn as the scored data's histogram: bar heights in proportion to the counts.
-  counts, _ = np.histogram([r["i2c"] for r in scored], bins=30)
+  # The histogram is the scored data's histogram, each bar stacked: image-dependent QA (by the checker)
+  # at the bottom in blue, generic QA above in orange; heights in proportion to the counts.
+  world = {s.file_name: s for s in scenes.generate_world(40, 0)}
+  verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in scored]
+  i2c = np.array([r["i2c"] for r in scored])
+  dependent = np.array([v.image_dependent for v in verdicts])
+  edges = np.histogram_bin_edges(i2c, bins=30)
+  counts = {"image-dependent": np.histogram(i2c[dependent], edges)[0],
+            "generic": np.histogram(i2c[~dependent], edges)[0]}
   assert dom["svg_width"] == 600
-  assert [int(b["title"].rsplit(":", 1)[1]) for b in dom["bars"]] == counts.tolist()
-  np.testing.assert_allclose([b["h"] for b in dom["bars"]], 150 * counts / counts.max(), atol=0.6)
+  drawn = {"image-dependent": [], "generic": []}
+  for b in dom["bars"]:
+    group, n = b["title"].split("): ", 1)[1].rsplit(": ", 1)
+    drawn[group].append((b["title"].split(")", 1)[0] + ")", int(n), b["h"], b["fill"]))
+  total = counts["image-dependent"] + counts["generic"]
+  for group, fill in (("image-dependent", "#4a7bd0"), ("generic", "#e0a040")):
+    nonzero = [(f"[{edges[i]:.3g}, {edges[i + 1]:.3g})", int(c)) for i, c in enumerate(counts[group]) if c]
+    assert [(t, n) for t, n, _, _ in drawn[group]] == nonzero
+    assert {f for _, _, _, f in drawn[group]} <= {fill}
+    np.testing.assert_allclose([h for _, n, h, _ in drawn[group]],
+                               [150 * n / total.max() for _, n in nonzero], atol=0.6)
+    assert f"{group} ({int(counts[group].sum())})" in dom["legend"]
+  # Each best / worst sample shows the checker's verdict on it.
+  ranked = sorted(range(len(scored)), key=lambda i: -scored[i]["i2c"])
+  k = min(6, len(scored))
+  expect = []
+  for i in ranked[:k] + ranked[::-1][:k]:
+    v = verdicts[i]
+    words = ["image-dependent" if v.image_dependent else "generic"]
+    words += [] if v.correct is None else ["correct" if v.correct else "wrong"]
+    words += ["hallucinates"] if v.hallucinated else []
+    expect.append("checked: " + ", ".join(words))
+  assert dom["verdicts"] == expect
   # The stage-count and initial-vs-final tables show metrics.json's numbers.
   stages, quality = dom["tables"][:2]
   assert stages[0] == ["stage", "read", "written", "rejected"]
@@ -193,10 +255,19 @@ def test_report_renders_in_headless_chromium(demo):
   fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (the report's cell format)
   for name in ("relevance", "accuracy", "hallucination", "mean_i2c"):
     assert shown[name] == [fmt(metrics["export"]["quality"][k][name]) for k in ("initial", "final")]
-  # The pixels: the screenshot is the viewport, and the histogram's bars are painted in their colour.
+  # What the top fraction is made of: metrics.json's `selection`, one column per set.
+  composition = dom["tables"][2]
+  assert composition[0] == ["measure", "all", "top_sum", "top_length_norm"]
+  shown = {r[0]: r[1:] for r in composition[1:]}
+  sets = ("all", "top_sum", "top_length_norm")
+  assert shown["n"] == [str(metrics["export"]["selection"][k]["n"]) for k in sets]
+  for name in ("image_dependent", "correct", "hallucinated", "avg_answer_words"):
+    assert shown[name] == [fmt(metrics["export"]["selection"][k][name]) for k in sets]
+  # The pixels: the screenshot is the viewport, and the histogram's bars are painted in their colours.
   assert list(shot.size) == dom["viewport"]
-  bar_pixels = (np.asarray(shot) == (0x4a, 0x7b, 0xd0)).all(-1).sum()
-  assert bar_pixels > 0.5 * sum(b["h"] for b in dom["bars"]) * (600 / 30 - 1)
+  for group, rgb in (("image-dependent", (0x4a, 0x7b, 0xd0)), ("generic", (0xe0, 0xa0, 0x40))):
+    painted = (np.asarray(shot) == rgb).all(-1).sum()
+    assert painted > 0.5 * sum(h for _, _, h, _ in drawn[group]) * (600 / 30 - 1), group
 
 
 def test_ablation_table_on_the_demo_data(demo, tmp_path):

@@ -1,8 +1,10 @@
 """`WORKDIR/report.html`: one self-contained page (images inlined as data URIs, no scripts, no network).
 
 Sections: the run's per-stage counts, the initial-vs-final data quality (when ground truth exists), an
-S(I2C) histogram of the scored initial data (inline SVG), and the best and worst scored samples with
-their images, so a reader sees what the content-relevance score rewards and what it rejects.
+S(I2C) histogram of the scored initial data (inline SVG; split into image-dependent and generic QA when
+the source can judge samples), what the top fraction by S(I2C) is made of (summed and length-normalised,
+`c3l_jax.eval.selection`), and the best and worst scored samples with their images and verdicts, so a
+reader sees what the content-relevance score rewards and what it rejects.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from c3l_jax.eval.selection import composition_table
+
 THUMB = 96  # px, the longer side of an inlined image
 
 
@@ -26,25 +30,57 @@ def _img_uri(image) -> str:
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def histogram_svg(values: Sequence[float], bins: int = 30, width: int = 600, height: int = 180) -> str:
-  """An inline SVG bar chart of `values` with labelled x-axis ends."""
+def histogram_svg(values: Sequence[float], bins: int = 30, width: int = 600, height: int = 180,
+                  split: Sequence[bool] | None = None,
+                  split_names: tuple[str, str] = ("image-dependent", "generic")) -> str:
+  """An inline SVG bar chart of `values` with labelled x-axis ends.
+
+  With `split` (one bool per value), each bar is stacked: the values with `split` true at the bottom in
+  blue, the others above in orange, over the same bins, with a legend naming `split_names`.
+  """
   if not values:
     return "<p>no scored samples</p>"
-  counts, edges = np.histogram(np.asarray(values, np.float64), bins=bins)
-  top = max(int(counts.max()), 1)
+  values = np.asarray(values, np.float64)
+  edges = np.histogram_bin_edges(values, bins=bins)
+  groups = [np.ones(len(values), bool)] if split is None else [np.asarray(split, bool),
+                                                              ~np.asarray(split, bool)]
+  counts = [np.histogram(values[g], bins=edges)[0] for g in groups]
+  colours = ("#4a7bd0", "#e0a040")
+  top = max(int(sum(counts).max()), 1)
   bar_w = width / bins
   bars = []
-  for i, c in enumerate(counts):
-    h = (height - 30) * c / top
-    bars.append(f'<rect x="{i * bar_w:.1f}" y="{height - 20 - h:.1f}" width="{bar_w - 1:.1f}" '
-                f'height="{h:.1f}" fill="#4a7bd0"><title>[{edges[i]:.3g}, {edges[i + 1]:.3g}): '
-                f'{int(c)}</title></rect>')
+  for i in range(bins):
+    base = 0.0
+    for g, c in enumerate(counts):
+      if not c[i]:
+        continue
+      h = (height - 30) * c[i] / top
+      label = f"{split_names[g]}: " if split is not None else ""
+      bars.append(f'<rect x="{i * bar_w:.1f}" y="{height - 20 - base - h:.1f}" width="{bar_w - 1:.1f}" '
+                  f'height="{h:.1f}" fill="{colours[g]}"><title>[{edges[i]:.3g}, {edges[i + 1]:.3g}): '
+                  f'{label}{int(c[i])}</title></rect>')
+      base += h
   labels = (f'<text x="0" y="{height - 4}" font-size="11">{edges[0]:.3g}</text>'
             f'<text x="{width}" y="{height - 4}" font-size="11" text-anchor="end">{edges[-1]:.3g}</text>'
             f'<text x="{width / 2}" y="{height - 4}" font-size="11" text-anchor="middle">S(I2C)</text>'
             f'<text x="2" y="12" font-size="11">max count {top}</text>')
+  if split is not None:
+    labels += "".join(
+        f'<rect x="{width - 150}" y="{4 + 14 * g}" width="10" height="10" fill="{colours[g]}"/>'
+        f'<text x="{width - 136}" y="{13 + 14 * g}" font-size="11">{split_names[g]} '
+        f'({int(counts[g].sum())})</text>' for g in range(2))
   return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
           f'role="img" aria-label="S(I2C) histogram">{"".join(bars)}{labels}</svg>')
+
+
+def verdict_text(verdict: dict) -> str:
+  """One line for a sample's ground-truth verdict, e.g. "image-dependent, wrong, hallucinates"."""
+  parts = ["image-dependent" if verdict["image_dependent"] else "generic"]
+  if verdict.get("correct") is not None:
+    parts.append("correct" if verdict["correct"] else "wrong")
+  if verdict.get("hallucinated"):
+    parts.append("hallucinates")
+  return ", ".join(parts)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -57,22 +93,28 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
   return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _samples(rows: Sequence[dict], load: Callable[[str], Any], title: str) -> str:
+def _samples(rows: Sequence[dict], load: Callable[[str], Any], title: str,
+             verdicts: Sequence[dict | None]) -> str:
   cards = []
-  for r in rows:
+  for r, verdict in zip(rows, verdicts):
     try:
       img = f'<img src="{_img_uri(load(r["image"]))}" alt="{html.escape(r["image"])}">'
     except Exception as e:  # noqa: BLE001 — a report must render even when an image went missing
       img = f"<p>(image unavailable: {html.escape(str(e))})</p>"
     cards.append(f'<div class="card">{img}<p><b>S(I2C) = {r["i2c"]:.4f}</b></p>'
                  f'<p><b>Q:</b> {html.escape(r["question"])}</p>'
-                 f'<p><b>A:</b> {html.escape(r["answer"])}</p></div>')
+                 f'<p><b>A:</b> {html.escape(r["answer"])}</p>'
+                 + (f'<p class="verdict"><b>checked:</b> {html.escape(verdict_text(verdict))}</p>'
+                    if verdict is not None else "") + '</div>')
   return f"<h3>{html.escape(title)}</h3><div class='cards'>{''.join(cards)}</div>"
 
 
 def build_report(metrics: dict, scored: Sequence[dict], load: Callable[[str], Any],
-                 quality: dict | None = None, examples: int = 6) -> str:
-  """The report's HTML text (see the module docstring)."""
+                 quality: dict | None = None, examples: int = 6,
+                 verdicts: Sequence[dict] | None = None, selection: dict | None = None,
+                 top_fraction: float = 0.1) -> str:
+  """The report's HTML text (see the module docstring). `verdicts[i]` judges `scored[i]` (a registered
+  source's `verdicts`); `selection` is `c3l_jax.eval.selection.selection_composition` of `scored`."""
   counts = [(stage, m.get("read"), m.get("written"), m.get("rejected"))
             for stage, m in metrics.items() if isinstance(m, dict)]
   parts = ["<h2>Stages</h2>", _table(counts, ("stage", "read", "written", "rejected"))]
@@ -81,13 +123,27 @@ def build_report(metrics: dict, scored: Sequence[dict], load: Callable[[str], An
     parts += ["<h2>Initial vs final data</h2>",
               _table([(n, quality["initial"].get(n), quality["final"].get(n)) for n in names],
                      ("metric", "initial", "final"))]
-  values = [r["i2c"] for r in scored if isinstance(r.get("i2c"), (int, float))]
-  parts += [f"<h2>S(I2C) of the initial data ({len(values)} samples)</h2>", histogram_svg(values)]
-  ranked = sorted((r for r in scored if "i2c" in r), key=lambda r: -r["i2c"])
+  index = [i for i, r in enumerate(scored) if isinstance(r.get("i2c"), (int, float))]
+  values = [scored[i]["i2c"] for i in index]
+  split = [bool(verdicts[i]["image_dependent"]) for i in index] if verdicts is not None else None
+  parts += [f"<h2>S(I2C) of the initial data ({len(values)} samples)</h2>",
+            histogram_svg(values, split=split)]
+  if selection:
+    header, rows = composition_table(selection)
+    parts += [f"<h2>What the top {top_fraction:.0%} by S(I2C) is made of</h2>",
+              "<p>top_sum ranks by S(I2C) as eq. 1 defines it (a sum over answer tokens); "
+              "top_length_norm by S(I2C) / answer tokens (<code>scoring.length_norm</code>). "
+              "Type rows and image_dependent / hallucinated are shares of the set; correct is the "
+              "share of its decidable image-dependent samples.</p>", _table(rows, header)]
+  ranked = sorted(index, key=lambda i: -scored[i]["i2c"])
   if ranked:
-    parts.append(_samples(ranked[:examples], load, f"Best {min(examples, len(ranked))} by S(I2C)"))
-    parts.append(_samples(ranked[::-1][:examples], load,
-                          f"Worst {min(examples, len(ranked))} by S(I2C)"))
+    verdict_of = (lambda idx: [verdicts[i] for i in idx]) if verdicts is not None else \
+        (lambda idx: [None] * len(idx))
+    best, worst = ranked[:examples], ranked[::-1][:examples]
+    parts.append(_samples([scored[i] for i in best], load,
+                          f"Best {len(best)} by S(I2C)", verdict_of(best)))
+    parts.append(_samples([scored[i] for i in worst], load,
+                          f"Worst {len(worst)} by S(I2C)", verdict_of(worst)))
   style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
            ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{width:220px;border:1px solid #ddd;"
@@ -96,4 +152,4 @@ def build_report(metrics: dict, scored: Sequence[dict], load: Callable[[str], An
           f"<style>{style}</style></head><body><h1>C3L run report</h1>{''.join(parts)}</body></html>\n")
 
 
-__all__ = ["build_report", "histogram_svg"]
+__all__ = ["build_report", "histogram_svg", "verdict_text"]

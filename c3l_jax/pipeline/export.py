@@ -9,7 +9,11 @@ stage has not run) and writes
   WORKDIR/report.html           counts, S(I2C) histogram, best / worst scored samples with their images
                                 (`c3l_jax.eval.report`); when the data source has ground truth (a
                                 registered source with a `quality` check, e.g. the scenes world) also
-                                the quality of the initial and the final data, printed as a table too.
+                                the quality of the initial and the final data, printed as a table too,
+                                and (with its `verdicts`) each sample's verdict and the histogram split
+                                into image-dependent and generic QA.
+The metrics also hold `selection`: what the top `select.top_fraction` by S(I2C) is made of, summed (the
+paper's eq. 1) and length-normalised (`c3l_jax.eval.selection`).
 Both are deterministic functions of the input records (no timestamps), so an interrupted and resumed
 run exports the same bytes as an uninterrupted one.
 """
@@ -23,7 +27,8 @@ from typing import Any, Sequence
 
 from c3l_jax import registry
 from c3l_jax.data.records import BadInput
-from c3l_jax.data.sources import source_kind
+from c3l_jax.data.sources import open_source, source_kind
+from c3l_jax.eval.selection import selection_composition
 from c3l_jax.eval.table import format_cell
 from c3l_jax.pipeline import common, shards
 
@@ -74,16 +79,24 @@ def run(config: Any, workdir: str) -> dict:
   common.sync("export:done")
   metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
   plugin = registry.SOURCES.get(source_kind(config))
+  scored = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
+      else []
+  source, verdicts = open_source(config), None
   if plugin is not None and plugin.quality is not None:
-    metrics["quality"] = data_quality(config, workdir, plugin, rows if where == "final" else [])
+    metrics["quality"] = {"initial": plugin.quality(config, source, scored),
+                          "final": plugin.quality(config, source, rows if where == "final" else [])}
+  if plugin is not None and plugin.verdicts is not None and scored:
+    verdicts = plugin.verdicts(config, source, scored)
+  if scored:
+    metrics["selection"] = selection_composition(scored, config.select.top_fraction, verdicts)
   if common.is_lead():
-    write_report(config, workdir, metrics)
+    write_report(config, workdir, metrics, source, scored, verdicts)
   return metrics
 
 
-def write_report(config: Any, workdir: str, export_metrics: dict) -> None:
-  """WORKDIR/report.html from the metrics so far and the scored initial data."""
-  from c3l_jax.data.sources import open_source
+def write_report(config: Any, workdir: str, export_metrics: dict, source: Any, scored: Sequence[dict],
+                 verdicts: Sequence[dict] | None) -> None:
+  """WORKDIR/report.html from the metrics so far and the scored initial data (with its verdicts)."""
   from c3l_jax.eval.report import build_report
 
   metrics = {}
@@ -92,25 +105,13 @@ def write_report(config: Any, workdir: str, export_metrics: dict) -> None:
     with open(path) as f:
       metrics = json.load(f)
   metrics["export"] = export_metrics
-  scored = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
-      else []
-  source = open_source(config)
-  text = build_report(metrics, scored, source.load, export_metrics.get("quality"))
+  text = build_report(metrics, scored, source.load, export_metrics.get("quality"),
+                      verdicts=verdicts, selection=export_metrics.get("selection"),
+                      top_fraction=config.select.top_fraction)
   tmp = os.path.join(workdir, "report.html.tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
   os.replace(tmp, os.path.join(workdir, "report.html"))
-
-
-def data_quality(config: Any, workdir: str, plugin: registry.Source, final_rows: Sequence[dict]) -> dict:
-  """Ground-truth quality (the source's `quality` check) of the initial (scored) and the final data."""
-  from c3l_jax.data.sources import open_source
-
-  source = open_source(config)
-  initial = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
-      else []
-  return {"initial": plugin.quality(config, source, initial),
-          "final": plugin.quality(config, source, final_rows)}
 
 
 def quality_title(config: Any) -> str:

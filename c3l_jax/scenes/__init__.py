@@ -56,6 +56,13 @@ def _quality(config: Any, source: Any, rows: Sequence[dict]) -> dict:
   return quality.dataset_quality(rows, quality.scene_lookup(source))
 
 
+def _verdicts(config: Any, source: Any, rows: Sequence[dict]) -> list[dict]:
+  del config
+  from c3l_jax.scenes import quality
+
+  return quality.verdicts(rows, quality.scene_lookup(source))
+
+
 def _check(config: Any) -> str | None:
   n = config.data.scenes_images
   if not n >= 1:
@@ -70,7 +77,8 @@ def _scenes_vqa(evaluator: Any, eval_config: Any) -> dict:
 
 
 registry.register_source(registry.Source(SOURCE, _elements, quality=_quality,
-                                         quality_title=QUALITY_TITLE, check=_check))
+                                         quality_title=QUALITY_TITLE, verdicts=_verdicts,
+                                         check=_check))
 registry.register_benchmark(registry.Benchmark("scenes_vqa", _scenes_vqa, sources=(SOURCE,),
                                                summary=lambda m: {"vqa_acc": m.get("accuracy")}))
 

@@ -48,6 +48,16 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
   return float(u / (n_pos * n_neg))
 
 
+def verdicts(rows: Sequence[dict], scene_of: Callable[[str], world_lib.Scene]) -> list[dict]:
+  """The checker's verdict on each QA row, as the registry's `verdicts` hook returns it."""
+  out = []
+  for r in rows:
+    v = checker_lib.check(scene_of(r["image"]), r["question"], r["answer"])
+    out.append({"image_dependent": v.image_dependent, "correct": v.correct,
+                "hallucinated": bool(v.hallucinated), "kind": v.kind})
+  return out
+
+
 def dataset_quality(rows: Sequence[dict], scene_of: Callable[[str], world_lib.Scene]) -> dict:
   """The metrics above for QA `rows` (`image`, `question`, `answer`, optional `i2c`)."""
   if not rows:
@@ -126,4 +136,4 @@ def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8) ->
           "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
 
 
-__all__ = ["dataset_quality", "roc_auc", "scene_lookup", "scenes_vqa", "vqa_questions"]
+__all__ = ["dataset_quality", "roc_auc", "scene_lookup", "scenes_vqa", "verdicts", "vqa_questions"]
