@@ -87,7 +87,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # initial stage: two_step (caption the image, then the decoder alone writes QA from the caption) |
   # direct (image + VIGC instruction -> "Question: ... Answer: ...").
   config.generation.mode = "two_step"
-  config.generation.final_mode = "direct"  # the final stage's mode (same choices)
+  config.generation.final_mode = "two_step"  # the final stage's mode (same choices; the paper's, Sec. 4)
   config.generation.per_image = 3  # QA samples generated per image in the initial stage
   # Instruction types and their proportions (normalised).
   config.generation.instruction_mix = "conversation=0.5,detailed_description=0.25,complex_reasoning=0.25"
@@ -164,5 +164,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ablation.vlit_steps = 100
   config.ablation.vlit_learning_rate = 1e-4
   config.ablation.benchmarks = "pope"
+  config.ablation.seeds = 1  # every row per seed; the table shows mean±95 % interval over them
+  config.ablation.seed_keys = "seed"  # config fields that seed k moves by k (comma list)
+  config.ablation.variants = "final_mode,length_norm"  # extra C3L rows (c3l_jax/pipeline/ablation.py)
 
   return config

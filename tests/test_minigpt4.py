@@ -355,6 +355,7 @@ def pipeline_run(world, tmp_path_factory):
          f"--config.stages={PIPELINE_STAGES}", f"--config.model.checkpoint={model_dir}",
          f"--config.data.records={records}", f"--config.data.image_root={world['images']}",
          "--config.generation.caption_max_new_tokens=16",
+         "--config.generation.final_mode=direct",  # initial is two-step: both modes run
          f"--config.eval.pope_annotations={root / 'pope.jsonl'}", f"--config.eval.pope_images={world['images']}",
          "--config.eval.max_new_tokens=8"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,

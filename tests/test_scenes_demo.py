@@ -271,9 +271,10 @@ def test_report_renders_in_headless_chromium(demo):
 
 
 def test_ablation_table_on_the_demo_data(demo, tmp_path):
-  """`configs/scenes_ablation.py` (Table 4) on the shrunken demo's initial data: four generator rows plus
-  the base model, each row's data fine-tunes a fresh base copy (VLIT) that is evaluated on scenes POPE
-  (random / popular / adversarial) and held-out VQA."""
+  """`configs/scenes_ablation.py` (Table 4) for two seeds on the shrunken demo: per seed, four generator
+  rows, the two C3L variants (the other final mode; length-normalised S(I2C)) and the base model; each
+  row's data fine-tunes a fresh base copy (VLIT) that is evaluated on scenes POPE (random / popular /
+  adversarial) and held-out VQA; the table gives the mean and the 95 % t-interval over the seeds."""
   import shutil
 
   from c3l_jax.pipeline import ablation
@@ -284,48 +285,99 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
     shutil.copytree(demo_dir / stage, workdir / stage)
   cmd = [sys.executable, "launch.py", "--config=configs/scenes_ablation.py", f"--workdir={workdir}",
          f"--config.data.tfds_dir={tfds_dir}", *SHRINK, "--config.stages=ablation",
-         "--config.ablation.vlit_steps=2"]
+         "--config.ablation.vlit_steps=2", "--config.ablation.seeds=2"]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  rows = json.load(open(workdir / "metrics.json"))["ablation"]["rows"]
-  assert list(rows) == ["base model", *ablation.ROWS]
-  world = {s.file_name: s for s in scenes.generate_world(40, 0)}
+  out = json.load(open(workdir / "metrics.json"))["ablation"]
+  names = ["base model", *ablation.ROWS, "+CRM+CLM direct", "+CRM+CLM len-norm"]
+  assert out["seeds"] == 2 and [list(r) for r in out["per_seed"]] == [names, names]
+  dirs = {name: row.dirname for name, row in ablation.ROWS.items()}
+  dirs.update({"base model": "base", "+CRM+CLM direct": "crm_clm_direct",
+               "+CRM+CLM len-norm": "crm_clm_length_norm"})
 
-  for name, result in rows.items():
-    row_dir = workdir / "ablation" / (ablation.ROWS[name][0] if name in ablation.ROWS else "base")
-    down = row_dir / "downstream"
-    if name in ablation.ROWS:
-      # The row's final data: its size and checker quality, and it is exactly what fine-tuned the copy.
-      data = _parts(row_dir / "final" / "filtered")
-      assert result["instances"] == len(data) > 0
-      verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in data]
-      assert result["relevance"] == pytest.approx(sum(v.image_dependent for v in verdicts) / len(data))
-      assert [(r["id"], r["question"], r["answer"]) for r in _rows(down / "records.jsonl")] == \
-          [(r["id"], r["question"], r["answer"]) for r in data]
-      assert json.load(open(down / "train" / "DONE.json"))["steps"] == 2
-    else:
-      assert not (down / "train").exists()  # the reference row evaluates the base model as shipped
-    # POPE per split and VQA, recounted from the downstream model's written answers.
-    for split in pope.SPLITS:
-      answers = _parts(down / "eval" / f"pope_{split}")
-      assert len(answers) == 8
-      hits = [pope.parse_yes_no(a["answer"]) == a["label"] for a in answers]
-      assert result[f"pope_{split}_acc"] == pytest.approx(sum(hits) / len(hits))
-    assert result["pope_acc"] == pytest.approx(np.mean([result[f"pope_{s}_acc"] for s in pope.SPLITS]))
-    assert 0.0 <= result["vqa_acc"] <= 1.0
+  for k, results in enumerate(out["per_seed"]):
+    seed_dir = workdir / "ablation" / f"seed{k}"
+    world = {s.file_name: s for s in scenes.generate_world(40, k)}  # seed k is world k
+    scored = _parts(seed_dir / "score")
+    assert all(world.get(r["image"]) for r in scored)
+    if k:  # a new world, new generations
+      assert {r["question"] for r in scored} != {r["question"] for r in _parts(demo_dir / "score")}
+    for name, result in results.items():
+      down = seed_dir / dirs[name] / "downstream"
+      if name != "base model":
+        # The row's final data: its size and checker quality, and it is exactly what fine-tuned the copy.
+        data = _parts(seed_dir / dirs[name] / "final" / "filtered")
+        assert result["instances"] == len(data) > 0
+        verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in data]
+        assert result["relevance"] == pytest.approx(sum(v.image_dependent for v in verdicts) / len(data))
+        assert [(r["id"], r["question"], r["answer"]) for r in _rows(down / "records.jsonl")] == \
+            [(r["id"], r["question"], r["answer"]) for r in data]
+        assert json.load(open(down / "train" / "DONE.json"))["steps"] == 2
+        mode = "direct" if name == "+CRM+CLM direct" else "two_step"  # the paper's final generation
+        assert {r["mode"] for r in _parts(seed_dir / dirs[name] / "final")} == {mode}
+      else:
+        assert not (down / "train").exists()  # the reference row evaluates the base model as shipped
+      # POPE per split and VQA, recounted from the downstream model's written answers.
+      for split in pope.SPLITS:
+        answers = _parts(down / "eval" / f"pope_{split}")
+        assert len(answers) == 8
+        said = [pope.parse_yes_no(a["answer"]) for a in answers]
+        assert result[f"pope_{split}_acc"] == pytest.approx(
+            np.mean([s == a["label"] for s, a in zip(said, answers)]))
+        assert result[f"pope_{split}_yes"] == pytest.approx(np.mean([s == "yes" for s in said]))
+      assert result["pope_acc"] == pytest.approx(np.mean([result[f"pope_{s}_acc"] for s in pope.SPLITS]))
+      assert 0.0 <= result["vqa_acc"] <= 1.0
 
-  # Which generator each row trained: +CRM has no contrastive term, +CLM picked its roles at random.
-  history = lambda d: _rows(workdir / "ablation" / d / "train" / "history.jsonl")  # noqa: E731
-  assert all(h.get("contrastive", 0.0) == 0.0 for h in history("crm"))
-  assert any(h.get("contrastive", 0.0) > 0.0 for h in history("crm_clm"))
-  top = {d: {r["id"] for r in _parts(workdir / "ablation" / d / "select") if r["top_fraction"]}
-         for d in ("clm", "crm", "crm_clm")}
-  scored = sorted(_parts(demo_dir / "score"), key=lambda r: -r["i2c"])
-  assert top["crm"] == top["crm_clm"] == {r["id"] for r in scored[:len(top["crm"])]}
-  assert len(top["clm"]) == len(top["crm"]) and top["clm"] != top["crm"]
-  # The printed table is table.txt: Table 4's rows, then POPE per split.
+    # Which generator each row trained: +CRM has no contrastive term, +CLM picked its roles at random.
+    history = lambda d: _rows(seed_dir / d / "train" / "history.jsonl")  # noqa: E731
+    assert all(h.get("contrastive", 0.0) == 0.0 for h in history("crm"))
+    assert any(h.get("contrastive", 0.0) > 0.0 for h in history("crm_clm"))
+    top = {d: {r["id"] for r in _parts(seed_dir / d / "select") if r["top_fraction"]}
+           for d in ("clm", "crm", "crm_clm", "crm_clm_length_norm")}
+    by_sum = sorted(scored, key=lambda r: -r["i2c"])
+    assert top["crm"] == top["crm_clm"] == {r["id"] for r in by_sum[:len(top["crm"])]}
+    assert len(top["clm"]) == len(top["crm"]) and top["clm"] != top["crm"]
+    # The length-normalised row scored the same data again: S(I2C) / answer tokens.
+    normed = {r["id"]: r for r in _parts(seed_dir / "crm_clm_length_norm" / "score")}
+    assert set(normed) == {r["id"] for r in scored}
+    for r in scored:
+      assert normed[r["id"]]["i2c"] == pytest.approx(r["i2c"] / r["n_tokens"], rel=1e-4, abs=1e-6)
+    by_norm = sorted(scored, key=lambda r: -r["i2c"] / r["n_tokens"])
+    assert top["crm_clm_length_norm"] == {r["id"] for r in by_norm[:len(top["crm"])]}
+    # The direct row used C3L's trained generator, not a new one.
+    assert os.path.realpath(seed_dir / "crm_clm_direct" / "train") == os.path.realpath(seed_dir / "crm_clm" / "train")
+
+  # Mean and 95 % half-width over the two seeds: t(0.975, 1 dof) = 12.7062 (a t table), |a - b| / 2 * t.
+  for name in names:
+    for metric, mean in out["rows"][name].items():
+      a, b = (r[name][metric] for r in out["per_seed"])
+      if a is None or b is None:
+        continue
+      assert mean == pytest.approx((a + b) / 2)
+      assert out["ci95"][name][metric] == pytest.approx(12.7062 * abs(a - b) / 2, rel=1e-5, abs=1e-9)
+  # The printed table is table.txt: Table 4's rows, then POPE per split, with mean±half-width cells.
   text = (workdir / "ablation" / "table.txt").read_text()
   assert text.strip() in proc.stdout
   lines = text.splitlines()
-  assert [line.split()[0] for line in lines[1:6]] == ["base", "filtering", "+CLM", "+CRM", "+CRM+CLM"]
-  assert "POPE per split, accuracy / F1:" in lines
+  assert lines[0] == "Table 4 (mean±95 % interval over 2 seeds):"
+  assert [line[:18].strip() for line in lines[2:9]] == names
+  vqa = out["rows"]["+CRM+CLM"]["vqa_acc"], out["ci95"]["+CRM+CLM"]["vqa_acc"]
+  assert f"{vqa[0]:.3f}±{vqa[1]:.3f}" in lines[5]
+  assert "POPE per split:" in lines
+
+
+def test_mean_interval_by_hand():
+  """The ablation's interval arithmetic on hand-made numbers (t quantiles from a printed t table)."""
+  from c3l_jax.pipeline.ablation import aggregate, mean_interval
+
+  # 1, 2, 3: mean 2, sd 1, se 1/sqrt(3); t(0.975, 2 dof) = 4.3027 -> half-width 2.4841.
+  assert mean_interval([1.0, 2.0, 3.0]) == (2.0, pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4))
+  # 0.40, 0.50, 0.45, 0.55: mean 0.475, sd 0.06455; t(0.975, 3 dof) = 3.1824 -> half-width 0.10272.
+  mean, width = mean_interval([0.40, 0.50, 0.45, 0.55])
+  assert mean == pytest.approx(0.475) and width == pytest.approx(0.10272, rel=1e-3)
+  assert mean_interval([0.7]) == (0.7, None)  # one seed: no interval
+  assert mean_interval([None, 0.2, None]) == (0.2, None)  # a seed that could not measure is left out
+  assert mean_interval([]) == (None, None)
+  means, widths = aggregate([{"row": {"acc": 0.1, "n": 10}}, {"row": {"acc": 0.3, "n": 20}}])
+  assert means == {"row": {"acc": pytest.approx(0.2), "n": 15.0}}
+  assert widths["row"]["acc"] == pytest.approx(12.7062 * 0.1, rel=1e-5)

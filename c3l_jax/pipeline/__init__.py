@@ -32,6 +32,9 @@ MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
 
 CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
 
+# The ablation's extra C3L rows (`config.ablation.variants`, c3l_jax/pipeline/ablation.py).
+ABLATION_VARIANTS: tuple[str, ...] = ("final_mode", "length_norm")
+
 # Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("llava15", "minigpt4"),
@@ -62,6 +65,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "generation.caption_max_new_tokens": (1, True, math.inf, False),
     "generation.shard_size": (1, True, math.inf, False),
     "ablation.vlit_steps": (1, True, math.inf, False),
+    "ablation.seeds": (1, True, math.inf, False),
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
@@ -170,7 +174,23 @@ def check_config(config: Any) -> tuple[str, ...]:
       re.compile(pattern)
     except re.error as e:
       raise ConfigError(f"config.train.trainable: {pattern!r} is not a valid regex ({e})") from None
+  if "ablation" in stages:
+    _check_ablation(config)
   return stages
+
+
+def _check_ablation(config: Any) -> None:
+  for name in (v.strip() for v in config.ablation.variants.split(",") if v.strip()):
+    if name not in ABLATION_VARIANTS:
+      raise ConfigError(f"config.ablation.variants: unknown variant {name!r} (a comma list of: "
+                        f"{', '.join(ABLATION_VARIANTS)})")
+  for key in (k.strip() for k in config.ablation.seed_keys.split(",") if k.strip()):
+    try:
+      value = _get(config, key)
+    except (AttributeError, KeyError):
+      value = None
+    if not isinstance(value, int) or isinstance(value, bool):
+      raise ConfigError(f"config.ablation.seed_keys: {key!r} is not an integer config field")
 
 
 def needs_model(stages: Sequence[str], config: Any = None) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The `ablation` stage: the paper's Table 4 on the configured world (C3L Sec. 4.3).
+"""The `ablation` stage: the paper's Table 4 on the configured world (C3L Sec. 4.3), over seeds.
 
 Four ways to make the final data, each followed by the paper's protocol — fine-tune a fresh copy of the
 base model on that data (VLIT) and evaluate it:
@@ -9,57 +9,136 @@ base model on that data (VLIT) and evaluate it:
   + CRM            generator trained with CE on the top S(I2C) fraction, no contrastive loss
   + CRM + CLM      C3L: CE on the top S(I2C) fraction + the contrastive loss on I2C roles
 
-The rows share this workdir's `initial`, `filter` and `score` outputs (run first if missing) and live
-under `WORKDIR/ablation/<row>/` (the generator's stages, then `downstream/` with the VLIT fine-tune and
-its `eval`). The base model itself is evaluated too, as a reference. Metrics per row: the data's size
-and, where the source has ground truth, its quality (e.g. the scenes world's checker); POPE (random /
-popular / adversarial) and the columns of registered benchmarks (e.g. the scenes world's held-out VQA
-accuracy, `vqa_acc`) of the fine-tuned model. A table is printed at the end.
+and, with `ablation.variants`, two more C3L rows:
+
+  final_mode       the C3L generator's final data in the other `generation.final_mode` (the paper's
+                   final generation is two-step; `direct` is one VIGC prompt per sample)
+  length_norm      C3L with S(I2C) divided by the answer's length (`scoring.length_norm`): the paper's
+                   eq. 1 sums over answer tokens, so long answers fill the top fraction
+
+The base model itself is evaluated too, as the reference row. Everything runs for `ablation.seeds`
+seeds: seed k adds k to every config field named in `ablation.seed_keys` (the pipeline's `seed`, which
+draws the generation and fine-tuning randomness, and e.g. the scenes world's `data.scenes_seed`), and
+the table reports each metric's mean and the half-width of its 95 % interval (Student's t over the
+seeds; none for one seed).
+
+Layout: `WORKDIR/ablation/seed<k>/` holds seed k's shared stages (`initial`, `filter`, `score`; seed 0
+links this workdir's own, run first if missing) and one directory per row (the generator's stages,
+then `downstream/` with the VLIT fine-tune and its `eval`). Metrics per row: the data's size and,
+where the source has ground truth, its quality (e.g. the scenes world's checker); POPE (random /
+popular / adversarial: accuracy, F1, yes-ratio) and the columns of registered benchmarks (e.g. the
+scenes world's held-out VQA accuracy, `vqa_acc`) of the fine-tuned model. `WORKDIR/ablation/table.txt`
+is the printed table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 from absl import logging
+from scipy import stats
 
 from c3l_jax import registry
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
-from c3l_jax.eval.table import format_cell
-from c3l_jax.pipeline import common, shards
+from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards
 
-# row name -> (its directory under WORKDIR/ablation, generator stages, config overrides)
-ROWS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
-    "filtering": ("filtering", ("final", "export"), {}),
-    "+CLM": ("clm", ("select", "train", "final", "export"), {"select.method": "random"}),
-    "+CRM": ("crm", ("select", "train", "final", "export"), {"train.contrastive_weight": 0.0}),
-    "+CRM+CLM": ("crm_clm", ("select", "train", "final", "export"), {}),
-}
 SHARED = ("initial", "filter", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One row: its directory under the seed's, the generator stages it runs there, the config overrides,
+  and the stages it takes from elsewhere (`links`: stage -> a directory relative to the seed's)."""
+
+  dirname: str
+  stages: tuple[str, ...]
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  links: dict[str, str] = dataclasses.field(default_factory=lambda: {s: s for s in SHARED})
+
+
+ROWS: dict[str, Row] = {
+    "filtering": Row("filtering", ("final", "export")),
+    "+CLM": Row("clm", ("select", "train", "final", "export"), {"select.method": "random"}),
+    "+CRM": Row("crm", ("select", "train", "final", "export"), {"train.contrastive_weight": 0.0}),
+    "+CRM+CLM": Row("crm_clm", ("select", "train", "final", "export")),
+}
+VARIANTS = ABLATION_VARIANTS
+
+
+def variant_rows(config: Any) -> dict[str, Row]:
+  """The `ablation.variants` rows for `config` (named after what they change)."""
+  out = {}
+  names = [v.strip() for v in config.ablation.variants.split(",") if v.strip()]
+  if "final_mode" in names:
+    other = "direct" if config.generation.final_mode == "two_step" else "two_step"
+    # C3L's trained generator (select and train linked from +CRM+CLM), final data made the other way.
+    out[f"+CRM+CLM {other}"] = Row(
+        f"crm_clm_{other}", ("final", "export"), {"generation.final_mode": other},
+        {**{s: s for s in SHARED}, "select": "crm_clm/select", "train": "crm_clm/train"})
+  if "length_norm" in names and not config.scoring.length_norm:
+    # Its own score stage (S(I2C) / answer tokens), then C3L as above.
+    out["+CRM+CLM len-norm"] = Row(
+        "crm_clm_length_norm", ("score", "select", "train", "final", "export"),
+        {"scoring.length_norm": True}, {"initial": "initial", "filter": "filter"})
+  return out
+
+
+def all_rows(config: Any) -> dict[str, Row]:
+  return {**ROWS, **variant_rows(config)}
 
 
 def derive(config: Any, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted-path overrides (locked again)."""
   out = ml_collections.ConfigDict(config.to_dict())
   for path, value in overrides.items():
-    section, key = path.rsplit(".", 1)
+    *sections, key = path.split(".")
     node = out
-    for part in section.split("."):
+    for part in sections:
       node = node[part]
     node[key] = value
   out.lock()
   return out
 
 
-def _link_shared(workdir: str, row_dir: str) -> None:
+def _link(seed_dir: str, row_dir: str, links: dict[str, str]) -> None:
   os.makedirs(row_dir, exist_ok=True)
-  for stage in SHARED:
+  for stage, target in links.items():
     link = os.path.join(row_dir, stage)
     if not os.path.lexists(link):
-      os.symlink(os.path.relpath(os.path.join(workdir, stage), row_dir), link)
+      os.symlink(os.path.relpath(os.path.join(seed_dir, target), row_dir), link)
+
+
+def seeded(config: Any, k: int) -> ml_collections.ConfigDict:
+  """`config` for seed k: every field in `ablation.seed_keys` moved by k."""
+  keys = [key.strip() for key in config.ablation.seed_keys.split(",") if key.strip()]
+  values = {}
+  for key in keys:
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    values[key] = node + k
+  return derive(config, values)
+
+
+def mean_interval(values: Sequence[float | None], confidence: float = 0.95
+                  ) -> tuple[float | None, float | None]:
+  """(mean, half-width of the two-sided `confidence` interval by Student's t) of `values`.
+
+  Nones (a metric a seed could not measure) are left out; the half-width is None below two values.
+  """
+  xs = np.asarray([v for v in values if v is not None], np.float64)
+  if not len(xs):
+    return None, None
+  if len(xs) < 2:
+    return float(xs[0]), None
+  t = stats.t.ppf(0.5 + confidence / 2, df=len(xs) - 1)
+  return float(xs.mean()), float(t * xs.std(ddof=1) / math.sqrt(len(xs)))
 
 
 def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> dict:
@@ -95,55 +174,97 @@ def _summary(eval_metrics: dict) -> dict:
       if isinstance(pope.get(split), dict):
         out[f"pope_{split}_acc"] = pope[split].get("accuracy")
         out[f"pope_{split}_f1"] = pope[split].get("f1")
+        out[f"pope_{split}_yes"] = pope[split].get("yes_ratio")
   for name, bench in registry.BENCHMARKS.items():
     if bench.summary is not None and eval_metrics.get(name):
       out.update(bench.summary(eval_metrics[name]))
   return out
 
 
-def table(results: dict[str, dict]) -> str:
-  """The printed Table 4: data quality and the fine-tuned models' scores, then POPE per split."""
-  cols = ("instances", "relevance", "accuracy", "hallucination", "vqa_acc", "pope_acc", "pope_f1",
-          "pope_yes")
-  lines = [f"{'row':12s} " + " ".join(f"{c:>13s}" for c in cols)]
-  for name, r in results.items():
-    lines.append(f"{name:12s} " + " ".join(f"{format_cell(r.get(c)):>13s}" for c in cols))
-  if any(f"pope_{s}_acc" in r for r in results.values() for s in POPE_SPLITS):
-    lines += ["", "POPE per split, accuracy / F1:",
-              f"{'row':12s} " + " ".join(f"{s:>13s}" for s in POPE_SPLITS)]
-    for name, r in results.items():
-      cells = (f"{format_cell(r.get(f'pope_{s}_acc'))}/{format_cell(r.get(f'pope_{s}_f1'))}" for s in POPE_SPLITS)
-      lines.append(f"{name:12s} " + " ".join(f"{c:>13s}" for c in cells))
+COLUMNS = ("instances", "relevance", "accuracy", "hallucination", "vqa_acc", "pope_acc", "pope_f1",
+           "pope_yes")
+SPLIT_COLUMNS = tuple(f"pope_{s}_{m}" for s in POPE_SPLITS for m in ("acc", "f1", "yes"))
+
+
+def aggregate(per_seed: Sequence[dict[str, dict]]) -> tuple[dict[str, dict], dict[str, dict]]:
+  """(means, half-widths): per row and metric, over the seeds' results (`mean_interval`)."""
+  means: dict[str, dict] = {}
+  widths: dict[str, dict] = {}
+  for name in per_seed[0]:
+    metrics = sorted({m for results in per_seed for m in results.get(name, {})})
+    for m in metrics:
+      mean, width = mean_interval([results.get(name, {}).get(m) for results in per_seed])
+      means.setdefault(name, {})[m] = mean
+      widths.setdefault(name, {})[m] = width
+  return means, widths
+
+
+def _cell(mean: float | None, width: float | None, integer: bool = False) -> str:
+  if mean is None:
+    return "-"
+  text = f"{mean:.0f}" if integer else f"{mean:.3f}"
+  return text if width is None else f"{text}±{width:.0f}" if integer else f"{text}±{width:.3f}"
+
+
+def table(means: dict[str, dict], widths: dict[str, dict] | None = None, seeds: int = 1) -> str:
+  """The printed Table 4: data quality and the fine-tuned models' scores (mean±95 % half-width over
+  `seeds`), then POPE per split."""
+  widths = widths or {}
+
+  def cells(name: str, cols: Sequence[str]) -> str:
+    return " ".join(f"{_cell(means[name].get(c), widths.get(name, {}).get(c), c == 'instances'):>13s}"
+                    for c in cols)
+
+  title = f"mean±95 % interval over {seeds} seeds" if seeds > 1 else "one seed"
+  lines = [f"Table 4 ({title}):", f"{'row':18s} " + " ".join(f"{c:>13s}" for c in COLUMNS)]
+  lines += [f"{name:18s} {cells(name, COLUMNS)}" for name in means]
+  if any(c in r for r in means.values() for c in SPLIT_COLUMNS):
+    lines += ["", "POPE per split:",
+              f"{'row':18s} " + " ".join(f"{c[5:]:>13s}" for c in SPLIT_COLUMNS)]
+    lines += [f"{name:18s} {cells(name, SPLIT_COLUMNS)}" for name in means]
   return "\n".join(lines)
 
 
-def run(config: Any, workdir: str) -> dict:
+def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
+  """Every row's metrics for seed k (see the module docstring for the layout)."""
   from c3l_jax import pipeline
 
-  missing = [s for s in SHARED if not common.stage_done(workdir, s)]
-  if missing:
-    pipeline.run_stages(config, workdir, missing)
+  seed_dir = os.path.join(workdir, "ablation", f"seed{k}")
+  cfg = seeded(config, k)
+  if k == 0:
+    missing = [s for s in SHARED if not common.stage_done(workdir, s)]
+    if missing:
+      pipeline.run_stages(config, workdir, missing)
+    _link(workdir, seed_dir, {s: s for s in SHARED})
+  else:
+    pipeline.run_stages(cfg, seed_dir, SHARED)
   results: dict[str, dict] = {}
-  base_eval = _downstream(config, os.path.join(workdir, "ablation", "base"), [], "base")
-  results["base model"] = _summary(base_eval)
-  for name, (dirname, stages, overrides) in ROWS.items():
-    row_dir = os.path.join(workdir, "ablation", dirname)
-    _link_shared(workdir, row_dir)
-    metrics = pipeline.run_stages(derive(config, overrides), row_dir, stages)
+  results["base model"] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], "base"))
+  for name, row in all_rows(config).items():
+    row_dir = os.path.join(seed_dir, row.dirname)
+    _link(seed_dir, row_dir, row.links)
+    metrics = pipeline.run_stages(derive(cfg, row.overrides), row_dir, row.stages)
     rows = shards.read_parts(os.path.join(row_dir, "final", "filtered"))
     result = {"instances": len(rows)}
     quality = metrics["export"].get("quality", {}).get("final")
     if quality:
-      result.update({k: quality.get(k) for k in ("relevance", "accuracy", "hallucination",
-                                                 "mean_i2c")})
-    result.update(_summary(_downstream(config, row_dir, rows, name)))
+      result.update({m: quality.get(m) for m in ("relevance", "accuracy", "hallucination", "mean_i2c")})
+    result.update(_summary(_downstream(cfg, row_dir, rows, f"seed {k} {name}")))
     results[name] = result
-  text = table(results)
+  return results
+
+
+def run(config: Any, workdir: str) -> dict:
+  seeds = config.ablation.seeds
+  per_seed = [run_seed(config, workdir, k) for k in range(seeds)]
+  means, widths = aggregate(per_seed)
+  text = table(means, widths, seeds)
   if common.is_lead():
     with open(os.path.join(workdir, "ablation", "table.txt"), "w") as f:
       f.write(text + "\n")
     print(text, flush=True)
-  return {"rows": results}
+  return {"seeds": seeds, "rows": means, "ci95": widths, "per_seed": per_seed}
 
 
-__all__ = ["ROWS", "derive", "run", "table"]
+__all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "mean_interval", "run", "seeded",
+           "table", "variant_rows"]

@@ -1,8 +1,9 @@
 """The `final` stage: the enhanced generator writes the final dataset (C3L Sec. 3.4).
 
 Loads `WORKDIR/train/generator` (the C3L-trained model; `config.model.checkpoint` when the train stage
-has not run) and generates `generation.num_final` samples in `generation.final_mode` (default `direct`:
-image + VIGC instruction -> "Question: ... Answer: ..."), cycling over the source's images (at most
+has not run) and generates `generation.num_final` samples in `generation.final_mode` (default
+`two_step`, the paper's final generation (Sec. 4): a caption with the image, then QA from the caption;
+`direct`: image + VIGC instruction -> "Question: ... Answer: ..."), cycling over the source's images (at most
 `data.max_images`) with instruction types drawn from `generation.instruction_mix`. The outputs go
 through the same basic filter as the initial data (`c3l_jax.pipeline.filter`); what it rejects, and
 images that cannot be loaded, are in `WORKDIR/final/rejected.jsonl`. Shards of
