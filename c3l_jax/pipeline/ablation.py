@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from c3l_jax import registry
+from c3l_jax import registry, runtime
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
 from c3l_jax.eval.table import format_cell
@@ -139,7 +139,7 @@ def run(config: Any, workdir: str) -> dict:
     result.update(_summary(_downstream(config, row_dir, rows, name)))
     results[name] = result
   text = table(results)
-  if common.is_lead():
+  if runtime.get().is_lead:
     with open(os.path.join(workdir, "ablation", "table.txt"), "w") as f:
       f.write(text + "\n")
     print(text, flush=True)

@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from c3l_jax import registry
+from c3l_jax import registry, runtime
 from c3l_jax.data.records import BadInput
 from c3l_jax.data.sources import source_kind
 from c3l_jax.eval.table import format_cell
@@ -68,15 +68,16 @@ def run(config: Any, workdir: str) -> dict:
   stats["instruction_types"] = dict(sorted(collections.Counter(
       r.get("instruction_type", "unknown") for r in rows).items()))
   stats["source"] = where
-  if common.is_lead():
+  rt = runtime.get()
+  if rt.is_lead:
     _dump(os.path.join(out_dir, "c3l_vlit.json"), llava)
     _dump(os.path.join(out_dir, "stats.json"), stats)
-  common.sync("export:done")
+  rt.barrier("export:done")
   metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
   plugin = registry.SOURCES.get(source_kind(config))
   if plugin is not None and plugin.quality is not None:
     metrics["quality"] = data_quality(config, workdir, plugin, rows if where == "final" else [])
-  if common.is_lead():
+  if rt.is_lead:
     write_report(config, workdir, metrics)
   return metrics
 

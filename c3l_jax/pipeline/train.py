@@ -21,10 +21,9 @@ import os
 import shutil
 from typing import Any
 
-import jax
 from flax import nnx
 
-from c3l_jax import checkpoint, sharding
+from c3l_jax import checkpoint, runtime, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data.images import ImageError
 from c3l_jax.data.prompts import PromptBuilder, load_processor
@@ -63,16 +62,12 @@ def export_generator(vlm, base_dir: str, out: str) -> None:
   Multi-host: every process takes part in the orbax saves (arrays may span hosts); only process 0
   writes the other files and renames the directory into place, between barriers.
   """
-  from jax.experimental import multihost_utils
-
   tmp = out + ".partial"
-  lead = jax.process_index() == 0
-  if lead:
-    shutil.rmtree(tmp, ignore_errors=True)
-  multihost_utils.sync_global_devices("export_generator:start")
+  rt = runtime.get()
+  rt.lead_writes("export_generator:start", lambda: shutil.rmtree(tmp, ignore_errors=True))
   checkpoint.save_params(tmp, nnx.to_pure_dict(nnx.state(vlm, nnx.Param)))
-  multihost_utils.sync_global_devices("export_generator:params")
-  if lead:
+  rt.barrier("export_generator:params")
+  if rt.is_lead:
     checkpoint.save_model_config(tmp, vlm.cfg)
     for name in os.listdir(base_dir):
       src = os.path.join(base_dir, name)
@@ -80,7 +75,7 @@ def export_generator(vlm, base_dir: str, out: str) -> None:
         shutil.copy2(src, os.path.join(tmp, name))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-  multihost_utils.sync_global_devices("export_generator:done")
+  rt.barrier("export_generator:done")
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -92,7 +87,7 @@ def run(config: Any, workdir: str) -> dict:
   if objective == "vlit":
     cfg = trainer_lib.TrainConfig(**{**cfg.__dict__, "contrastive_weight": 0.0, "ce_weight": 1.0})
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.train.mesh)
   vlm = load_model_from_config(config, mesh)
   builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
                           vlm.cfg.image_seq_length)
