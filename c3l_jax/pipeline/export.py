@@ -72,7 +72,7 @@ def run(config: Any, workdir: str) -> dict:
   if rt.is_lead:
     _dump(os.path.join(out_dir, "c3l_vlit.json"), llava)
     _dump(os.path.join(out_dir, "stats.json"), stats)
-  rt.barrier("export:done")
+  rt.barrier("export:written")
   metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
   plugin = registry.SOURCES.get(source_kind(config))
   if plugin is not None and plugin.quality is not None:
