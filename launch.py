@@ -168,7 +168,10 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   if isinstance(e, SystemExit) and e.code in (0, None):
     runtime.shutdown()
     raise e
-  if isinstance(e, SystemExit):
+  if isinstance(e, SystemExit) and e.code == 143:
+    status, cause = 143, ("stopped by SIGTERM after saving a checkpoint (rerun with the same --workdir "
+                          "to resume)")
+  elif isinstance(e, SystemExit):
     status, cause = int(e.code) if isinstance(e.code, int) else 1, f"stopped (exit status {e.code})"
   elif isinstance(e, runtime.JobFailed):
     status, cause = 1, f"another process failed: {e}"

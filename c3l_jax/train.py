@@ -37,7 +37,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from c3l_jax import losses, sharding
+from c3l_jax import losses, runtime, sharding
 from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.models.vlm import LlavaVLM
@@ -262,6 +262,7 @@ class Trainer:
         logging.log_every_n_seconds(logging.INFO, "train step %d: %s", 10, self.step, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
+        runtime.get().check("train:step")  # another process failed? (and the C3L_FAULT test hook)
         if (multihost_utils.reached_preemption_sync_point(self.step) if multihost
             else self._preempted):
           logging.warning("SIGTERM: saving a checkpoint at step %d, then stopping", self.step)

@@ -56,9 +56,9 @@ def _slurm_port() -> tuple[int, int]:
   raise RuntimeError("no free port for the coordinator")
 
 
-def launch_two(workdir, tfds, *extra, fault: str = "", wrap=None) -> list[subprocess.Popen]:
+def launch_two(workdir, tfds, *extra, fault: str = "") -> list[subprocess.Popen]:
   """Start the two tasks of a SLURM step; each one's output goes to WORKDIR/../task-N.log.
-  `wrap(i)`: extra argv to put before launch.py for task i (e.g. tests/kill_at.py)."""
+  `fault`: the C3L_FAULT test hook (c3l_jax/runtime.py, `fault_point`)."""
   job, _ = _slurm_port()
   procs = []
   for i in range(2):
@@ -66,8 +66,6 @@ def launch_two(workdir, tfds, *extra, fault: str = "", wrap=None) -> list[subpro
                SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NODEID="0",
                JAX_NUM_CPU_DEVICES="4", C3L_FAULT=fault)
     cmd = _cmd(workdir, tfds, "--config.distributed=True", *extra)
-    if wrap is not None:
-      cmd = [cmd[0], *wrap(i), *cmd[1:]]
     log = open(os.path.join(os.path.dirname(workdir), f"task-{i}.log"), "a")
     procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env))
   return procs
@@ -103,6 +101,18 @@ def _rows(path):
 def _parts(d):
   return [r for p in sorted(os.listdir(d)) if p.startswith("part-") and p.endswith(".jsonl")
           and "rejected" not in p for r in _rows(os.path.join(d, p))]
+
+
+def _copy_through(src, dst, stages):
+  """A copy of workdir `src` in which only `stages` have run (their outputs and metrics)."""
+  import shutil
+  os.makedirs(dst)
+  shutil.copy(src / "config.json", dst / "config.json")
+  for stage in stages:
+    shutil.copytree(src / stage, dst / stage)
+  metrics = json.loads((src / "metrics.json").read_text())
+  (dst / "metrics.json").write_text(json.dumps({s: metrics[s] for s in stages}))
+
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +158,12 @@ def test_two_processes_run_the_whole_pipeline_as_one(runs):
     _same_records(one, two, stage)
   reference = json.loads((one / "metrics.json").read_text())
   for stage in ("initial", "filter", "score", "select"):
-    assert metrics[stage] == reference[stage], stage
+    assert metrics[stage].keys() == reference[stage].keys(), stage
+    for key, value in reference[stage].items():  # counts equal, means of S(I2C) within 1e-5
+      if isinstance(value, float):
+        assert abs(metrics[stage][key] - value) <= 1e-5 * max(1.0, abs(value)), (stage, key)
+      else:
+        assert metrics[stage][key] == value, (stage, key)
   # Counts add up, no id twice, each shard by the process my_shards gives it.
   m = metrics["initial"]
   assert m["read"] == m["images"] + m["rejected"] and m["samples"] == m["written"] + m["samples_rejected"]
@@ -174,8 +189,7 @@ def test_two_processes_run_the_whole_pipeline_as_one(runs):
 def test_a_failing_process_ends_the_job_then_the_rerun_finishes(runs):
   """Process 1 raises after its first `score` shard: both exit non-zero, with the cause, promptly."""
   work = runs["root"] / "fail" / "w"
-  os.makedirs(work.parent)
-  start = time.time()
+  _copy_through(runs["two"], work, ("initial", "filter"))
   procs = launch_two(str(work), runs["tfds"], "--config.stages=initial,filter,score",
                      fault="1:score:shard:fail")
   codes = wait_all(procs, str(work), timeout=TIMEOUT)
@@ -185,7 +199,46 @@ def test_a_failing_process_ends_the_job_then_the_rerun_finishes(runs):
   assert "error: process 0: another process failed: process 1: RuntimeError" in logs, logs
   assert "Check failure stack trace" not in logs and "Terminating process" not in logs, logs
   assert not (work / "score" / "DONE.json").exists()
-  del start  # the failure surfaces within seconds of the fault; wall time is not asserted
+  assert (work / "logs" / "failure.txt").read_text().startswith("process 1: RuntimeError")
   procs = launch_two(str(work), runs["tfds"], "--config.stages=initial,filter,score")
   assert wait_all(procs, str(work)) == [0, 0], _logs(str(work))
   _same_records(runs["one"], work, "score")
+
+
+def test_sigkill_one_process_mid_stage_then_relaunch_exports_the_same(runs):
+  """Process 1 SIGKILLs itself right after its first `final` shard (the coordination service then ends
+  process 0: a lost host); the relaunched job finishes and exports what the uninterrupted run did."""
+  work = runs["root"] / "kill" / "w"
+  _copy_through(runs["two"], work, ("initial", "filter", "score", "select", "train"))
+  procs = launch_two(str(work), runs["tfds"], fault="1:final:shard:kill")
+  codes = wait_all(procs, str(work))
+  assert codes[1] == -signal.SIGKILL and codes[0] != 0, (codes, _logs(str(work)))
+  assert (work / "final" / "part-00001.done").exists()  # process 1's first shard, then the kill
+  assert not (work / "final" / "DONE.json").exists()
+  procs = launch_two(str(work), runs["tfds"])
+  assert wait_all(procs, str(work)) == [0, 0], _logs(str(work))
+  for name in ("c3l_vlit.json", "stats.json"):
+    assert (work / "export" / name).read_bytes() == (runs["two"] / "export" / name).read_bytes(), name
+  assert "stage train: already done" in (work / "logs" / "run.log").read_text()
+
+
+def test_sigterm_to_one_process_saves_one_step_everywhere_and_the_rerun_resumes(runs):
+  """SIGTERM to process 1 after its first training step: jax's preemption service makes both processes
+  save at the same step (one checkpoint) and exit 143; the rerun resumes from that step."""
+  work = runs["root"] / "term" / "w"
+  _copy_through(runs["two"], work, ("initial", "filter", "score", "select"))
+  train = ("--config.stages=train", "--config.train.steps=6", "--config.train.checkpoint_every=100")
+  procs = launch_two(str(work), runs["tfds"], *train, fault="1:train:step:term")
+  assert wait_all(procs, str(work)) == [143, 143], _logs(str(work))
+  saved = [int(p) for p in os.listdir(work / "train" / "checkpoints") if p.isdigit()]
+  assert len(saved) == 1 and 1 <= saved[0] < 6, saved
+  logs = [(work / "logs" / name).read_text() for name in ("run.log", "run.process-1.log")]
+  for log in logs:
+    assert f"SIGTERM: saving a checkpoint at step {saved[0]}" in log
+  procs = launch_two(str(work), runs["tfds"], *train)
+  assert wait_all(procs, str(work)) == [0, 0], _logs(str(work))
+  for name in ("run.log", "run.process-1.log"):
+    assert f"resumed training from step {saved[0]}" in (work / "logs" / name).read_text()
+  history = _rows(work / "train" / "history.jsonl")
+  assert [h["step"] for h in history] == list(range(1, 7))
+  assert json.loads((work / "train" / "DONE.json").read_text())["steps"] == 6
