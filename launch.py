@@ -216,6 +216,9 @@ def main(argv: Sequence[str]) -> None:
   rt.workdir = str(workdir)
   rt.lead_writes("config.json", lambda: _write_config(config, workdir))
   log = console.setup(str(workdir), process=rt.index)
+  import jax  # pylint: disable=g-import-not-at-top  (runtime.init imported it)
+  logging.info("process %d of %d, %d local / %d global devices", rt.index, rt.count,
+               jax.local_device_count(), jax.device_count())
   console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {log.relative_to(workdir)}"
               + (f"; {rt.count} processes" if rt.distributed else ""))
   try:

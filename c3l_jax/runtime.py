@@ -196,8 +196,6 @@ def init(dist: Any) -> Runtime:
     jax.distributed.initialize(**kwargs)
   from jax._src import distributed as jax_distributed
   _RUNTIME = Runtime(jax.process_index(), jax.process_count(), jax_distributed.global_state.client)
-  logging.info("process %d of %d, %d local / %d global devices", _RUNTIME.index, _RUNTIME.count,
-               jax.local_device_count(), jax.device_count())
   return _RUNTIME
 
 

@@ -199,10 +199,12 @@ class Trainer:
     self.manager = None
     if checkpoint_dir:
       self.manager = ocp.CheckpointManager(
-          os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(
+          checkpoint_dir if "://" in str(checkpoint_dir) else os.path.abspath(checkpoint_dir),
+          options=ocp.CheckpointManagerOptions(
               max_to_keep=2, enable_async_checkpointing=False),
           item_names=("state", "meta"))
     self._preempted = False
+    self._compiled: dict[tuple, Any] = {}  # batch shapes -> compiled step (several processes)
 
   # -- checkpoints -----------------------------------------------------------------------------------
   def _state_tree(self) -> dict:
@@ -250,9 +252,8 @@ class Trainer:
     try:
       while self.step < self.cfg.steps:
         batch = sharding.shard_batch(batches(self.step), self.mesh)
-        trainable, opt_state, metrics = train_step(
-            self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
-            optimizer=self.optimizer, cfg=self.cfg)
+        trainable, opt_state, metrics = self._step_for(batch, multihost)(
+            self.trainable, self.opt_state, self.frozen, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(v) for v in metrics.values()):
           raise NonFiniteError(f"non-finite loss or gradient at step {self.step}: {metrics}")
@@ -276,6 +277,26 @@ class Trainer:
       bar.close()
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+  def _step_for(self, batch: dict, multihost: bool) -> Callable:
+    """`train_step` for this batch: `(trainable, opt_state, frozen, batch) -> (trainable, opt_state,
+    metrics)`.
+
+    With several processes each new batch shape is compiled ahead of time and the processes meet at a
+    barrier before its first run: a process still compiling when another starts the step's
+    collectives could leave it waiting longer than the collective backend's rendezvous allows (gloo,
+    on CPU: 30 s). Every process sees the same shapes (batches are padded to the global batch's
+    widths), so they pass the same barriers.
+    """
+    if not multihost:
+      return functools.partial(train_step, self.graphdef, optimizer=self.optimizer, cfg=self.cfg)
+    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
+    if key not in self._compiled:
+      self._compiled[key] = train_step.lower(
+          self.graphdef, self.trainable, self.opt_state, self.frozen, batch, optimizer=self.optimizer,
+          cfg=self.cfg).compile()
+      runtime.get().barrier(f"train:compiled:{len(self._compiled)}")
+    return self._compiled[key]
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame

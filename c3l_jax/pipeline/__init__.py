@@ -209,9 +209,9 @@ def environment_problems(config: Any, stages: Sequence[str]) -> list[str]:
     if not path:
       problems.append(f"model.checkpoint is not set but stage(s) {', '.join(model_stages)} need a model "
                       f"({CONVERT_HINT}, then pass --config.model.checkpoint=DIR)")
-    elif not os.path.isdir(path):
+    elif not epath.Path(path).is_dir():
       problems.append(f"model.checkpoint {path!r} does not exist ({CONVERT_HINT})")
-    elif not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
+    elif not (epath.Path(path) / MODEL_CONFIG_FILE).is_file():
       problems.append(f"model.checkpoint {path!r} has no {MODEL_CONFIG_FILE}: not a c3l-jax model "
                       f"directory ({CONVERT_HINT})")
   available = ", ".join(implemented_stages()) or "none"

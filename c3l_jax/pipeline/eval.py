@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 
 from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
@@ -75,7 +76,7 @@ def resolve_checkpoint(config: Any, workdir: str) -> str:
   if config.eval.checkpoint:
     return config.eval.checkpoint
   trained = os.path.join(workdir, "train", "generator")
-  if os.path.isfile(os.path.join(trained, MODEL_CONFIG_FILE)):
+  if (epath.Path(trained) / MODEL_CONFIG_FILE).exists():
     return trained
   return config.model.checkpoint
 
@@ -279,7 +280,7 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
     splits, file_rejected = pope.read_question_files(cfg.pope_questions_dir, strict)
     origin, k = "questions", None
   else:
-    os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
+    epath.Path(ev.dir, "pope").mkdir(parents=True, exist_ok=True)
     if cfg.pope_annotations:
       annotations, bad = pope.read_annotations(cfg.pope_annotations, strict)
       origin = "annotations"
@@ -360,11 +361,8 @@ def _llava_bench(ev: Evaluator, cfg: Any) -> dict:
 
 
 def _dataset_stats(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "export", "stats.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(workdir) / "export" / "stats.json"
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -395,8 +393,7 @@ def run(config: Any, workdir: str) -> dict:
                           if k in stats}
   text = table.format_table(ev.model_id, metrics, stats)
   if runtime.get().is_lead:
-    with open(os.path.join(ev.dir, "table.txt"), "w") as f:
-      f.write(text)
+    epath.Path(ev.dir, "table.txt").write_text(text)
     print(text, flush=True)
   metrics["table"] = table.table_row(metrics)
   return metrics

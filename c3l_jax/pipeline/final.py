@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from c3l_jax import runtime
 from c3l_jax.data import instructions as ins
@@ -40,8 +41,8 @@ def generator_checkpoint(config: Any, workdir: str) -> str:
   have finished, `common.input_stage`), else `config.model.checkpoint`."""
   trained = os.path.join(workdir, "train", "generator")
   from c3l_jax.pipeline import parse_stages
-  if "train" in parse_stages(config.stages) or os.path.isdir(os.path.dirname(trained)):
-    if common.input_stage(config, workdir, ("train",)) == "train" and os.path.isdir(trained):
+  if "train" in parse_stages(config.stages) or epath.Path(workdir, "train").exists():
+    if common.input_stage(config, workdir, ("train",)) == "train" and epath.Path(trained).exists():
       return trained
   return config.model.checkpoint
 
