@@ -178,8 +178,9 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   elif isinstance(e, (BadInput, pipeline.ConfigError)):
     status, cause = 2, str(e)
   else:
-    status, cause = 1, f"{type(e).__name__}: {e}"
-    logging.error("the run failed", exc_info=e)
+    status, cause = 1, f"{type(e).__name__}: {_last_line(str(e)) or '(no message)'}"
+    logging.info("the run failed", exc_info=e)  # the traceback: to the log only
+    cause += f" (traceback in {rt.workdir}/{console.log_file(rt.index)})"
   if not isinstance(e, runtime.JobFailed) and status != 143:
     rt.fail(cause)
   prefix = f"process {rt.index}: " if rt.distributed else ""
@@ -209,6 +210,7 @@ def main(argv: Sequence[str]) -> None:
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {workdir / 'config.json'}")
     return
 
+  console.quiet_until_setup()
   rt = runtime.init(config.distributed)
   # One workdir for the whole job: the lead picks it (a fresh timestamped one without --workdir).
   workdir = _resolve_workdir(rt.broadcast("workdir", _WORKDIR.value or

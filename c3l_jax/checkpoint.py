@@ -85,6 +85,20 @@ def save_params(path: str, params: Any) -> None:
     save_param(path, keys, value)
 
 
+def _checkpointer(targets: Any) -> ocp.Checkpointer:
+  """orbax's checkpointer; when every target lives on this process's devices (an inference replica of
+  a multi-process job) one that coordinates with no other process: orbax otherwise meets every process
+  at each restore, and a process with no work left in a stage would never come."""
+  me = jax.process_index()
+  if jax.process_count() == 1 or any(d.process_index != me for t in targets
+                                     for d in t.sharding.device_set):
+    return ocp.PyTreeCheckpointer()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                             barrier_sync_key_prefix=f"c3l_process_{me}")
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                          multiprocessing_options=alone)
+
+
 def restore_params(path: str, abstract: Any) -> Any:
   """Restore `path/params` into the shapes, dtypes and shardings of `abstract`.
 
@@ -102,7 +116,7 @@ def restore_params(path: str, abstract: Any) -> Any:
   if missing or extra:
     raise CheckpointError(f"{path}: parameters missing {missing} / not in the model {extra}")
   values = {}
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with _checkpointer(flat.values()) as ckptr:
     for keys, a in flat.items():
       args = {"value": ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)}
       values[keys] = ckptr.restore(_param_dir(path, keys), item={"value": a},

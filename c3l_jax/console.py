@@ -65,6 +65,14 @@ def log_file(process: int = 0) -> str:
   return LOG_FILE if process == 0 else os.path.join("logs", f"run.process-{process}.log")
 
 
+def quiet_until_setup(verbosity: int | None = None) -> None:
+  """Keep library INFO lines (jax.distributed's, before the workdir is known) off the console until
+  `setup` opens the log file."""
+  if verbosity is None:
+    verbosity = max(logging.get_verbosity(), 0)
+  logging.get_absl_handler().setLevel(std_logging.INFO if verbosity >= 1 else std_logging.WARNING)
+
+
 def setup(workdir: str, verbosity: int | None = None, process: int = 0) -> epath.Path:
   """Send every log line to `WORKDIR/logs/run.log` (appended: a resumed run continues the file) and
   keep the console (absl's stderr handler) to warnings and errors, or INFO with `verbosity >= 1`
@@ -148,4 +156,4 @@ def prepare_tfds(builder: Any, label: str, **kwargs: Any) -> None:
 
 
 __all__ = ["LOG_FILE", "captured_stdout", "counts", "is_lead", "log_file", "prepare_tfds",
-           "quiet_environment", "say", "setup"]
+           "quiet_environment", "quiet_until_setup", "say", "setup"]

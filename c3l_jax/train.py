@@ -204,7 +204,7 @@ class Trainer:
               max_to_keep=2, enable_async_checkpointing=False),
           item_names=("state", "meta"))
     self._preempted = False
-    self._compiled: dict[tuple, Any] = {}  # batch shapes -> compiled step (several processes)
+    self._compiled: dict[tuple, Any] = {}  # input signature -> compiled step (several processes)
 
   # -- checkpoints -----------------------------------------------------------------------------------
   def _state_tree(self) -> dict:
@@ -282,15 +282,17 @@ class Trainer:
     """`train_step` for this batch: `(trainable, opt_state, frozen, batch) -> (trainable, opt_state,
     metrics)`.
 
-    With several processes each new batch shape is compiled ahead of time and the processes meet at a
-    barrier before its first run: a process still compiling when another starts the step's
+    With several processes each new signature (batch shapes, state shardings: the optimizer state's
+    change after the first step) is compiled ahead of time and the processes meet at a barrier before
+    its first run: a process still compiling when another starts the step's
     collectives could leave it waiting longer than the collective backend's rendezvous allows (gloo,
     on CPU: 30 s). Every process sees the same shapes (batches are padded to the global batch's
     widths), so they pass the same barriers.
     """
     if not multihost:
       return functools.partial(train_step, self.graphdef, optimizer=self.optimizer, cfg=self.cfg)
-    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
+    key = tuple((x.shape, x.dtype, x.sharding)
+                for x in jax.tree.leaves((self.trainable, self.opt_state, batch)))
     if key not in self._compiled:
       self._compiled[key] = train_step.lower(
           self.graphdef, self.trainable, self.opt_state, self.frozen, batch, optimizer=self.optimizer,
