@@ -38,6 +38,7 @@ from c3l_jax.data.records import BadInput  # noqa: E402
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
+
 def _fail(message: str) -> NoReturn:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -138,7 +139,7 @@ def _write_config(config, workdir: epath.Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   except OSError as e:
-    _fail(f"cannot write to workdir {os.fspath(workdir)!r}: {e.strerror or e}")
+    raise BadInput(f"cannot write to workdir {os.fspath(workdir)!r}: {e.strerror or e}") from None
 
 
 def _check_devices(config, stages: Sequence[str]) -> None:
@@ -204,7 +205,10 @@ def main(argv: Sequence[str]) -> None:
 
   if _DRY_RUN.value:
     workdir = _resolve_workdir(_WORKDIR.value or _default_workdir())
-    _write_config(config, workdir)
+    try:
+      _write_config(config, workdir)
+    except BadInput as e:
+      _fail(str(e))
     for problem in problems:
       print(f"warning: {problem}", file=sys.stderr)
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {workdir / 'config.json'}")
@@ -212,20 +216,21 @@ def main(argv: Sequence[str]) -> None:
 
   console.quiet_until_setup()
   rt = runtime.init(config.distributed)
-  # One workdir for the whole job: the lead picks it (a fresh timestamped one without --workdir).
-  workdir = _resolve_workdir(rt.broadcast("workdir", _WORKDIR.value or
-                                          (_default_workdir() if rt.is_lead else "")))
-  rt.workdir = str(workdir)
-  rt.lead_writes("config.json", lambda: _write_config(config, workdir))
-  log = console.setup(str(workdir), process=rt.index)
-  import jax  # pylint: disable=g-import-not-at-top  (runtime.init imported it)
-  logging.info("process %d of %d, %d local / %d global devices", rt.index, rt.count,
-               jax.local_device_count(), jax.device_count())
-  console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {log.relative_to(workdir)}"
-              + (f"; {rt.count} processes" if rt.distributed else ""))
   try:
+    # One workdir for the whole job: the lead picks it (a fresh timestamped one without --workdir).
+    workdir = _resolve_workdir(rt.broadcast("workdir", _WORKDIR.value or
+                                            (_default_workdir() if rt.is_lead else "")))
+    rt.workdir = os.fspath(workdir)
+    rt.lead_writes("config.json", lambda: _write_config(config, workdir))
+    log = console.setup(os.fspath(workdir), process=rt.index)
+    import jax  # pylint: disable=g-import-not-at-top  (runtime.init imported it)
+    logging.info("process %d of %d, %d local / %d global devices", rt.index, rt.count,
+                 jax.local_device_count(), jax.device_count())
+    where = log if "://" in rt.workdir else log.relative_to(workdir)
+    console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {where}"
+                + (f"; {rt.count} processes" if rt.distributed else ""))
     _check_devices(config, stages)
-    metrics = pipeline.run_stages(config, str(workdir), stages)
+    metrics = pipeline.run_stages(config, rt.workdir, stages)
   except BaseException as e:  # pylint: disable=broad-except
     _end_in_failure(rt, e)
   runtime.shutdown()
