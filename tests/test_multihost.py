@@ -117,19 +117,20 @@ def _copy_through(src, dst, stages):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The one-process reference and an uninterrupted two-process run in which, at alternate stage
-  starts, process 0 and then process 1 sleeps 4 s: every hand-off happens once with the lead behind
-  and once with the other process behind."""
+  """The one-process reference (the stages compared: initial -> select) and an uninterrupted
+  two-process run in which, at alternate stage starts, process 0 and then process 1 sleeps 3 s: every
+  hand-off happens once with the lead behind and once with the other process behind."""
   if not os.path.exists(os.path.join(SCENES, "c3l_model.json")):
     pytest.skip("the shipped scenes checkpoint is missing")
   root = tmp_path_factory.mktemp("multihost")
   tfds = root / "tfds"
   one = root / "one" / "w"
-  proc = subprocess.run(_cmd(str(one), tfds), cwd=REPO, capture_output=True, text=True, env=_env())
+  proc = subprocess.run(_cmd(str(one), tfds, "--config.stages=initial,filter,score,select"), cwd=REPO,
+                        capture_output=True, text=True, env=_env())
   assert proc.returncode == 0, proc.stderr[-4000:]
   two = root / "two" / "w"
   os.makedirs(two.parent)
-  slow = ",".join(f"{i % 2}:{stage}:start:sleep=4" for i, stage in enumerate(STAGES))
+  slow = ",".join(f"{i % 2}:{stage}:start:sleep=3" for i, stage in enumerate(STAGES))
   procs = launch_two(str(two), tfds, fault=slow)
   assert wait_all(procs, str(two)) == [0, 0], _logs(str(two))
   return {"one": one, "two": two, "tfds": tfds, "root": root}
