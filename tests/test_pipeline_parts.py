@@ -359,3 +359,30 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch
   # Each process logs its shards.
   done = sorted(r.getMessage() for r in caplog.records if "shard" in r.getMessage())
   assert [d.split(" (")[0] for d in done] == [f"initial: shard {i} done" for i in range(4)]
+
+
+def test_a_stage_reads_only_a_finished_input_never_data_records_instead(tmp_path):
+  """`common.input_stage`: the previous stage, when it runs in this job or started in this workdir, must
+  have finished (else BadInput); `data.records` is the input only when it neither ran nor started."""
+  from configs import common as config_common
+  from c3l_jax.data.records import BadInput
+  from c3l_jax.pipeline import common
+
+  config = config_common.get_base_config()
+  config.data.records = str(tmp_path / "records.jsonl")
+  work = tmp_path / "w"
+  work.mkdir()
+  config.stages = "score"
+  assert common.input_stage(config, str(work), ("filter",)) is None  # filter not run: data.records
+  config.stages = "filter,score"
+  with pytest.raises(BadInput, match=r"WORKDIR/filter, is not finished"):
+    common.input_stage(config, str(work), ("filter",))  # in this job, not done: never data.records
+  config.stages = "score"
+  (work / "filter").mkdir()  # started here earlier (a killed run), not finished
+  with pytest.raises(BadInput, match="filter/DONE.json is missing"):
+    common.input_stage(config, str(work), ("filter",))
+  (work / "filter" / "DONE.json").write_text("{}")
+  assert common.input_stage(config, str(work), ("filter",)) == "filter"
+  config.data.records = ""
+  with pytest.raises(BadInput, match="config.data.records is not set"):
+    common.input_stage(config, str(tmp_path / "empty"), ("filter",))
