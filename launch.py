@@ -30,12 +30,42 @@ from c3l_jax import console
 console.quiet_environment()  # before anything imports transformers / jax
 
 from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from c3l_jax import pipeline  # noqa: E402
+from c3l_jax import pipeline, runtime  # noqa: E402
 from c3l_jax.data.records import BadInput  # noqa: E402
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+# Config fields that moved: `--config.OLD...` -> the message naming where they went.
+_MOVED = {"mesh": "config.mesh was split: config.inference.mesh (each process's local devices, the "
+                  "inference stages) and config.train.mesh (every device of every process)"}
+
+
+def _aliases(argv: list[str]) -> list[str]:
+  """`--config.distributed=BOOL` (a bool before config.distributed became a group) means
+  `--config.distributed.enabled=BOOL`; a moved field is an error that says where it went."""
+  out = []
+  for arg in argv:
+    name, eq, value = arg.partition("=")
+    if name.lstrip("-") == "config.distributed":
+      arg = f"--config.distributed.enabled{eq}{value}" if eq else "--config.distributed.enabled"
+    moved = name.lstrip("-").split(".")[1:2]
+    if name.lstrip("-").startswith("config.") and moved and moved[0] in _MOVED:
+      _fail(f"{arg}: {_MOVED[moved[0]]}")
+    out.append(arg)
+  return out
+
+
+if __name__ == "__main__":  # ml_collections reads the --config.* overrides from sys.argv, on DEFINE too
+  sys.argv[1:] = _aliases(sys.argv)[1:]
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", default=os.path.join(_REPO, "configs", "scenes_demo.py"),
@@ -45,11 +75,6 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory; default: a fresh runs/<config>-<UTC timestamp>.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate the config, write WORKDIR/config.json and exit without running stages.")
-
-
-def _fail(message: str) -> NoReturn:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _last_line(text: str) -> str:
@@ -63,6 +88,7 @@ def _config_overrides(argv: Sequence[str]) -> list[str]:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every failure turned into one `error:` line and exit status 2."""
+  argv = _aliases(argv)
   try:
     args = flags.FLAGS(argv)
     flags.FLAGS.config.to_dict()  # a missing config file only raises when the config is first used
@@ -103,6 +129,68 @@ def _default_workdir() -> str:
   return workdir
 
 
+def _resolve_workdir(path: str) -> epath.Path:
+  """An absolute local path (orbax refuses relative checkpoint paths) or a gs:// (etc.) URI."""
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def _write_config(config, workdir: epath.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  except OSError as e:
+    raise BadInput(f"cannot write to workdir {os.fspath(workdir)!r}: {e.strerror or e}") from None
+
+
+def _check_devices(config, stages: Sequence[str]) -> None:
+  """Mesh sizes against the devices there are (jax.distributed is up; nothing is on a device yet)."""
+  import jax  # pylint: disable=g-import-not-at-top  (kept out of the validation path)
+  from c3l_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  try:
+    sharding.mesh_shape(dict(config.inference.mesh), jax.local_device_count())
+    if "train" in stages or "ablation" in stages:
+      shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(config.train.mesh),
+                                                               jax.device_count())))
+      rows = shape["data"] * shape["fsdp"]
+      if config.train.batch_size % rows or config.train.batch_size % jax.process_count():
+        raise ValueError(f"config.train.batch_size={config.train.batch_size} (global) does not divide "
+                         f"over the train mesh's data x fsdp = {rows} devices and "
+                         f"{jax.process_count()} process(es)")
+  except ValueError as e:
+    raise pipeline.ConfigError(str(e)) from None
+
+
+def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
+  """One `error:` line; the other processes learn of it and stop too; leave together; exit non-zero.
+
+  Exit status: 2 for bad input or config (`BadInput`, `ConfigError`), 143 when SIGTERM ended the run
+  after saving (the rerun resumes), 1 otherwise (the traceback is in the log)."""
+  if isinstance(e, SystemExit) and e.code in (0, None):
+    runtime.shutdown()
+    raise e
+  if isinstance(e, SystemExit) and e.code == 143:
+    status, cause = 143, ("stopped by SIGTERM after saving a checkpoint (rerun with the same --workdir "
+                          "to resume)")
+  elif isinstance(e, SystemExit):
+    status, cause = int(e.code) if isinstance(e.code, int) else 1, f"stopped (exit status {e.code})"
+  elif isinstance(e, runtime.JobFailed):
+    status, cause = 1, f"another process failed: {e}"
+  elif isinstance(e, (BadInput, pipeline.ConfigError)):
+    status, cause = 2, str(e)
+  else:
+    status, cause = 1, f"{type(e).__name__}: {_last_line(str(e)) or '(no message)'}"
+    logging.info("the run failed", exc_info=e)  # the traceback: to the log only
+    cause += f" (traceback in {rt.workdir}/{console.log_file(rt.index)})"
+  if not isinstance(e, runtime.JobFailed) and status != 143:
+    rt.fail(cause)
+  prefix = f"process {rt.index}: " if rt.distributed else ""
+  print(f"error: {prefix}{cause}" if status != 143 else f"{prefix}{cause}", file=sys.stderr, flush=True)
+  runtime.shutdown()
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access  (jax's atexit hooks would wait for peers again)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])!r} (flags look like --name=value)")
@@ -115,39 +203,45 @@ def main(argv: Sequence[str]) -> None:
   if problems and not _DRY_RUN.value:
     _fail(problems[0])
 
-  # Absolute: orbax refuses relative checkpoint paths.
-  workdir = os.path.abspath(_WORKDIR.value or _default_workdir())
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2) + "\n")
-  except OSError as e:
-    _fail(f"cannot write to workdir {workdir!r}: {e.strerror or e}")
-
   if _DRY_RUN.value:
+    workdir = _resolve_workdir(_WORKDIR.value or _default_workdir())
+    try:
+      _write_config(config, workdir)
+    except BadInput as e:
+      _fail(str(e))
     for problem in problems:
       print(f"warning: {problem}", file=sys.stderr)
-    print(f"dry run: config OK; stages {', '.join(stages)}; wrote {os.path.join(workdir, 'config.json')}")
+    print(f"dry run: config OK; stages {', '.join(stages)}; wrote {workdir / 'config.json'}")
     return
 
-  log = console.setup(workdir)
-  console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {os.path.relpath(log, workdir)}")
-  if config.distributed:
-    import jax  # pylint: disable=g-import-not-at-top  (kept out of the validation path)
-    jax.distributed.initialize()
+  console.quiet_until_setup()
+  rt = runtime.init(config.distributed)
   try:
-    metrics = pipeline.run_stages(config, workdir, stages)
-  except BadInput as e:  # strict mode, or an input no stage can start from
-    _fail(str(e))
+    # One workdir for the whole job: the lead picks it (a fresh timestamped one without --workdir).
+    workdir = _resolve_workdir(rt.broadcast("workdir", _WORKDIR.value or
+                                            (_default_workdir() if rt.is_lead else "")))
+    rt.workdir = os.fspath(workdir)
+    rt.lead_writes("config.json", lambda: _write_config(config, workdir))
+    log = console.setup(os.fspath(workdir), process=rt.index)
+    import jax  # pylint: disable=g-import-not-at-top  (runtime.init imported it)
+    logging.info("process %d of %d, %d local / %d global devices", rt.index, rt.count,
+                 jax.local_device_count(), jax.device_count())
+    where = log if "://" in rt.workdir else log.relative_to(workdir)
+    console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {where}"
+                + (f"; {rt.count} processes" if rt.distributed else ""))
+    _check_devices(config, stages)
+    metrics = pipeline.run_stages(config, rt.workdir, stages)
+  except BaseException as e:  # pylint: disable=broad-except
+    _end_in_failure(rt, e)
+  runtime.shutdown()
   quality = metrics.get("export", {}).get("quality")
   if quality:  # the source has ground truth (e.g. the scenes world): end with the initial-vs-final table
     from c3l_jax.pipeline.export import quality_table, quality_title  # pylint: disable=g-import-not-at-top
-    print(f"\n{quality_title(config)}")
-    print(quality_table(quality))
+    console.say(f"\n{quality_title(config)}\n{quality_table(quality)}")
   outputs = [f for f in ("metrics.json", "export/c3l_vlit.json", "report.html", "eval/table.txt",
-                          "ablation/table.txt") if os.path.exists(os.path.join(workdir, f))]
-  print(f"workdir: {workdir} ({', '.join(outputs)})")
-  logging.info("done: metrics in %s", os.path.join(workdir, "metrics.json"))
+                          "ablation/table.txt") if (workdir / f).exists()]
+  console.say(f"workdir: {workdir} ({', '.join(outputs)})")
+  logging.info("done: metrics in %s", workdir / "metrics.json")
 
 
 if __name__ == "__main__":

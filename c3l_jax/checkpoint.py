@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from c3l_jax.models.configs import MODEL_CONFIG_FILE, ModelConfig, config_from_dict
 
@@ -32,13 +33,18 @@ class CheckpointError(ValueError):
   """A model directory that is missing or incomplete."""
 
 
+def _path(path: str | os.PathLike) -> epath.Path:
+  """A model directory as an absolute path (orbax needs one) or a gs:// URI."""
+  return epath.Path(path if "://" in os.fspath(path) else os.path.abspath(path))
+
+
 def check_model_dir(path: str) -> None:
   """Raise `CheckpointError` with a one-line message when `path` is not a project model directory."""
-  if not os.path.isdir(path):
+  if not _path(path).is_dir():
     raise CheckpointError(f"model checkpoint {path!r} does not exist (convert a HF checkpoint with: "
                           "python -m c3l_jax.convert --hf_path=DIR --out=DIR)")
   for name in (MODEL_CONFIG, PARAMS_DIR):
-    if not os.path.exists(os.path.join(path, name)):
+    if not (_path(path) / name).exists():
       raise CheckpointError(f"model checkpoint {path!r} has no {name!r}: not a c3l-jax model "
                             "directory (convert a HF checkpoint with python -m c3l_jax.convert)")
 
@@ -46,8 +52,7 @@ def check_model_dir(path: str) -> None:
 def load_model_config(path: str) -> ModelConfig:
   """The architecture of a model directory: `LlavaConfig` or `MiniGPT4Config`, by its `family`."""
   check_model_dir(path)
-  with open(os.path.join(path, MODEL_CONFIG)) as f:
-    d = json.load(f)
+  d = json.loads((_path(path) / MODEL_CONFIG).read_text())
   try:
     return config_from_dict(d)
   except ValueError as e:
@@ -55,13 +60,12 @@ def load_model_config(path: str) -> ModelConfig:
 
 
 def save_model_config(path: str, cfg: ModelConfig) -> None:
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, MODEL_CONFIG), "w") as f:
-    f.write(cfg.to_json())
+  _path(path).mkdir(parents=True, exist_ok=True)
+  (_path(path) / MODEL_CONFIG).write_text(cfg.to_json())
 
 
-def _param_dir(path: str, keys: tuple[str, ...]) -> str:
-  return os.path.join(os.path.abspath(path), PARAMS_DIR, ".".join(keys))
+def _param_dir(path: str, keys: tuple[str, ...]) -> epath.Path:
+  return _path(path) / PARAMS_DIR / ".".join(keys)
 
 
 def save_param(path: str, keys: tuple[str, ...], value: Any) -> None:
@@ -81,6 +85,20 @@ def save_params(path: str, params: Any) -> None:
     save_param(path, keys, value)
 
 
+def _checkpointer(targets: Any) -> ocp.Checkpointer:
+  """orbax's checkpointer; when every target lives on this process's devices (an inference replica of
+  a multi-process job) one that coordinates with no other process: orbax otherwise meets every process
+  at each restore, and a process with no work left in a stage would never come."""
+  me = jax.process_index()
+  if jax.process_count() == 1 or any(d.process_index != me for t in targets
+                                     for d in t.sharding.device_set):
+    return ocp.PyTreeCheckpointer()
+  alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                             barrier_sync_key_prefix=f"c3l_process_{me}")
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                          multiprocessing_options=alone)
+
+
 def restore_params(path: str, abstract: Any) -> Any:
   """Restore `path/params` into the shapes, dtypes and shardings of `abstract`.
 
@@ -92,14 +110,13 @@ def restore_params(path: str, abstract: Any) -> Any:
       directory has but the model does not know.
   """
   flat = _flat(abstract)
-  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-  saved = {tuple(n.split(".")) for n in os.listdir(params_dir)}
+  saved = {tuple(p.name.split(".")) for p in (_path(path) / PARAMS_DIR).iterdir()}
   missing = sorted(".".join(k) for k in set(flat) - saved)
   extra = sorted(".".join(k) for k in saved - set(flat))
   if missing or extra:
     raise CheckpointError(f"{path}: parameters missing {missing} / not in the model {extra}")
   values = {}
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with _checkpointer(flat.values()) as ckptr:
     for keys, a in flat.items():
       args = {"value": ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)}
       values[keys] = ckptr.restore(_param_dir(path, keys), item={"value": a},

@@ -21,6 +21,7 @@ import os
 from typing import Any, Iterator, Mapping
 
 from absl import logging
+from etils import epath
 
 LOG_FILE = os.path.join("logs", "run.log")
 
@@ -35,6 +36,7 @@ _NOT_APPLICABLE = (
     ("absl", "Using custom data configuration"),  # tfds, for every builder config it is handed
 )
 _FILE_HANDLER_NAME = "c3l_jax.run_log"
+_LEAD = True  # whether this process prints `say` lines (the lead of several processes, see `setup`)
 
 
 def quiet_environment() -> None:
@@ -57,19 +59,41 @@ class _ConsoleFilter(std_logging.Filter):
     return True
 
 
-def setup(workdir: str, verbosity: int | None = None) -> str:
-  """Send every log line to `WORKDIR/logs/run.log` (appended: a resumed run continues the file) and
-  keep the console (absl's stderr handler) to warnings and errors, or INFO with `verbosity >= 1`
-  (default: absl's `--verbosity` flag). Returns the log file's path. Safe to call again."""
+def log_file(process: int = 0) -> str:
+  """The log of process `process`, relative to WORKDIR: logs/run.log (process 0, the lead) or
+  logs/run.process-N.log."""
+  return LOG_FILE if process == 0 else os.path.join("logs", f"run.process-{process}.log")
+
+
+def quiet_until_setup(verbosity: int | None = None) -> None:
+  """Keep library INFO lines (jax.distributed's, before the workdir is known) off the console until
+  `setup` opens the log file."""
   if verbosity is None:
     verbosity = max(logging.get_verbosity(), 0)
-  path = os.path.join(workdir, LOG_FILE)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  logging.get_absl_handler().setLevel(std_logging.INFO if verbosity >= 1 else std_logging.WARNING)
+
+
+def setup(workdir: str, verbosity: int | None = None, process: int = 0) -> epath.Path:
+  """Send every log line to `WORKDIR/logs/run.log` (appended: a resumed run continues the file) and
+  keep the console (absl's stderr handler) to warnings and errors, or INFO with `verbosity >= 1`
+  (default: absl's `--verbosity` flag). Returns the log file's path. Safe to call again.
+
+  With several processes each writes its own log (`log_file(process)`) and only the lead (process 0)
+  prints `say` lines and progress bars; every process prints its warnings and errors. The log is a
+  local file: with a gs:// workdir it goes to the same relative path under the current directory."""
+  global _LEAD
+  _LEAD = process == 0
+  if verbosity is None:
+    verbosity = max(logging.get_verbosity(), 0)
+  path = epath.Path(workdir) / log_file(process)
+  if "://" in os.fspath(workdir):  # logging.FileHandler needs a local file
+    path = epath.Path(os.path.abspath(log_file(process)))
+  path.parent.mkdir(parents=True, exist_ok=True)
   root = std_logging.getLogger()
   for h in [h for h in root.handlers if h.get_name() == _FILE_HANDLER_NAME]:
     root.removeHandler(h)
     h.close()
-  file_handler = std_logging.FileHandler(path, encoding="utf-8")
+  file_handler = std_logging.FileHandler(os.fspath(path), encoding="utf-8")
   file_handler.set_name(_FILE_HANDLER_NAME)
   file_handler.setFormatter(logging.PythonFormatter())
   file_handler.setLevel(std_logging.DEBUG if verbosity >= 2 else std_logging.INFO)
@@ -87,9 +111,15 @@ def setup(workdir: str, verbosity: int | None = None) -> str:
 
 
 def say(message: str) -> None:
-  """One line for people on stdout; the same line in the log."""
-  print(message, flush=True)
+  """One line for people on stdout (the lead's only, with several processes); the same line in the log."""
+  if _LEAD:
+    print(message, flush=True)
   logging.info(message, extra={"c3l_console": True})
+
+
+def is_lead() -> bool:
+  """Whether this process prints the run's lines and progress bars (`setup`)."""
+  return _LEAD
 
 
 def counts(metrics: Mapping[str, Any]) -> str:
@@ -125,4 +155,5 @@ def prepare_tfds(builder: Any, label: str, **kwargs: Any) -> None:
     tfds.display_progress_bar(True)
 
 
-__all__ = ["LOG_FILE", "captured_stdout", "counts", "prepare_tfds", "quiet_environment", "say", "setup"]
+__all__ = ["LOG_FILE", "captured_stdout", "counts", "is_lead", "log_file", "prepare_tfds",
+           "quiet_environment", "quiet_until_setup", "say", "setup"]

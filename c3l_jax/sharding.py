@@ -134,27 +134,6 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def process_slice(batch: Any) -> Any:
-  """This process's rows of a global host batch (every leaf split evenly on its leading axis).
-
-  With one process this is the whole batch. Every process builds the same global batch (batches are a
-  pure function of the step) and feeds only its slice, process i taking the i-th block of rows, which
-  is where `make_array_from_process_local_data` puts it on a mesh laid out over processes in order.
-  """
-  count, index = jax.process_count(), jax.process_index()
-  if count == 1:
-    return batch
-
-  def cut(x):
-    x = np.asarray(x)
-    if x.shape[0] % count:
-      raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {count} processes")
-    rows = x.shape[0] // count
-    return x[index * rows:(index + 1) * rows]
-
-  return jax.tree.map(cut, batch)
-
-
 def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
   """Place this process's slice of a batch (numpy pytree) on the mesh as global arrays."""
   return jax.tree.map(
@@ -163,4 +142,4 @@ def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 __all__ = ["LOGICAL_RULES", "MESH_AXES", "abstract_model", "batch_sharding", "init_model",
-           "load_model", "make_mesh", "mesh_shape", "process_slice", "shard_batch", "state_shardings"]
+           "load_model", "make_mesh", "mesh_shape", "shard_batch", "state_shardings"]

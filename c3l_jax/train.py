@@ -34,9 +34,10 @@ import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from c3l_jax import losses, sharding
+from c3l_jax import losses, runtime, sharding
 from c3l_jax.data.batching import right_pad, round_up
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.models.vlm import LlavaVLM
@@ -198,10 +199,12 @@ class Trainer:
     self.manager = None
     if checkpoint_dir:
       self.manager = ocp.CheckpointManager(
-          os.path.abspath(checkpoint_dir), options=ocp.CheckpointManagerOptions(
+          checkpoint_dir if "://" in str(checkpoint_dir) else os.path.abspath(checkpoint_dir),
+          options=ocp.CheckpointManagerOptions(
               max_to_keep=2, enable_async_checkpointing=False),
           item_names=("state", "meta"))
     self._preempted = False
+    self._compiled: dict[tuple, Any] = {}  # input signature -> compiled step (several processes)
 
   # -- checkpoints -----------------------------------------------------------------------------------
   def _state_tree(self) -> dict:
@@ -236,18 +239,21 @@ class Trainer:
     """Train until `cfg.steps`; `batches(k)` returns step k's host batch (a pure function of k).
 
     Saves every `checkpoint_every` steps, at the end, and when SIGTERM arrives (then raises
-    `SystemExit(143)` after saving). Raises `NonFiniteError` naming the step on a NaN/inf loss or
+    `SystemExit(143)` after saving). With several processes a SIGTERM to any of them reaches all:
+    jax's preemption service (started by `jax.distributed.initialize`, which takes SIGTERM) picks the
+    step at which every process saves (`multihost_utils.reached_preemption_sync_point`), so they write
+    one checkpoint together and all exit. Raises `NonFiniteError` naming the step on a NaN/inf loss or
     gradient, before the bad update is kept.
     """
-    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    multihost = jax.process_count() > 1
+    previous = None if multihost else signal.signal(signal.SIGTERM, self._on_sigterm)
     bar = tqdm.tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
-                    disable=self.step >= self.cfg.steps)
+                    disable=self.step >= self.cfg.steps or jax.process_index() > 0)
     try:
       while self.step < self.cfg.steps:
-        batch = sharding.shard_batch(sharding.process_slice(batches(self.step)), self.mesh)
-        trainable, opt_state, metrics = train_step(
-            self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
-            optimizer=self.optimizer, cfg=self.cfg)
+        batch = sharding.shard_batch(batches(self.step), self.mesh)
+        trainable, opt_state, metrics = self._step_for(batch, multihost)(
+            self.trainable, self.opt_state, self.frozen, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(v) for v in metrics.values()):
           raise NonFiniteError(f"non-finite loss or gradient at step {self.step}: {metrics}")
@@ -257,7 +263,10 @@ class Trainer:
         logging.log_every_n_seconds(logging.INFO, "train step %d: %s", 10, self.step, metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", refresh=False)
-        if self._preempted:
+        runtime.get().check("train:step")  # another process failed? (and the C3L_FAULT test hook)
+        if (multihost_utils.reached_preemption_sync_point(self.step) if multihost
+            else self._preempted):
+          logging.warning("SIGTERM: saving a checkpoint at step %d, then stopping", self.step)
           self.save()
           raise SystemExit(143)
         if self.checkpoint_every and self.step % self.checkpoint_every == 0:
@@ -266,7 +275,30 @@ class Trainer:
       return self.history
     finally:
       bar.close()
-      signal.signal(signal.SIGTERM, previous)
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+  def _step_for(self, batch: dict, multihost: bool) -> Callable:
+    """`train_step` for this batch: `(trainable, opt_state, frozen, batch) -> (trainable, opt_state,
+    metrics)`.
+
+    With several processes each new signature (batch shapes, state shardings: the optimizer state's
+    change after the first step) is compiled ahead of time and the processes meet at a barrier before
+    its first run: a process still compiling when another starts the step's
+    collectives could leave it waiting longer than the collective backend's rendezvous allows (gloo,
+    on CPU: 30 s). Every process sees the same shapes (batches are padded to the global batch's
+    widths), so they pass the same barriers.
+    """
+    if not multihost:
+      return functools.partial(train_step, self.graphdef, optimizer=self.optimizer, cfg=self.cfg)
+    key = tuple((x.shape, x.dtype, x.sharding)
+                for x in jax.tree.leaves((self.trainable, self.opt_state, batch)))
+    if key not in self._compiled:
+      self._compiled[key] = train_step.lower(
+          self.graphdef, self.trainable, self.opt_state, self.frozen, batch, optimizer=self.optimizer,
+          cfg=self.cfg).compile()
+      runtime.get().barrier(f"train:compiled:{len(self._compiled)}")
+    return self._compiled[key]
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
@@ -290,10 +322,11 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
   return idx
 
 
-def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
-  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked)."""
+def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int = 0) -> dict:
+  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked).
+  `width`: the padded length (default: the longest sequence rounded up to `bucket`)."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
-  tokens, mask = right_pad(seqs, round_up(max(map(len, seqs)), bucket), pad_id)
+  tokens, mask = right_pad(seqs, width or round_up(max(map(len, seqs)), bucket), pad_id)
   weights = np.zeros_like(mask, dtype=np.float32)
   for i, e in enumerate(examples):
     weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
@@ -303,11 +336,12 @@ def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
   return out
 
 
-def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32) -> dict:
-  """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity."""
-  anchor_tokens, anchor_mask = right_pad([g["prompt"] for g in groups],
-                                          round_up(max(len(g["prompt"]) for g in groups), bucket), pad_id)
-  width = round_up(max(len(s) for g in groups for s in g["samples"]), bucket)
+def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32,
+                      widths: tuple[int, int] | None = None) -> dict:
+  """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity.
+  `widths`: the padded (anchor, sample) lengths (default: the longest, rounded up to `bucket`)."""
+  anchor_width, width = widths or _group_widths(groups, bucket)
+  anchor_tokens, anchor_mask = right_pad([g["prompt"] for g in groups], anchor_width, pad_id)
   sample_tokens = np.full((len(groups), max_samples, width), pad_id, np.int32)
   sample_mask = np.zeros((len(groups), max_samples, width), np.int32)
   sample_valid = np.zeros((len(groups), max_samples), bool)
@@ -322,23 +356,49 @@ def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, buc
           "group_valid": np.asarray([len(g["samples"]) >= 2 for g in groups])}
 
 
+def _group_widths(groups: Sequence[dict], bucket: int) -> tuple[int, int]:
+  return (round_up(max(len(g["prompt"]) for g in groups), bucket),
+          round_up(max(len(s) for g in groups for s in g["samples"]), bucket))
+
+
+def _my_rows(idx: np.ndarray, process: tuple[int, int]) -> np.ndarray:
+  """Process `index` of `count`'s block of a global batch's rows (where
+  `jax.make_array_from_process_local_data` puts it on a mesh laid out over processes in order)."""
+  index, count = process
+  if len(idx) % count:
+    raise ValueError(f"the global batch of {len(idx)} rows does not divide over {count} processes")
+  rows = len(idx) // count
+  return idx[index * rows:(index + 1) * rows]
+
+
 def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConfig, batch_size: int,
-             group_batch: int, max_samples: int, pad_id: int, seed: int) -> Callable[[int], dict]:
-  """`step -> host batch`, deterministic in (seed, step)."""
+             group_batch: int, max_samples: int, pad_id: int, seed: int,
+             process: tuple[int, int] | None = None) -> Callable[[int], dict]:
+  """`step -> this process's rows of the global batch`, deterministic in (seed, step).
+
+  `batch_size` / `group_batch` are global; process `index` of `count` (default: jax's) builds only its
+  block of rows, padded to the widths of the whole global batch so that every process's block has the
+  same shape. With one process this is the whole batch.
+  """
+  process = process or (jax.process_index(), jax.process_count())
 
   def make(step: int) -> dict:
     batch = {}
     idx = epoch_order(len(ce_examples), step, batch_size, seed)
+    mine = _my_rows(idx, process)
     if cfg.ce_weight:
-      batch["ce"] = ce_batch([ce_examples[i] for i in idx], pad_id)
+      width = round_up(max(len(ce_examples[i]["prompt"]) + len(ce_examples[i]["target"]) for i in idx),
+                       32)
+      batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width)
     if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
-      tokens, mask = right_pad([ce_examples[i]["caption"] for i in idx],
+      tokens, mask = right_pad([ce_examples[i]["caption"] for i in mine],
                                round_up(max(len(ce_examples[i]["caption"]) for i in idx), 32), pad_id)
-      batch["align"] = {"pixels": np.stack([ce_examples[i]["pixels"] for i in idx]),
+      batch["align"] = {"pixels": np.stack([ce_examples[i]["pixels"] for i in mine]),
                         "caption_tokens": tokens, "caption_mask": mask}
     elif cfg.contrastive_weight:
       idx = epoch_order(len(groups), step, group_batch, seed + 1)
-      batch["con"] = contrastive_batch([groups[i] for i in idx], pad_id, max_samples)
+      batch["con"] = contrastive_batch([groups[i] for i in _my_rows(idx, process)], pad_id,
+                                       max_samples, widths=_group_widths([groups[i] for i in idx], 32))
     return batch
 
   return make

@@ -44,7 +44,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.stages = "initial,filter,score,select,train,final,export"
   config.seed = 0
   config.strict = False  # True: fail on the first bad input instead of quarantining it.
-  config.distributed = False  # True: call jax.distributed.initialize() first (multi-host).
+  # Several processes (docs/multihost.md). `--config.distributed=True` is short for
+  # `--config.distributed.enabled=True`: jax.distributed.initialize() finds the cluster (TPU pod slice,
+  # SLURM, Open MPI); the fields below override what it finds.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.enabled = False
+  config.distributed.coordinator_address = ""  # host:port of process 0; '' = from the cluster
+  config.distributed.num_processes = 0  # 0 = from the cluster
+  config.distributed.process_id = -1  # -1 = from the cluster
+  config.distributed.initialization_timeout_s = 300  # how long processes wait for each other to start
+  config.distributed.heartbeat_timeout_s = 100  # a process silent this long is dead: the job aborts
+  config.distributed.shutdown_timeout_s = 300  # how long a leaving process waits for the others
   # Comma-separated modules imported before the config is checked: testbeds that register their own
   # data sources and eval benchmarks (c3l_jax.registry), e.g. "c3l_jax.scenes" (data.source=scenes).
   config.plugins = ""
@@ -58,11 +68,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.remat = False
   config.model.attention = "xla"  # auto | xla | cudnn | splash (c3l_jax/models/attention.py)
 
-  # Mesh axis sizes; -1 = the rest of the devices (at most one axis).
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
+  # Device meshes: axis sizes, -1 = the rest of the devices (at most one axis per mesh).
+  # Inference stages (initial, score, final, eval, ...) load one model replica per process on a mesh of
+  # that process's *local* devices; replicas on different hosts take different shards of the data.
+  config.inference = ml_collections.ConfigDict()
+  config.inference.mesh = ml_collections.ConfigDict()
+  config.inference.mesh.data = -1
+  config.inference.mesh.fsdp = 1
+  config.inference.mesh.tensor = 1
 
   config.data = ml_collections.ConfigDict()
   config.data.records = ""  # JSONL records (see docs/design.md, "Records")
@@ -125,7 +138,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.optimizer = "adamw"  # adamw
   config.train.learning_rate = 2e-5
   config.train.weight_decay = 1e-5
-  config.train.batch_size = 2
+  config.train.batch_size = 2  # global: split over the processes (and the mesh's data x fsdp devices)
   config.train.steps = 1000
   config.train.warmup_steps = 0
   config.train.grad_clip = 1.0  # global-norm clip
@@ -136,6 +149,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.max_negatives = 4
   config.train.checkpoint_every = 500
   config.train.trainable = ("connector", "decoder")  # regexes over parameter paths
+  # The training mesh spans every device of every process.
+  config.train.mesh = ml_collections.ConfigDict()
+  config.train.mesh.data = -1
+  config.train.mesh.fsdp = 1
+  config.train.mesh.tensor = 1
 
   # The eval stage (README, "Evaluation"): the model on the paper's benchmarks (Table 1).
   config.eval = ml_collections.ConfigDict()

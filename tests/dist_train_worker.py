@@ -1,7 +1,7 @@
 """One process of the two-process training test: `python dist_train_worker.py PID PORT MODEL OUT`.
 
 Each process has 4 CPU devices; together they form the (data=2, fsdp=2, tensor=2) mesh and train
-3 steps on the same data as the single-process test, each process feeding its half of every batch.
+3 steps on the same data as the single-process test, each process building and feeding its half of every batch.
 """
 
 import json
@@ -42,7 +42,7 @@ trainer = T.Trainer(T.Generator(sharding.load_model(model_dir, mesh), rngs=nnx.R
 batches = T.batch_fn(examples, groups, cfg, 4, 4, 3, data["pad_id"], 0)
 # Compile the step (into the persistent compilation cache the tests share) before its collectives run.
 T.train_step.lower(trainer.graphdef, trainer.trainable, trainer.opt_state, trainer.frozen,
-                   sharding.shard_batch(sharding.process_slice(batches(0)), mesh),
+                   sharding.shard_batch(batches(0), mesh),
                    optimizer=trainer.optimizer, cfg=trainer.cfg).compile()
 barrier("compiled")
 history = trainer.run(batches)

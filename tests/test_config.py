@@ -84,8 +84,11 @@ def test_bad_override_rejected_by_flags(repo_root, tmp_path, override, needles):
     ("--config.train.objective=dpo", ("train.objective", "c3l, vlit, align")),
     ("--config.select.top_fraction=0", ("select.top_fraction", "(0.0, 1.0]")),
     ("--config.select.top_fraction=1.5", ("select.top_fraction",)),
-    ("--config.mesh.fsdp=0", ("mesh",)),
-    ("--config.mesh.fsdp=-1", ("mesh", "-1")),  # data is already -1: two axes cannot both be "the rest"
+    ("--config.inference.mesh.fsdp=0", ("inference.mesh",)),
+    # data is already -1: two axes cannot both be "the rest"
+    ("--config.train.mesh.fsdp=-1", ("train.mesh", "-1")),
+    ("--config.train.mesh.data=4", ("train.batch_size=2", "data x fsdp = 4")),  # tiny: batch 2
+    ("--config.mesh.data=2", ("config.mesh was split", "config.inference.mesh", "config.train.mesh")),
     ("--config.stages=score,bogus", ("'bogus'", "initial, filter, score, select, train, final, export, eval")),
     ("--config.stages=", ("stages",)),
     ("--config.train.trainable=('decoder[',)", ("trainable", "decoder[")),
@@ -100,7 +103,8 @@ def test_bad_value_rejected_before_running(repo_root, tmp_path, override, needle
 
 def test_edge_values_accepted(repo_root, tmp_path):
   proc = launch(repo_root, "--config=configs/llava15.py:tiny", "--config.select.top_fraction=1.0",
-                "--config.mesh.data=2", "--config.mesh.tensor=-1", "--config.scoring.mode=full_kl",
+                "--config.inference.mesh.data=2", "--config.inference.mesh.tensor=-1",
+                "--config.train.mesh.data=2", "--config.scoring.mode=full_kl",
                 "--config.stages=eval,initial", f"--workdir={tmp_path / 'w'}", "--dry_run")
   assert proc.returncode == 0, proc.stderr
   assert "stages initial, eval" in proc.stdout

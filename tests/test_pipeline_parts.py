@@ -291,38 +291,39 @@ def test_generation_quarantines_sequences_over_the_context_and_counts_add_up(mod
 
 
 def test_processes_take_disjoint_shards_that_cover_all():
-  import jax
-  from c3l_jax.pipeline import common
+  from c3l_jax import runtime
   for count in (1, 2, 3):
-    taken = []
-    for index in range(count):
-      with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(jax, "process_count", lambda: count)
-        mp.setattr(jax, "process_index", lambda: index)
-        taken.append(common.my_shards(range(7)))
+    taken = [runtime.Runtime(index, count).my_shards(range(7)) for index in range(count)]
     assert sorted(i for t in taken for i in t) == list(range(7))  # each shard exactly once
     assert taken[0] == list(range(0, 7, count))
 
 
 def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch, caplog):
-  """`run_generation` on two simulated hosts (threads; `sync` a barrier) in one workdir: process 1 takes
-  the odd shards, process 0 the even ones and gathers; every file equals a one-process run's."""
+  """`run_generation` on two simulated hosts (threads, each with its runtime; a barrier is a
+  threading.Barrier) in one workdir: process 1 takes the odd shards, process 0 the even ones and
+  gathers; every file equals a one-process run's."""
   import logging
   import threading
 
-  import jax
+  from c3l_jax import runtime
   from c3l_jax.pipeline import common, initial
 
   host = threading.local()
   barrier = threading.Barrier(2)
-  monkeypatch.setattr(jax, "process_count", lambda: getattr(host, "count", 1))
-  monkeypatch.setattr(jax, "process_index", lambda: getattr(host, "index", 0))
-  monkeypatch.setattr(common, "sync", lambda name: barrier.wait() if host.count > 1 else None)
+
+  class ThreadRuntime(runtime.Runtime):
+    def barrier(self, name):
+      barrier.wait()
+
+    def check(self, point=""):
+      pass
+
+  monkeypatch.setattr(runtime, "get", lambda: host.rt)
   monkeypatch.setattr(common, "Inference", _StubInference)
   generated = []
   real = initial.generate_jobs
   monkeypatch.setattr(initial, "generate_jobs", lambda inf, jobs, mode, stage, shard: (
-      generated.append((host.index, shard)), real(inf, jobs, mode, stage, shard))[1])
+      generated.append((host.rt.index, shard)), real(inf, jobs, mode, stage, shard))[1])
 
   names = ["ok0.png", "bad.png", "wide.png", "chatty.png", "ok1.png", "ok2.png", "bad2.png"]
   chunks = [_jobs(names[i:i + 2], salt=i) for i in range(0, len(names), 2)]
@@ -330,7 +331,7 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch
   config = _gen_config("two_step")
 
   def run(workdir, count, index, out):
-    host.count, host.index = count, index
+    host.rt = ThreadRuntime(index, count) if count > 1 else runtime.Runtime()
     out[index] = initial.run_generation(config, str(workdir), "initial", chunks, "two_step", None,
                                         upfront, records=len(names) + 1)
 
@@ -358,3 +359,30 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch
   # Each process logs its shards.
   done = sorted(r.getMessage() for r in caplog.records if "shard" in r.getMessage())
   assert [d.split(" (")[0] for d in done] == [f"initial: shard {i} done" for i in range(4)]
+
+
+def test_a_stage_reads_only_a_finished_input_never_data_records_instead(tmp_path):
+  """`common.input_stage`: the previous stage, when it runs in this job or started in this workdir, must
+  have finished (else BadInput); `data.records` is the input only when it neither ran nor started."""
+  from configs import common as config_common
+  from c3l_jax.data.records import BadInput
+  from c3l_jax.pipeline import common
+
+  config = config_common.get_base_config()
+  config.data.records = str(tmp_path / "records.jsonl")
+  work = tmp_path / "w"
+  work.mkdir()
+  config.stages = "score"
+  assert common.input_stage(config, str(work), ("filter",)) is None  # filter not run: data.records
+  config.stages = "filter,score"
+  with pytest.raises(BadInput, match=r"WORKDIR/filter, is not finished"):
+    common.input_stage(config, str(work), ("filter",))  # in this job, not done: never data.records
+  config.stages = "score"
+  (work / "filter").mkdir()  # started here earlier (a killed run), not finished
+  with pytest.raises(BadInput, match="filter/DONE.json is missing"):
+    common.input_stage(config, str(work), ("filter",))
+  (work / "filter" / "DONE.json").write_text("{}")
+  assert common.input_stage(config, str(work), ("filter",)) == "filter"
+  config.data.records = ""
+  with pytest.raises(BadInput, match="config.data.records is not set"):
+    common.input_stage(config, str(tmp_path / "empty"), ("filter",))

@@ -266,6 +266,26 @@ def read_model_config(model_dir: str) -> dict | None:
     return json.load(f)
 
 
+def _local_files(model_dir: str) -> str:
+  """`model_dir` itself when local; for a remote one (gs://...: a generator trained in a GCS workdir) a
+  local copy of its top-level files (tokenizer, processor, configs; not the parameters), since
+  transformers reads local files only."""
+  if "://" not in model_dir:
+    return model_dir
+  import hashlib
+  import tempfile
+
+  from etils import epath
+
+  local = os.path.join(tempfile.gettempdir(), "c3l_jax_processors",
+                       hashlib.sha1(model_dir.encode()).hexdigest()[:16])
+  os.makedirs(local, exist_ok=True)
+  for src in epath.Path(model_dir).iterdir():
+    if src.is_file():
+      src.copy(epath.Path(local) / src.name, overwrite=True)
+  return local
+
+
 def load_processor(model_dir: str) -> Any:
   """The processor saved next to a converted model (local files only, never the hub).
 
@@ -281,6 +301,7 @@ def load_processor(model_dir: str) -> Any:
   """
   from transformers import AutoProcessor
 
+  model_dir = _local_files(model_dir)
   if not os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
     raise FileNotFoundError(f"{model_dir!r} has no tokenizer files: convert from a HF directory that "
                             "includes the processor (tokenizer, preprocessor and chat template)")

@@ -10,6 +10,8 @@ import json
 import os
 from typing import Callable, Iterator, Sequence
 
+from etils import epath
+
 REQUIRED = ("id", "image", "question", "answer")
 
 
@@ -116,10 +118,9 @@ def _parse_line(raw: str | bytes) -> tuple[str | None, dict]:
   return None, rec
 
 
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-  """Write rows as JSON lines atomically (tmp file + rename)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+  """Write rows as JSON lines atomically (tmp file + rename; a local path or a gs:// URI)."""
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+  tmp.replace(path)

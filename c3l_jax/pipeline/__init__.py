@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
+from etils import epath
 
 from c3l_jax import console, registry
 from c3l_jax.models.configs import MODEL_CONFIG_FILE
@@ -149,10 +150,19 @@ def check_config(config: Any) -> tuple[str, ...]:
     if not ok or (isinstance(value, float) and math.isnan(value)):
       interval = f"{'[' if lo_incl else '('}{lo}, {hi}{']' if hi_incl else ')'}"
       raise ConfigError(f"config.{path}={value!r} is out of range (must be in {interval})")
-  sizes = {axis: _get(config, f"mesh.{axis}") for axis in ("data", "fsdp", "tensor")}
-  if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
-    raise ConfigError(f"config.mesh {sizes} is not valid (sizes must be positive, or -1 = the rest "
-                      "of the devices for at most one axis)")
+  for mesh in ("inference.mesh", "train.mesh"):
+    sizes = {axis: _get(config, f"{mesh}.{axis}") for axis in ("data", "fsdp", "tensor")}
+    if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
+      raise ConfigError(f"config.{mesh} {sizes} is not valid (sizes must be positive, or -1 = the "
+                        "rest of the devices for at most one axis)")
+  batch_shards = math.prod(max(_get(config, f"train.mesh.{a}"), 1) for a in ("data", "fsdp"))
+  if config.train.batch_size % batch_shards:
+    raise ConfigError(f"config.train.batch_size={config.train.batch_size} does not divide over the "
+                      f"train mesh's data x fsdp = {batch_shards} devices")
+  dist = config.distributed
+  if dist.enabled and dist.num_processes > 0 and config.train.batch_size % dist.num_processes:
+    raise ConfigError(f"config.train.batch_size={config.train.batch_size} (global) does not divide over "
+                      f"config.distributed.num_processes={dist.num_processes}")
   from c3l_jax.data import instructions  # jax-free
   try:
     instructions.parse_mix(config.generation.instruction_mix)
@@ -219,9 +229,9 @@ def environment_problems(config: Any, stages: Sequence[str]) -> list[str]:
     if not path:
       problems.append(f"model.checkpoint is not set but stage(s) {', '.join(model_stages)} need a model "
                       f"({CONVERT_HINT}, then pass --config.model.checkpoint=DIR)")
-    elif not os.path.isdir(path):
+    elif not epath.Path(path).is_dir():
       problems.append(f"model.checkpoint {path!r} does not exist ({CONVERT_HINT})")
-    elif not os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)):
+    elif not (epath.Path(path) / MODEL_CONFIG_FILE).is_file():
       problems.append(f"model.checkpoint {path!r} has no {MODEL_CONFIG_FILE}: not a c3l-jax model "
                       f"directory ({CONVERT_HINT})")
   available = ", ".join(implemented_stages()) or "none"
@@ -244,13 +254,12 @@ def _json_default(obj: Any) -> Any:
   return str(obj)
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Write `obj` as JSON atomically (tmp file + rename)."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, default=_json_default)
-    f.write("\n")
-  os.replace(tmp, path)
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Write `obj` as JSON atomically (tmp file + rename; a local path or a gs:// URI)."""
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+  tmp.replace(path)
 
 
 def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, dict]:
@@ -258,35 +267,38 @@ def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, di
 
   A finished stage leaves WORKDIR/<stage>/DONE.json (its metrics); a rerun in the same workdir skips it,
   and a stage interrupted midway skips the shards it finished (docs/design.md, "Data flow").
+  With several processes every one runs every stage (each its share of the shards); the lead writes
+  DONE.json and metrics.json, then all meet at a barrier, so no process starts the next stage before
+  its input is complete (`runtime.Runtime.lead_writes`).
   """
+  from c3l_jax import runtime  # imports jax: not at module level (see the module docstring)
+
   registry.load_plugins(config)
-  metrics_path = os.path.join(workdir, "metrics.json")
+  rt = runtime.get()
+  root = epath.Path(workdir)
   metrics: dict[str, dict] = {}
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      metrics = json.load(f)
+  if (root / "metrics.json").exists():
+    metrics = json.loads((root / "metrics.json").read_text())
   for name in stages:
-    done_path = os.path.join(workdir, name, "DONE.json")
-    if os.path.exists(done_path):
-      with open(done_path) as f:
-        metrics[name] = json.load(f)
+    done_path = root / name / "DONE.json"
+    if done_path.exists():
+      metrics[name] = json.loads(done_path.read_text())
       console.say(f"stage {name}: already done in this workdir, skipped")
       continue
     console.say(f"stage {name}: start")
+    rt.check(f"{name}:start")
     start = time.perf_counter()
     result = dict(get_stage(name)(config, workdir) or {})
-    os.makedirs(os.path.dirname(done_path), exist_ok=True)
-    if _is_lead():
+    metrics[name] = result
+
+    def finish(done_path=done_path):
+      done_path.parent.mkdir(parents=True, exist_ok=True)
       write_json(done_path, result)
-      metrics[name] = result
-      write_json(metrics_path, metrics)
+      write_json(root / "metrics.json", metrics)
+
+    rt.lead_writes(f"{name}:done", finish)
     counts = console.counts(result)
     console.say(f"stage {name}: done in {time.perf_counter() - start:.1f}s"
                 + (f" ({counts})" if counts else ""))
     logging.info("stage %s metrics: %s", name, json.dumps(result, default=_json_default))
   return metrics
-
-
-def _is_lead() -> bool:
-  import jax  # stages have imported it by now
-  return jax.process_index() == 0

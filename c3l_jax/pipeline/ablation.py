@@ -43,7 +43,7 @@ import numpy as np
 from absl import logging
 from scipy import stats
 
-from c3l_jax import registry
+from c3l_jax import registry, runtime
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
 from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards
@@ -150,14 +150,17 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
   data = os.path.join(down, "records.jsonl")
   if not os.path.exists(data):
     write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in records])
-  cfg = derive(config, {
-      "train.objective": "vlit", "data.records": data, "train.steps": config.ablation.vlit_steps,
-      "train.learning_rate": config.ablation.vlit_learning_rate,
-      "train.checkpoint_every": config.ablation.vlit_steps, "eval.checkpoint": "",
-      "eval.benchmarks": config.ablation.benchmarks})
-  stages = ("train", "eval") if records else ("eval",)
-  metrics = pipeline.run_stages(cfg if records else derive(config, {
-      "eval.benchmarks": config.ablation.benchmarks}), down, stages)
+  if records:
+    stages = ("train", "eval")
+    cfg = derive(config, {
+        "stages": "train,eval", "train.objective": "vlit", "data.records": data,
+        "train.steps": config.ablation.vlit_steps, "train.learning_rate": config.ablation.vlit_learning_rate,
+        "train.checkpoint_every": config.ablation.vlit_steps, "eval.checkpoint": "",
+        "eval.benchmarks": config.ablation.benchmarks})
+  else:
+    stages = ("eval",)
+    cfg = derive(config, {"stages": "eval", "eval.benchmarks": config.ablation.benchmarks})
+  metrics = pipeline.run_stages(cfg, down, stages)
   logging.info("ablation %s: downstream done", name)
   return metrics["eval"]
 
@@ -235,16 +238,18 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
   if k == 0:
     missing = [s for s in SHARED if not common.stage_done(workdir, s)]
     if missing:
-      pipeline.run_stages(config, workdir, missing)
+      pipeline.run_stages(derive(config, {"stages": ",".join(missing)}), workdir, missing)
     _link(workdir, seed_dir, {s: s for s in SHARED})
   else:
-    pipeline.run_stages(cfg, seed_dir, SHARED)
+    pipeline.run_stages(derive(cfg, {"stages": ",".join(SHARED)}), seed_dir, SHARED)
   results: dict[str, dict] = {}
   results["base model"] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], "base"))
   for name, row in all_rows(config).items():
     row_dir = os.path.join(seed_dir, row.dirname)
     _link(seed_dir, row_dir, row.links)
-    metrics = pipeline.run_stages(derive(cfg, row.overrides), row_dir, row.stages)
+    # Each sub-run's config names its own stages: a stage's input must come from this job's stages.
+    metrics = pipeline.run_stages(derive(cfg, {**row.overrides, "stages": ",".join(row.stages)}),
+                                  row_dir, row.stages)
     rows = shards.read_parts(os.path.join(row_dir, "final", "filtered"))
     result = {"instances": len(rows)}
     quality = metrics["export"].get("quality", {}).get("final")
@@ -260,7 +265,7 @@ def run(config: Any, workdir: str) -> dict:
   per_seed = [run_seed(config, workdir, k) for k in range(seeds)]
   means, widths = aggregate(per_seed)
   text = table(means, widths, seeds)
-  if common.is_lead():
+  if runtime.get().is_lead:
     with open(os.path.join(workdir, "ablation", "table.txt"), "w") as f:
       f.write(text + "\n")
     print(text, flush=True)

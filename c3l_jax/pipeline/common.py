@@ -1,9 +1,9 @@
 """What the model stages share: one loaded model per process, batched text generation, stage inputs.
 
 Inference stages (`initial`, `score`, `final`, `eval`) are data-parallel over processes: each process
-loads the model on a mesh of its *local* devices (data x fsdp x tensor as configured) and takes the
-shards `i` with `i % process_count == process_index` (`my_shards`), so hosts never wait on each other
-until the stage's end (`sync`). Generation is deterministic per row: every row's PRNG key is derived
+loads the model on a mesh of its *local* devices (`config.inference.mesh`) and takes the shards
+`runtime.get().my_shards(...)` gives it, so hosts never wait on each other until the stage's end (a
+`barrier`). Generation is deterministic per row: every row's PRNG key is derived
 from (seed, stage, shard, row), never from the batch it happens to land in. `Progress` is every
 sharded stage's tqdm bar and per-shard log line.
 """
@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 
-from c3l_jax import sampling, sharding
+from c3l_jax import console, runtime, sampling, sharding
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.records import BadInput, read_records
@@ -31,30 +32,13 @@ from c3l_jax.pipeline import shards
 SALTS = {"initial": 1, "final": 2, "eval": 3, "select": 4}
 
 
-def my_shards(indices: Sequence[int]) -> list[int]:
-  """The shard indices this process handles (all of them with one process)."""
-  count, index = jax.process_count(), jax.process_index()
-  return [i for i in indices if i % count == index]
-
-
-def is_lead() -> bool:
-  return jax.process_index() == 0
-
-
-def sync(name: str) -> None:
-  """A barrier across processes (a no-op with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 class Progress:
   """A stage's tqdm bar over its items (items/s, tokens/s where the stage counts tokens, ETA) and an
   absl log line per finished shard. Use as a context manager; `shard_done` after each shard."""
 
   def __init__(self, stage: str, total: int, unit: str):
     self.stage, self.tokens, self.start = stage, 0, time.perf_counter()
-    self.bar = tqdm.tqdm(total=total, desc=stage, unit=unit)
+    self.bar = tqdm.tqdm(total=total, desc=stage, unit=unit, disable=not console.is_lead())
 
   def shard_done(self, index: int, items: int, tokens: int | None = None, **counts: int) -> None:
     """Shard `index` of `items` items finished; `counts` (name=number) go to the log line."""
@@ -65,6 +49,7 @@ class Progress:
       counts = {**counts, "tokens": tokens}
     logging.info("%s: shard %d done (%s)", self.stage, index,
                  ", ".join(f"{n} {name}" for name, n in counts.items()))
+    runtime.get().check(f"{self.stage.split(':')[0]}:shard")  # stop if another process failed
 
   def __enter__(self) -> "Progress":
     return self
@@ -81,23 +66,43 @@ def row_keys(seed: int, stage: str, shard: int, rows: Sequence[int]) -> jax.Arra
 
 def stage_done(workdir: str, stage: str) -> bool:
   """Whether `stage` finished in `workdir` (`run_stages` writes WORKDIR/<stage>/DONE.json)."""
-  return os.path.exists(os.path.join(workdir, stage, "DONE.json"))
+  return (epath.Path(workdir) / stage / "DONE.json").exists()
+
+
+def input_stage(config: Any, workdir: str, previous: Sequence[str]) -> str | None:
+  """The stage of `previous` (searched in order) whose output this stage reads, or None for
+  `config.data.records`.
+
+  A stage of `previous` that runs in this job (`config.stages`) or has started in this workdir must have
+  finished: reading anything else (a later stage, `data.records`) would silently change the run's data,
+  so that is a `BadInput`. A stage neither run nor started is skipped; with none left, the input is
+  `config.data.records` (`--config.stages=score --config.data.records=FILE`), which must be set.
+  """
+  from c3l_jax.pipeline import parse_stages  # the package imports this module lazily
+  running = parse_stages(config.stages)
+  for stage in previous:
+    if stage_done(workdir, stage):
+      return stage
+    if stage in running or (epath.Path(workdir) / stage).exists():
+      raise BadInput(f"the input of this stage, WORKDIR/{stage}, is not finished ({stage}/DONE.json is "
+                     f"missing in {workdir}): run the {stage} stage to its end first")
+  if not config.data.records:
+    raise BadInput(f"no input: none of the stages {', '.join(previous) or '(none)'} ran in this workdir "
+                   "and config.data.records is not set")
+  return None
 
 
 def stage_input(config: Any, workdir: str, previous: Sequence[str],
                 required: Sequence[str] = ("id", "image", "question", "answer")
                 ) -> tuple[list[dict], list[dict], str]:
-  """Records from the first finished stage of `previous` (searched in order), else `data.records`.
+  """Records of `input_stage(config, workdir, previous)`, or of `data.records` when it is None.
 
   Returns `(records, rejected lines, where they came from)`; records from a stage's own output are
   trusted, `data.records` lines are checked (bad ones come back as rejections, or raise under strict).
   """
-  for stage in previous:
-    if stage_done(workdir, stage):
-      return shards.read_parts(os.path.join(workdir, stage)), [], f"WORKDIR/{stage}"
-  if not config.data.records:
-    raise BadInput(f"no input: none of the stages {', '.join(previous)} has finished in this workdir "
-                   "and config.data.records is not set")
+  stage = input_stage(config, workdir, previous)
+  if stage is not None:
+    return shards.read_parts(os.path.join(workdir, stage)), [], f"WORKDIR/{stage}"
   records, rejected = read_records(config.data.records, required=required, strict=config.strict)
   return records, rejected, config.data.records
 
@@ -115,7 +120,7 @@ class Inference:
   def __init__(self, config: Any, checkpoint: str | None = None, split: str | None = None):
     self.config = config
     self.checkpoint = checkpoint or config.model.checkpoint
-    self.mesh = sharding.make_mesh(config.mesh, devices=jax.local_devices())
+    self.mesh = sharding.make_mesh(config.inference.mesh, devices=jax.local_devices())
     self.model = sharding.load_model(self.checkpoint, self.mesh, **model_runtime(config))
     self.builder = PromptBuilder(load_processor(self.checkpoint), self.model.cfg.image_token_id,
                                  self.model.cfg.image_seq_length)
@@ -171,5 +176,4 @@ class Inference:
     return texts, n_tokens
 
 
-__all__ = ["Inference", "Progress", "is_lead", "my_shards", "row_keys", "stage_done", "stage_input",
-           "sync"]
+__all__ = ["Inference", "Progress", "input_stage", "row_keys", "stage_done", "stage_input"]

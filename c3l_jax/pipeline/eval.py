@@ -44,8 +44,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 
-from c3l_jax import scoring, sharding
+from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load_image_bytes
 from c3l_jax.data.records import BadInput, reject, write_jsonl
@@ -75,7 +76,7 @@ def resolve_checkpoint(config: Any, workdir: str) -> str:
   if config.eval.checkpoint:
     return config.eval.checkpoint
   trained = os.path.join(workdir, "train", "generator")
-  if os.path.isfile(os.path.join(trained, MODEL_CONFIG_FILE)):
+  if (epath.Path(trained) / MODEL_CONFIG_FILE).exists():
     return trained
   return config.model.checkpoint
 
@@ -117,7 +118,7 @@ class Evaluator:
     rejections: `upfront` (the benchmark file's bad entries) + every chunk's, all in `rejected.jsonl`."""
     out = os.path.join(self.dir, name)
     count = max(1, math.ceil(n / self.chunk))
-    todo = [i for i in common.my_shards(range(count)) if not shards.is_done(out, i)]
+    todo = [i for i in runtime.get().my_shards(range(count)) if not shards.is_done(out, i)]
     bar = tqdm.tqdm(total=sum(len(range(i * self.chunk, min(n, (i + 1) * self.chunk))) for i in todo),
                     desc=f"eval {name}", unit="q", disable=not todo)
     for i in todo:
@@ -126,8 +127,8 @@ class Evaluator:
       shards.write_shard(out, i, rows, rejected)
       bar.update(len(span))
     bar.close()
-    common.sync(f"eval:{name}")
-    n_rejected = shards.gather_rejected(out, upfront) if common.is_lead() else 0
+    runtime.get().barrier(f"eval:{name}")
+    n_rejected = shards.gather_rejected(out, upfront) if runtime.get().is_lead else 0
     return shards.read_parts(out), n_rejected
 
   def _bad_image(self, rejected: list[dict], what: dict, e: ImageError) -> None:
@@ -228,7 +229,7 @@ class Evaluator:
         out.append(_mc_row(item, outputs=[answers[r] for r in rotations]))
       else:
         missing.append(j)
-    if common.is_lead():
+    if runtime.get().is_lead:
       reasons: dict[int, str] = {}
       for bad in shards.read_part(os.path.join(self.dir, f"{name}_rotations", "rejected.jsonl")):
         reasons.setdefault(bad["raw"]["item"], bad["reason"])
@@ -237,7 +238,7 @@ class Evaluator:
       out_dir = os.path.join(self.dir, name)
       shards.write_shard(out_dir, 0, out, rejected)
       shards.gather_rejected(out_dir, upfront)
-    common.sync(f"eval:{name}:items")
+    runtime.get().barrier(f"eval:{name}:items")
     return out, len(upfront) + len(missing)
 
 
@@ -279,12 +280,12 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
     splits, file_rejected = pope.read_question_files(cfg.pope_questions_dir, strict)
     origin, k = "questions", None
   else:
-    os.makedirs(os.path.join(ev.dir, "pope"), exist_ok=True)
+    epath.Path(ev.dir, "pope").mkdir(parents=True, exist_ok=True)
     if cfg.pope_annotations:
       annotations, bad = pope.read_annotations(cfg.pope_annotations, strict)
       origin = "annotations"
       out["annotations_rejected"] = len(bad)
-      if common.is_lead():
+      if runtime.get().is_lead:
         write_jsonl(os.path.join(ev.dir, "pope", "rejected.jsonl"), bad)
     else:
       items, _ = ev.inf.source.items(0)
@@ -296,7 +297,7 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
                        "eval.pope_questions_dir (official question files) or eval.pope_annotations")
     k = pope.effective_k(cfg.pope_objects, {o for a in annotations for o in a["objects"]})
     splits = pope.build_splits(annotations, cfg.pope_num_images, k, ev.config.seed)
-    if common.is_lead():
+    if runtime.get().is_lead:
       for split, questions in splits.items():
         write_jsonl(os.path.join(ev.dir, "pope", f"{origin}_pope_{split}.json"),
                     [{key: q[key] for key in ("question_id", "image", "image_id", "text", "label")
@@ -353,18 +354,15 @@ def _llava_bench(ev: Evaluator, cfg: Any) -> dict:
   rows, n_bad = ev.generate("llava_bench", asked, cfg.long_max_new_tokens, lambda q: q["text"],
                             lambda q: ev.load(q["image_path"], ""), upfront=bad)
   path = os.path.join(ev.dir, "llava_bench_answers.jsonl")
-  if common.is_lead():
+  if runtime.get().is_lead:
     write_jsonl(path, [llava_bench.answer_record(r, r["answer"], ev.model_id) for r in rows])
   return {"n": len(rows), "answers": path, "read": len(questions) + len(bad), "rejected": n_bad,
           "unasked": len(questions) - len(asked)}
 
 
 def _dataset_stats(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "export", "stats.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(workdir) / "export" / "stats.json"
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -394,9 +392,8 @@ def run(config: Any, workdir: str) -> dict:
     metrics["dataset"] = {k: stats[k] for k in ("instances", "avg_question_words", "avg_answer_words")
                           if k in stats}
   text = table.format_table(ev.model_id, metrics, stats)
-  if common.is_lead():
-    with open(os.path.join(ev.dir, "table.txt"), "w") as f:
-      f.write(text)
+  if runtime.get().is_lead:
+    epath.Path(ev.dir, "table.txt").write_text(text)
     print(text, flush=True)
   metrics["table"] = table.table_row(metrics)
   return metrics

@@ -25,7 +25,9 @@ import json
 import os
 from typing import Any, Sequence
 
-from c3l_jax import registry
+from etils import epath
+
+from c3l_jax import registry, runtime
 from c3l_jax.data.records import BadInput
 from c3l_jax.data.sources import open_source, source_kind
 from c3l_jax.eval.selection import selection_composition
@@ -51,12 +53,15 @@ def statistics(llava: Sequence[dict]) -> dict:
           "avg_question_words": mean(questions), "avg_answer_words": mean(answers)}
 
 
-def _dump(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
+def _write(path: epath.Path, text: str) -> None:
+  """Write a file atomically (tmp file + rename; local or gs://)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  tmp.replace(path)
+
+
+def _dump(path: epath.Path, obj: Any) -> None:
+  _write(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -66,17 +71,18 @@ def run(config: Any, workdir: str) -> dict:
     rows, where = shards.read_parts(os.path.join(workdir, "filter")), "filter"
   else:
     raise BadInput("the export stage needs the final (or filter) stage's output in this workdir")
-  out_dir = os.path.join(workdir, "export")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(workdir) / "export"
+  out_dir.mkdir(parents=True, exist_ok=True)
   llava = to_llava(rows)
   stats = statistics(llava)
   stats["instruction_types"] = dict(sorted(collections.Counter(
       r.get("instruction_type", "unknown") for r in rows).items()))
   stats["source"] = where
-  if common.is_lead():
-    _dump(os.path.join(out_dir, "c3l_vlit.json"), llava)
-    _dump(os.path.join(out_dir, "stats.json"), stats)
-  common.sync("export:done")
+  rt = runtime.get()
+  if rt.is_lead:
+    _dump(out_dir / "c3l_vlit.json", llava)
+    _dump(out_dir / "stats.json", stats)
+  rt.barrier("export:written")
   metrics = {"read": len(rows), "written": len(llava), "rejected": 0, **stats}
   plugin = registry.SOURCES.get(source_kind(config))
   scored = shards.read_parts(os.path.join(workdir, "score")) if common.stage_done(workdir, "score") \
@@ -89,7 +95,7 @@ def run(config: Any, workdir: str) -> dict:
     verdicts = plugin.verdicts(config, source, scored)
   if scored:
     metrics["selection"] = selection_composition(scored, config.select.top_fraction, verdicts)
-  if common.is_lead():
+  if rt.is_lead:
     write_report(config, workdir, metrics, source, scored, verdicts)
   return metrics
 
@@ -99,19 +105,13 @@ def write_report(config: Any, workdir: str, export_metrics: dict, source: Any, s
   """WORKDIR/report.html from the metrics so far and the scored initial data (with its verdicts)."""
   from c3l_jax.eval.report import build_report
 
-  metrics = {}
-  path = os.path.join(workdir, "metrics.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      metrics = json.load(f)
+  path = epath.Path(workdir) / "metrics.json"
+  metrics = json.loads(path.read_text()) if path.exists() else {}
   metrics["export"] = export_metrics
   text = build_report(metrics, scored, source.load, export_metrics.get("quality"),
                       verdicts=verdicts, selection=export_metrics.get("selection"),
                       top_fraction=config.select.top_fraction)
-  tmp = os.path.join(workdir, "report.html.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, os.path.join(workdir, "report.html"))
+  _write(epath.Path(workdir) / "report.html", text)
 
 
 def quality_title(config: Any) -> str:

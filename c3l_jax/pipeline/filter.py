@@ -16,6 +16,7 @@ import difflib
 import os
 from typing import Any, Sequence
 
+from c3l_jax import runtime
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.records import BadInput, reject
 from c3l_jax.pipeline import common, shards
@@ -76,7 +77,8 @@ def filter_rows(rows: Sequence[dict], cfg: Any, strict: bool = False) -> tuple[l
 
 def run(config: Any, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, "filter")
-  if common.stage_done(workdir, "initial"):
+  rt = runtime.get()
+  if common.input_stage(config, workdir, ("initial",)) == "initial":
     inputs = [shards.read_part(p) for p in shards.part_files(os.path.join(workdir, "initial"))]
     upfront: list[dict] = []
   else:
@@ -85,15 +87,15 @@ def run(config: Any, workdir: str) -> dict:
   # Duplicates are looked for within an image; initial shards never split an image, data.records
   # is one shard.
   todo = [i for i in range(len(inputs)) if not shards.is_done(stage_dir, i)]
-  if common.is_lead() and todo:
+  if rt.is_lead and todo:
     with common.Progress("filter", sum(len(inputs[i]) for i in todo), "rec") as progress:
       for index in todo:
         kept, rejected = filter_rows(inputs[index], config.filter, config.strict)
         shards.write_shard(stage_dir, index, kept, rejected)
         progress.shard_done(index, len(inputs[index]), kept=len(kept), rejected=len(rejected))
-  common.sync("filter:shards")
+  rt.barrier("filter:shards")
   counts = shards.sum_counts(stage_dir, range(len(inputs)), ("written", "rejected"))
-  if common.is_lead():
+  if rt.is_lead:
     shards.gather_rejected(stage_dir, upfront)
   return {"read": sum(len(r) for r in inputs) + len(upfront), "written": counts["written"],
           "rejected": len(upfront) + counts["rejected"]}

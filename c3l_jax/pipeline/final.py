@@ -26,7 +26,9 @@ import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from c3l_jax import runtime
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.records import BadInput
 from c3l_jax.data.sources import open_source
@@ -36,8 +38,14 @@ from c3l_jax.pipeline.filter import filter_rows
 
 
 def generator_checkpoint(config: Any, workdir: str) -> str:
+  """WORKDIR/train/generator when the train stage runs in this job or ran in this workdir (then it must
+  have finished, `common.input_stage`), else `config.model.checkpoint`."""
   trained = os.path.join(workdir, "train", "generator")
-  return trained if os.path.isdir(trained) else config.model.checkpoint
+  from c3l_jax.pipeline import parse_stages
+  if "train" in parse_stages(config.stages) or epath.Path(workdir, "train").exists():
+    if common.input_stage(config, workdir, ("train",)) == "train" and epath.Path(trained).exists():
+      return trained
+  return config.model.checkpoint
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -64,7 +72,8 @@ def run(config: Any, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, "final")
   filtered_dir = os.path.join(stage_dir, "filtered")
   scorer = None
-  todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(filtered_dir, i)]
+  rt = runtime.get()
+  todo = [i for i in rt.my_shards(range(len(chunks))) if not shards.is_done(filtered_dir, i)]
   if todo:
     inputs = {i: shards.read_part(shards.part_path(stage_dir, i)) for i in todo}
     with common.Progress("final:filter", sum(map(len, inputs.values())), "sample") as progress:
@@ -77,9 +86,9 @@ def run(config: Any, workdir: str) -> dict:
           rejected += unscorable
         shards.write_shard(filtered_dir, index, rows, rejected)
         progress.shard_done(index, len(inputs[index]), kept=len(rows), rejected=len(rejected))
-  common.sync("final:filtered")
+  rt.barrier("final:filtered")
   counts = shards.sum_counts(filtered_dir, range(len(chunks)), ("written", "rejected"))
-  if common.is_lead():
+  if rt.is_lead:
     shards.gather_rejected(filtered_dir, ())
   metrics.update(generator=checkpoint, kept=counts["written"], filtered_out=counts["rejected"])
   return metrics

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from c3l_jax import runtime
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.images import ImageError
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS
@@ -192,7 +193,8 @@ def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]
   an earlier line lists (generated for once).
   """
   stage_dir = os.path.join(workdir, stage)
-  todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
+  rt = runtime.get()
+  todo = [i for i in rt.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
   if todo:
     inf = common.Inference(config, checkpoint)
     with common.Progress(stage, sum(len(chunks[i]) for i in todo), "sample") as progress:
@@ -201,10 +203,9 @@ def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]
         shards.write_shard(stage_dir, index, rows, rejected, counts)
         progress.shard_done(index, len(chunks[index]), tokens=counts["tokens"], written=len(rows),
                             rejected=len(rejected))
-  common.sync(f"{stage}:shards")
+  rt.barrier(f"{stage}:shards")
   counts = shards.sum_counts(stage_dir, range(len(chunks)), ("written",) + SHARD_COUNTS)
-  os.makedirs(stage_dir, exist_ok=True)
-  if common.is_lead():
+  if rt.is_lead:
     shards.gather_rejected(stage_dir, upfront)
   rows = shards.read_parts(stage_dir)
   return {"read": records, "images": counts["images"], "repeated": repeated,

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from c3l_jax import scoring, sharding
+from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.images import ImageError
 from c3l_jax.data.records import BadInput, reject
 from c3l_jax.pipeline import common, shards
@@ -33,7 +33,8 @@ def run(config: Any, workdir: str) -> dict:
   logging.info("score: %d records from %s", len(records), where)
   size = config.scoring.shard_size
   chunks = [records[i:i + size] for i in range(0, len(records), size)]
-  todo = [i for i in common.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
+  rt = runtime.get()
+  todo = [i for i in rt.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
 
   if todo:
     inf, scorer = make_scorer(config)
@@ -43,9 +44,9 @@ def run(config: Any, workdir: str) -> dict:
         shards.write_shard(stage_dir, index, rows, rejected)
         progress.shard_done(index, len(chunks[index]), tokens=sum(r["n_tokens"] for r in rows),
                             scored=len(rows), rejected=len(rejected))
-  common.sync("score:shards")
+  rt.barrier("score:shards")
   counts = shards.sum_counts(stage_dir, range(len(chunks)), ("written", "rejected"))
-  if common.is_lead():
+  if rt.is_lead:
     shards.gather_rejected(stage_dir, upfront)
   return {"read": len(records) + len(upfront), "written": counts["written"],
           "rejected": len(upfront) + counts["rejected"]}

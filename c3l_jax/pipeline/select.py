@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from c3l_jax import runtime
 from c3l_jax.data.records import BadInput, reject
 from c3l_jax.losses import select_groups
 from c3l_jax.pipeline import baselines, common, shards
@@ -72,15 +73,16 @@ def run(config: Any, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, "select")
   records, upfront, _ = common.stage_input(config, workdir, ("score",))
   records, bad = _check_scores(records, config.strict)
-  if common.is_lead() and not shards.is_done(stage_dir, 0):
+  rt = runtime.get()
+  if rt.is_lead and not shards.is_done(stage_dir, 0):
     with common.Progress("select", len(records) + len(bad), "rec") as progress:
       rows = METHODS[config.select.method](records, config)
       shards.write_shard(stage_dir, 0, rows, bad)
       progress.shard_done(0, len(records) + len(bad), selected=len(rows), rejected=len(bad))
-  common.sync("select:shards")
+  rt.barrier("select:shards")
   rows = shards.read_part(shards.part_path(stage_dir, 0))
   n_rejected = len(upfront) + shards.read_shard_counts(stage_dir, 0)[1]
-  if common.is_lead():
+  if rt.is_lead:
     shards.gather_rejected(stage_dir, upfront)
   roles = [r["role"] for r in rows]
   top = [r for r in rows if r["top_fraction"]]

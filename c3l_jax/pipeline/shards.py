@@ -5,42 +5,47 @@ finished (also written to a tmp file and renamed: a SIGKILL never leaves a half-
 skips finished shards. Inputs a shard rejected go to `part-NNNNN.rejected.jsonl` (written before the
 marker) and are gathered into `WORKDIR/<stage>/rejected.jsonl` at the end. The marker holds the shard's
 counts as JSON: `written`, `rejected` and whatever else the stage counts (`read_counts`).
+Paths go through `etils.epath`: a stage directory may be local or on GCS (`gs://...`).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Sequence
 
+from etils import epath
+
 from c3l_jax.data.records import write_jsonl
 
 
-def part_path(stage_dir: str, index: int) -> str:
-  return os.path.join(stage_dir, f"part-{index:05d}.jsonl")
+def part_path(stage_dir: str | os.PathLike, index: int) -> str:
+  return os.fspath(epath.Path(stage_dir) / f"part-{index:05d}.jsonl")
 
 
-def is_done(stage_dir: str, index: int) -> bool:
-  return os.path.exists(os.path.join(stage_dir, f"part-{index:05d}.done"))
+def _marker(stage_dir: str | os.PathLike, index: int) -> epath.Path:
+  return epath.Path(stage_dir) / f"part-{index:05d}.done"
+
+
+def is_done(stage_dir: str | os.PathLike, index: int) -> bool:
+  return _marker(stage_dir, index).exists()
 
 
 def write_shard(stage_dir: str, index: int, rows: Sequence[dict], rejected: Sequence[dict],
                 counts: dict[str, int] | None = None) -> None:
   """Write one shard (and its rejections) atomically, then its DONE marker with its counts."""
-  os.makedirs(stage_dir, exist_ok=True)
-  write_jsonl(os.path.join(stage_dir, f"part-{index:05d}.rejected.jsonl"), rejected)
+  epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
+  write_jsonl(epath.Path(stage_dir) / f"part-{index:05d}.rejected.jsonl", rejected)
   write_jsonl(part_path(stage_dir, index), rows)
-  marker = os.path.join(stage_dir, f"part-{index:05d}.done")
-  with open(f"{marker}.tmp", "w") as f:
-    f.write(json.dumps({"written": len(rows), "rejected": len(rejected), **(counts or {})}) + "\n")
-  os.replace(f"{marker}.tmp", marker)
+  marker = _marker(stage_dir, index)
+  tmp = marker.with_name(marker.name + ".tmp")
+  tmp.write_text(json.dumps({"written": len(rows), "rejected": len(rejected), **(counts or {})}) + "\n")
+  tmp.replace(marker)
 
 
 def read_counts(stage_dir: str, index: int) -> dict[str, int]:
   """The counts a finished shard's marker holds (`write_shard`)."""
-  with open(os.path.join(stage_dir, f"part-{index:05d}.done")) as f:
-    return json.loads(f.read())
+  return json.loads(_marker(stage_dir, index).read_text())
 
 
 def read_shard_counts(stage_dir: str, index: int) -> tuple[int, int]:
@@ -56,13 +61,17 @@ def sum_counts(stage_dir: str, indices: Sequence[int], keys: Sequence[str]) -> d
 
 def part_files(stage_dir: str) -> list[str]:
   """The stage's output shards, in order (not their rejections)."""
-  return [p for p in sorted(glob.glob(os.path.join(stage_dir, "part-*.jsonl")))
-          if not p.endswith(".rejected.jsonl")]
+  return [p for p in _glob(stage_dir, "part-*.jsonl") if not p.endswith(".rejected.jsonl")]
 
 
-def read_part(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _glob(stage_dir: str | os.PathLike, pattern: str) -> list[str]:
+  root = epath.Path(stage_dir)
+  return sorted(os.fspath(p) for p in root.glob(pattern)) if root.exists() else []
+
+
+def read_part(path: str | os.PathLike) -> list[dict]:
+  text = epath.Path(path).read_text(encoding="utf-8")
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def read_parts(stage_dir: str) -> list[dict]:
@@ -72,10 +81,9 @@ def read_parts(stage_dir: str) -> list[dict]:
 
 def gather_rejected(stage_dir: str, upfront: Sequence[dict]) -> int:
   """`rejected.jsonl` = rejections found before sharding + every shard's, in order; returns the count."""
-  os.makedirs(stage_dir, exist_ok=True)
+  epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
   rows = list(upfront)
-  for path in sorted(glob.glob(os.path.join(stage_dir, "part-*.rejected.jsonl"))):
-    with open(path, encoding="utf-8") as f:
-      rows.extend(json.loads(line) for line in f if line.strip())
-  write_jsonl(os.path.join(stage_dir, "rejected.jsonl"), rows)
+  for path in _glob(stage_dir, "part-*.rejected.jsonl"):
+    rows.extend(read_part(path))
+  write_jsonl(epath.Path(stage_dir) / "rejected.jsonl", rows)
   return len(rows)

@@ -18,13 +18,12 @@ a model directory the `final` stage loads like any converted checkpoint.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
-import jax
+from etils import epath
 from flax import nnx
 
-from c3l_jax import checkpoint, sharding
+from c3l_jax import checkpoint, runtime, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data.images import ImageError
 from c3l_jax.data.prompts import PromptBuilder, load_processor
@@ -63,36 +62,36 @@ def export_generator(vlm, base_dir: str, out: str) -> None:
   Multi-host: every process takes part in the orbax saves (arrays may span hosts); only process 0
   writes the other files and renames the directory into place, between barriers.
   """
-  from jax.experimental import multihost_utils
+  tmp, out = epath.Path(out + ".partial"), epath.Path(out)
+  rt = runtime.get()
+  def clear():
+    if tmp.exists():
+      tmp.rmtree()
 
-  tmp = out + ".partial"
-  lead = jax.process_index() == 0
-  if lead:
-    shutil.rmtree(tmp, ignore_errors=True)
-  multihost_utils.sync_global_devices("export_generator:start")
-  checkpoint.save_params(tmp, nnx.to_pure_dict(nnx.state(vlm, nnx.Param)))
-  multihost_utils.sync_global_devices("export_generator:params")
-  if lead:
-    checkpoint.save_model_config(tmp, vlm.cfg)
-    for name in os.listdir(base_dir):
-      src = os.path.join(base_dir, name)
-      if os.path.isfile(src) and name != checkpoint.MODEL_CONFIG:
-        shutil.copy2(src, os.path.join(tmp, name))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-  multihost_utils.sync_global_devices("export_generator:done")
+  rt.lead_writes("export_generator:start", clear)
+  checkpoint.save_params(os.fspath(tmp), nnx.to_pure_dict(nnx.state(vlm, nnx.Param)))
+  rt.barrier("export_generator:params")
+  if rt.is_lead:
+    checkpoint.save_model_config(os.fspath(tmp), vlm.cfg)
+    for src in epath.Path(base_dir).iterdir():
+      if src.is_file() and src.name != checkpoint.MODEL_CONFIG:
+        src.copy(tmp / src.name, overwrite=True)
+    if out.exists():
+      out.rmtree()
+    tmp.rename(out)
+  rt.barrier("export_generator:done")
 
 
 def run(config: Any, workdir: str) -> dict:
   stage_dir = os.path.join(workdir, "train")
-  os.makedirs(stage_dir, exist_ok=True)
+  epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
   objective = config.train.objective
   rows = training_records(config, workdir, objective)
   cfg = trainer_lib.TrainConfig.from_config(config.train)
   if objective == "vlit":
     cfg = trainer_lib.TrainConfig(**{**cfg.__dict__, "contrastive_weight": 0.0, "ce_weight": 1.0})
 
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.train.mesh)
   vlm = load_model_from_config(config, mesh)
   builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
                           vlm.cfg.image_seq_length)
@@ -145,6 +144,8 @@ def run(config: Any, workdir: str) -> dict:
   except ImageError as e:
     raise BadInput(f"train: {e}") from None
 
+  # The processes meet before the first computation over every device (see Trainer._step_for).
+  runtime.get().barrier("train:loaded")
   model = trainer_lib.Generator(vlm, rngs=nnx.Rngs(config.seed))
   trainer = trainer_lib.Trainer(model, mesh, cfg, os.path.join(stage_dir, "checkpoints"),
                                 config.train.checkpoint_every)

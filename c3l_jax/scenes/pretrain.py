@@ -53,7 +53,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from c3l_jax import console, sampling, sharding
+from c3l_jax import console, runtime, sampling, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.batching import right_pad, round_up
@@ -457,7 +457,7 @@ def run(config: Any, workdir: str) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
   t0 = time.perf_counter()
   base = build_base(p, stage_dir, seed)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.train.mesh)
   vlm = sharding.load_model(base, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                             scan_layers=config.model.scan_layers, remat=config.model.remat)
   builder = PromptBuilder(load_processor(base), vlm.cfg.image_token_id, vlm.cfg.image_seq_length)
@@ -549,7 +549,7 @@ def run(config: Any, workdir: str) -> dict:
   with open(os.path.join(model_dir, METRICS_FILE), "w") as f:
     json.dump(metrics, f, indent=2)
     f.write("\n")
-  if jax.process_index() == 0:
+  if runtime.get().is_lead:
     out = p.out
     partial = out.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -589,7 +589,7 @@ def main(argv: Sequence[str]) -> None:
   console.say("pretrain: start")
   start = time.perf_counter()
   metrics = run(config, workdir)
-  if jax.process_index() == 0:
+  if runtime.get().is_lead:
     write_json(os.path.join(workdir, "metrics.json"), {"pretrain": metrics})
   steps = ", ".join(f"{k} {metrics[k]['steps']} steps"
                     for k in ("stage1_align", "stage1b_captions", "stage2_tune"))
