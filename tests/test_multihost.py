@@ -211,7 +211,9 @@ def test_sigkill_one_process_mid_stage_then_relaunch_exports_the_same(runs):
   process 0: a lost host); the relaunched job finishes and exports what the uninterrupted run did."""
   work = runs["root"] / "kill" / "w"
   _copy_through(runs["two"], work, ("initial", "filter", "score", "select", "train"))
-  procs = launch_two(str(work), runs["tfds"], fault="1:final:shard:kill")
+  # The survivor learns of the loss from the coordination service's heartbeat (100 s by default).
+  procs = launch_two(str(work), runs["tfds"], "--config.distributed.heartbeat_timeout_s=15",
+                     fault="1:final:shard:kill")
   codes = wait_all(procs, str(work))
   assert codes[1] == -signal.SIGKILL and codes[0] != 0, (codes, _logs(str(work)))
   assert (work / "final" / "part-00001.done").exists()  # process 1's first shard, then the kill
