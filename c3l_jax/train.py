@@ -245,9 +245,10 @@ class Trainer:
     try:
       while self.step < self.cfg.steps:
         batch = sharding.shard_batch(sharding.process_slice(batches(self.step)), self.mesh)
-        trainable, opt_state, metrics = train_step(
-            self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
-            optimizer=self.optimizer, cfg=self.cfg)
+        with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
+          trainable, opt_state, metrics = train_step(
+              self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
+              optimizer=self.optimizer, cfg=self.cfg)
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(v) for v in metrics.values()):
           raise NonFiniteError(f"non-finite loss or gradient at step {self.step}: {metrics}")

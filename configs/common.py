@@ -63,6 +63,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  # Memory of one device in GiB for the memory plan (c3l_jax.memory): a run that does not fit stops
+  # before any device work; 0 = what the backend reports (GPU / TPU), no check where it reports none.
+  config.mesh.device_memory_gb = 0.0
 
   config.data = ml_collections.ConfigDict()
   config.data.records = ""  # JSONL records (see docs/design.md, "Records")
@@ -136,6 +139,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.max_negatives = 4
   config.train.checkpoint_every = 500
   config.train.trainable = ("connector", "decoder")  # regexes over parameter paths
+  # dtype of the trainable parameters in the train stage (the master weights AdamW updates); the frozen
+  # ones stay in model.param_dtype.
+  config.train.param_dtype = "float32"
 
   # The eval stage (README, "Evaluation"): the model on the paper's benchmarks (Table 1).
   config.eval = ml_collections.ConfigDict()

@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("llava15", "minigpt4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "train.param_dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "generation.mode": ("two_step", "direct"),
     "generation.final_mode": ("two_step", "direct"),
@@ -90,6 +91,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "eval.max_items": (0, True, math.inf, False),
     "eval.max_new_tokens": (1, True, math.inf, False),
     "eval.long_max_new_tokens": (1, True, math.inf, False),
+    "mesh.device_memory_gb": (0.0, True, math.inf, False),
 }
 
 
