@@ -11,7 +11,10 @@ then whether the run can happen here (the model directory exists, the stages are
 problem ends the run with one `error: ...` line on stderr and exit status 2.
 
 `--dry_run` stops after the value checks and writing WORKDIR/config.json; the "can it run here"
-problems are reported as `warning: ...` lines instead of errors (exit status 0).
+problems are reported as `warning: ...` lines instead of errors (exit status 0). When the checkpoint
+exists it also prints the memory plan: per stage, the bytes one device holds (`c3l_jax.memory`). A
+real run checks that plan against `config.mesh.device_memory_gb` (0: what the backend reports) before
+any stage starts, and stops with one `error:` line naming the stage and the remedy when it does not fit.
 
 The console shows the workdir, a line per stage start / end with its counts, progress bars, warnings,
 errors and the final tables; every library log line goes to WORKDIR/logs/run.log (`--verbosity=1`: to
@@ -103,6 +106,17 @@ def _default_workdir() -> str:
   return workdir
 
 
+def _memory_plan(config, stages: Sequence[str]):
+  """The run's memory plan (`c3l_jax.memory`; None without a checkpoint to read the architecture from)
+  and the line saying which stage does not fit, if one does not. Imports jax: after
+  `jax.distributed.initialize()`."""
+  from c3l_jax import memory  # pylint: disable=g-import-not-at-top
+  plan = memory.run_plan(config, stages)
+  if plan is None or not plan.stages:
+    return None, None
+  return plan, memory.misfit(plan, config)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])!r} (flags look like --name=value)")
@@ -127,6 +141,11 @@ def main(argv: Sequence[str]) -> None:
   if _DRY_RUN.value:
     for problem in problems:
       print(f"warning: {problem}", file=sys.stderr)
+    plan, misfit = _memory_plan(config, stages) if not problems else (None, None)
+    if plan is not None:
+      print(plan.table())
+    if misfit:
+      print(f"warning: {misfit}", file=sys.stderr)
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {os.path.join(workdir, 'config.json')}")
     return
 
@@ -135,6 +154,11 @@ def main(argv: Sequence[str]) -> None:
   if config.distributed:
     import jax  # pylint: disable=g-import-not-at-top  (kept out of the validation path)
     jax.distributed.initialize()
+  plan, misfit = _memory_plan(config, stages)
+  if plan is not None:
+    logging.info("%s", plan.table())
+  if misfit:
+    _fail(misfit)
   try:
     metrics = pipeline.run_stages(config, workdir, stages)
   except BadInput as e:  # strict mode, or an input no stage can start from

@@ -73,6 +73,7 @@ class StagePlan:
 
   stage: str
   kind: str  # generate | score | train
+  mesh: dict[str, int]
   rows: int  # batch rows per device
   tokens: int  # the longest sequence the stage runs (prompt + new tokens / prefix + packed suffixes)
   params: int
@@ -87,20 +88,20 @@ class StagePlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  mesh: dict[str, int]
   device_bytes: int  # 0 = unknown
   stages: tuple[StagePlan, ...]
 
   def table(self) -> str:
-    """The plan as a fixed-width table (GiB), one row per stage."""
-    head = f"{'stage':<9}{'rows':>5}{'tokens':>7}{'params':>9}{'optim':>9}{'kv':>9}{'activ':>9}{'total':>9}"
-    lines = [f"memory plan per device, mesh {self.mesh}"
-             + (f", {self.device_bytes / GiB:.1f} GiB per device" if self.device_bytes else "")
-             + " (GiB)", head]
+    """The plan as a fixed-width table (GiB per device), one row per stage."""
+    size = f"{self.device_bytes / GiB:.1f} GiB per device" if self.device_bytes else "device size unknown"
+    lines = [f"memory plan, GiB per device ({size}); rows = batch rows per device",
+             f"{'stage':<9}{'mesh d/f/t':>11}{'rows':>5}{'tokens':>7}{'params':>8}{'optim':>8}{'kv':>8}"
+             f"{'activ':>8}{'total':>8}"]
     for s in self.stages:
       fits = "" if not self.device_bytes else ("  fits" if s.total <= self.device_bytes else "  DOES NOT FIT")
-      lines.append(f"{s.stage:<9}{s.rows:>5}{s.tokens:>7}" + "".join(
-          f"{x / GiB:>9.2f}" for x in (s.params, s.optimizer, s.kv_cache, s.activations, s.total))
+      mesh = "/".join(str(s.mesh[a]) for a in ("data", "fsdp", "tensor"))
+      lines.append(f"{s.stage:<9}{mesh:>11}{s.rows:>5}{s.tokens:>7}" + "".join(
+          f"{x / GiB:>8.2f}" for x in (s.params, s.optimizer, s.kv_cache, s.activations, s.total))
           + fits)
     return "\n".join(lines)
 
@@ -212,10 +213,10 @@ def _round_up(x: int, m: int) -> int:
 # -- the plan --------------------------------------------------------------------------------------
 
 def plan(model_cfg: Any, config: Any, stages: Sequence[str], mesh: dict[str, int],
-         device_bytes: int = 0) -> Plan:
+         device_bytes: int = 0, train_mesh: dict[str, int] | None = None) -> Plan:
   """The memory plan of `stages` for the architecture `model_cfg` on a `{data, fsdp, tensor}` mesh
-  (sizes resolved), with the run settings of `config` (an ml_collections config: model.*, data.*,
-  generation.*, scoring.*, train.*)."""
+  (sizes resolved; `train_mesh`, default `mesh`, for the training stages), with the run settings of
+  `config` (an ml_collections config: model.*, data.*, generation.*, scoring.*, train.*)."""
   from c3l_jax.models.configs import with_runtime
   m = config.model
   cfg = with_runtime(model_cfg, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
@@ -223,12 +224,12 @@ def plan(model_cfg: Any, config: Any, stages: Sequence[str], mesh: dict[str, int
   out = []
   for stage in stages:
     if stage in TRAIN_STAGES:
-      out.append(_train_plan(stage, cfg, config, mesh))
+      out.append(_train_plan(stage, cfg, config, train_mesh or mesh))
     elif stage in SCORE_STAGES:
       out.append(_score_plan(stage, cfg, config, mesh))
     elif stage in GENERATE_STAGES:
       out.append(_generate_plan(stage, cfg, config, mesh))
-  return Plan(dict(mesh), int(device_bytes), tuple(out))
+  return Plan(int(device_bytes), tuple(out))
 
 
 def _params_bytes(cfg, mesh, dtype: str, trainable=None, train_dtype: str = "float32",
@@ -266,7 +267,7 @@ def _generate_plan(stage, cfg, config, mesh) -> StagePlan:
   d = cfg.text.hidden_size
   activations = max(_vision(cfg, b, cb, tp),
                     _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2)
-  return StagePlan(stage, "generate", b, s, params, 0, kv, activations)
+  return StagePlan(stage, "generate", dict(mesh), b, s, params, 0, kv, activations)
 
 
 def _score_plan(stage, cfg, config, mesh) -> StagePlan:
@@ -293,7 +294,7 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
     activations = max(_decoder_layer(text, g, t, t, cb, tp) + g * t * d * cb * 2
                       + _lm_head(text, g, answer, tp), _vision(cfg, g, cb, tp))
     tokens = t
-  return StagePlan(stage, "score", g * q, tokens, params, 0, kv, activations)
+  return StagePlan(stage, "score", dict(mesh), g * q, tokens, params, 0, kv, activations)
 
 
 def _train_plan(stage, cfg, config, mesh) -> StagePlan:
@@ -320,7 +321,7 @@ def _train_plan(stage, cfg, config, mesh) -> StagePlan:
     # the backward pass of one layer holds about three times its forward transient.
     saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + 3 * layer
   activations = saved + _lm_head(text, b, t, tp, copies=3) + _vision(cfg, rows, cb, tp)
-  return StagePlan(stage, "train", b, t, params, optimizer, 0, activations)
+  return StagePlan(stage, "train", dict(mesh), b, t, params, optimizer, 0, activations)
 
 
 # -- what XLA says ---------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def backend_device_bytes() -> int:
 
 def remedy(stage: StagePlan, plan_: Plan, config: Any) -> str:
   """What to change so that `stage` fits."""
-  mesh = plan_.mesh
+  mesh = stage.mesh
   hints = []
   if config.model.param_dtype == "float32" and stage.kind != "train":
     hints.append("load the parameters in bf16 (--config.model.param_dtype=bfloat16)")
@@ -500,6 +501,10 @@ def remedy(stage: StagePlan, plan_: Plan, config: Any) -> str:
   return "; or ".join(hints)
 
 
+def _size(n: int) -> str:
+  return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def misfit(plan_: Plan, config: Any) -> str | None:
   """One line for the first stage that does not fit `plan_.device_bytes` (None when all fit or the
   device size is unknown)."""
@@ -507,17 +512,18 @@ def misfit(plan_: Plan, config: Any) -> str | None:
     return None
   for s in plan_.stages:
     if s.total > plan_.device_bytes:
-      return (f"stage {s.stage} needs {s.total / GiB:.1f} GiB per device (params {s.params / GiB:.1f}, "
-              f"optimizer {s.optimizer / GiB:.1f}, kv cache {s.kv_cache / GiB:.1f}, activations "
-              f"{s.activations / GiB:.1f}) on mesh {plan_.mesh}, more than the "
-              f"{plan_.device_bytes / GiB:.1f} GiB a device has: {remedy(s, plan_, config)}")
+      return (f"stage {s.stage} needs {_size(s.total)} per device (params {_size(s.params)}, "
+              f"optimizer {_size(s.optimizer)}, kv cache {_size(s.kv_cache)}, activations "
+              f"{_size(s.activations)}) on mesh {s.mesh}, more than the {_size(plan_.device_bytes)} a "
+              f"device has: {remedy(s, plan_, config)}")
   return None
 
 
-def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices: int = 0
-             ) -> Plan | None:
-  """The plan of a pipeline run: the checkpoint's architecture (or `model_cfg`), the mesh of
-  `config.mesh` over `devices` (default: jax's), `mesh.device_memory_gb` (0: the backend's). None when
+def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices: int = 0,
+             local_devices: int = 0) -> Plan | None:
+  """The plan of a pipeline run: the checkpoint's architecture (or `model_cfg`); `config.mesh` over
+  this host's devices for the inference stages (each process loads its own replica) and over all
+  devices for training (default: jax's counts); `mesh.device_memory_gb` (0: the backend's). None when
   there is no architecture to plan from (no checkpoint yet)."""
   from c3l_jax import checkpoint
   from c3l_jax.sharding import mesh_shape
@@ -529,13 +535,15 @@ def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices:
       return None
   if not devices:
     import jax
-    devices = jax.device_count()
+    devices, local_devices = jax.device_count(), jax.local_device_count()
   axes = ("data", "fsdp", "tensor")
-  sizes = dict(zip(axes, mesh_shape({a: config.mesh[a] for a in axes}, devices)))
+  requested = {a: config.mesh[a] for a in axes}
+  local = dict(zip(axes, mesh_shape(requested, local_devices or devices)))
+  train = dict(zip(axes, mesh_shape(requested, devices)))
   gb = float(getattr(config.mesh, "device_memory_gb", 0) or 0)
   device_bytes = int(gb * GiB) if gb else backend_device_bytes()
   from c3l_jax.pipeline import needs_model
-  return plan(model_cfg, config, needs_model(stages, config), sizes, device_bytes)
+  return plan(model_cfg, config, needs_model(stages, config), local, device_bytes, train_mesh=train)
 
 
 def main(argv: Sequence[str]) -> None:
