@@ -157,14 +157,6 @@ def shard_elements(shape: Sequence[int], axes: Sequence[str | None], mesh: dict[
   return n
 
 
-def _trainable(patterns: Sequence[str]):
-  import re
-
-  from c3l_jax.train import TRAINABLE_ALIASES
-  regexes = [re.compile(TRAINABLE_ALIASES.get(p, p)) for p in patterns]
-  return lambda path: any(r.search(path) for r in regexes)
-
-
 # -- activations -----------------------------------------------------------------------------------
 
 def _decoder_layer(text, b: int, t: int, s: int, cb: int, tp: int) -> int:
@@ -300,11 +292,12 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
 def _train_plan(stage, cfg, config, mesh) -> StagePlan:
   cb, tp = DTYPE_BYTES[cfg.dtype], mesh["tensor"]
   text = cfg.text
+  from c3l_jax.train import trainable_paths
   tr = config.train
   aux = ("temperature",) if tr.objective == "align" else ("head",)
   patterns = tuple(tr.trainable) + aux
   train_dtype = getattr(tr, "param_dtype", cfg.param_dtype)
-  params, trained = _params_bytes(cfg, mesh, cfg.param_dtype, _trainable(patterns), train_dtype,
+  params, trained = _params_bytes(cfg, mesh, cfg.param_dtype, trainable_paths(patterns), train_dtype,
                                   with_head=True)
   tb = DTYPE_BYTES[train_dtype]
   # AdamW's mu and nu, the gradients, and MultiSteps' accumulator.
@@ -508,6 +501,13 @@ def _size(n: int) -> str:
 def misfit(plan_: Plan, config: Any) -> str | None:
   """One line for the first stage that does not fit `plan_.device_bytes` (None when all fit or the
   device size is unknown)."""
+  for s in plan_.stages:
+    shards = _shards(s.mesh)
+    if s.kind == "train" and config.train.batch_size % shards:
+      return (f"stage {s.stage}: train.batch_size={config.train.batch_size} does not split over the "
+              f"{shards} batch shards of mesh {s.mesh} (data x fsdp): a batch size that is a multiple "
+              f"of {shards}, or fewer batch shards (shard the parameters over --config.mesh.tensor "
+              "instead, e.g. --config.mesh.fsdp=2 --config.mesh.tensor=-1)")
   if not plan_.device_bytes:
     return None
   for s in plan_.stages:

@@ -91,13 +91,19 @@ class TrainConfig:
                objective="align" if train.objective == "align" else "c3l")
 
 
+def trainable_paths(patterns: Sequence[str]) -> Callable[[str], bool]:
+  """Whether a '/'-joined parameter path of the `Generator` (`vlm/...`, `head/...`) matches one of
+  `patterns` (aliases or regexes)."""
+  regexes = [re.compile(TRAINABLE_ALIASES.get(p, p)) for p in patterns]
+  return lambda name: any(r.search(name) for r in regexes)
+
+
 def trainable_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
   """NNX filter: a parameter is trainable iff its '/'-joined path matches one of `patterns`."""
-  regexes = [re.compile(TRAINABLE_ALIASES.get(p, p)) for p in patterns]
+  matches = trainable_paths(patterns)
 
   def match(path: tuple, value: Any) -> bool:
-    name = "/".join(str(k) for k in path)
-    return isinstance(value, nnx.Param) and any(r.search(name) for r in regexes)
+    return isinstance(value, nnx.Param) and matches("/".join(str(k) for k in path))
 
   return match
 
@@ -346,4 +352,5 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
 
 
 __all__ = ["Generator", "NonFiniteError", "TrainConfig", "Trainer", "batch_fn", "ce_batch",
-           "contrastive_batch", "epoch_order", "make_optimizer", "train_step", "trainable_filter"]
+           "contrastive_batch", "epoch_order", "make_optimizer", "train_step", "trainable_filter",
+           "trainable_paths"]

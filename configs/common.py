@@ -12,9 +12,13 @@ import ml_collections
 
 
 def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty;
-  a full-size ARG computes in bfloat16, `tiny` (a small random / test checkpoint on CPU) gets small
-  batches and short runs."""
+  """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty.
+
+  A full-size ARG (7b, 13b) computes in bfloat16 and loads the parameters in bfloat16 (the train stage
+  keeps its trainable ones in `train.param_dtype`, fp32 master weights), with the parameters sharded
+  over the devices (`mesh.fsdp=-1`, `mesh.data=1`): one 24 GB GPU runs 7B inference, four 16 GB chips
+  13B; `python -m c3l_jax.memory` / `launch.py --dry_run` print the plan (docs/memory.md). `tiny` (a
+  small random / test checkpoint on CPU) gets small batches and short runs."""
   arg = (arg or valid_args[0]).strip().lower()
   if arg not in valid_args:
     raise ValueError(f"unknown arg {arg!r} (valid: {', '.join(valid_args)})")
@@ -22,6 +26,9 @@ def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_c
   config.model.family = family
   if arg != "tiny":
     config.model.dtype = "bfloat16"
+    config.model.param_dtype = "bfloat16"
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
   else:
     config.data.batch_size = 2
     config.data.eval_batch_size = 2

@@ -31,7 +31,6 @@ from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
 from c3l_jax.data.sources import open_source
 from c3l_jax.pipeline import common, select
-from c3l_jax.pipeline.score import load_model_from_config
 
 CAPTION_INSTRUCTION = "Describe the image briefly."
 
@@ -93,7 +92,13 @@ def run(config: Any, workdir: str) -> dict:
     cfg = trainer_lib.TrainConfig(**{**cfg.__dict__, "contrastive_weight": 0.0, "ce_weight": 1.0})
 
   mesh = sharding.make_mesh(config.mesh)
-  vlm = load_model_from_config(config, mesh)
+  # Frozen parameters in model.param_dtype (bf16 for the 7b / 13b configs); the trained ones in
+  # train.param_dtype (fp32 master weights), restored from the checkpoint in that dtype.
+  trained = trainer_lib.trainable_paths(cfg.trainable)
+  vlm = sharding.load_model(
+      config.model.checkpoint, mesh,
+      param_dtypes=lambda path: config.train.param_dtype if trained(f"vlm/{path}") else None,
+      **common.model_runtime(config))
   builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
                           vlm.cfg.image_seq_length)
   source = open_source(config, builder)
