@@ -19,6 +19,7 @@ run reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -248,9 +249,15 @@ class Trainer:
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     bar = tqdm.tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
                     disable=self.step >= self.cfg.steps)
+    # The next step's host batch (images decoded) is built on a thread while this step runs.
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="train-batches")
+    upcoming = prefetch.submit(batches, self.step) if self.step < self.cfg.steps else None
     try:
       while self.step < self.cfg.steps:
-        batch = sharding.shard_batch(sharding.process_slice(batches(self.step)), self.mesh)
+        host = upcoming.result()
+        upcoming = (prefetch.submit(batches, self.step + 1) if self.step + 1 < self.cfg.steps
+                    else None)
+        batch = sharding.shard_batch(sharding.process_slice(host), self.mesh)
         with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
           trainable, opt_state, metrics = train_step(
               self.graphdef, self.trainable, self.opt_state, self.frozen, batch,
@@ -272,6 +279,7 @@ class Trainer:
       self.save()
       return self.history
     finally:
+      prefetch.shutdown(wait=True, cancel_futures=True)
       bar.close()
       signal.signal(signal.SIGTERM, previous)
 
@@ -297,7 +305,25 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
   return idx
 
 
-def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
+PixelFn = Callable[[Any], np.ndarray]
+
+
+def _pixels(item: dict, pixels: PixelFn | None) -> np.ndarray:
+  """An example's / group's pixels `[C, H, W]`: its own `pixels`, else `pixels(item["image"])` (the
+  image decoded when the batch needs it)."""
+  if item.get("pixels") is not None:
+    return item["pixels"]
+  if pixels is None:
+    raise ValueError("an example names an `image` but no pixel function was given")
+  return pixels(item["image"])
+
+
+def _has_image(item: dict) -> bool:
+  return item.get("pixels") is not None or item.get("image") is not None
+
+
+def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, pixels: PixelFn | None = None
+             ) -> dict:
   """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked)."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
   tokens, mask = right_pad(seqs, round_up(max(map(len, seqs)), bucket), pad_id)
@@ -305,12 +331,13 @@ def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
   for i, e in enumerate(examples):
     weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
   out = {"tokens": tokens, "mask": mask, "weights": weights}
-  if examples[0].get("pixels") is not None:
-    out["pixels"] = np.stack([e["pixels"] for e in examples])
+  if _has_image(examples[0]):
+    out["pixels"] = np.stack([_pixels(e, pixels) for e in examples])
   return out
 
 
-def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32) -> dict:
+def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32,
+                      pixels: PixelFn | None = None) -> dict:
   """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity."""
   anchor_tokens, anchor_mask = right_pad([g["prompt"] for g in groups],
                                           round_up(max(len(g["prompt"]) for g in groups), bucket), pad_id)
@@ -323,29 +350,32 @@ def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, buc
       sample_tokens[gi, si, :len(s)], sample_mask[gi, si, :len(s)] = s, 1
       sample_valid[gi, si] = True
   return {"anchor_tokens": anchor_tokens, "anchor_mask": anchor_mask,
-          "anchor_pixels": np.stack([g["pixels"] for g in groups]),
+          "anchor_pixels": np.stack([_pixels(g, pixels) for g in groups]),
           "sample_tokens": sample_tokens, "sample_mask": sample_mask, "sample_valid": sample_valid,
           "positive": np.asarray([g["positive"] for g in groups], np.int32),
           "group_valid": np.asarray([len(g["samples"]) >= 2 for g in groups])}
 
 
 def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConfig, batch_size: int,
-             group_batch: int, max_samples: int, pad_id: int, seed: int) -> Callable[[int], dict]:
-  """`step -> host batch`, deterministic in (seed, step)."""
+             group_batch: int, max_samples: int, pad_id: int, seed: int,
+             pixels: PixelFn | None = None) -> Callable[[int], dict]:
+  """`step -> host batch`, deterministic in (seed, step). Examples / groups carry their `pixels`, or
+  name an `image` that `pixels(image)` decodes when a batch needs it (so host memory holds a batch of
+  pictures, not the data set's)."""
 
   def make(step: int) -> dict:
     batch = {}
     idx = epoch_order(len(ce_examples), step, batch_size, seed)
     if cfg.ce_weight:
-      batch["ce"] = ce_batch([ce_examples[i] for i in idx], pad_id)
+      batch["ce"] = ce_batch([ce_examples[i] for i in idx], pad_id, pixels=pixels)
     if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
       tokens, mask = right_pad([ce_examples[i]["caption"] for i in idx],
                                round_up(max(len(ce_examples[i]["caption"]) for i in idx), 32), pad_id)
-      batch["align"] = {"pixels": np.stack([ce_examples[i]["pixels"] for i in idx]),
+      batch["align"] = {"pixels": np.stack([_pixels(ce_examples[i], pixels) for i in idx]),
                         "caption_tokens": tokens, "caption_mask": mask}
     elif cfg.contrastive_weight:
       idx = epoch_order(len(groups), step, group_batch, seed + 1)
-      batch["con"] = contrastive_batch([groups[i] for i in idx], pad_id, max_samples)
+      batch["con"] = contrastive_batch([groups[i] for i in idx], pad_id, max_samples, pixels=pixels)
     return batch
 
   return make

@@ -90,6 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.scenes_seed = 0
   config.data.image_aspect = "resize"  # resize | pad (LLaVA-1.5's expand2square, image-mean border)
   config.data.max_pixels = 64_000_000  # larger images are quarantined before decoding
+  config.data.image_cache = 64  # decoded pictures each process keeps (LRU); 0 = none
   config.data.batch_size = 8  # prompts per generation batch
   config.data.eval_batch_size = 8
 

@@ -66,6 +66,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
+    "data.image_cache": (0, True, math.inf, False),
     "filter.min_question_words": (0, True, math.inf, False),
     "filter.max_question_words": (1, True, math.inf, False),
     "filter.min_answer_words": (0, True, math.inf, False),
