@@ -83,8 +83,14 @@ class ImageSource:
     return self._elements
 
   def _element_index(self) -> dict[str, int]:
+    """`file_name -> element index`: from the index the dataset stored when it was prepared (COCO),
+    else by reading every element once."""
     if self._index is None:
-      self._index = {str(self.elements()[i]["file_name"]): i for i in range(len(self.elements()))}
+      stored = getattr(self.elements(), "file_names", None)
+      names = stored() if callable(stored) else None
+      if names is None:
+        names = [self.elements()[i]["file_name"] for i in range(len(self.elements()))]
+      self._index = {str(name): i for i, name in enumerate(names)}
     return self._index
 
   def element(self, image: str) -> dict:
