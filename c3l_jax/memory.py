@@ -15,7 +15,8 @@ For each stage that loads a model the plan counts, per device:
 - `activations`: the largest live set of the stage's biggest program: one layer's transient (q/k/v,
   scores in float32 per key block of `attention.KV_BLOCK`, MLP) on top of the residual stream, the
   vision tower on the batch's images, the LM head's float32 logits; in the train stage every layer's
-  saved residuals for the backward pass (one `[B, T, D]` per layer with `model.remat`).
+  saved residuals for the backward pass (one `[B, T, D]` per layer with `model.remat`); with fsdp, the
+  token embedding and LM head gathered whole for generation and training.
 
 Shapes come from the checkpoint's architecture (`jax.eval_shape`, nothing allocated) and the config's
 batch sizes and lengths; text lengths are bounded by the config (`generation.max_new_tokens` for
@@ -192,6 +193,17 @@ def _lm_head(text, rows: int, positions: int, tp: int, copies: int = 2) -> int:
   return rows * positions * vocab * 4 * copies
 
 
+def _gathered(cfg, mesh, pb: int) -> int:
+  """fsdp: the token embedding and the LM head, which a device gathers whole to use them (the decoder
+  layers' weights are gathered one layer at a time: small next to the activations), in
+  parameter-dtype bytes `pb`, over `tensor`."""
+  if mesh["fsdp"] == 1:
+    return 0
+  text = cfg.text
+  tables = text.vocab_size * text.hidden_size * (1 if text.tie_word_embeddings else 2)
+  return tables * pb // mesh["tensor"]
+
+
 def _kv(text, b: int, s: int, cb: int, tp: int) -> int:
   k = text.num_key_value_heads
   kp = k // tp if k % tp == 0 else k
@@ -259,6 +271,7 @@ def _generate_plan(stage, cfg, config, mesh) -> StagePlan:
   d = cfg.text.hidden_size
   activations = max(_vision(cfg, b, cb, tp),
                     _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2)
+  activations += _gathered(cfg, mesh, DTYPE_BYTES[cfg.param_dtype])
   return StagePlan(stage, "generate", dict(mesh), b, s, params, 0, kv, activations)
 
 
@@ -313,7 +326,8 @@ def _train_plan(stage, cfg, config, mesh) -> StagePlan:
   else:  # every layer's residuals for the backward pass (its forward transient and float32 scores);
     # the backward pass of one layer holds about three times its forward transient.
     saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + 3 * layer
-  activations = saved + _lm_head(text, b, t, tp, copies=3) + _vision(cfg, rows, cb, tp)
+  activations = (saved + _lm_head(text, b, t, tp, copies=3) + _vision(cfg, rows, cb, tp)
+                 + _gathered(cfg, mesh, DTYPE_BYTES[train_dtype]))
   return StagePlan(stage, "train", dict(mesh), b, t, params, optimizer, 0, activations)
 
 
