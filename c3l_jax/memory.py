@@ -485,11 +485,9 @@ def remedy(stage: StagePlan, plan_: Plan, config: Any) -> str:
     hints.append("load the parameters in bf16 (--config.model.param_dtype=bfloat16)")
   n = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
   if stage.params + stage.optimizer > plan_.device_bytes / 2 and mesh["fsdp"] * mesh["tensor"] < n:
-    hints.append(f"shard the parameters over the devices (--config.mesh.data=1 --config.mesh.fsdp={n}"
-                 if stage.kind == "train" else
-                 f"shard the parameters over the devices (--config.mesh.data=1 --config.mesh.tensor={n}"
-                 " or --config.mesh.fsdp=" + str(n)) 
-    hints[-1] += ")"
+    how = (f"--config.mesh.fsdp={n}" if stage.kind == "train" else
+           f"--config.mesh.tensor={n} or --config.mesh.fsdp={n}")
+    hints.append(f"shard the parameters over the devices (--config.mesh.data=1 {how})")
   if stage.kind == "train":
     if config.model.param_dtype == "float32":
       hints.append("keep frozen parameters in bf16 (--config.model.param_dtype=bfloat16)")
@@ -578,6 +576,7 @@ def main(argv: Sequence[str]) -> None:
   problem = misfit(p, config)
   if problem:
     print(f"error: {problem}")
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":
