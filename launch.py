@@ -11,7 +11,10 @@ then whether the run can happen here (the model directory exists, the stages are
 problem ends the run with one `error: ...` line on stderr and exit status 2.
 
 `--dry_run` stops after the value checks and writing WORKDIR/config.json; the "can it run here"
-problems are reported as `warning: ...` lines instead of errors (exit status 0).
+problems are reported as `warning: ...` lines instead of errors (exit status 0). When the checkpoint
+exists it also prints the memory plan: per stage, the bytes one device holds (`c3l_jax.memory`). A
+real run checks that plan against `config.device_memory_gb` (0: what the backend reports) before
+any stage starts, and stops with one `error:` line naming the stage and the remedy when it does not fit.
 
 The console shows the workdir, a line per stage start / end with its counts, progress bars, warnings,
 errors and the final tables; every library log line goes to WORKDIR/logs/run.log (`--verbosity=1`: to
@@ -191,6 +194,17 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   os._exit(status)  # pylint: disable=protected-access  (jax's atexit hooks would wait for peers again)
 
 
+def _memory_plan(config, stages: Sequence[str]):
+  """The run's memory plan (`c3l_jax.memory`; None without a checkpoint to read the architecture from)
+  and the line saying which stage does not fit, if one does not. Imports jax: after
+  `jax.distributed.initialize()`."""
+  from c3l_jax import memory  # pylint: disable=g-import-not-at-top
+  plan = memory.run_plan(config, stages)
+  if plan is None or not plan.stages:
+    return None, None
+  return plan, memory.misfit(plan, config)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {' '.join(argv[1:])!r} (flags look like --name=value)")
@@ -211,6 +225,11 @@ def main(argv: Sequence[str]) -> None:
       _fail(str(e))
     for problem in problems:
       print(f"warning: {problem}", file=sys.stderr)
+    plan, misfit = _memory_plan(config, stages) if not problems else (None, None)
+    if plan is not None:
+      print(plan.table())
+    if misfit:
+      print(f"warning: {misfit}", file=sys.stderr)
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {workdir / 'config.json'}")
     return
 
@@ -230,6 +249,11 @@ def main(argv: Sequence[str]) -> None:
     console.say(f"workdir {workdir}; stages {', '.join(stages)}; log {where}"
                 + (f"; {rt.count} processes" if rt.distributed else ""))
     _check_devices(config, stages)
+    plan, misfit = _memory_plan(config, stages)  # before anything is on a device
+    if plan is not None:
+      logging.info("memory plan:\n%s", plan.table())
+    if misfit:
+      raise pipeline.ConfigError(misfit)
     metrics = pipeline.run_stages(config, rt.workdir, stages)
   except BaseException as e:  # pylint: disable=broad-except
     _end_in_failure(rt, e)

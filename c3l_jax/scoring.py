@@ -166,7 +166,8 @@ class Scorer:
         raise ValueError("an item has an empty answer: nothing to score")
     results: list[dict[str, float] | None] = [None] * len(items)
     for batch in self._batches(items):
-      lp_v, lp_d, i2c = self._score_batch(items, batch, pixels)
+      with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
+        lp_v, lp_d, i2c = self._score_batch(items, batch, pixels)
       for row, idx in enumerate(batch.rows):
         if idx is None:
           continue

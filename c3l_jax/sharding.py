@@ -10,7 +10,7 @@ materialised on one device.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -112,18 +112,28 @@ def init_model(cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> VLM:
   return nnx.merge(graphdef, state)
 
 
-def load_model(path: str, mesh: jax.sharding.Mesh, **runtime: Any) -> VLM:
+def load_model(path: str, mesh: jax.sharding.Mesh,
+               param_dtypes: Callable[[str], str | None] | None = None, **runtime: Any) -> VLM:
   """Restore a converted model directory into `mesh`.
 
   Args:
     path: a model directory (see `c3l_jax.checkpoint`), of any family (`LlavaVLM`, `MiniGPT4VLM`).
+    param_dtypes: `'/'-joined parameter path -> dtype` for parameters restored in another dtype than
+      `param_dtype` (None = `param_dtype`), e.g. fp32 master weights of the trained ones next to frozen
+      bf16 ones. Every layer computes in `dtype` whatever its parameters' dtype.
     runtime: `dtype`, `param_dtype`, `scan_layers`, `remat` overrides (e.g. bf16 compute).
   """
   cfg = with_runtime(checkpoint.load_model_config(path), **runtime)
   graphdef, abstract = abstract_model(cfg)
   shardings = state_shardings(abstract, mesh)
-  targets = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                         nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+
+  def target(key_path, v, s):
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    dtype = (param_dtypes(name) if param_dtypes is not None else None) or v.dtype
+    return jax.ShapeDtypeStruct(v.shape, dtype, sharding=s)
+
+  targets = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract),
+                                             nnx.to_pure_dict(shardings))
   restored = checkpoint.restore_params(path, targets)
   nnx.replace_by_pure_dict(abstract, restored)
   return nnx.merge(graphdef, abstract)

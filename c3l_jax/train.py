@@ -19,6 +19,7 @@ run reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -92,13 +93,19 @@ class TrainConfig:
                objective="align" if train.objective == "align" else "c3l")
 
 
+def trainable_paths(patterns: Sequence[str]) -> Callable[[str], bool]:
+  """Whether a '/'-joined parameter path of the `Generator` (`vlm/...`, `head/...`) matches one of
+  `patterns` (aliases or regexes)."""
+  regexes = [re.compile(TRAINABLE_ALIASES.get(p, p)) for p in patterns]
+  return lambda name: any(r.search(name) for r in regexes)
+
+
 def trainable_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
   """NNX filter: a parameter is trainable iff its '/'-joined path matches one of `patterns`."""
-  regexes = [re.compile(TRAINABLE_ALIASES.get(p, p)) for p in patterns]
+  matches = trainable_paths(patterns)
 
   def match(path: tuple, value: Any) -> bool:
-    name = "/".join(str(k) for k in path)
-    return isinstance(value, nnx.Param) and any(r.search(name) for r in regexes)
+    return isinstance(value, nnx.Param) and matches("/".join(str(k) for k in path))
 
   return match
 
@@ -249,11 +256,18 @@ class Trainer:
     previous = None if multihost else signal.signal(signal.SIGTERM, self._on_sigterm)
     bar = tqdm.tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
                     disable=self.step >= self.cfg.steps or jax.process_index() > 0)
+    # The next step's host batch (images decoded) is built on a thread while this step runs.
+    prefetch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="train-batches")
+    upcoming = prefetch.submit(batches, self.step) if self.step < self.cfg.steps else None
     try:
       while self.step < self.cfg.steps:
-        batch = sharding.shard_batch(batches(self.step), self.mesh)
-        trainable, opt_state, metrics = self._step_for(batch, multihost)(
-            self.trainable, self.opt_state, self.frozen, batch)
+        host = upcoming.result()
+        upcoming = (prefetch.submit(batches, self.step + 1) if self.step + 1 < self.cfg.steps
+                    else None)
+        batch = sharding.shard_batch(host, self.mesh)
+        with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
+          trainable, opt_state, metrics = self._step_for(batch, multihost)(
+              self.trainable, self.opt_state, self.frozen, batch)
         metrics = {k: float(v) for k, v in metrics.items()}
         if not all(np.isfinite(v) for v in metrics.values()):
           raise NonFiniteError(f"non-finite loss or gradient at step {self.step}: {metrics}")
@@ -274,6 +288,7 @@ class Trainer:
       self.save()
       return self.history
     finally:
+      prefetch.shutdown(wait=True, cancel_futures=True)
       bar.close()
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
@@ -322,7 +337,25 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
   return idx
 
 
-def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int = 0) -> dict:
+PixelFn = Callable[[Any], np.ndarray]
+
+
+def _pixels(item: dict, pixels: PixelFn | None) -> np.ndarray:
+  """An example's / group's pixels `[C, H, W]`: its own `pixels`, else `pixels(item["image"])` (the
+  image decoded when the batch needs it)."""
+  if item.get("pixels") is not None:
+    return item["pixels"]
+  if pixels is None:
+    raise ValueError("an example names an `image` but no pixel function was given")
+  return pixels(item["image"])
+
+
+def _has_image(item: dict) -> bool:
+  return item.get("pixels") is not None or item.get("image") is not None
+
+
+def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int = 0,
+             pixels: PixelFn | None = None) -> dict:
   """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked).
   `width`: the padded length (default: the longest sequence rounded up to `bucket`)."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
@@ -331,13 +364,13 @@ def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int
   for i, e in enumerate(examples):
     weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
   out = {"tokens": tokens, "mask": mask, "weights": weights}
-  if examples[0].get("pixels") is not None:
-    out["pixels"] = np.stack([e["pixels"] for e in examples])
+  if _has_image(examples[0]):
+    out["pixels"] = np.stack([_pixels(e, pixels) for e in examples])
   return out
 
 
 def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32,
-                      widths: tuple[int, int] | None = None) -> dict:
+                      widths: tuple[int, int] | None = None, pixels: PixelFn | None = None) -> dict:
   """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity.
   `widths`: the padded (anchor, sample) lengths (default: the longest, rounded up to `bucket`)."""
   anchor_width, width = widths or _group_widths(groups, bucket)
@@ -350,7 +383,7 @@ def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, buc
       sample_tokens[gi, si, :len(s)], sample_mask[gi, si, :len(s)] = s, 1
       sample_valid[gi, si] = True
   return {"anchor_tokens": anchor_tokens, "anchor_mask": anchor_mask,
-          "anchor_pixels": np.stack([g["pixels"] for g in groups]),
+          "anchor_pixels": np.stack([_pixels(g, pixels) for g in groups]),
           "sample_tokens": sample_tokens, "sample_mask": sample_mask, "sample_valid": sample_valid,
           "positive": np.asarray([g["positive"] for g in groups], np.int32),
           "group_valid": np.asarray([len(g["samples"]) >= 2 for g in groups])}
@@ -373,12 +406,15 @@ def _my_rows(idx: np.ndarray, process: tuple[int, int]) -> np.ndarray:
 
 def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConfig, batch_size: int,
              group_batch: int, max_samples: int, pad_id: int, seed: int,
-             process: tuple[int, int] | None = None) -> Callable[[int], dict]:
+             process: tuple[int, int] | None = None, pixels: PixelFn | None = None
+             ) -> Callable[[int], dict]:
   """`step -> this process's rows of the global batch`, deterministic in (seed, step).
 
   `batch_size` / `group_batch` are global; process `index` of `count` (default: jax's) builds only its
   block of rows, padded to the widths of the whole global batch so that every process's block has the
-  same shape. With one process this is the whole batch.
+  same shape. With one process this is the whole batch. Examples / groups carry their `pixels`, or name
+  an `image` that `pixels(image)` decodes when a batch needs it (so host memory holds a batch of
+  pictures, not the data set's).
   """
   process = process or (jax.process_index(), jax.process_count())
 
@@ -389,20 +425,22 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
     if cfg.ce_weight:
       width = round_up(max(len(ce_examples[i]["prompt"]) + len(ce_examples[i]["target"]) for i in idx),
                        32)
-      batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width)
+      batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width, pixels=pixels)
     if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
       tokens, mask = right_pad([ce_examples[i]["caption"] for i in mine],
                                round_up(max(len(ce_examples[i]["caption"]) for i in idx), 32), pad_id)
-      batch["align"] = {"pixels": np.stack([ce_examples[i]["pixels"] for i in mine]),
+      batch["align"] = {"pixels": np.stack([_pixels(ce_examples[i], pixels) for i in mine]),
                         "caption_tokens": tokens, "caption_mask": mask}
     elif cfg.contrastive_weight:
       idx = epoch_order(len(groups), step, group_batch, seed + 1)
       batch["con"] = contrastive_batch([groups[i] for i in _my_rows(idx, process)], pad_id,
-                                       max_samples, widths=_group_widths([groups[i] for i in idx], 32))
+                                       max_samples, widths=_group_widths([groups[i] for i in idx], 32),
+                                       pixels=pixels)
     return batch
 
   return make
 
 
 __all__ = ["Generator", "NonFiniteError", "TrainConfig", "Trainer", "batch_fn", "ce_batch",
-           "contrastive_batch", "epoch_order", "make_optimizer", "train_step", "trainable_filter"]
+           "contrastive_batch", "epoch_order", "make_optimizer", "train_step", "trainable_filter",
+           "trainable_paths"]

@@ -12,9 +12,13 @@ import ml_collections
 
 
 def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty;
-  a full-size ARG computes in bfloat16, `tiny` (a small random / test checkpoint on CPU) gets small
-  batches and short runs."""
+  """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty.
+
+  A full-size ARG (7b, 13b) computes in bfloat16 and loads the parameters in bfloat16 (the train stage
+  keeps its trainable ones in `train.param_dtype`, fp32 master weights), with the parameters sharded
+  over the devices (`inference.mesh`: data=1, fsdp=-1; `train.mesh`: data=1, fsdp=2, tensor=-1): one
+  24 GB GPU runs 7B inference, four 16 GB chips 13B, eight 40 GB GPUs train 7B at batch 2; `python -m c3l_jax.memory` / `launch.py --dry_run` print the plan (docs/memory.md). `tiny` (a
+  small random / test checkpoint on CPU) gets small batches and short runs."""
   arg = (arg or valid_args[0]).strip().lower()
   if arg not in valid_args:
     raise ValueError(f"unknown arg {arg!r} (valid: {', '.join(valid_args)})")
@@ -22,6 +26,12 @@ def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_c
   config.model.family = family
   if arg != "tiny":
     config.model.dtype = "bfloat16"
+    config.model.param_dtype = "bfloat16"
+    config.inference.mesh.data = 1
+    config.inference.mesh.fsdp = -1
+    config.train.mesh.data = 1  # batch 2 splits over 2 fsdp shards; the rest of the devices: tensor
+    config.train.mesh.fsdp = 2
+    config.train.mesh.tensor = -1
   else:
     config.data.batch_size = 2
     config.data.eval_batch_size = 2
@@ -76,6 +86,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.inference.mesh.data = -1
   config.inference.mesh.fsdp = 1
   config.inference.mesh.tensor = 1
+  # Memory of one device in GiB for the memory plan (c3l_jax.memory): a run that does not fit stops
+  # before any device work; 0 = what the backend reports (GPU / TPU), no check where it reports none.
+  config.device_memory_gb = 0.0
 
   config.data = ml_collections.ConfigDict()
   config.data.records = ""  # JSONL records (see docs/design.md, "Records")
@@ -93,6 +106,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.scenes_seed = 0
   config.data.image_aspect = "resize"  # resize | pad (LLaVA-1.5's expand2square, image-mean border)
   config.data.max_pixels = 64_000_000  # larger images are quarantined before decoding
+  config.data.image_cache = 64  # decoded pictures each process keeps (LRU); 0 = none
   config.data.batch_size = 8  # prompts per generation batch
   config.data.eval_batch_size = 8
 
@@ -154,6 +168,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.mesh.data = -1
   config.train.mesh.fsdp = 1
   config.train.mesh.tensor = 1
+  # dtype of the trainable parameters in the train stage (the master weights AdamW updates); the frozen
+  # ones stay in model.param_dtype.
+  config.train.param_dtype = "float32"
 
   # The eval stage (README, "Evaluation"): the model on the paper's benchmarks (Table 1).
   config.eval = ml_collections.ConfigDict()

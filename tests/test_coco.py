@@ -195,3 +195,25 @@ def test_absent_split_is_not_generated_and_asking_for_it_is_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     coco_lib.load_split(str(tmp_path / "nope"), "val", str(tmp_path / "tfds3"))
   assert not (tmp_path / "tfds2" / "coco2014" / "1.0.0").exists()
+
+
+def test_file_name_index_is_stored_and_maps_records_without_reading_elements(coco, prepared,
+                                                                             monkeypatch):
+  from c3l_jax.data import coco as coco_lib
+  from c3l_jax.data.sources import ImageSource
+  from configs import llava15
+
+  val = coco_lib.load_split(str(coco["root"]), "val", str(coco["data_dir"]))
+  # The index stored at preparation, in element order (the elements themselves are the reference).
+  assert val.file_names() == [e["file_name"] for e in prepared["val"]]
+  config = llava15.get_config("tiny")
+  config.unlock()
+  config.data.coco_dir, config.data.tfds_dir, config.data.split = (str(coco["root"]),
+                                                                   str(coco["data_dir"]), "val")
+  source = ImageSource(config)
+  reads = []
+  real_getitem = coco_lib.CocoSplit.__getitem__
+  monkeypatch.setattr(coco_lib.CocoSplit, "__getitem__",
+                      lambda self, i: reads.append(i) or real_getitem(self, i))
+  element = source.element("COCO_val2014_000000000073.jpg")
+  assert element["image_id"] == 73 and reads == [1]  # one element read: the one asked for

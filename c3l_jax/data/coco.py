@@ -118,10 +118,16 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
       raise FileNotFoundError(_no_split_message(coco_dir))
     self.info.metadata["coco_dir"] = os.path.realpath(coco_dir)
     self.info.metadata["splits"] = splits
-    return {split: self._generate_examples(split_files(coco_dir, split)) for split in splits}
+    return {split: self._generate_examples(split_files(coco_dir, split), split) for split in splits}
 
-  def _generate_examples(self, files: dict[str, str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """One (image id, element) per image listed in the captions / instances files."""
+  def _generate_examples(self, files: dict[str, str], split: str = ""
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    """One (image id, element) per image listed in the captions / instances files.
+
+    The split's file names in element order (ascending image id) go to the dataset's metadata
+    (`file_names_<split>`): the index `ImageSource` maps a record's `image` with, read without touching
+    the image bytes.
+    """
     file_names: dict[int, str] = {}
     captions: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
     objects: dict[int, set[str]] = collections.defaultdict(set)
@@ -146,6 +152,8 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
       logging.warning("COCO: %s is absent; `objects` is empty for every image of this split",
                       files["instances"])
 
+    if split:
+      self.info.metadata[f"file_names_{split}"] = [file_names[i] for i in sorted(file_names)]
     missing = 0
     for image_id in sorted(file_names):
       file_name = file_names[image_id]
@@ -188,10 +196,17 @@ def to_python(element: dict[str, Any]) -> dict[str, Any]:
 class CocoSplit(Sequence):
   """A prepared split: `len()`, `split[i]` (negative too) and `split[a:b]` give plain python dicts."""
 
-  def __init__(self, source: Any, split: str, path: str) -> None:
+  def __init__(self, source: Any, split: str, path: str, file_names: Sequence[str] | None = None
+               ) -> None:
     self._source = source
     self.split = split
     self.path = path  # the prepared dataset directory
+    self._file_names = list(file_names) if file_names is not None else None
+
+  def file_names(self) -> list[str] | None:
+    """Every element's `file_name`, in order, from the index stored when the split was prepared
+    (None for a dataset prepared before the index existed)."""
+    return self._file_names
 
   def __len__(self) -> int:
     return len(self._source)
@@ -259,7 +274,13 @@ def load_split(coco_dir: str, split: str, data_dir: str) -> CocoSplit:
     raise ValueError(f"COCO split {split!r} was not prepared in {path} (found: "
                      f"{', '.join(sorted(builder.info.splits)) or 'none'}): {files['images']}/ or "
                      f"{files['captions']} was absent then. Add them and delete {path} to prepare again")
-  return CocoSplit(builder.as_data_source(split=split), split, path)
+  names = builder.info.metadata.get(f"file_names_{split}")
+  if names is None or len(names) != builder.info.splits[split].num_examples:
+    logging.warning("COCO %s in %s has no file-name index (prepared by an older version): mapping "
+                    "records to images reads every element once; delete %s to prepare it again",
+                    split, path, path)
+    names = None
+  return CocoSplit(builder.as_data_source(split=split), split, path, names)
 
 
 __all__ = ["Coco2014", "CocoSplit", "SPLITS", "available_splits", "load_split", "split_files",

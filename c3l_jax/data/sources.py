@@ -9,11 +9,13 @@
 
 Records name their image by `image` (a path under `image_root`, or a tfds element's `file_name`);
 `ImageSource.load(image)` returns the RGB picture (LLaVA's `pad` aspect mode applied when configured)
-or raises `ImageError` with the quarantine reason.
+or raises `ImageError` with the quarantine reason. Decoded pictures are kept in a bounded LRU cache
+(`data.image_cache` pictures), so a process's memory does not grow with the number of images it sees.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -58,7 +60,10 @@ class ImageSource:
     self.background = background if config.data.image_aspect == "pad" else None
     self._elements: Sequence[dict] | None = None
     self._index: dict[str, int] | None = None
-    self._cache: dict[str, Any] = {}
+    # The last `data.image_cache` decoded pictures (LRU); the reasons of bad images (small) all kept.
+    self._cache: collections.OrderedDict[str, PIL.Image.Image] = collections.OrderedDict()
+    self.cache_size = int(getattr(config.data, "image_cache", 64))
+    self._errors: dict[str, ImageError] = {}
     self.repeated = 0  # records source: lines naming an image an earlier line already lists
 
   # -- tfds-backed sources -------------------------------------------------------------------------
@@ -78,8 +83,14 @@ class ImageSource:
     return self._elements
 
   def _element_index(self) -> dict[str, int]:
+    """`file_name -> element index`: from the index the dataset stored when it was prepared (COCO),
+    else by reading every element once."""
     if self._index is None:
-      self._index = {str(self.elements()[i]["file_name"]): i for i in range(len(self.elements()))}
+      stored = getattr(self.elements(), "file_names", None)
+      names = stored() if callable(stored) else None
+      if names is None:
+        names = [self.elements()[i]["file_name"] for i in range(len(self.elements()))]
+      self._index = {str(name): i for i, name in enumerate(names)}
     return self._index
 
   def element(self, image: str) -> dict:
@@ -119,15 +130,22 @@ class ImageSource:
     return items, []
 
   def load(self, image: str) -> PIL.Image.Image:
-    """The RGB picture of record key `image`, or `ImageError` (cached, errors included)."""
-    if image not in self._cache:
-      try:
-        self._cache[image] = self._load(image)
-      except ImageError as e:
-        self._cache[image] = e
-    value = self._cache[image]
-    if isinstance(value, ImageError):
-      raise value
+    """The RGB picture of record key `image`, or `ImageError` (the last `data.image_cache` pictures and
+    every error are cached)."""
+    if image in self._errors:
+      raise self._errors[image]
+    if image in self._cache:
+      self._cache.move_to_end(image)
+      return self._cache[image]
+    try:
+      value = self._load(image)
+    except ImageError as e:
+      self._errors[image] = e
+      raise
+    if self.cache_size > 0:
+      self._cache[image] = value
+      while len(self._cache) > self.cache_size:
+        self._cache.popitem(last=False)
     return value
 
   def _load(self, image: str) -> PIL.Image.Image:

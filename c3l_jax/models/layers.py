@@ -75,6 +75,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
   return _attention(q, k, v, mask)
 
 
+def batch_sharded(x: jax.Array) -> jax.Array:
+  """`x` `[B, ...]` constrained to rows over the mesh's batch axes (`data`, `fsdp`), the rest whole,
+  when a mesh is set (`jax.set_mesh`) and B divides: without it, XLA may lay activations out like the
+  fsdp-sharded weights (width split, rows whole) and hold every row on every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  if mesh.empty or not axes:
+    return x
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  if size == 1 or x.shape[0] % size:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1))))
+
+
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
   """`num` copies of a layer with parameters stacked on a leading `layers` axis."""
 

@@ -180,9 +180,11 @@ class LlamaForCausalLM(nnx.Module):
     """
     cos, sin = rope_cos_sin(self.cfg, positions)
     x = x.astype(self.dtype)
+    x = L.batch_sharded(x)
     if cache is None:
       def body(layer, h, _):
-        return layer(h, cos, sin, mask, segment_ids=segment_ids)
+        h, kv = layer(h, cos, sin, mask, segment_ids=segment_ids)
+        return L.batch_sharded(h), kv
 
       x, kv = L.scan_layers(self.layers, body, x, scan=self.scan, remat=self.remat)
       return self.norm(x), KVCache(*kv)
@@ -192,7 +194,7 @@ class LlamaForCausalLM(nnx.Module):
     def cached_body(layer, carry, i):
       h, ck, cv = carry
       h, (ck, cv) = layer(h, cos, sin, mask, (ck, cv), i, index)
-      return (h, ck, cv), None
+      return (L.batch_sharded(h), ck, cv), None
 
     (x, ck, cv), _ = L.scan_layers(self.layers, cached_body, (x, cache.k, cache.v),
                                    jnp.arange(self.cfg.num_hidden_layers), scan=self.scan,

@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("llava15", "minigpt4"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "train.param_dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "generation.mode": ("two_step", "direct"),
     "generation.final_mode": ("two_step", "direct"),
@@ -70,6 +71,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
+    "data.image_cache": (0, True, math.inf, False),
     "filter.min_question_words": (0, True, math.inf, False),
     "filter.max_question_words": (1, True, math.inf, False),
     "filter.min_answer_words": (0, True, math.inf, False),
@@ -95,6 +97,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "eval.max_items": (0, True, math.inf, False),
     "eval.max_new_tokens": (1, True, math.inf, False),
     "eval.long_max_new_tokens": (1, True, math.inf, False),
+    "device_memory_gb": (0.0, True, math.inf, False),
 }
 
 

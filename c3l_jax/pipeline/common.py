@@ -168,8 +168,9 @@ class Inference:
       if real < b:
         k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (b - real,) + k.shape[1:])])
       batch = sharding.shard_batch(batch, self.mesh)
-      out, lengths = sampling.generate(self.model, batch["tokens"], batch["mask"], batch.get("pixels"),
-                                       cfg, k)
+      with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
+        out, lengths = sampling.generate(self.model, batch["tokens"], batch["mask"],
+                                         batch.get("pixels"), cfg, k)
       texts += sampling.decode_texts(self.builder.tokenizer, out[:real], lengths[:real],
                                      self.stop_strings)
       n_tokens += int(lengths[:real].sum())

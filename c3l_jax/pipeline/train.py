@@ -20,17 +20,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from etils import epath
 from flax import nnx
 
 from c3l_jax import checkpoint, runtime, sharding
 from c3l_jax import train as trainer_lib
 from c3l_jax.data.images import ImageError
-from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
 from c3l_jax.data.sources import open_source
 from c3l_jax.pipeline import common, select
-from c3l_jax.pipeline.score import load_model_from_config
 
 CAPTION_INSTRUCTION = "Describe the image briefly."
 
@@ -92,57 +92,84 @@ def run(config: Any, workdir: str) -> dict:
     cfg = trainer_lib.TrainConfig(**{**cfg.__dict__, "contrastive_weight": 0.0, "ce_weight": 1.0})
 
   mesh = sharding.make_mesh(config.train.mesh)
-  vlm = load_model_from_config(config, mesh)
+  # Frozen parameters in model.param_dtype (bf16 for the 7b / 13b configs); the trained ones in
+  # train.param_dtype (fp32 master weights), restored from the checkpoint in that dtype.
+  trained = trainer_lib.trainable_paths(cfg.trainable)
+  vlm = sharding.load_model(
+      config.model.checkpoint, mesh,
+      param_dtypes=lambda path: config.train.param_dtype if trained(f"vlm/{path}") else None,
+      **common.model_runtime(config))
   builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
                           vlm.cfg.image_seq_length)
   source = open_source(config, builder)
-  image = lambda rec: source.load(rec["image"])  # noqa: E731
-
-  ce_examples, groups = [], []
-  try:
-    if objective == "align":
-      for rec in rows:
-        if not str(rec.get("caption", "")).strip():
-          raise BadInput(f"train.objective=align needs a non-empty 'caption' in every record; "
-                         f"record {rec.get('id')!r} has none")
-        prompt, pixels = builder.encode_prompt(CAPTION_INSTRUCTION, image(rec))
-        caption = builder.encode_answer(rec["caption"])
-        ce_examples.append({"prompt": prompt, "target": caption + list(builder.eos_ids),
-                            "caption": caption, "pixels": pixels})
-    elif objective == "vlit":
-      for rec in rows:
-        prompt, pixels = builder.encode_prompt(rec["question"], image(rec))
-        target = builder.encode_answer(rec["answer"]) + list(builder.eos_ids)
-        ce_examples.append({"prompt": prompt, "target": target, "pixels": pixels})
-    else:
-      encoded = {}
-      for rec in rows:
-        kind = rec.get("instruction_type", "conversation")
-        prompt, target, sample, pixels = builder.encode_vigc(kind, rec["question"], rec["answer"],
-                                                             image(rec))
-        encoded[rec["id"]] = {"prompt": prompt, "target": target, "sample": sample, "pixels": pixels}
-      if cfg.ce_weight:  # L_r on the top fraction, best first
-        top = [r for r in rows if r["top_fraction"]]
-        ce_examples = [encoded[r["id"]] for r in sorted(top, key=lambda r: -r["i2c"])]
-      if cfg.contrastive_weight:  # L_c per image: its positive first, then its negatives
-        by_image: dict[str, list[dict]] = {}
-        for r in rows:
-          if r["role"] in ("positive", "negative"):
-            by_image.setdefault(r["image"], []).append(r)
-        for members in by_image.values():
-          positives = [r for r in members if r["role"] == "positive"]
-          negatives = sorted((r for r in members if r["role"] == "negative"), key=lambda r: -r["i2c"])
-          if len(positives) != 1 or not negatives:
-            continue
-          chosen = positives + negatives[:config.train.max_negatives]
-          first = encoded[chosen[0]["id"]]
-          groups.append({"prompt": first["prompt"], "pixels": first["pixels"],
-                         "samples": [encoded[r["id"]]["sample"] for r in chosen], "positive": 0})
-        if not groups:
-          raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
-                         "(set --config.train.contrastive_weight=0 to train with CE only)")
+  if not rows:
+    raise BadInput("train: no training records")
+  try:  # token ids do not depend on the picture (fixed-size image processors): one reference picture
+    reference = source.load(rows[0]["image"])
   except ImageError as e:
-    raise BadInput(f"train: {e}") from None
+    raise BadInput(f"train: record {rows[0].get('id')!r}: {e}") from None
+  prompts: dict[str, np.ndarray] = {}
+
+  def prompt(text: str) -> np.ndarray:
+    if text not in prompts:
+      prompts[text] = np.asarray(builder.encode_prompt(text, reference)[0], np.int32)
+    return prompts[text]
+
+  def ids(tokens) -> np.ndarray:
+    return np.asarray(tokens, np.int32)
+
+  eos = list(builder.eos_ids)
+  # Examples hold token ids and the image's key: pictures are decoded when a batch needs them
+  # (`pixels`, on the trainer's prefetch thread), through the source's bounded cache.
+  ce_examples, groups = [], []
+  if objective == "align":
+    for rec in rows:
+      if not str(rec.get("caption", "")).strip():
+        raise BadInput(f"train.objective=align needs a non-empty 'caption' in every record; "
+                       f"record {rec.get('id')!r} has none")
+      caption = builder.encode_answer(rec["caption"])
+      ce_examples.append({"prompt": prompt(CAPTION_INSTRUCTION), "target": ids(caption + eos),
+                          "caption": ids(caption), "image": rec["image"], "id": rec["id"]})
+  elif objective == "vlit":
+    for rec in rows:
+      ce_examples.append({"prompt": prompt(rec["question"]),
+                          "target": ids(builder.encode_answer(rec["answer"]) + eos),
+                          "image": rec["image"], "id": rec["id"]})
+  else:
+    encoded = {}
+    for rec in rows:
+      kind = rec.get("instruction_type", "conversation")
+      if kind not in VIGC_INSTRUCTIONS:
+        raise BadInput(f"record {rec.get('id')!r}: unknown instruction_type {kind!r}")
+      sample = builder.encode_answer(vigc_target(rec["question"], rec["answer"]))
+      encoded[rec["id"]] = {"prompt": prompt(VIGC_INSTRUCTIONS[kind]), "target": ids(sample + eos),
+                            "sample": ids(sample), "image": rec["image"], "id": rec["id"]}
+    if cfg.ce_weight:  # L_r on the top fraction, best first
+      top = [r for r in rows if r["top_fraction"]]
+      ce_examples = [encoded[r["id"]] for r in sorted(top, key=lambda r: -r["i2c"])]
+    if cfg.contrastive_weight:  # L_c per image: its positive first, then its negatives
+      by_image: dict[str, list[dict]] = {}
+      for r in rows:
+        if r["role"] in ("positive", "negative"):
+          by_image.setdefault(r["image"], []).append(r)
+      for members in by_image.values():
+        positives = [r for r in members if r["role"] == "positive"]
+        negatives = sorted((r for r in members if r["role"] == "negative"), key=lambda r: -r["i2c"])
+        if len(positives) != 1 or not negatives:
+          continue
+        chosen = positives + negatives[:config.train.max_negatives]
+        first = encoded[chosen[0]["id"]]
+        groups.append({"prompt": first["prompt"], "image": first["image"], "id": first["id"],
+                       "samples": [encoded[r["id"]]["sample"] for r in chosen], "positive": 0})
+      if not groups:
+        raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
+                       "(set --config.train.contrastive_weight=0 to train with CE only)")
+
+  def pixels(image: str) -> np.ndarray:
+    try:
+      return builder.encode_prompt("", source.load(image))[1]
+    except ImageError as e:
+      raise BadInput(f"train: {e}") from None
 
   # The processes meet before the first computation over every device (see Trainer._step_for).
   runtime.get().barrier("train:loaded")
@@ -152,7 +179,7 @@ def run(config: Any, workdir: str) -> dict:
   trainer.restore_latest()
   history = trainer.run(trainer_lib.batch_fn(
       ce_examples, groups, cfg, config.train.batch_size, config.train.batch_size,
-      1 + config.train.max_negatives, builder.pad_id, config.seed))
+      1 + config.train.max_negatives, builder.pad_id, config.seed, pixels=pixels))
   write_jsonl(os.path.join(stage_dir, "history.jsonl"), history)
   export_generator(trainer.model().vlm, config.model.checkpoint, os.path.join(stage_dir, "generator"))
   return {"steps": trainer.step, "ce_examples": len(ce_examples), "groups": len(groups),

@@ -1,0 +1,115 @@
+"""The memory plan (`c3l_jax.memory`) against XLA's buffer assignment, hand counts and launch.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from c3l_jax import memory, sharding
+from c3l_jax.models import attention
+from c3l_jax.models.configs import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from configs import llava15
+from test_param_count import llava15_hf_config, transformers_param_count
+
+# Scaled down so that activations, not parameters, are most of the bytes (what the formulas must get).
+SMALL = LlavaConfig(
+    vision=CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                            num_attention_heads=4, image_size=112, patch_size=14),
+    text=LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=8, head_dim=32,
+                     max_position_embeddings=1024))
+
+
+def _config(**mesh):
+  config = llava15.get_config("tiny")
+  config.unlock()
+  config.inference.mesh.update(mesh)  # the same sizes for every stage here
+  config.train.mesh.update(mesh)
+  config.data.batch_size = 16
+  config.scoring.batch_size = 24
+  config.train.batch_size = 8
+  return config
+
+
+def test_kv_block_matches_attention():
+  assert memory.KV_BLOCK == attention.KV_BLOCK
+
+
+@pytest.mark.parametrize("stage", ["initial", "score", "train"])
+def test_plan_within_25_percent_of_xla(stage):
+  """Per device, fsdp over the 8 simulated devices: plan total vs `memory_analysis()` of the stage's
+  biggest compiled program (arguments + outputs - donated + temporaries)."""
+  config = _config(data=2, fsdp=4)
+  mesh = sharding.make_mesh(config.train.mesh if stage == "train" else config.inference.mesh)
+  sizes = {a: mesh.shape[a] for a in sharding.MESH_AXES}
+  planned = memory.plan(SMALL, config, (stage,), sizes).stages[0]
+  assert planned.activations + planned.kv_cache > planned.params  # not a parameter count in disguise
+  measured = memory.xla_bytes(stage, SMALL, config, mesh)
+  assert 0.75 <= planned.total / measured <= 1.25, (planned, measured)
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_parameter_bytes_are_transformers_count(size):
+  """One device, fp32: 4 bytes per transformers parameter; fsdp=8 in bf16: an eighth of 2 bytes each
+  (the norms and biases that do not split are a rounding error)."""
+  arch = memory.known_arch(f"llava15-{size}")
+  count = transformers_param_count(llava15_hf_config(size))
+  config = llava15.get_config(size)
+  config.unlock()
+  config.model.param_dtype = "float32"
+  one = memory.plan(arch, config, ("score",), dict(data=1, fsdp=1, tensor=1)).stages[0]
+  assert one.params == 4 * count
+  config.model.param_dtype = "bfloat16"
+  eight = memory.plan(arch, config, ("score",), dict(data=1, fsdp=8, tensor=1)).stages[0]
+  assert 2 * count / 8 <= eight.params <= 1.01 * 2 * count / 8
+
+
+def test_train_optimizer_bytes_are_adamw_of_trainable_set():
+  """connector + decoder of 7B in fp32: mu, nu and gradients, 12 bytes per trainable parameter
+  (transformers' count minus the CLIP tower's), plus the C3L projection head."""
+  arch = memory.known_arch("llava15-7b")
+  total = transformers_param_count(llava15_hf_config("7b"))
+  vision = sum(int(np.prod(s)) for p, s, _ in memory.param_leaves(arch) if "/vision_tower/" in p)
+  config = llava15.get_config("7b")
+  train = memory.plan(arch, config, ("train",), dict(data=1, fsdp=1, tensor=1)).stages[0]
+  d = arch.text.hidden_size
+  head = [int(np.prod(s)) for p, s, _ in memory.param_leaves(arch, with_head=True) if p.startswith("head/")]
+  assert sum(head) >= d  # the projection head exists and is counted
+  assert train.optimizer == 12 * (total - vision + sum(head))
+
+
+def _model_dir(tmp_path, cfg):
+  from c3l_jax.checkpoint import save_model_config
+  path = tmp_path / "model"
+  save_model_config(str(path), cfg)
+  (path / "params").mkdir()
+  return str(path)
+
+
+def _launch(repo_root, *args):
+  return subprocess.run([sys.executable, str(repo_root / "launch.py"), *args], cwd=repo_root,
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_launch_prints_plan_and_refuses_what_does_not_fit(repo_root, tmp_path):
+  model = _model_dir(tmp_path, SMALL)
+  common = ["--config=configs/llava15.py:tiny", f"--config.model.checkpoint={model}",
+            "--config.stages=score,train"]
+  dry = _launch(repo_root, *common, f"--workdir={tmp_path / 'dry'}", "--dry_run")
+  assert dry.returncode == 0, dry.stderr
+  assert "memory plan" in dry.stdout
+  rows = [line.split()[0] for line in dry.stdout.splitlines()]
+  assert "score" in rows and "train" in rows
+  # 8 MiB per device: the parameters alone are more; the run stops before any stage.
+  run = _launch(repo_root, *common, f"--workdir={tmp_path / 'run'}",
+                "--config.device_memory_gb=0.0078125")
+  assert run.returncode == 2, run.stderr
+  errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "stage score needs" in errors[0], run.stderr
+  assert "MiB per device" in errors[0] and "--config.model.param_dtype=bfloat16" in errors[0]
+  assert not (tmp_path / "run" / "score").exists()
