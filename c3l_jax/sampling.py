@@ -92,7 +92,9 @@ def sample_logits(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> ja
 
 
 def _stopped(tokens: jax.Array, step: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """`[B]` bool: row b's token at `step[b]` is an EOS or completes a stop sequence."""
+  """`[B]` bool: row b's token at `step[b]` (or at a scalar `step`) is an EOS or completes a stop
+  sequence."""
+  step = jnp.broadcast_to(step, tokens.shape[:1])
   last = jnp.take_along_axis(tokens, step[:, None], axis=1)[:, 0]
   hit = jnp.zeros(last.shape, jnp.bool_)
   for eos in cfg.eos_ids:
