@@ -113,10 +113,21 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def ce_loss(vlm: LlavaVLM, batch: dict) -> jax.Array:
-  """L_r: next-token CE on the target tokens of `tokens [B, T]` (weights mark the targets)."""
+  """L_r: next-token CE on the target tokens of `tokens [B, T]` (weights mark the targets).
+
+  With `head_positions` / `head_weights` in the batch (`ce_batch` adds them) the LM head runs only on
+  the hidden states that predict a target: the same CE terms, without the `[B, T, V]` logits of the
+  prompt positions (on the bench model the head is a third of a step's matmuls).
+  """
   x = vlm.embed_image_and_text(batch["tokens"], batch.get("pixels"))
   positions, mask3 = positions_and_mask(batch["mask"], batch["tokens"].shape)
   hidden, _ = vlm.language_model.decode_hidden(x, positions, mask3)
+  if "head_positions" in batch:
+    where = batch["head_positions"]
+    logits = vlm.language_model.logits(jnp.take_along_axis(hidden, where[..., None], axis=1))
+    targets = jnp.take_along_axis(batch["tokens"], where + 1, axis=1)
+    loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
+    return loss
   logits = vlm.language_model.logits(hidden[:, :-1])
   loss, _ = losses.token_cross_entropy(logits, batch["tokens"][:, 1:], batch["weights"][:, 1:])
   return loss
@@ -290,14 +301,27 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
   return idx
 
 
+HEAD_BUCKET = 16
+
+
 def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32) -> dict:
-  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked)."""
+  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked);
+  `head_positions [B, W]` the positions predicting a target (`W` a multiple of `HEAD_BUCKET`),
+  `head_weights [B, W]` 1 where such a position is real."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
   tokens, mask = right_pad(seqs, round_up(max(map(len, seqs)), bucket), pad_id)
   weights = np.zeros_like(mask, dtype=np.float32)
   for i, e in enumerate(examples):
     weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
-  out = {"tokens": tokens, "mask": mask, "weights": weights}
+  # The positions whose next-token prediction is a target (the LM head's rows), padded to a bucket.
+  heads = [np.flatnonzero(w[1:]) for w in weights]
+  width = round_up(max(max(map(len, heads)), 1), HEAD_BUCKET)
+  head_positions = np.zeros((len(examples), width), np.int32)
+  head_weights = np.zeros((len(examples), width), np.float32)
+  for i, h in enumerate(heads):
+    head_positions[i, :len(h)], head_weights[i, :len(h)] = h, 1.0
+  out = {"tokens": tokens, "mask": mask, "weights": weights, "head_positions": head_positions,
+         "head_weights": head_weights}
   if examples[0].get("pixels") is not None:
     out["pixels"] = np.stack([e["pixels"] for e in examples])
   return out
