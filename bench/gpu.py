@@ -89,7 +89,6 @@ def hf_config(size: str, layers: int | None = None):
   cfg = LlavaConfig(vision_config=CLIPVisionConfig(**s["vision"]), text_config=LlamaConfig(**text),
                     image_token_index=s["image_token"], vision_feature_layer=-2,
                     vision_feature_select_strategy="default", projector_hidden_act="gelu")
-  cfg._attn_implementation = "sdpa"
   return cfg
 
 
@@ -236,9 +235,12 @@ class Torch:
 
     torch = self.torch
     torch.manual_seed(0)
-    with torch.device(self.device):
-      hf = LlavaForConditionalGeneration(hf_config(self.size, layers))
-    return hf.to(dtype or torch.bfloat16)
+    with torch.device(self.device):  # initialised on the device, in its final dtype
+      hf = LlavaForConditionalGeneration._from_config(hf_config(self.size, layers),
+                                                      attn_implementation="sdpa",
+                                                      dtype=dtype or torch.bfloat16)
+    assert hf.config.text_config._attn_implementation == "sdpa"
+    return hf
 
   def sync(self, x):
     if self.device.type == "cuda":
@@ -372,6 +374,7 @@ def run_side(args) -> None:
   """Every figure for one side, each as a JSON line `{"figure", "side", ...}` on stdout."""
   from bench import score as bscore
   from bench import train as btrain
+  from c3l_jax import train as T
 
   side = args.side
   impl = Ours(args.size) if side == "ours" else Torch(args.size)
@@ -407,7 +410,8 @@ def run_side(args) -> None:
         examples = btrain.make_examples(stand_in(tcfg), args.train_batch or size["train_batch"],
                                         args.seed)
         t, (b, width) = impl.train(examples, layers, args.repeats)
-        flops = btrain.step_flops(arch(tcfg), b, width, ours=side == "ours")
+        head_rows = T.ce_batch(examples, pad_id=PAD)["head_positions"].shape[1]
+        flops = btrain.step_flops(arch(tcfg), b, width, ours=side == "ours", head_rows=head_rows)
         emit(figure, seconds=t, mfu=flops / t / peak["peak_flops"], layers=layers, batch=b,
              tokens=b * width, tokens_per_s=b * width / t)
     except Exception as e:  # noqa: BLE001 - one figure failing (e.g. out of memory) must not hide the rest
