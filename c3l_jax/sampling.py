@@ -143,8 +143,8 @@ def _start(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: 
 def _decode_step(model: nnx.Module, s: _Slots, cfg: SamplingConfig, prompt_slots: int) -> _Slots:
   """Every slot samples its next token and runs it through the decoder (one cached step).
 
-  A live row writes its token at cache slot `P + step`; empty / finished slots compute along (their
-  results are never read) without touching their row's valid slots.
+  A live row writes its token at cache slot `P + step`. Empty / finished slots compute along: their
+  results are never read, their `key_valid` is left alone, and an admission rewrites the whole row.
   """
   lm = model.language_model
   b, n = s.tokens.shape
@@ -154,7 +154,8 @@ def _decode_step(model: nnx.Module, s: _Slots, cfg: SamplingConfig, prompt_slots
   step_keys = jax.vmap(jax.random.fold_in)(s.keys, s.step)
   token = jnp.where(live, sample_logits(s.logits, step_keys, cfg), cfg.pad_id)
   tokens = s.tokens.at[rows, jnp.where(live, s.step, n)].set(token, mode="drop")
-  done = s.done | (live & (_stopped(tokens, jnp.minimum(s.step, n - 1), cfg) | (s.step + 1 >= s.limit)))
+  ends = _stopped(tokens, jnp.minimum(s.step, n - 1), cfg) | (s.step + 1 >= s.limit)
+  done = s.done | (live & ends)
   slot = jnp.minimum(prompt_slots + s.step, slots - 1)
   key_valid = s.key_valid.at[rows, slot].set(s.key_valid[rows, slot] | live)
   step_mask = (key_valid & (jnp.arange(slots) <= slot[:, None]))[:, None, :]
