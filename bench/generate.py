@@ -20,7 +20,18 @@ on it is a ~1/vocab event, and a mismatch would show in the equality report. Tok
 row (random models can have near-ties in the argmax, so a mismatch is reported, not fatal).
 Not a test: timings are printed, never asserted.
 
+`--mix=pipeline`: the initial stage's length mix instead of one length. `--prompts` prompts (default
+4 x batch) in order, each with a budget of new tokens drawn as the stage's outputs come: a quarter
+captions (~30 tokens), half QA (~40: conversation, complex reasoning), a quarter detailed descriptions
+(150-500); a random model never says EOS on cue, so each row ends at its budget on both sides.
+transformers runs static batches of `--batch` rows (`generate` with a `StoppingCriteria` ending each
+row at its budget: a batch ends with its longest row); c3l_jax runs `sampling.generate_many` with
+`--batch` slots (a finished row's slot takes the next prompt). Reported: useful tokens/s (the budgets'
+sum over the time of the whole workload) and the fraction of decode slot-steps wasted on finished or
+empty rows; every row's tokens are compared with transformers' up to its budget.
+
     python bench/generate.py              # batch 8 x 64 new tokens, the mid-size model
+    python bench/generate.py --mix=pipeline   # the initial stage's length mix, batch 8
     python bench/generate.py --small      # smoke test
     python bench/generate.py --profile    # also time prefill and decode of each implementation
 """
@@ -126,6 +137,95 @@ def profile(models, tokens, mask, pixels, ids, hmask, new_tokens):
   return out
 
 
+# The initial stage's output lengths: (share, low, high) of new tokens per kind.
+PIPELINE_MIX = {"caption": (0.25, 24, 36), "qa": (0.5, 32, 48), "detailed": (0.25, 150, 500)}
+
+
+def pipeline_budgets(count: int, seed: int) -> list[int]:
+  rng = np.random.default_rng([seed, 1])
+  kinds = list(PIPELINE_MIX)
+  drawn = rng.choice(len(kinds), size=count, p=[PIPELINE_MIX[k][0] for k in kinds])
+  return [int(rng.integers(PIPELINE_MIX[kinds[k]][1], PIPELINE_MIX[kinds[k]][2] + 1)) for k in drawn]
+
+
+def hf_generate_budgets(hf, prompts, pixels, budgets, batch):
+  """Static batches of `batch` rows, each row stopped at its own budget; `[M, max budget]` tokens."""
+  import torch
+  from transformers import StoppingCriteria, StoppingCriteriaList
+
+  class Budget(StoppingCriteria):
+    def __init__(self, start, limits):
+      self.start, self.limits = start, torch.as_tensor(limits)
+
+    def __call__(self, input_ids, scores, **kwargs):
+      return (input_ids.shape[1] - self.start) >= self.limits
+
+  width = max(budgets)
+  out = np.zeros((len(prompts), width), np.int64)
+  for lo in range(0, len(prompts), batch):
+    rows = list(range(lo, min(lo + batch, len(prompts))))
+    ids, mask = left_pad([prompts[i] for i in rows])
+    lim = [budgets[i] for i in rows]
+    with torch.no_grad():
+      got = hf.generate(torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels[rows]),
+                        attention_mask=torch.from_numpy(mask), max_new_tokens=max(lim),
+                        do_sample=False, eos_token_id=None, pad_token_id=PAD,
+                        stopping_criteria=StoppingCriteriaList([Budget(ids.shape[1], lim)]))
+    got = got[:, ids.shape[1]:].numpy()
+    out[rows, :got.shape[1]] = got
+  return out
+
+
+def static_waste(budgets, batch) -> float:
+  """Slot-steps of static batches spent on rows past their budget."""
+  total = sum(len(budgets[i:i + batch]) * max(budgets[i:i + batch]) for i in range(0, len(budgets), batch))
+  return 1 - sum(budgets) / total
+
+
+def main_mix(args, models):
+  from c3l_jax import sampling
+
+  count = args.prompts or 4 * args.batch
+  prompts, pixels = make_data(models, count, args.seed)
+  budgets = pipeline_budgets(count, args.seed)
+  if args.small:
+    budgets = [max(2, b // 8) for b in budgets]
+  n = max(budgets)
+  print(f"data: {count} prompts (lengths {min(map(len, prompts))}..{max(map(len, prompts))}), "
+        f"budgets of new tokens {sorted(budgets)} (sum {sum(budgets)}); batch / slots {args.batch}; "
+        f"greedy")
+  cfg = sampling.SamplingConfig(max_new_tokens=n, pad_id=PAD)
+  occupancy = {}
+
+  def ours():
+    out, _, occupancy["ours"] = sampling.generate_many(models.jax_model, prompts, pixels, cfg,
+                                                       slots=args.batch, bucket=BUCKET, limits=budgets)
+    return out
+
+  fns = {"ours": ours,
+         "transformers": lambda: hf_generate_budgets(models.hf, prompts, pixels, budgets, args.batch)}
+  # transformers compiles nothing: its warmup is one short batch (ours' warmup compiles every shape).
+  warm = {"transformers": lambda: hf_generate_budgets(models.hf, prompts[:args.batch],
+                                                      pixels[:args.batch], [2] * args.batch,
+                                                      args.batch)}
+  timing, outputs = common.compare(fns, args.repeats, warmup_fns=warm)
+  same = [bool(np.array_equal(outputs["ours"][i, :b], outputs["transformers"][i, :b]))
+          for i, b in enumerate(budgets)]
+  print(f"token-for-token: {sum(same)}/{count} rows identical to transformers up to their budgets")
+  waste = {"ours": occupancy["ours"].wasted, "transformers": static_waste(budgets, args.batch)}
+  rate = {}
+  for name, t in timing.items():
+    rate[name] = sum(budgets) / t.best
+    print(f"{name:13s} {t}")
+    print(f"{'':13s} {rate[name]:.1f} useful tok/s; {waste[name]:.0%} of decode slot-steps wasted")
+  occ = occupancy["ours"]
+  print(f"ours: {occ.decode_steps} decode steps x {occ.slots} slots, {occ.prefills} prefill calls")
+  print(f"load average at the end {os.getloadavg()[0]:.2f}")
+  print(f"generate --mix=pipeline: ours {rate['ours']:.1f} useful tok/s ({waste['ours']:.0%} slot-steps "
+        f"wasted), transformers {rate['transformers']:.1f} ({waste['transformers']:.0%} wasted), ratio "
+        f"{rate['ours'] / rate['transformers']:.2f}x (target >= 2x)")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--small", action="store_true", help="tiny model (smoke test)")
@@ -138,11 +238,17 @@ def main():
                   "(default: all)")
   ap.add_argument("--profile", action="store_true", help="time prefill alone on each side")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--mix", choices=("fixed", "pipeline"), default="fixed",
+                  help="fixed: every row --new_tokens; pipeline: the initial stage's length mix")
+  ap.add_argument("--prompts", type=int, default=None, help="prompts for --mix=pipeline (default "
+                  "4 x batch)")
   args = ap.parse_args()
 
   from c3l_jax import sampling
 
   models, mm = common.setup(args)
+  if args.mix == "pipeline":
+    return main_mix(args, models)
 
   prompts, pixels = make_data(models, args.batch, args.seed)
   tokens, mask = sampling.pad_prompts(prompts, bucket=BUCKET, pad_id=PAD)

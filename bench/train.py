@@ -21,9 +21,10 @@ one more untimed step each, then `--repeats` interleaved timed rounds (best repo
 
 FLOPs per step (2 per multiply-add; matmuls only, see `bench/common.py`), counting what each side
 executes: forward = vision tower (ours stops at the feature layer, transformers runs every CLIP
-layer) + projector + decoder over [B, T] (full T x T attention rectangle) + LM head (ours on T-1
-positions, transformers on all T); backward = 2 x forward of the trainable part (projector +
-decoder + head: activation grads + weight grads), nothing for the frozen vision tower. I.e.
+layer) + projector + decoder over [B, T] (full T x T attention rectangle) + LM head (ours on the
+positions that predict a target, `ce_batch`'s `head_positions`, a multiple of 16 per example;
+transformers on all T); backward = 2 x forward of the trainable part (projector + decoder + head:
+activation grads + weight grads), nothing for the frozen vision tower. I.e.
 
     step = vision_fwd + 3 x (projector + decoder + head)
 
@@ -71,11 +72,13 @@ def projector_flops(a: common.Arch, images: int) -> float:
   return 2.0 * images * a.image_tokens * (a.dv * a.d + a.d * a.d)
 
 
-def step_flops(a: common.Arch, b: int, t: int, ours: bool) -> float:
-  """Matmul FLOPs of one training step (see the module docstring)."""
+def step_flops(a: common.Arch, b: int, t: int, ours: bool, head_rows: int | None = None) -> float:
+  """Matmul FLOPs of one training step (see the module docstring); `head_rows`: the positions per
+  example ours runs the LM head on (`ce_batch`'s `head_positions` width; default T - 1)."""
   vision_fwd = common.vision_flops(a, b, all_layers=not ours) - projector_flops(a, b)
+  rows = (t - 1 if head_rows is None else head_rows) if ours else t
   trainable_fwd = (projector_flops(a, b) + common.decoder_flops(a, b, t, t)
-                   + common.head_flops(a, b * (t - 1 if ours else t)))
+                   + common.head_flops(a, b * rows))
   return vision_fwd + 3.0 * trainable_fwd
 
 
@@ -151,7 +154,8 @@ def main():
   to, th = timing["ours"], timing["transformers"]
   print(f"ours:         {to}")
   print(f"transformers: {th}")
-  fo, fh = step_flops(models.arch, b, t, ours=True), step_flops(models.arch, b, t, ours=False)
+  fo = step_flops(models.arch, b, t, ours=True, head_rows=ce["head_positions"].shape[1])
+  fh = step_flops(models.arch, b, t, ours=False)
   po, ph = fo / to.best / mm["jax"], fh / th.best / mm["torch"]
   print(f"FLOPs/step (vision_fwd + 3 x (projector + decoder + head)): ours {common.gflop(fo)}, "
         f"transformers {common.gflop(fh)}; achieved: ours {common.gflops(fo / to.best)} "

@@ -8,6 +8,11 @@ row has stopped or `max_new_tokens` is reached. Sampling (greedy / temperature /
 from per-row PRNG keys folded with the step, so a row's sample is reproducible and batch-independent.
 
 The loop state is a small dataclass, as in the gemma library's sampler.
+
+`generate_many` is continuous batching over a fixed number of decode slots: every slot (a row of the KV
+cache) has its own step counter and cache write position, and a slot whose row has finished takes the
+next waiting prompt (its prefill written into that slot's cache rows) while the other slots keep
+decoding, so a batch never waits for its longest row. `generate` is the same decode loop over one batch.
 """
 
 from __future__ import annotations
@@ -41,14 +46,23 @@ class SamplingConfig:
 
 
 @flax.struct.dataclass
-class _LoopState:
-  step: jax.Array  # scalar int32
+class _Slots:
+  """The decode state of `B` slots: each slot is one row of the KV cache and holds one prompt at a time.
+
+  The cache is `P` prompt slots (a prompt is left-padded to end at `P`) followed by `N` slots for the
+  generated tokens; a slot's `step` counts the tokens it has generated, so rows need not be in step.
+  """
+
   cache: KVCache
-  key_valid: jax.Array  # [B, S] bool: slots holding real tokens
+  key_valid: jax.Array  # [B, P + N] bool: cache slots holding real tokens
   positions: jax.Array  # [B] RoPE position of the next token
-  logits: jax.Array  # [B, V] float32, for the token to sample at `step`
+  logits: jax.Array  # [B, V] float32, for the token to sample next
   tokens: jax.Array  # [B, N] generated tokens (pad after a row stops)
-  done: jax.Array  # [B] bool
+  step: jax.Array  # [B] int32: tokens generated so far
+  limit: jax.Array  # [B] int32: the row's budget of new tokens (<= N)
+  done: jax.Array  # [B] bool: stopped (or an empty slot)
+  keys: jax.Array  # [B] PRNG keys
+  decode_steps: jax.Array  # scalar int32: decode steps run (all slots), for occupancy accounting
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int
@@ -78,17 +92,89 @@ def sample_logits(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig) -> ja
 
 
 def _stopped(tokens: jax.Array, step: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """`[B]` bool: the token at `step` is an EOS or completes a stop sequence."""
-  last = tokens[:, step]
+  """`[B]` bool: row b's token at `step[b]` (or at a scalar `step`) is an EOS or completes a stop
+  sequence."""
+  step = jnp.broadcast_to(step, tokens.shape[:1])
+  last = jnp.take_along_axis(tokens, step[:, None], axis=1)[:, 0]
   hit = jnp.zeros(last.shape, jnp.bool_)
   for eos in cfg.eos_ids:
     hit |= last == eos
   for seq in cfg.stop_sequences:
     n = len(seq)
-    window = jax.lax.dynamic_slice_in_dim(
-        jnp.pad(tokens, ((0, 0), (n, 0)), constant_values=-1), step + 1, n, axis=1)
+    padded = jnp.pad(tokens, ((0, 0), (n, 0)), constant_values=-1)
+    window = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s + 1, n))(padded, step)
     hit |= jnp.all(window == jnp.asarray(seq, tokens.dtype), axis=-1)
   return hit
+
+
+def _prefill(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
+             prompt_slots: int, slots: int) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+  """Prompts `[b, t]` (left-padded, `t <= prompt_slots`) written to cache slots `[P - t, P)` of fresh
+  cache rows of `slots` slots: `(cache, key_valid [b, slots], positions [b], logits [b, V])`."""
+  lm = model.language_model
+  b, t = tokens.shape
+  start = prompt_slots - t
+  valid = mask.astype(jnp.bool_)
+  key_valid = jnp.concatenate([jnp.zeros((b, start), jnp.bool_), valid,
+                               jnp.zeros((b, slots - prompt_slots), jnp.bool_)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+  prefill_mask = L.causal_mask(jnp.broadcast_to(start + jnp.arange(t), (b, t)),
+                               jnp.broadcast_to(jnp.arange(slots), (b, slots)), key_valid)
+  cache = KVCache.zeros(lm.cfg, b, slots, lm.dtype)
+  x = model.embed_image_and_text(tokens, pixel_values)
+  hidden, cache = lm.decode_hidden(x, positions, prefill_mask, cache, start)
+  return cache, key_valid, jnp.sum(valid, axis=-1).astype(jnp.int32), lm.logits(hidden[:, -1])
+
+
+def _start(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
+           keys: jax.Array, limits: jax.Array, active: jax.Array, cfg: SamplingConfig,
+           prompt_slots: int) -> _Slots:
+  """Prefill every slot; rows with `active` False start done (empty slots)."""
+  b = tokens.shape[0]
+  n = cfg.max_new_tokens
+  cache, key_valid, positions, logits = _prefill(model, tokens, mask, pixel_values, prompt_slots,
+                                                 prompt_slots + n)
+  return _Slots(cache=cache, key_valid=key_valid, positions=positions, logits=logits,
+                tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), step=jnp.zeros((b,), jnp.int32),
+                limit=limits.astype(jnp.int32), done=~active, keys=keys,
+                decode_steps=jnp.zeros((), jnp.int32))
+
+
+def _decode_step(model: nnx.Module, s: _Slots, cfg: SamplingConfig, prompt_slots: int) -> _Slots:
+  """Every slot samples its next token and runs it through the decoder (one cached step).
+
+  A live row writes its token at cache slot `P + step`. Empty / finished slots compute along: their
+  results are never read, their `key_valid` is left alone, and an admission rewrites the whole row.
+  """
+  lm = model.language_model
+  b, n = s.tokens.shape
+  slots = s.key_valid.shape[1]
+  rows = jnp.arange(b)
+  live = ~s.done
+  step_keys = jax.vmap(jax.random.fold_in)(s.keys, s.step)
+  token = jnp.where(live, sample_logits(s.logits, step_keys, cfg), cfg.pad_id)
+  tokens = s.tokens.at[rows, jnp.where(live, s.step, n)].set(token, mode="drop")
+  ends = _stopped(tokens, jnp.minimum(s.step, n - 1), cfg) | (s.step + 1 >= s.limit)
+  done = s.done | (live & ends)
+  slot = jnp.minimum(prompt_slots + s.step, slots - 1)
+  key_valid = s.key_valid.at[rows, slot].set(s.key_valid[rows, slot] | live)
+  step_mask = (key_valid & (jnp.arange(slots) <= slot[:, None]))[:, None, :]
+  h, cache = lm.decode_hidden(lm.embed(token[:, None]), s.positions[:, None], step_mask, s.cache, slot)
+  live_i = live.astype(jnp.int32)
+  return s.replace(cache=cache, key_valid=key_valid, positions=s.positions + live_i,
+                   logits=lm.logits(h[:, 0]), tokens=tokens, step=s.step + live_i, done=done,
+                   decode_steps=s.decode_steps + 1)
+
+
+def _decode_until(model: nnx.Module, s: _Slots, need: jax.Array, cfg: SamplingConfig,
+                  prompt_slots: int) -> _Slots:
+  """Decode until `need` more rows have finished, or every row has."""
+  done_before = s.done
+
+  def cond(s: _Slots) -> jax.Array:
+    return ~jnp.all(s.done) & (jnp.sum(s.done & ~done_before) < need)
+
+  return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, cfg, prompt_slots), s)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
@@ -96,43 +182,11 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask:
               pixel_values: jax.Array | None, keys: jax.Array, cfg: SamplingConfig
               ) -> tuple[jax.Array, jax.Array]:
   model = nnx.merge(graphdef, state)
-  lm = model.language_model
   b, t = tokens.shape
-  n = cfg.max_new_tokens
-  slots = t + n
-  valid = mask.astype(jnp.bool_)
-  key_valid = jnp.concatenate([valid, jnp.zeros((b, n), jnp.bool_)], axis=1)
-  slot_ids = jnp.arange(slots)
-  positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-  prefill_mask = L.causal_mask(jnp.broadcast_to(jnp.arange(t), (b, t)),
-                               jnp.broadcast_to(slot_ids, (b, slots)), key_valid)
-  cache = KVCache.zeros(lm.cfg, b, slots, lm.dtype)
-  x = model.embed_image_and_text(tokens, pixel_values)
-  hidden, cache = lm.decode_hidden(x, positions, prefill_mask, cache, 0)
-
-  state0 = _LoopState(
-      step=jnp.zeros((), jnp.int32), cache=cache, key_valid=key_valid,
-      positions=jnp.sum(valid, axis=-1).astype(jnp.int32), logits=lm.logits(hidden[:, -1]),
-      tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), done=jnp.zeros((b,), jnp.bool_))
-
-  def cond(s: _LoopState) -> jax.Array:
-    return (s.step < n) & ~jnp.all(s.done)
-
-  def body(s: _LoopState) -> _LoopState:
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, s.step)
-    token = jnp.where(s.done, cfg.pad_id, sample_logits(s.logits, step_keys, cfg))
-    out = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, axis=1)
-    done = s.done | _stopped(out, s.step, cfg)
-    slot = t + s.step
-    key_valid = s.key_valid.at[:, slot].set(True)
-    step_mask = (key_valid & (slot_ids <= slot))[:, None, :]
-    h, cache = lm.decode_hidden(lm.embed(token[:, None]), s.positions[:, None], step_mask, s.cache,
-                                slot)
-    return _LoopState(step=s.step + 1, cache=cache, key_valid=key_valid, positions=s.positions + 1,
-                      logits=lm.logits(h[:, 0]), tokens=out, done=done)
-
-  final = jax.lax.while_loop(cond, body, state0)
-  return final.tokens, _lengths(final.tokens, cfg)
+  s = _start(model, tokens, mask, pixel_values, keys, jnp.full((b,), cfg.max_new_tokens),
+             jnp.ones((b,), jnp.bool_), cfg, t)
+  s = _decode_until(model, s, jnp.asarray(b + 1), cfg, t)
+  return s.tokens, _lengths(s.tokens, cfg)
 
 
 def _lengths(tokens: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -164,6 +218,148 @@ def generate(model: nnx.Module, tokens: jax.Array | np.ndarray, mask: jax.Array 
   graphdef, state = nnx.split(model)
   out, lengths = _generate(graphdef, state, tokens, mask, pixel_values, keys, cfg)
   return np.asarray(out), np.asarray(lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "prompt_slots"))
+def _start_jit(graphdef, state, tokens, mask, pixel_values, keys, limits, active, cfg, prompt_slots):
+  return _start(nnx.merge(graphdef, state), tokens, mask, pixel_values, keys, limits, active, cfg,
+                prompt_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "prompt_slots"), donate_argnums=(2,))
+def _decode_jit(graphdef, state, s, need, cfg, prompt_slots):
+  return _decode_until(nnx.merge(graphdef, state), s, need, cfg, prompt_slots)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "prompt_slots"), donate_argnums=(2,))
+def _admit_jit(graphdef, state, s: _Slots, rows, tokens, mask, pixel_values, keys, limits, cfg,
+               prompt_slots):
+  """Prefill new prompts into slots `rows` (finished ones), resetting those slots' state."""
+  model = nnx.merge(graphdef, state)
+  cache, key_valid, positions, logits = _prefill(model, tokens, mask, pixel_values, prompt_slots,
+                                                 s.key_valid.shape[1])
+  return s.replace(
+      cache=KVCache(s.cache.k.at[:, rows].set(cache.k), s.cache.v.at[:, rows].set(cache.v)),
+      key_valid=s.key_valid.at[rows].set(key_valid), positions=s.positions.at[rows].set(positions),
+      logits=s.logits.at[rows].set(logits), tokens=s.tokens.at[rows].set(cfg.pad_id),
+      step=s.step.at[rows].set(0), limit=s.limit.at[rows].set(limits.astype(jnp.int32)),
+      done=s.done.at[rows].set(False), keys=s.keys.at[rows].set(keys))
+
+
+@dataclasses.dataclass
+class Occupancy:
+  """How busy the decode slots were: `useful` row-steps (tokens generated, stop tokens included) out
+  of `slots x decode_steps`."""
+
+  slots: int
+  decode_steps: int
+  useful: int
+  prefills: int  # prefill calls (the first fill included)
+
+  @property
+  def wasted(self) -> float:
+    """The fraction of slot-steps that computed for an empty or finished slot."""
+    total = self.slots * self.decode_steps
+    return 1.0 - self.useful / total if total else 0.0
+
+
+def _chunks(n: int, most: int) -> list[int]:
+  """`n` as a sum of powers of two (largest first), each at most `most`: the admission batch sizes,
+  so prefills compile for a few shapes only."""
+  sizes = []
+  while n:
+    size = min(1 << (n.bit_length() - 1), 1 << (most.bit_length() - 1))
+    sizes.append(size)
+    n -= size
+  return sizes
+
+
+def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]],
+                  pixels: Sequence[np.ndarray] | np.ndarray | None, cfg: SamplingConfig,
+                  keys: jax.Array | None = None, *, slots: int, bucket: int,
+                  limits: Sequence[int] | None = None, place=None
+                  ) -> tuple[np.ndarray, np.ndarray, Occupancy]:
+  """Generate for any number of prompts with continuous batching over `slots` decode slots.
+
+  The first `slots` prompts are prefilled together; whenever a row finishes (EOS, stop sequence or its
+  budget), the next waiting prompts are prefilled into the freed slots and decoding goes on, so a batch
+  never waits for its longest row. Each row's tokens are those `generate` gives for that prompt alone
+  with the same key: a row's computation never reads another row's, and its PRNG stream is its key
+  folded with its own step.
+
+  Shapes are static: the cache holds `P + N` slots per row (`P` = the longest prompt rounded up to
+  `bucket`, `N = cfg.max_new_tokens`); a newcomer batch is padded to its own bucket and has a
+  power-of-two size, so the programs compile once per (size, bucket).
+
+  Args:
+    prompts: token lists (`<image>` runs expanded). pixels: one `[C, H, W]` image per prompt, or None.
+    keys: per-prompt PRNG keys `[M]` (required when `cfg.temperature > 0`).
+    slots: decode slots (the batch size). bucket: prompt-length bucket.
+    limits: per-prompt budgets of new tokens (default `cfg.max_new_tokens`, at most that).
+    place: optional function placing the first fill's numpy batch dict (`tokens`, `mask`, `pixels`) on
+      devices (e.g. `sharding.shard_batch` on a mesh); the slots' state stays laid out that way.
+  Returns:
+    `tokens [M, N]` (pad after a row stops), `lengths [M]` (tokens before EOS, at most the row's
+    budget) and the `Occupancy`.
+  """
+  m, n = len(prompts), cfg.max_new_tokens
+  if keys is None:
+    if cfg.temperature > 0:
+      raise ValueError("sampling with temperature > 0 needs explicit per-row PRNG keys")
+    keys = jax.random.split(jax.random.key(0), max(m, 1))
+  limits = np.full(m, n, np.int32) if limits is None else np.asarray(limits, np.int32)
+  if limits.shape != (m,) or np.any(limits < 1) or np.any(limits > n):
+    raise ValueError(f"limits must be {m} budgets in 1..max_new_tokens={n}")
+  out = np.full((m, n), cfg.pad_id, np.int32)
+  if not m:
+    return out, np.zeros(0, np.int32), Occupancy(slots, 0, 0, 0)
+  graphdef, state = nnx.split(model)
+  prompt_slots = round_up(max(len(p) for p in prompts), bucket)
+  pix = None if pixels is None else np.asarray(pixels)
+
+  def batch(idx: Sequence[int]) -> dict:
+    tokens, mask = pad_prompts([prompts[i] for i in idx], bucket, cfg.pad_id)
+    return {"tokens": tokens, "mask": mask, "pixels": None if pix is None else pix[list(idx)],
+            "keys": keys[np.asarray(idx)], "limits": limits[list(idx)]}
+
+  first = list(range(min(m, slots)))
+  fill = batch(first + [0] * (slots - len(first)))
+  fill["active"] = np.arange(slots) < len(first)
+  if place is not None:
+    fill.update(place({k: fill[k] for k in ("tokens", "mask", "pixels") if fill[k] is not None}))
+  s = _start_jit(graphdef, state, fill["tokens"], fill["mask"], fill["pixels"], fill["keys"],
+                 fill["limits"], fill["active"], cfg, prompt_slots)
+  owner = first + [-1] * (slots - len(first))  # the prompt in each slot, -1 when empty
+  waiting = list(range(len(first), m))
+  prefills, useful = 1, 0
+  while True:
+    need = 1 if waiting else slots + 1  # refill as soon as a row ends; at the end run all out
+    s = _decode_jit(graphdef, state, s, jnp.asarray(need, jnp.int32), cfg, prompt_slots)
+    done = np.asarray(s.done)
+    finished = [r for r in range(slots) if done[r] and owner[r] >= 0]
+    if finished:
+      tokens, steps = np.asarray(s.tokens), np.asarray(s.step)
+      for r in finished:
+        out[owner[r]] = tokens[r]
+        useful += int(steps[r])
+        owner[r] = -1
+    if not waiting:
+      if all(o < 0 for o in owner):
+        break
+      continue
+    free = [r for r in range(slots) if owner[r] < 0]
+    take = free[:len(waiting)]
+    for size in _chunks(len(take), slots):
+      rows, take = take[:size], take[size:]
+      idx, waiting = waiting[:size], waiting[size:]
+      new = batch(idx)
+      s = _admit_jit(graphdef, state, s, jnp.asarray(rows, jnp.int32), new["tokens"], new["mask"],
+                     new["pixels"], new["keys"], new["limits"], cfg, prompt_slots)
+      prefills += 1
+      for r, i in zip(rows, idx):
+        owner[r] = i
+  occupancy = Occupancy(slots, int(s.decode_steps), useful, prefills)
+  return out, np.minimum(np.asarray(_lengths(jnp.asarray(out), cfg)), limits), occupancy
 
 
 def decode_texts(tokenizer, tokens: np.ndarray, lengths: np.ndarray,

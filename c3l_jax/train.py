@@ -121,10 +121,21 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def ce_loss(vlm: LlavaVLM, batch: dict) -> jax.Array:
-  """L_r: next-token CE on the target tokens of `tokens [B, T]` (weights mark the targets)."""
+  """L_r: next-token CE on the target tokens of `tokens [B, T]` (weights mark the targets).
+
+  With `head_positions` / `head_weights` in the batch (`ce_batch` adds them) the LM head runs only on
+  the hidden states that predict a target: the same CE terms, without the `[B, T, V]` logits of the
+  prompt positions (on the bench model the head is a third of a step's matmuls).
+  """
   x = vlm.embed_image_and_text(batch["tokens"], batch.get("pixels"))
   positions, mask3 = positions_and_mask(batch["mask"], batch["tokens"].shape)
   hidden, _ = vlm.language_model.decode_hidden(x, positions, mask3)
+  if "head_positions" in batch:
+    where = batch["head_positions"]
+    logits = vlm.language_model.logits(jnp.take_along_axis(hidden, where[..., None], axis=1))
+    targets = jnp.take_along_axis(batch["tokens"], where + 1, axis=1)
+    loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
+    return loss
   logits = vlm.language_model.logits(hidden[:, :-1])
   loss, _ = losses.token_cross_entropy(logits, batch["tokens"][:, 1:], batch["weights"][:, 1:])
   return loss
@@ -338,6 +349,7 @@ def epoch_order(n: int, step: int, batch: int, seed: int) -> np.ndarray:
 
 
 PixelFn = Callable[[Any], np.ndarray]
+HEAD_BUCKET = 16
 
 
 def _pixels(item: dict, pixels: PixelFn | None) -> np.ndarray:
@@ -355,15 +367,25 @@ def _has_image(item: dict) -> bool:
 
 
 def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int = 0,
-             pixels: PixelFn | None = None) -> dict:
-  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked).
-  `width`: the padded length (default: the longest sequence rounded up to `bucket`)."""
+             pixels: PixelFn | None = None, head_width: int = 0) -> dict:
+  """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked);
+  `head_positions [B, W]` the positions predicting a target (`W` a multiple of `HEAD_BUCKET`),
+  `head_weights [B, W]` 1 where such a position is real. `width` / `head_width`: the padded lengths
+  (default: the longest in `examples`, rounded up to `bucket` / `HEAD_BUCKET`)."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
   tokens, mask = right_pad(seqs, width or round_up(max(map(len, seqs)), bucket), pad_id)
   weights = np.zeros_like(mask, dtype=np.float32)
   for i, e in enumerate(examples):
     weights[i, len(e["prompt"]):len(e["prompt"]) + len(e["target"])] = 1.0
-  out = {"tokens": tokens, "mask": mask, "weights": weights}
+  # The positions whose next-token prediction is a target (the LM head's rows), padded to a bucket.
+  heads = [np.flatnonzero(w[1:]) for w in weights]
+  head_width = head_width or round_up(max(max(map(len, heads)), 1), HEAD_BUCKET)
+  head_positions = np.zeros((len(examples), head_width), np.int32)
+  head_weights = np.zeros((len(examples), head_width), np.float32)
+  for i, h in enumerate(heads):
+    head_positions[i, :len(h)], head_weights[i, :len(h)] = h, 1.0
+  out = {"tokens": tokens, "mask": mask, "weights": weights, "head_positions": head_positions,
+         "head_weights": head_weights}
   if _has_image(examples[0]):
     out["pixels"] = np.stack([_pixels(e, pixels) for e in examples])
   return out
@@ -425,7 +447,10 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
     if cfg.ce_weight:
       width = round_up(max(len(ce_examples[i]["prompt"]) + len(ce_examples[i]["target"]) for i in idx),
                        32)
-      batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width, pixels=pixels)
+      # Every process pads its rows to the global batch's widths: the same shapes everywhere.
+      head_width = round_up(max(max(len(ce_examples[i]["target"]) for i in idx), 1), HEAD_BUCKET)
+      batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width, pixels=pixels,
+                             head_width=head_width)
     if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
       tokens, mask = right_pad([ce_examples[i]["caption"] for i in mine],
                                round_up(max(len(ce_examples[i]["caption"]) for i in idx), 32), pad_id)

@@ -127,6 +127,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.generation.top_k = 0  # 0 = off
   config.generation.num_final = 5000
   config.generation.prompt_bucket = 64  # prompts are padded to a multiple of this many tokens
+  # continuous: a finished row's slot takes the next prompt at once (sampling.generate_many) | static:
+  # batches of data.batch_size prompts, each decoding until its longest row ends. Same outputs.
+  config.generation.batching = "continuous"
 
   config.scoring = ml_collections.ConfigDict()
   config.scoring.mode = "eq1"  # eq1 | full_kl

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -138,3 +140,43 @@ def test_sharded_generation_equals_single_device(models, tmp_path):
   batch = sharding.shard_batch((tokens, mask, pixels), mesh)
   got, _ = sampling.generate(sharded, *batch, cfg)
   np.testing.assert_array_equal(got, want)
+
+
+def test_continuous_batching_equals_each_prompt_alone(models):
+  """Five prompts through 2 slots: rows end at different steps (budgets of 3..11 new tokens, an EOS),
+  newcomers are prefilled into freed slots, and every row equals that prompt generated alone (the static
+  batch of one) with the same key, sampled and greedy."""
+  hf, model = models
+  prompts, pixels = _prompts(hf, [3, 12, 1, 7, 5], seed=1)
+  limits = [11, 3, 6, 4, 9]
+  keys = jax.random.split(jax.random.key(3), 5)
+  for cfg in (sampling.SamplingConfig(max_new_tokens=11, temperature=1.0, top_k=20),
+              sampling.SamplingConfig(max_new_tokens=11)):
+    free, _ = sampling.generate(model, *sampling.pad_prompts(prompts[:1], 8, 0), pixels[:1], cfg, keys[:1])
+    cfg = dataclasses.replace(cfg, eos_ids=(int(free[0, 7]),))  # row 0 stops at step 7 or before
+    out, lengths, occ = sampling.generate_many(model, prompts, pixels, cfg, keys, slots=2, bucket=8,
+                                               limits=limits)
+    assert occ.prefills >= 2 and occ.slots == 2  # the later prompts went into freed slots
+    for i, p in enumerate(prompts):
+      alone, n = sampling.generate(model, *sampling.pad_prompts([p], 8, 0), pixels[i:i + 1], cfg,
+                                   keys[i:i + 1])
+      want = alone[0].copy()
+      want[limits[i]:] = 0  # the static call runs to max_new_tokens; the budget cuts the row here
+      assert out[i].tolist() == want.tolist(), i
+      assert lengths[i] == min(n[0], limits[i])
+    assert occ.useful == sum(min(int(n) + 1, lim) for n, lim in zip(lengths, limits))
+
+
+def test_continuous_greedy_matches_transformers_generate(models):
+  hf, model = models
+  prompts, pixels = _prompts(hf, [3, 9, 1, 6, 4], seed=2)
+  out, _, occ = sampling.generate_many(model, prompts, pixels, sampling.SamplingConfig(max_new_tokens=6),
+                                       slots=2, bucket=8, limits=[6, 2, 5, 3, 6])
+  for i, (p, lim) in enumerate(zip(prompts, [6, 2, 5, 3, 6])):
+    with torch.no_grad():
+      ref = hf.generate(input_ids=torch.as_tensor([p]), pixel_values=torch.as_tensor(pixels[i:i + 1]),
+                        max_new_tokens=lim, min_new_tokens=lim, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)
+    assert out[i, :lim].tolist() == ref[0, len(p):].tolist() and np.all(out[i, lim:] == 0)
+  assert occ.decode_steps < 6 + 2 + 5 + 3 + 6  # slots overlapped (a single slot would take 22 steps)
+

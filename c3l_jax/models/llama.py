@@ -120,7 +120,14 @@ class LlamaBlock(nnx.Module):
     k = apply_rope(self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
     k = k.transpose(0, 2, 1, 3)
     v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-    if cache is not None:
+    if cache is not None and jnp.ndim(write_index) == 1:  # one token per row, each at its own slot
+      rows = jnp.arange(b)
+      ck = cache[0].at[layer, rows, :, write_index].set(k[:, :, 0].astype(cache[0].dtype))
+      cv = cache[1].at[layer, rows, :, write_index].set(v[:, :, 0].astype(cache[1].dtype))
+      k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+      kv_out = (ck, cv)
+    elif cache is not None:
       start = (layer, 0, 0, write_index, 0)
       ck = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
       cv = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
@@ -171,7 +178,8 @@ class LlamaForCausalLM(nnx.Module):
     Args:
       x: input embeddings `[B, T, D]`.  positions: RoPE positions `[B, T]`.
       mask: boolean `[B, T, S]`; S = T without a cache, S = cache slots with one.
-      cache: optional fixed-size `KVCache`; this call's keys/values are written at `write_index`.
+      cache: optional fixed-size `KVCache`; this call's keys/values are written at `write_index` (a
+        scalar, or `[B]` per-row slots for one-token steps).
       segment_ids: `[B, T]` when `mask` is `positions_and_mask`'s (causal over slots, padding its own
         segment), for the attention kernels that take that structure instead of a mask.
     Returns:
@@ -190,6 +198,8 @@ class LlamaForCausalLM(nnx.Module):
       return self.norm(x), KVCache(*kv)
 
     index = jnp.asarray(write_index, jnp.int32)
+    if index.ndim == 1 and x.shape[1] != 1:
+      raise ValueError("per-row write indices need one token per row")
 
     def cached_body(layer, carry, i):
       h, ck, cv = carry

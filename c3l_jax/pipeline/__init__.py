@@ -45,6 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "generation.mode": ("two_step", "direct"),
     "generation.final_mode": ("two_step", "direct"),
+    "generation.batching": ("continuous", "static"),
     "data.split": ("train", "val"),
     "data.image_aspect": ("resize", "pad"),
     "scoring.mode": ("eq1", "full_kl"),

@@ -146,11 +146,24 @@ class Inference:
                keys: jax.Array, max_new_tokens: int) -> tuple[list[str], int]:
     """Texts generated for `prompts` (all with an image, `pixels[i]`, or all text-only).
 
-    Batches are `batch_rows` rows (the last one padded with copies of the first prompt) and prompts are
+    `generation.batching = continuous` (default): `batch_rows` decode slots, a finished row's slot
+    taking the next prompt (`sampling.generate_many`); `static`: batches of `batch_rows` rows (the last
+    one padded with copies of the first prompt), each decoding until its longest row ends. Prompts are
     left-padded to a multiple of `generation.prompt_bucket`, so shapes come from a small fixed set.
-    Returns the texts (cut at EOS and the builder's stop strings) and the number of generated tokens.
+    The outputs are the same either way. Returns the texts (cut at EOS and the builder's stop
+    strings) and the number of generated tokens.
     """
     cfg = self.sampling_config(max_new_tokens)
+    bucket = self.config.generation.prompt_bucket
+    if self.config.generation.get("batching", "continuous") == "continuous":
+      out, lengths, occupancy = sampling.generate_many(
+          self.model, prompts, pixels, cfg, keys, slots=self.batch_rows, bucket=bucket,
+          place=lambda batch: sharding.shard_batch(batch, self.mesh))
+      logging.info("generated %d rows in %d slots: %d decode steps, %.0f%% of slot-steps idle, "
+                   "%d prefills", len(prompts), self.batch_rows, occupancy.decode_steps,
+                   100 * occupancy.wasted, occupancy.prefills)
+      texts = sampling.decode_texts(self.builder.tokenizer, out, lengths, self.stop_strings)
+      return texts, int(lengths.sum())
     texts: list[str] = []
     n_tokens = 0
     b = self.batch_rows
@@ -158,8 +171,7 @@ class Inference:
       chunk = list(prompts[start:start + b])
       real = len(chunk)
       chunk += [chunk[0]] * (b - real)
-      tokens, mask = sampling.pad_prompts(chunk, self.config.generation.prompt_bucket,
-                                          self.builder.pad_id)
+      tokens, mask = sampling.pad_prompts(chunk, bucket, self.builder.pad_id)
       batch = {"tokens": tokens, "mask": mask}
       if pixels is not None:
         px = list(pixels[start:start + b])
