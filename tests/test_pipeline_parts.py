@@ -204,12 +204,22 @@ def test_ablation_rows_derive_their_configs():
 
   config = scenes_ablation.get_config()
   assert config.stages == "initial,filter,score,ablation"
-  rows = {name: ablation.derive(config, overrides) for name, (_, _, overrides) in ablation.ROWS.items()}
+  rows = {name: ablation.derive(config, row.overrides) for name, row in ablation.all_rows(config).items()}
+  assert list(rows) == ["filtering", "+CLM", "+CRM", "+CRM+CLM", "+CRM+CLM direct", "+CRM+CLM len-norm"]
   assert rows["+CLM"].select.method == "random" and rows["+CLM"].train.contrastive_weight > 0
   assert rows["+CRM"].select.method == "i2c" and rows["+CRM"].train.contrastive_weight == 0.0
   assert rows["+CRM+CLM"].to_dict() == config.to_dict()  # the full method changes nothing
-  assert ablation.ROWS["filtering"][1] == ("final", "export")  # no generator training
+  assert ablation.ROWS["filtering"].stages == ("final", "export")  # no generator training
+  assert rows["+CRM+CLM direct"].generation.final_mode == "direct"  # the default is two_step
+  assert ablation.all_rows(config)["+CRM+CLM direct"].links["train"] == "crm_clm/train"
+  assert rows["+CRM+CLM len-norm"].scoring.length_norm and not config.scoring.length_norm
   assert all(r.is_locked for r in rows.values()) and config.select.method == "i2c"
+  # Seed k moves every seed_keys field by k and nothing else.
+  seeded = ablation.seeded(config, 2)
+  assert (seeded.seed, seeded.data.scenes_seed) == (config.seed + 2, config.data.scenes_seed + 2)
+  seeded.unlock()
+  seeded.seed, seeded.data.scenes_seed = config.seed, config.data.scenes_seed
+  assert seeded.to_dict() == config.to_dict()
 
 
 # -------------------------------------------- the generation stages' shards, without a model
