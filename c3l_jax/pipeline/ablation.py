@@ -148,8 +148,12 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
   down = os.path.join(row_dir, "downstream")
   os.makedirs(down, exist_ok=True)
   data = os.path.join(down, "records.jsonl")
-  if not os.path.exists(data):
-    write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in records])
+
+  def write() -> None:
+    if not os.path.exists(data):
+      write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in records])
+
+  runtime.get().lead_writes("ablation:records", write)  # every process meets here
   if records:
     stages = ("train", "eval")
     cfg = derive(config, {

@@ -180,7 +180,9 @@ def run(config: Any, workdir: str) -> dict:
   history = trainer.run(trainer_lib.batch_fn(
       ce_examples, groups, cfg, config.train.batch_size, config.train.batch_size,
       1 + config.train.max_negatives, builder.pad_id, config.seed, pixels=pixels))
-  write_jsonl(os.path.join(stage_dir, "history.jsonl"), history)
+  # Every process holds the same history (its metrics are global); one writes it.
+  runtime.get().lead_writes("train:history",
+                            lambda: write_jsonl(os.path.join(stage_dir, "history.jsonl"), history))
   export_generator(trainer.model().vlm, config.model.checkpoint, os.path.join(stage_dir, "generator"))
   return {"steps": trainer.step, "ce_examples": len(ce_examples), "groups": len(groups),
           "first_loss": history[0]["loss"] if history else None,
