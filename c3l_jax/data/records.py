@@ -118,9 +118,14 @@ def _parse_line(raw: str | bytes) -> tuple[str | None, dict]:
   return None, rec
 
 
-def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
-  """Write rows as JSON lines atomically (tmp file + rename; a local path or a gs:// URI)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Write a file atomically: a tmp file beside it, then a rename (a local path or a gs:// URI)."""
   path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+  tmp.write_text(text, encoding="utf-8")
   tmp.replace(path)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+  """Write rows as JSON lines atomically (`write_text_atomic`)."""
+  write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

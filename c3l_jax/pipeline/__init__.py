@@ -24,6 +24,7 @@ from absl import logging
 from etils import epath
 
 from c3l_jax import console, registry
+from c3l_jax.data.records import write_text_atomic
 from c3l_jax.models.configs import MODEL_CONFIG_FILE
 
 STAGE_ORDER: tuple[str, ...] = (
@@ -259,11 +260,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Write `obj` as JSON atomically (tmp file + rename; a local path or a gs:// URI)."""
-  path = epath.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-  tmp.replace(path)
+  """Write `obj` as JSON atomically (`records.write_text_atomic`)."""
+  write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, dict]:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from etils import epath
 
 from c3l_jax import registry, runtime
-from c3l_jax.data.records import BadInput
+from c3l_jax.data.records import BadInput, write_text_atomic
 from c3l_jax.data.sources import open_source, source_kind
 from c3l_jax.eval.selection import selection_composition
 from c3l_jax.eval.table import format_cell
@@ -53,15 +53,8 @@ def statistics(llava: Sequence[dict]) -> dict:
           "avg_question_words": mean(questions), "avg_answer_words": mean(answers)}
 
 
-def _write(path: epath.Path, text: str) -> None:
-  """Write a file atomically (tmp file + rename; local or gs://)."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  tmp.replace(path)
-
-
 def _dump(path: epath.Path, obj: Any) -> None:
-  _write(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+  write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -111,7 +104,7 @@ def write_report(config: Any, workdir: str, export_metrics: dict, source: Any, s
   text = build_report(metrics, scored, source.load, export_metrics.get("quality"),
                       verdicts=verdicts, selection=export_metrics.get("selection"),
                       top_fraction=config.select.top_fraction)
-  _write(epath.Path(workdir) / "report.html", text)
+  write_text_atomic(epath.Path(workdir) / "report.html", text)
 
 
 def quality_title(config: Any) -> str:

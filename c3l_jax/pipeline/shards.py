@@ -16,7 +16,7 @@ from typing import Sequence
 
 from etils import epath
 
-from c3l_jax.data.records import write_jsonl
+from c3l_jax.data.records import write_jsonl, write_text_atomic
 
 
 def part_path(stage_dir: str | os.PathLike, index: int) -> str:
@@ -37,10 +37,8 @@ def write_shard(stage_dir: str, index: int, rows: Sequence[dict], rejected: Sequ
   epath.Path(stage_dir).mkdir(parents=True, exist_ok=True)
   write_jsonl(epath.Path(stage_dir) / f"part-{index:05d}.rejected.jsonl", rejected)
   write_jsonl(part_path(stage_dir, index), rows)
-  marker = _marker(stage_dir, index)
-  tmp = marker.with_name(marker.name + ".tmp")
-  tmp.write_text(json.dumps({"written": len(rows), "rejected": len(rejected), **(counts or {})}) + "\n")
-  tmp.replace(marker)
+  write_text_atomic(_marker(stage_dir, index),
+                    json.dumps({"written": len(rows), "rejected": len(rejected), **(counts or {})}) + "\n")
 
 
 def read_counts(stage_dir: str, index: int) -> dict[str, int]:
