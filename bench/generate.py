@@ -26,7 +26,9 @@ captions (~30 tokens), half QA (~40: conversation, complex reasoning), a quarter
 (150-500); a random model never says EOS on cue, so each row ends at its budget on both sides.
 transformers runs static batches of `--batch` rows (`generate` with a `StoppingCriteria` ending each
 row at its budget: a batch ends with its longest row); c3l_jax runs `sampling.generate_many` with
-`--batch` slots (a finished row's slot takes the next prompt). Reported: useful tokens/s (the budgets'
+`--batch` slots (a finished row's slot takes the next prompt), admitting prompts longest first by
+their kind's expected length, as the initial stage does by instruction type ("ours"; the kind is known
+before generating, the length is not), and in the given order ("ours in order"). Reported: useful tokens/s (the budgets'
 sum over the time of the whole workload) and the fraction of decode slot-steps wasted on finished or
 empty rows; every row's tokens are compared with transformers' up to its budget.
 
@@ -141,11 +143,18 @@ def profile(models, tokens, mask, pixels, ids, hmask, new_tokens):
 PIPELINE_MIX = {"caption": (0.25, 24, 36), "qa": (0.5, 32, 48), "detailed": (0.25, 150, 500)}
 
 
-def pipeline_budgets(count: int, seed: int) -> list[int]:
+# What the initial stage knows before generating: the kind of each prompt (its instruction type), and
+# so a rough expected length (`instructions.EXPECTED_LENGTH`), never the length itself.
+EXPECTED = {"caption": 30, "qa": 40, "detailed": 300}
+
+
+def pipeline_budgets(count: int, seed: int) -> tuple[list[str], list[int]]:
+  """Each prompt's kind and its budget of new tokens."""
   rng = np.random.default_rng([seed, 1])
   kinds = list(PIPELINE_MIX)
   drawn = rng.choice(len(kinds), size=count, p=[PIPELINE_MIX[k][0] for k in kinds])
-  return [int(rng.integers(PIPELINE_MIX[kinds[k]][1], PIPELINE_MIX[kinds[k]][2] + 1)) for k in drawn]
+  return ([kinds[k] for k in drawn],
+          [int(rng.integers(PIPELINE_MIX[kinds[k]][1], PIPELINE_MIX[kinds[k]][2] + 1)) for k in drawn])
 
 
 def hf_generate_budgets(hf, prompts, pixels, budgets, batch):
@@ -187,7 +196,7 @@ def main_mix(args, models):
 
   count = args.prompts or 4 * args.batch
   prompts, pixels = make_data(models, count, args.seed)
-  budgets = pipeline_budgets(count, args.seed)
+  kinds, budgets = pipeline_budgets(count, args.seed)
   if args.small:
     budgets = [max(2, b // 8) for b in budgets]
   n = max(budgets)
@@ -197,12 +206,17 @@ def main_mix(args, models):
   cfg = sampling.SamplingConfig(max_new_tokens=n, pad_id=PAD)
   occupancy = {}
 
-  def ours():
-    out, _, occupancy["ours"] = sampling.generate_many(models.jax_model, prompts, pixels, cfg,
-                                                       slots=args.batch, bucket=BUCKET, limits=budgets)
-    return out
+  def ours(name, order=None):
+    def run():
+      out, _, occupancy[name] = sampling.generate_many(models.jax_model, prompts, pixels, cfg,
+                                                       slots=args.batch, bucket=BUCKET, limits=budgets,
+                                                       order=order)
+      return out
+    return run
 
-  fns = {"ours": ours,
+  # As the initial stage runs it: the kinds' expected lengths order the admission (long ones first).
+  fns = {"ours": ours("ours", sampling.longest_first([EXPECTED[k] for k in kinds])),
+         "ours in order": ours("ours in order"),
          "transformers": lambda: hf_generate_budgets(models.hf, prompts, pixels, budgets, args.batch)}
   # transformers compiles nothing: its warmup is one short batch (ours' warmup compiles every shape).
   warm = {"transformers": lambda: hf_generate_budgets(models.hf, prompts[:args.batch],
@@ -212,14 +226,18 @@ def main_mix(args, models):
   same = [bool(np.array_equal(outputs["ours"][i, :b], outputs["transformers"][i, :b]))
           for i, b in enumerate(budgets)]
   print(f"token-for-token: {sum(same)}/{count} rows identical to transformers up to their budgets")
-  waste = {"ours": occupancy["ours"].wasted, "transformers": static_waste(budgets, args.batch)}
+  if not np.array_equal(outputs["ours"], outputs["ours in order"]):
+    raise SystemExit("the admission order changed an output")
+  waste = {name: occupancy[name].wasted for name in ("ours", "ours in order")}
+  waste["transformers"] = static_waste(budgets, args.batch)
   rate = {}
   for name, t in timing.items():
     rate[name] = sum(budgets) / t.best
     print(f"{name:13s} {t}")
     print(f"{'':13s} {rate[name]:.1f} useful tok/s; {waste[name]:.0%} of decode slot-steps wasted")
-  occ = occupancy["ours"]
-  print(f"ours: {occ.decode_steps} decode steps x {occ.slots} slots, {occ.prefills} prefill calls")
+  for name in ("ours", "ours in order"):
+    occ = occupancy[name]
+    print(f"{name}: {occ.decode_steps} decode steps x {occ.slots} slots, {occ.prefills} prefill calls")
   print(f"load average at the end {os.getloadavg()[0]:.2f}")
   print(f"generate --mix=pipeline: ours {rate['ours']:.1f} useful tok/s ({waste['ours']:.0%} slot-steps "
         f"wasted), transformers {rate['transformers']:.1f} ({waste['transformers']:.0%} wasted), ratio "

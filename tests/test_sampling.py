@@ -180,3 +180,24 @@ def test_continuous_greedy_matches_transformers_generate(models):
     assert out[i, :lim].tolist() == ref[0, len(p):].tolist() and np.all(out[i, lim:] == 0)
   assert occ.decode_steps < 6 + 2 + 5 + 3 + 6  # slots overlapped (a single slot would take 22 steps)
 
+
+
+def test_longest_first_admission_shortens_the_tail_and_keeps_outputs(models):
+  """Budgets 2, 2, 2, 9 through 2 slots: in the given order the 9-token row starts after two short
+  rounds and runs on alone; admitted first (`longest_first`), it overlaps every short row. The rows'
+  tokens do not depend on the order."""
+  hf, model = models
+  prompts, pixels = _prompts(hf, [3, 9, 1, 6], seed=4)
+  limits = [2, 2, 2, 9]
+  cfg = sampling.SamplingConfig(max_new_tokens=9)
+  given, _, occ_given = sampling.generate_many(model, prompts, pixels, cfg, slots=2, bucket=8,
+                                               limits=limits)
+  order = sampling.longest_first(limits)
+  assert order == [3, 0, 1, 2]
+  longest, _, occ_longest = sampling.generate_many(model, prompts, pixels, cfg, slots=2, bucket=8,
+                                                   limits=limits, order=order)
+  np.testing.assert_array_equal(longest, given)
+  assert occ_longest.decode_steps < occ_given.decode_steps
+  assert occ_longest.useful == occ_given.useful == sum(limits)
+  with pytest.raises(ValueError, match="permutation"):
+    sampling.generate_many(model, prompts, pixels, cfg, slots=2, bucket=8, order=[0, 0, 1, 2])

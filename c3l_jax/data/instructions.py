@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 
 INSTRUCTION_TYPES = ("conversation", "detailed_description", "complex_reasoning")
+# A hint of each type's output length in tokens (LLaVA-Instruct-158K: detailed descriptions run to
+# hundreds of tokens, conversation and reasoning answers to tens): generation admits the long ones
+# first, so none starts late and decodes alone at the end. Only the order of work depends on it.
+EXPECTED_LENGTH = {"conversation": 40, "detailed_description": 300, "complex_reasoning": 60}
 
 # Step 1 of two_step: caption the image (paraphrases; one is drawn per image).
 CAPTION_INSTRUCTIONS = (

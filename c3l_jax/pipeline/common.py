@@ -143,13 +143,16 @@ class Inference:
                                    pad_id=self.builder.pad_id)
 
   def generate(self, prompts: Sequence[list[int]], pixels: Sequence[np.ndarray] | None,
-               keys: jax.Array, max_new_tokens: int) -> tuple[list[str], int]:
+               keys: jax.Array, max_new_tokens: int, expected: Sequence[float] | None = None
+               ) -> tuple[list[str], int]:
     """Texts generated for `prompts` (all with an image, `pixels[i]`, or all text-only).
 
     `generation.batching = continuous` (default): `batch_rows` decode slots, a finished row's slot
     taking the next prompt (`sampling.generate_many`); `static`: batches of `batch_rows` rows (the last
     one padded with copies of the first prompt), each decoding until its longest row ends. Prompts are
     left-padded to a multiple of `generation.prompt_bucket`, so shapes come from a small fixed set.
+    `expected`: a hint of each prompt's output length (e.g. long for detailed descriptions); continuous
+    batching admits the longest first, so no long row starts late and runs on alone at the end.
     The outputs are the same either way. Returns the texts (cut at EOS and the builder's stop
     strings) and the number of generated tokens.
     """
@@ -158,6 +161,7 @@ class Inference:
     if self.config.generation.get("batching", "continuous") == "continuous":
       out, lengths, occupancy = sampling.generate_many(
           self.model, prompts, pixels, cfg, keys, slots=self.batch_rows, bucket=bucket,
+          order=None if expected is None else sampling.longest_first(expected),
           place=lambda batch: sharding.shard_batch(batch, self.mesh))
       logging.info("generated %d rows in %d slots: %d decode steps, %.0f%% of slot-steps idle, "
                    "%d prefills", len(prompts), self.batch_rows, occupancy.decode_steps,

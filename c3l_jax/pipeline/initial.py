@@ -164,7 +164,8 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
   if prompts:
     texts, n = inf.generate(prompts, use_pixels,
                             common.row_keys(config.seed, stage, shard, [2 * i + 1 for i in todo]),
-                            max_new)
+                            max_new, expected=[ins.EXPECTED_LENGTH[jobs[i].instruction_type]
+                                               for i in todo])
     counts["tokens"] += n
     for i, text in zip(todo, texts):
       job = jobs[i]
