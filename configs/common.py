@@ -196,8 +196,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval.max_new_tokens = 128  # POPE answers and generated letters
   config.eval.long_max_new_tokens = 1024  # LLaVA-Bench answers
 
-  # The `ablation` stage (the paper's Table 4): each row's data fine-tunes a fresh copy of the base
-  # model (VLIT) for `vlit_steps`, then `benchmarks` evaluate it.
+  # The `ablation` stage (the paper's Table 4): each row's data fine-tunes a fresh copy of the
+  # student (VLIT) for `vlit_steps`, then `benchmarks` evaluate it.
   config.ablation = ml_collections.ConfigDict()
   config.ablation.vlit_steps = 100
   config.ablation.vlit_learning_rate = 1e-4
@@ -205,5 +205,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ablation.seeds = 1  # every row per seed; the table shows mean±95 % interval over them
   config.ablation.seed_keys = "seed"  # config fields that seed k moves by k (comma list)
   config.ablation.variants = "final_mode,length_norm"  # extra C3L rows (c3l_jax/pipeline/ablation.py)
+  # The model each row's data fine-tunes (the paper fine-tunes LLaVA-7B on the generated data): a
+  # model directory, e.g. a student that has not seen instruction data; "" = `model.checkpoint`.
+  config.ablation.student = ""
 
   return config

@@ -252,7 +252,7 @@ class _StubInference:
   def _encode(text, picture):
     return [1] * len(text.split()) + ([9] * picture.tokens if picture else []), picture
 
-  def generate(self, prompts, pixels, keys, max_new_tokens):
+  def generate(self, prompts, pixels, keys, max_new_tokens, expected=None):
     import jax
     seeds = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), -1)[:, -1] % 1000
     if pixels is not None and max_new_tokens == self.config.generation.caption_max_new_tokens \
@@ -396,3 +396,31 @@ def test_a_stage_reads_only_a_finished_input_never_data_records_instead(tmp_path
   config.data.records = ""
   with pytest.raises(BadInput, match="config.data.records is not set"):
     common.input_stage(config, str(tmp_path / "empty"), ("filter",))
+
+
+def test_ablation_fine_tunes_the_student(tmp_path, monkeypatch):
+  """With `ablation.student`, every downstream run (the rows' fine-tunes and the reference eval) starts
+  from the student, and the reference row is named after it; a student that is not a model directory is
+  a config error."""
+  from c3l_jax import pipeline
+  from c3l_jax.pipeline import ablation
+  from configs import scenes_ablation
+
+  config = scenes_ablation.get_config()
+  assert ablation.reference_row(config) == "base model"
+  seen = []
+  monkeypatch.setattr(pipeline, "run_stages",
+                      lambda cfg, workdir, stages: seen.append((cfg, tuple(stages))) or {"eval": {}})
+  student = ablation.derive(config, {"ablation.student": "/models/student"})
+  ablation._downstream(student, str(tmp_path / "row"), [{"id": "a", "image": "x", "question": "q",
+                                                          "answer": "y"}], "row")
+  ablation._downstream(student, str(tmp_path / "base"), [], "base")
+  assert [stages for _, stages in seen] == [("train", "eval"), ("eval",)]
+  assert all(cfg.model.checkpoint == "/models/student" for cfg, _ in seen)
+  assert ablation.reference_row(student) == "student"
+  seen.clear()
+  ablation._downstream(config, str(tmp_path / "row2"), [{"id": "a", "image": "x", "question": "q",
+                                                         "answer": "y"}], "row")
+  assert seen[0][0].model.checkpoint == config.model.checkpoint
+  with pytest.raises(pipeline.ConfigError, match="ablation.student"):
+    pipeline.check_config(student)  # its stages include `ablation`

@@ -206,6 +206,10 @@ def _check_ablation(config: Any) -> None:
       value = None
     if not isinstance(value, int) or isinstance(value, bool):
       raise ConfigError(f"config.ablation.seed_keys: {key!r} is not an integer config field")
+  student = config.ablation.get("student", "")
+  if student and not (epath.Path(student) / MODEL_CONFIG_FILE).exists():
+    raise ConfigError(f"config.ablation.student={student!r} is not a model directory (no "
+                      f"{MODEL_CONFIG_FILE}): give a converted or exported model")
 
 
 def needs_model(stages: Sequence[str], config: Any = None) -> tuple[str, ...]:

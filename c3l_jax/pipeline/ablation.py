@@ -1,7 +1,8 @@
 """The `ablation` stage: the paper's Table 4 on the configured world (C3L Sec. 4.3), over seeds.
 
 Four ways to make the final data, each followed by the paper's protocol — fine-tune a fresh copy of the
-base model on that data (VLIT) and evaluate it:
+student (`ablation.student`, default the base model `model.checkpoint`) on that data (VLIT) and evaluate
+it:
 
   filtering        the base generator's data, basic filtering only (no generator training)
   + CLM            generator trained with CE + the contrastive loss, but samples picked at random
@@ -16,7 +17,8 @@ and, with `ablation.variants`, two more C3L rows:
   length_norm      C3L with S(I2C) divided by the answer's length (`scoring.length_norm`): the paper's
                    eq. 1 sums over answer tokens, so long answers fill the top fraction
 
-The base model itself is evaluated too, as the reference row. Everything runs for `ablation.seeds`
+The student itself is evaluated too, as the reference row ("student", or "base model" when the
+student is the base model). Everything runs for `ablation.seeds`
 seeds: seed k adds k to every config field named in `ablation.seed_keys` (the pipeline's `seed`, which
 draws the generation and fine-tuning randomness, and e.g. the scenes world's `data.scenes_seed`), and
 the table reports each metric's mean and the half-width of its 95 % interval (Student's t over the
@@ -141,8 +143,13 @@ def mean_interval(values: Sequence[float | None], confidence: float = 0.95
   return float(xs.mean()), float(t * xs.std(ddof=1) / math.sqrt(len(xs)))
 
 
+def reference_row(config: Any) -> str:
+  return "student" if config.ablation.get("student") else "base model"
+
+
 def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> dict:
-  """VLIT fine-tune of the base model on `records`, then eval (`ablation.benchmarks`)."""
+  """VLIT fine-tune of the student on `records`, then eval (`ablation.benchmarks`); with no records,
+  the student's own eval."""
   from c3l_jax import pipeline
 
   down = os.path.join(row_dir, "downstream")
@@ -154,6 +161,8 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
       write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in records])
 
   runtime.get().lead_writes("ablation:records", write)  # every process meets here
+  student = config.ablation.get("student") or config.model.checkpoint
+  config = derive(config, {"model.checkpoint": student})
   if records:
     stages = ("train", "eval")
     cfg = derive(config, {
@@ -247,7 +256,7 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
   else:
     pipeline.run_stages(derive(cfg, {"stages": ",".join(SHARED)}), seed_dir, SHARED)
   results: dict[str, dict] = {}
-  results["base model"] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], "base"))
+  results[reference_row(config)] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], "base"))
   for name, row in all_rows(config).items():
     row_dir = os.path.join(seed_dir, row.dirname)
     _link(seed_dir, row_dir, row.links)
@@ -276,5 +285,5 @@ def run(config: Any, workdir: str) -> dict:
   return {"seeds": seeds, "rows": means, "ci95": widths, "per_seed": per_seed}
 
 
-__all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "mean_interval", "run", "seeded",
-           "table", "variant_rows"]
+__all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "mean_interval", "reference_row",
+           "run", "seeded", "table", "variant_rows"]
