@@ -79,9 +79,10 @@ def _full_pass(graphdef, state, tokens, mask, pixel_values, answer_pos, full: bo
 
 
 def _segment_mask(segments: jax.Array) -> jax.Array:
-  """`[B, W, W]`: a token of a packed row attends causally within its own segment (0 = padding)."""
+  """`[B, W, W]`: a token of a packed row attends causally within its own segment (the trailing
+  padding, segment 0, within itself), exactly the structure `segment_ids` names for the kernels."""
   w = segments.shape[1]
-  same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+  same = segments[:, :, None] == segments[:, None, :]
   return same & (jnp.arange(w)[None, :] <= jnp.arange(w)[:, None])[None]
 
 
@@ -104,7 +105,7 @@ def _prefix_cache(graphdef, state, prefix, pixel_values) -> KVCache:
   lm = model.language_model
   x = model.embed_image_and_text(prefix, pixel_values)
   positions, mask3 = positions_and_mask(None, prefix.shape)
-  _, cache = lm.decode_hidden(x, positions, mask3)
+  _, cache = lm.decode_hidden(x, positions, mask3, segment_ids=jnp.ones(prefix.shape, jnp.int32))
   return cache
 
 

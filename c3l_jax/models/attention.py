@@ -132,7 +132,10 @@ def _splash_kernel(t: int, group: int, interpret: bool):
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(group)])
-  return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+  # Built eagerly even when first asked for inside a trace: the cached kernel holds the mask's block
+  # tables as arrays, which must be constants, not tracers of the jit that happened to build it.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _splash(q, k, v, segment_ids, interpret: bool) -> jax.Array:
