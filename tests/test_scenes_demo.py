@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -143,7 +144,6 @@ def test_console_is_quiet_and_the_log_holds_the_rest(demo):
   """The console: the workdir, a start and an end line per stage, bars, the tables; no library log line
   (orbax, tfds, jax, absl INFO), no inapplicable warning. They are in WORKDIR/logs/run.log; a rerun
   with --verbosity=1 (every stage done, so it only reprints) shows log lines on the console too."""
-  import re
 
   workdir, tfds_dir, proc = demo
   console = proc.stdout + proc.stderr
@@ -359,6 +359,13 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   # The printed table is table.txt: Table 4's rows, then POPE per split, with mean±half-width cells.
   text = (workdir / "ablation" / "table.txt").read_text()
   assert text.strip() in proc.stdout
+  # The console: one line per row and seed (the sub-runs' stage lines and eval tables are in the log).
+  assert "stage train: start" not in proc.stdout and "stage eval: start" not in proc.stdout
+  for k in range(2):
+    for name in names[1:]:
+      assert re.search(rf"^ablation seed {k} {re.escape(name)} data: instances \d+", proc.stdout, re.M)
+    for name in names:
+      assert re.search(rf"^ablation seed {k} {re.escape(name)} model: .*vqa_acc \d", proc.stdout, re.M)
   lines = text.splitlines()
   assert lines[0] == "Table 4 (mean±95 % interval over 2 seeds):"
   assert [line[:18].strip() for line in lines[2:9]] == names

@@ -42,10 +42,9 @@ from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
-from absl import logging
 from scipy import stats
 
-from c3l_jax import registry, runtime
+from c3l_jax import console, registry, runtime
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
 from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards
@@ -173,8 +172,12 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
   else:
     stages = ("eval",)
     cfg = derive(config, {"stages": "eval", "eval.benchmarks": config.ablation.benchmarks})
-  metrics = pipeline.run_stages(cfg, down, stages)
-  logging.info("ablation %s: downstream done", name)
+  # The sub-run's stage lines and eval tables go to the log; the console gets one line per model.
+  with console.captured_stdout(f"ablation {name}"):
+    metrics = pipeline.run_stages(cfg, down, stages)
+  summary = _summary(metrics["eval"])
+  console.say(f"ablation {name} model: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
+                                                     if k in COLUMNS and isinstance(v, float)))
   return metrics["eval"]
 
 
@@ -256,18 +259,22 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
   else:
     pipeline.run_stages(derive(cfg, {"stages": ",".join(SHARED)}), seed_dir, SHARED)
   results: dict[str, dict] = {}
-  results[reference_row(config)] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], "base"))
+  ref = reference_row(config)
+  results[ref] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], f"seed {k} {ref}"))
   for name, row in all_rows(config).items():
     row_dir = os.path.join(seed_dir, row.dirname)
     _link(seed_dir, row_dir, row.links)
     # Each sub-run's config names its own stages: a stage's input must come from this job's stages.
-    metrics = pipeline.run_stages(derive(cfg, {**row.overrides, "stages": ",".join(row.stages)}),
-                                  row_dir, row.stages)
+    with console.captured_stdout(f"ablation seed {k} {name}"):  # stage lines and tables: to the log
+      metrics = pipeline.run_stages(derive(cfg, {**row.overrides, "stages": ",".join(row.stages)}),
+                                    row_dir, row.stages)
     rows = shards.read_parts(os.path.join(row_dir, "final", "filtered"))
     result = {"instances": len(rows)}
     quality = metrics["export"].get("quality", {}).get("final")
     if quality:
       result.update({m: quality.get(m) for m in ("relevance", "accuracy", "hallucination", "mean_i2c")})
+    console.say(f"ablation seed {k} {name} data: " + ", ".join(
+        f"{m} {v:.3f}" if isinstance(v, float) else f"{m} {v}" for m, v in result.items()))
     result.update(_summary(_downstream(cfg, row_dir, rows, f"seed {k} {name}")))
     results[name] = result
   return results
