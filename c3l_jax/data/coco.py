@@ -124,9 +124,9 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
                          ) -> Iterator[tuple[int, dict[str, Any]]]:
     """One (image id, element) per image listed in the captions / instances files.
 
-    The split's file names in element order (ascending image id) go to the dataset's metadata
-    (`file_names_<split>`): the index `ImageSource` maps a record's `image` with, read without touching
-    the image bytes.
+    The split's file names and image ids in element order (ascending image id) go to the dataset's
+    metadata (`file_names_<split>`, `image_ids_<split>`): the index `ImageSource` lists the split and
+    maps a record's `image` with, read without touching the image bytes.
     """
     file_names: dict[int, str] = {}
     captions: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
@@ -154,6 +154,7 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
 
     if split:
       self.info.metadata[f"file_names_{split}"] = [file_names[i] for i in sorted(file_names)]
+      self.info.metadata[f"image_ids_{split}"] = sorted(file_names)
     missing = 0
     for image_id in sorted(file_names):
       file_name = file_names[image_id]
@@ -196,17 +197,23 @@ def to_python(element: dict[str, Any]) -> dict[str, Any]:
 class CocoSplit(Sequence):
   """A prepared split: `len()`, `split[i]` (negative too) and `split[a:b]` give plain python dicts."""
 
-  def __init__(self, source: Any, split: str, path: str, file_names: Sequence[str] | None = None
-               ) -> None:
+  def __init__(self, source: Any, split: str, path: str, file_names: Sequence[str] | None = None,
+               image_ids: Sequence[int] | None = None) -> None:
     self._source = source
     self.split = split
     self.path = path  # the prepared dataset directory
     self._file_names = list(file_names) if file_names is not None else None
+    self._image_ids = [int(i) for i in image_ids] if image_ids is not None else None
 
   def file_names(self) -> list[str] | None:
     """Every element's `file_name`, in order, from the index stored when the split was prepared
     (None for a dataset prepared before the index existed)."""
     return self._file_names
+
+  def image_ids(self) -> list[int] | None:
+    """Every element's `image_id`, in order, from the index stored when the split was prepared (None
+    for a dataset prepared before it was stored)."""
+    return self._image_ids
 
   def __len__(self) -> int:
     return len(self._source)
@@ -274,13 +281,16 @@ def load_split(coco_dir: str, split: str, data_dir: str) -> CocoSplit:
     raise ValueError(f"COCO split {split!r} was not prepared in {path} (found: "
                      f"{', '.join(sorted(builder.info.splits)) or 'none'}): {files['images']}/ or "
                      f"{files['captions']} was absent then. Add them and delete {path} to prepare again")
+  n = builder.info.splits[split].num_examples
   names = builder.info.metadata.get(f"file_names_{split}")
-  if names is None or len(names) != builder.info.splits[split].num_examples:
-    logging.warning("COCO %s in %s has no file-name index (prepared by an older version): mapping "
-                    "records to images reads every element once; delete %s to prepare it again",
+  ids = builder.info.metadata.get(f"image_ids_{split}")
+  if names is None or len(names) != n or ids is None or len(ids) != n:
+    logging.warning("COCO %s in %s has no file-name / image-id index (prepared by an older version): "
+                    "listing it reads every element once; delete %s to prepare it again",
                     split, path, path)
-    names = None
-  return CocoSplit(builder.as_data_source(split=split), split, path, names)
+    names = names if names is not None and len(names) == n else None
+    ids = None
+  return CocoSplit(builder.as_data_source(split=split), split, path, names, ids)
 
 
 __all__ = ["Coco2014", "CocoSplit", "SPLITS", "available_splits", "load_split", "split_files",
