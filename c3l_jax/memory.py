@@ -26,6 +26,10 @@ assignment (`compile().memory_analysis()`) in tests/test_memory.py and bench/mem
 
 `check` turns a plan that does not fit `device_memory_gb` (0 = what the backend reports, when it
 does: `bytes_limit` of `jax.Device.memory_stats()`) into one line naming the stage and a remedy.
+
+The inference mesh chooses itself (`config.inference.auto_mesh`, default on) when the device memory is
+known: one data-parallel replica per device when a replica with its KV cache and activations fits,
+else the smallest `fsdp` over the host's devices that fits (`choose_inference_mesh`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ GiB = 1024 ** 3
 PROMPT_TOKENS = 96  # chat template + instruction / question tokens of one text prompt (beyond the image)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_BLOCK = 1024  # c3l_jax.models.attention.KV_BLOCK (kept jax-free here; tests check they agree)
+AUTO_HEADROOM = 0.9  # the share of a device's memory the automatic inference mesh plans to fill
 # Stages whose biggest program is generation / scoring / training (`select` only with method=vigc).
 GENERATE_STAGES = ("initial", "final", "eval", "select")
 SCORE_STAGES = ("score",)
@@ -91,6 +96,10 @@ class StagePlan:
 class Plan:
   device_bytes: int  # 0 = unknown
   stages: tuple[StagePlan, ...]
+  # The inference stages' mesh when `config.inference.auto_mesh` chose it ({} = the configured one) and
+  # one line saying why.
+  inference_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+  mesh_choice: str = ""
 
   def table(self) -> str:
     """The plan as a fixed-width table (GiB per device), one row per stage."""
@@ -532,12 +541,44 @@ def misfit(plan_: Plan, config: Any) -> str | None:
   return None
 
 
+def choose_inference_mesh(model_cfg: Any, config: Any, stages: Sequence[str], local_devices: int,
+                          device_bytes: int) -> tuple[dict[str, int], str]:
+  """The inference stages' mesh over a host's `local_devices`: `data` replicas of `fsdp` devices each,
+  the smallest `fsdp` (a divisor of the devices) at which every inference stage of `stages` fits
+  `AUTO_HEADROOM` of `device_bytes` (the plan is an estimate: about +-20 %; a slower sharded replica
+  beats running out of memory mid-run); the largest when none does (the plan's check then says whether
+  it fits at all and what to change). Rows per device do not depend on the choice (the batch splits
+  over data x fsdp = every device): only the parameters' share and the gathered embedding / LM head
+  change. Returns the mesh and one line saying what was chosen and why."""
+  inference = [s for s in stages if s not in TRAIN_STAGES]
+  fsdps = [f for f in range(1, local_devices + 1) if local_devices % f == 0]
+  budget = int(AUTO_HEADROOM * device_bytes)
+  first = None
+  for fsdp in fsdps:
+    mesh = dict(data=local_devices // fsdp, fsdp=fsdp, tensor=1)
+    worst = max(plan(model_cfg, config, inference, mesh).stages, key=lambda s: s.total)
+    first = first or worst
+    if worst.total <= budget:
+      break
+  name = f"data={mesh['data']} fsdp={mesh['fsdp']} tensor=1"
+  have = f"{AUTO_HEADROOM:.0%} of a device's {_size(device_bytes)} is {_size(budget)}"
+  if worst.total > budget:
+    why = f"no mesh fits: {worst.stage} needs {_size(worst.total)} even at fsdp={mesh['fsdp']}; {have}"
+  elif mesh["fsdp"] == 1:
+    why = f"one replica per device fits: {worst.stage} needs {_size(worst.total)}, {have}"
+  else:
+    why = (f"one replica per device does not fit ({first.stage} needs {_size(first.total)}, {have}); "
+           f"sharded over fsdp={mesh['fsdp']}: {worst.stage} needs {_size(worst.total)}")
+  return mesh, f"inference mesh {name} (chosen from the memory plan): {why}"
+
+
 def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices: int = 0,
              local_devices: int = 0) -> Plan | None:
   """The plan of a pipeline run: the checkpoint's architecture (or `model_cfg`); `config.inference.mesh`
-  over this host's devices for the inference stages (each process loads its own replica) and
-  `config.train.mesh` over all devices for training (default: jax's counts); `device_memory_gb` (0: the
-  backend's). None when there is no architecture to plan from (no checkpoint yet)."""
+  over this host's devices for the inference stages (each process loads its own replica), or the mesh
+  `choose_inference_mesh` picks when `config.inference.auto_mesh` is on and the device memory is known,
+  and `config.train.mesh` over all devices for training (default: jax's counts); `device_memory_gb`
+  (0: the backend's). None when there is no architecture to plan from (no checkpoint yet)."""
   from c3l_jax import checkpoint
   from c3l_jax.sharding import mesh_shape
 
@@ -549,14 +590,24 @@ def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices:
   if not devices:
     import jax
     devices, local_devices = jax.device_count(), jax.local_device_count()
+  from c3l_jax.pipeline import needs_model
+  planned = needs_model(stages, config)
   axes = ("data", "fsdp", "tensor")
   local = dict(zip(axes, mesh_shape({a: config.inference.mesh[a] for a in axes},
                                     local_devices or devices)))
-  train = dict(zip(axes, mesh_shape({a: config.train.mesh[a] for a in axes}, devices)))
+  train = None
+  if any(s in TRAIN_STAGES for s in planned):
+    train = dict(zip(axes, mesh_shape({a: config.train.mesh[a] for a in axes}, devices)))
   gb = float(config.device_memory_gb or 0)
   device_bytes = int(gb * GiB) if gb else backend_device_bytes()
-  from c3l_jax.pipeline import needs_model
-  return plan(model_cfg, config, needs_model(stages, config), local, device_bytes, train_mesh=train)
+  chosen, why = {}, ""
+  if (getattr(config.inference, "auto_mesh", False) and device_bytes
+      and any(s not in TRAIN_STAGES for s in planned)):
+    chosen, why = choose_inference_mesh(model_cfg, config, planned, local_devices or devices,
+                                        device_bytes)
+    local = chosen
+  return dataclasses.replace(plan(model_cfg, config, planned, local, device_bytes, train_mesh=train),
+                             inference_mesh=chosen, mesh_choice=why)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -573,6 +624,8 @@ def main(argv: Sequence[str]) -> None:
   if p is None:
     raise SystemExit("error: no architecture: pass --arch (one of "
                      f"{', '.join(KNOWN_ARCHS)}) or --config.model.checkpoint=DIR")
+  if p.mesh_choice:
+    print(p.mesh_choice)
   print(p.table())
   problem = misfit(p, config)
   if problem:
