@@ -35,6 +35,7 @@ else the smallest `fsdp` over the host's devices that fits (`choose_inference_me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -42,6 +43,7 @@ GiB = 1024 ** 3
 PROMPT_TOKENS = 96  # chat template + instruction / question tokens of one text prompt (beyond the image)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_BLOCK = 1024  # c3l_jax.models.attention.KV_BLOCK (kept jax-free here; tests check they agree)
+BACKWARD_LAYERS = 2  # the train step's backward pass of one layer, in forward transients of a layer
 AUTO_HEADROOM = 0.9  # the share of a device's memory the automatic inference mesh plans to fill
 # Stages whose biggest program is generation / scoring / training (`select` only with method=vigc).
 GENERATE_STAGES = ("initial", "final", "eval", "select")
@@ -118,8 +120,10 @@ class Plan:
 
 # -- parameters ------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
 def param_leaves(cfg: Any, with_head: bool = False) -> list[tuple[str, tuple[int, ...], tuple]]:
-  """`(path, shape, logical axes)` of every parameter of `cfg`'s model (`jax.eval_shape`: no memory).
+  """`(path, shape, logical axes)` of every parameter of `cfg`'s model (`jax.eval_shape`: no memory;
+  cached, do not modify the list).
 
   Paths are the trainer's (`vlm/...`, and `head/...`, `temperature/...` with `with_head`), which
   `train.trainable` patterns match.
@@ -182,18 +186,42 @@ def _decoder_layer(text, b: int, t: int, s: int, cb: int, tp: int) -> int:
   return scores + qkv + mlp + b * t * d * cb * 2
 
 
-def _vision(cfg, images: int, cb: int, tp: int) -> int:
-  """Transient bytes of the vision tower (+ connector) on `images` images."""
+def _layer_weights(cfg, mesh, pb: int, tower: str) -> tuple[int, int]:
+  """Weights of `tower`'s (`language_model` / `vision_tower`) stacked layers a device holds beyond its
+  parameter shard while the tower runs, in `pb`-byte parameters: (one layer gathered whole over fsdp,
+  still split over `tensor`, which is 0 without fsdp; the shard of every layer the tower runs, which
+  the layer scan copies when it stops before the last layer: LLaVA's features come from the
+  penultimate CLIP layer, `vision_feature_layer=-2`)."""
+  prefix = f"vlm/{tower}/layers/"
+  stacked = [(shape, axes) for path, shape, axes in param_leaves(cfg) if path.startswith(prefix)]
+  if not stacked:
+    return 0, 0
+  total = stacked[0][0][0]
+  whole = dict(mesh, data=1, fsdp=1)
+  gathered = 0 if mesh["fsdp"] == 1 else sum(shard_elements(s, a, whole) for s, a in stacked) // total
+  sliced = 0
+  if tower == "vision_tower":
+    used = max(i if i >= 0 else total + 1 + i for i in cfg.feature_layers)
+    if used < total:
+      sliced = sum(shard_elements(s, a, mesh) for s, a in stacked) * used // total
+  return gathered * pb, sliced * pb
+
+
+def _vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
+  """Transient bytes of the vision tower (+ connector) on `images` images, and the tower's weights a
+  device holds beyond its shard while it runs (`_layer_weights`; with `mesh`)."""
   v = cfg.vision
   n = v.num_patches + 1
   h = v.num_attention_heads
   hp = h // tp if h % tp == 0 else h
   mp = v.intermediate_size // tp if v.intermediate_size % tp == 0 else v.intermediate_size
-  layer = images * (hp * n * n * (4 + 4 + cb) + n * (3 * v.hidden_size * 2 + mp * 2) * cb
+  # float32 scores and compute-dtype probabilities, as the decoder's (`_decoder_layer`)
+  layer = images * (hp * n * n * (4 + cb) + n * (3 * v.hidden_size * 2 + mp * 2) * cb
                     + n * v.hidden_size * cb * 3)
   pixels = images * v.num_channels * v.image_size ** 2 * 4
   features = images * cfg.image_seq_length * cfg.text.hidden_size * cb * 2
-  return layer + pixels + features
+  weights = sum(_layer_weights(cfg, mesh, pb, "vision_tower")) if mesh is not None else 0
+  return layer + pixels + features + weights
 
 
 def _lm_head(text, rows: int, positions: int, tp: int, copies: int = 2) -> int:
@@ -277,10 +305,11 @@ def _generate_plan(stage, cfg, config, mesh) -> StagePlan:
   s = t + new
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
   kv = _kv(cfg.text, b, s, cb, tp)
-  d = cfg.text.hidden_size
-  activations = max(_vision(cfg, b, cb, tp),
-                    _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2)
-  activations += _gathered(cfg, mesh, DTYPE_BYTES[cfg.param_dtype])
+  d, pb = cfg.text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
+  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")[0]
+  activations = max(_vision(cfg, b, cb, tp, mesh, pb),
+                    _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2 + layer_weights)
+  activations += _gathered(cfg, mesh, pb)
   return StagePlan(stage, "generate", dict(mesh), b, s, params, 0, kv, activations)
 
 
@@ -292,7 +321,9 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
   answer = _round_up(config.generation.max_new_tokens, 16)
   qa = PROMPT_TOKENS + config.generation.max_new_tokens
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
-  d = text.hidden_size
+  d, pb = text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
+  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")[0]
+  vision = _vision(cfg, g, cb, tp, mesh, pb)
   if config.scoring.prefix_sharing:
     p = cfg.image_seq_length + PROMPT_TOKENS // 2
     w = _round_up(q * qa, 32)
@@ -300,13 +331,13 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
     suffix = (_decoder_layer(text, g, w, p + w, cb, tp) + g * w * d * cb * 2
               + _lm_head(text, g, q * answer, tp))
     prefix = _decoder_layer(text, g, p, p, cb, tp) + g * p * d * cb * 2
-    activations = max(suffix, prefix, _vision(cfg, g, cb, tp))
+    activations = max(suffix + layer_weights, prefix + layer_weights, vision)
     tokens = p + w
   else:
     t = _round_up(cfg.image_seq_length + qa, 32)
     kv = 0
     activations = max(_decoder_layer(text, g, t, t, cb, tp) + g * t * d * cb * 2
-                      + _lm_head(text, g, answer, tp), _vision(cfg, g, cb, tp))
+                      + _lm_head(text, g, answer, tp) + layer_weights, vision)
     tokens = t
   return StagePlan(stage, "score", dict(mesh), g * q, tokens, params, 0, kv, activations)
 
@@ -333,10 +364,17 @@ def _train_plan(stage, cfg, config, mesh) -> StagePlan:
   if cfg.remat:  # each layer's input; one layer's residuals at a time, recomputed in its backward
     saved = layers * rows * t * d * cb + 2 * layer
   else:  # every layer's residuals for the backward pass (its forward transient and float32 scores);
-    # the backward pass of one layer holds about three times its forward transient.
-    saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + 3 * layer
-  activations = (saved + _lm_head(text, b, t, tp, copies=3) + _vision(cfg, rows, cb, tp)
-                 + _gathered(cfg, mesh, DTYPE_BYTES[train_dtype]))
+    # the backward pass of one layer holds about BACKWARD_LAYERS times its forward transient.
+    saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + BACKWARD_LAYERS * layer
+  pb = DTYPE_BYTES[cfg.param_dtype]
+  decoder = (saved + _lm_head(text, b, t, tp, copies=3) + _gathered(cfg, mesh, DTYPE_BYTES[train_dtype])
+             + _layer_weights(cfg, mesh, pb, "language_model")[0])
+  vision = _vision(cfg, rows, cb, tp, mesh, pb)
+  trained_tower = trainable_paths(patterns)
+  if any(trained_tower(p) for p, _, _ in param_leaves(cfg, with_head=True) if "/vision_tower/" in p):
+    activations = decoder + vision  # its activations kept for its backward pass (roughly)
+  else:  # a frozen tower runs before the decoder: nothing of it is alive when the residuals are
+    activations = max(decoder, vision)
   return StagePlan(stage, "train", dict(mesh), b, t, params, optimizer, 0, activations)
 
 
