@@ -186,30 +186,20 @@ def _decoder_layer(text, b: int, t: int, s: int, cb: int, tp: int) -> int:
   return scores + qkv + mlp + b * t * d * cb * 2
 
 
-def _layer_weights(cfg, mesh, pb: int, tower: str) -> tuple[int, int]:
-  """Weights of `tower`'s (`language_model` / `vision_tower`) stacked layers a device holds beyond its
-  parameter shard while the tower runs, in `pb`-byte parameters: (one layer gathered whole over fsdp,
-  still split over `tensor`, which is 0 without fsdp; the shard of every layer the tower runs, which
-  the layer scan copies when it stops before the last layer: LLaVA's features come from the
-  penultimate CLIP layer, `vision_feature_layer=-2`)."""
+def _layer_weights(cfg, mesh, pb: int, tower: str) -> int:
+  """One layer of `tower`'s (`language_model` / `vision_tower`) stacked layers gathered whole over
+  fsdp (still split over `tensor`) while the tower runs, in `pb`-byte parameters; 0 without fsdp."""
   prefix = f"vlm/{tower}/layers/"
   stacked = [(shape, axes) for path, shape, axes in param_leaves(cfg) if path.startswith(prefix)]
-  if not stacked:
-    return 0, 0
-  total = stacked[0][0][0]
+  if not stacked or mesh["fsdp"] == 1:
+    return 0
   whole = dict(mesh, data=1, fsdp=1)
-  gathered = 0 if mesh["fsdp"] == 1 else sum(shard_elements(s, a, whole) for s, a in stacked) // total
-  sliced = 0
-  if tower == "vision_tower":
-    used = max(i if i >= 0 else total + 1 + i for i in cfg.feature_layers)
-    if used < total:
-      sliced = sum(shard_elements(s, a, mesh) for s, a in stacked) * used // total
-  return gathered * pb, sliced * pb
+  return sum(shard_elements(s, a, whole) for s, a in stacked) // stacked[0][0][0] * pb
 
 
 def _vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
-  """Transient bytes of the vision tower (+ connector) on `images` images, and the tower's weights a
-  device holds beyond its shard while it runs (`_layer_weights`; with `mesh`)."""
+  """Transient bytes of the vision tower (+ connector) on `images` images, and (with `mesh`) one of its
+  layers gathered whole over fsdp."""
   v = cfg.vision
   n = v.num_patches + 1
   h = v.num_attention_heads
@@ -220,7 +210,7 @@ def _vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
                     + n * v.hidden_size * cb * 3)
   pixels = images * v.num_channels * v.image_size ** 2 * 4
   features = images * cfg.image_seq_length * cfg.text.hidden_size * cb * 2
-  weights = sum(_layer_weights(cfg, mesh, pb, "vision_tower")) if mesh is not None else 0
+  weights = _layer_weights(cfg, mesh, pb, "vision_tower") if mesh is not None else 0
   return layer + pixels + features + weights
 
 
@@ -306,7 +296,7 @@ def _generate_plan(stage, cfg, config, mesh) -> StagePlan:
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
   kv = _kv(cfg.text, b, s, cb, tp)
   d, pb = cfg.text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
-  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")[0]
+  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")
   activations = max(_vision(cfg, b, cb, tp, mesh, pb),
                     _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2 + layer_weights)
   activations += _gathered(cfg, mesh, pb)
@@ -322,7 +312,7 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
   qa = PROMPT_TOKENS + config.generation.max_new_tokens
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
   d, pb = text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
-  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")[0]
+  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")
   vision = _vision(cfg, g, cb, tp, mesh, pb)
   if config.scoring.prefix_sharing:
     p = cfg.image_seq_length + PROMPT_TOKENS // 2
@@ -368,7 +358,7 @@ def _train_plan(stage, cfg, config, mesh) -> StagePlan:
     saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + BACKWARD_LAYERS * layer
   pb = DTYPE_BYTES[cfg.param_dtype]
   decoder = (saved + _lm_head(text, b, t, tp, copies=3) + _gathered(cfg, mesh, DTYPE_BYTES[train_dtype])
-             + _layer_weights(cfg, mesh, pb, "language_model")[0])
+             + _layer_weights(cfg, mesh, pb, "language_model"))
   vision = _vision(cfg, rows, cb, tp, mesh, pb)
   trained_tower = trainable_paths(patterns)
   if any(trained_tower(p) for p, _, _ in param_leaves(cfg, with_head=True) if "/vision_tower/" in p):
