@@ -646,6 +646,11 @@ def main(argv: Sequence[str]) -> None:
   arch = known_arch(f.arch) if f.arch else None
   if f.device_memory_gb:
     config.device_memory_gb = f.device_memory_gb
+  from ml_collections import config_flags
+  overrides = config_flags.get_override_values(f["config"])
+  if (any(k.startswith("inference.mesh.") for k in overrides)
+      and "inference.auto_mesh" not in overrides):
+    config.inference.auto_mesh = False  # as launch.py: a mesh on the command line is kept
   from c3l_jax import pipeline
   stages = pipeline.parse_stages(f.stages or config.stages)
   p = run_plan(config, stages, model_cfg=arch, devices=f.devices)
