@@ -223,3 +223,10 @@ def test_file_name_index_is_stored_and_maps_records_without_reading_elements(coc
   assert [(i.image, i.image_id) for i in items] == [
       (e["file_name"], str(e["image_id"])) for e in (prepared["val"][0], prepared["val"][2])]
   assert source.count() == len(prepared["val"]) and reads == [1]
+  # POPE's objects come from the stored index too; captions only from the elements.
+  assert val.objects() == [e["objects"] for e in prepared["val"]]
+  items, _ = source.items(0, ground_truth=("objects",))
+  assert [i.objects for i in items] == [tuple(e["objects"]) for e in prepared["val"]]
+  assert reads == [1] and items[0].objects == ("cat", "dog")  # image 42
+  items, _ = source.items(0, positions=[1])
+  assert items[0].captions == tuple(prepared["val"][1]["captions"]) and reads == [1, 1]

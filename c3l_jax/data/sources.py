@@ -14,11 +14,12 @@ or raises `ImageError` with the quarantine reason. Decoded pictures are kept in 
 
 Listing reads no image: `count(limit)` and `items(limit, positions)` come from the records file, or for
 a tfds-backed source from the index its element sequence stores when the dataset is prepared
-(`file_names()` and `image_ids()`, in element order: COCO keeps them in the dataset's metadata, the
-scenes world derives them from its config). A stage that shards the images over processes asks
-`items` for its own shards' `positions` only; ground truth (`captions`, `objects`, `annotation`) lives
-in the elements and is read only with `ground_truth=True` (eval's POPE objects, the scenes VQA), one
-element per listed item. A source whose sequence stores no index (a dataset prepared by an older
+(`file_names()`, `image_ids()` and optionally `objects()`, in element order: COCO keeps them in the
+dataset's metadata, the scenes world derives ids and names from its config). A stage that shards the
+images over processes asks `items` for its own shards' `positions` only. Ground truth (`captions`,
+`objects`, `annotation`) is filled only where asked for (`ground_truth`: eval's POPE asks for the
+objects, the scenes VQA for the annotation), from the index when it stores the field, else by reading
+each listed item's element. A source whose sequence stores no index (a dataset prepared by an older
 version) is listed by reading every element once (logged).
 """
 
@@ -49,6 +50,9 @@ class ImageItem:
   annotation: str = ""
 
 
+GROUND_TRUTH = ("captions", "objects", "annotation")  # the `ImageItem` fields a tfds element fills
+
+
 def source_kind(config: Any) -> str:
   kind = config.data.source
   if not kind:
@@ -72,6 +76,7 @@ class ImageSource:
     self._elements: Sequence[dict] | None = None
     self._index: dict[str, int] | None = None
     self._listed: list[tuple[str, str]] | None = None  # tfds: (file_name, image_id) per element
+    self._objects: list | None = None  # tfds: the stored `objects` index, if any
     self._records: tuple[list[ImageItem], list[dict]] | None = None  # records: (items, rejected lines)
     # The last `data.image_cache` decoded pictures (LRU); the reasons of bad images (small) all kept.
     self._cache: collections.OrderedDict[str, PIL.Image.Image] = collections.OrderedDict()
@@ -110,6 +115,8 @@ class ImageSource:
           names.append(element["file_name"])
           ids.append(element["image_id"])
       self._listed = [(str(n), str(i)) for n, i in zip(names, ids)]
+      objects = _stored(elements, "objects")
+      self._objects = objects if objects is not None and len(objects) == len(elements) else None
     return self._listed
 
   def _element_index(self) -> dict[str, int]:
@@ -154,14 +161,15 @@ class ImageSource:
     n = len(self._read_records()[0]) if self.kind == "records" else len(self._listing())
     return min(limit, n) if limit else n
 
-  def items(self, limit: int = 0, positions: Iterable[int] | None = None, ground_truth: bool = True
-            ) -> tuple[list[ImageItem], list[dict]]:
+  def items(self, limit: int = 0, positions: Iterable[int] | None = None,
+            ground_truth: bool | Sequence[str] = True) -> tuple[list[ImageItem], list[dict]]:
     """The images to generate for (at most `limit`, 0 = all) and the input lines rejected on reading.
 
     positions: only the items at these positions of the listing (ascending order out; positions past
       `count(limit)` are ignored), e.g. the images of this process's shards; None = all.
-    ground_truth: tfds sources, fill `captions` / `objects` / `annotation` from the elements (reads
-      each listed item's element, image bytes included); False reads no element.
+    ground_truth: tfds sources, the fields of `GROUND_TRUTH` to fill (True = all, False = none): from
+      the stored index where it holds them (`objects`), else from each listed item's element (read
+      whole, image bytes included). False reads no element.
     """
     n = self.count(limit)
     keep = range(n) if positions is None else sorted({p for p in positions if 0 <= p < n})
@@ -169,14 +177,18 @@ class ImageSource:
       items, rejected = self._read_records()
       return [items[p] for p in keep], rejected
     listed = self._listing()
-    if not ground_truth:
-      return [ImageItem(image=listed[p][0], image_id=listed[p][1]) for p in keep], []
+    fields = set(GROUND_TRUTH if ground_truth is True else ground_truth or ())
+    if fields - set(GROUND_TRUTH):
+      raise ValueError(f"ground_truth fields must be among {GROUND_TRUTH}, not {sorted(fields)}")
+    stored = {"objects": self._objects} if self._objects is not None else {}
+    read = fields - set(stored)
     out = []
     for p in keep:
-      el = self.elements()[p]
-      out.append(ImageItem(image=str(el["file_name"]), image_id=str(el["image_id"]),
-                           captions=tuple(el["captions"]), objects=tuple(el["objects"]),
-                           annotation=el.get("annotation", "") or ""))
+      truth = {f: tuple(stored[f][p]) for f in fields & set(stored)}
+      if read:
+        el = self.elements()[p]
+        truth.update({f: (el.get(f) or "") if f == "annotation" else tuple(el[f]) for f in read})
+      out.append(ImageItem(image=listed[p][0], image_id=listed[p][1], **truth))
     return out, []
 
   def load(self, image: str) -> PIL.Image.Image:
