@@ -199,9 +199,15 @@ def _memory_plan(config, stages: Sequence[str]):
   and the line saying which stage does not fit, if one does not. Imports jax: after
   `jax.distributed.initialize()`."""
   from c3l_jax import memory  # pylint: disable=g-import-not-at-top
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  if (any(k.startswith("inference.mesh.") for k in overrides)
+      and "inference.auto_mesh" not in overrides):
+    config.inference.auto_mesh = False  # a mesh given on the command line is the user's choice
   plan = memory.run_plan(config, stages)
   if plan is None or not plan.stages:
     return None, None
+  if plan.inference_mesh:  # the stages load their models on the mesh the plan chose
+    config.inference.mesh.update(plan.inference_mesh)
   return plan, memory.misfit(plan, config)
 
 
@@ -227,6 +233,8 @@ def main(argv: Sequence[str]) -> None:
       print(f"warning: {problem}", file=sys.stderr)
     plan, misfit = _memory_plan(config, stages) if not problems else (None, None)
     if plan is not None:
+      if plan.mesh_choice:
+        print(plan.mesh_choice)
       print(plan.table())
     if misfit:
       print(f"warning: {misfit}", file=sys.stderr)
@@ -251,6 +259,8 @@ def main(argv: Sequence[str]) -> None:
     _check_devices(config, stages)
     plan, misfit = _memory_plan(config, stages)  # before anything is on a device
     if plan is not None:
+      if plan.mesh_choice:
+        console.say(plan.mesh_choice)
       logging.info("memory plan:\n%s", plan.table())
     if misfit:
       raise pipeline.ConfigError(misfit)

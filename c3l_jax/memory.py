@@ -26,11 +26,16 @@ assignment (`compile().memory_analysis()`) in tests/test_memory.py and bench/mem
 
 `check` turns a plan that does not fit `device_memory_gb` (0 = what the backend reports, when it
 does: `bytes_limit` of `jax.Device.memory_stats()`) into one line naming the stage and a remedy.
+
+The inference mesh chooses itself (`config.inference.auto_mesh`, default on) when the device memory is
+known: one data-parallel replica per device when a replica with its KV cache and activations fits,
+else the smallest `fsdp` over the host's devices that fits (`choose_inference_mesh`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -38,6 +43,8 @@ GiB = 1024 ** 3
 PROMPT_TOKENS = 96  # chat template + instruction / question tokens of one text prompt (beyond the image)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_BLOCK = 1024  # c3l_jax.models.attention.KV_BLOCK (kept jax-free here; tests check they agree)
+BACKWARD_LAYERS = 2  # the train step's backward pass of one layer, in forward transients of a layer
+AUTO_HEADROOM = 0.9  # the share of a device's memory the automatic inference mesh plans to fill
 # Stages whose biggest program is generation / scoring / training (`select` only with method=vigc).
 GENERATE_STAGES = ("initial", "final", "eval", "select")
 SCORE_STAGES = ("score",)
@@ -91,6 +98,10 @@ class StagePlan:
 class Plan:
   device_bytes: int  # 0 = unknown
   stages: tuple[StagePlan, ...]
+  # The inference stages' mesh when `config.inference.auto_mesh` chose it ({} = the configured one) and
+  # one line saying why.
+  inference_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+  mesh_choice: str = ""
 
   def table(self) -> str:
     """The plan as a fixed-width table (GiB per device), one row per stage."""
@@ -109,8 +120,10 @@ class Plan:
 
 # -- parameters ------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
 def param_leaves(cfg: Any, with_head: bool = False) -> list[tuple[str, tuple[int, ...], tuple]]:
-  """`(path, shape, logical axes)` of every parameter of `cfg`'s model (`jax.eval_shape`: no memory).
+  """`(path, shape, logical axes)` of every parameter of `cfg`'s model (`jax.eval_shape`: no memory;
+  cached, do not modify the list).
 
   Paths are the trainer's (`vlm/...`, and `head/...`, `temperature/...` with `with_head`), which
   `train.trainable` patterns match.
@@ -173,18 +186,32 @@ def _decoder_layer(text, b: int, t: int, s: int, cb: int, tp: int) -> int:
   return scores + qkv + mlp + b * t * d * cb * 2
 
 
-def _vision(cfg, images: int, cb: int, tp: int) -> int:
-  """Transient bytes of the vision tower (+ connector) on `images` images."""
+def _layer_weights(cfg, mesh, pb: int, tower: str) -> int:
+  """One layer of `tower`'s (`language_model` / `vision_tower`) stacked layers gathered whole over
+  fsdp (still split over `tensor`) while the tower runs, in `pb`-byte parameters; 0 without fsdp."""
+  prefix = f"vlm/{tower}/layers/"
+  stacked = [(shape, axes) for path, shape, axes in param_leaves(cfg) if path.startswith(prefix)]
+  if not stacked or mesh["fsdp"] == 1:
+    return 0
+  whole = dict(mesh, data=1, fsdp=1)
+  return sum(shard_elements(s, a, whole) for s, a in stacked) // stacked[0][0][0] * pb
+
+
+def _vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
+  """Transient bytes of the vision tower (+ connector) on `images` images, and (with `mesh`) one of its
+  layers gathered whole over fsdp."""
   v = cfg.vision
   n = v.num_patches + 1
   h = v.num_attention_heads
   hp = h // tp if h % tp == 0 else h
   mp = v.intermediate_size // tp if v.intermediate_size % tp == 0 else v.intermediate_size
-  layer = images * (hp * n * n * (4 + 4 + cb) + n * (3 * v.hidden_size * 2 + mp * 2) * cb
+  # float32 scores and compute-dtype probabilities, as the decoder's (`_decoder_layer`)
+  layer = images * (hp * n * n * (4 + cb) + n * (3 * v.hidden_size * 2 + mp * 2) * cb
                     + n * v.hidden_size * cb * 3)
   pixels = images * v.num_channels * v.image_size ** 2 * 4
   features = images * cfg.image_seq_length * cfg.text.hidden_size * cb * 2
-  return layer + pixels + features
+  weights = _layer_weights(cfg, mesh, pb, "vision_tower") if mesh is not None else 0
+  return layer + pixels + features + weights
 
 
 def _lm_head(text, rows: int, positions: int, tp: int, copies: int = 2) -> int:
@@ -268,10 +295,11 @@ def _generate_plan(stage, cfg, config, mesh) -> StagePlan:
   s = t + new
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
   kv = _kv(cfg.text, b, s, cb, tp)
-  d = cfg.text.hidden_size
-  activations = max(_vision(cfg, b, cb, tp),
-                    _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2)
-  activations += _gathered(cfg, mesh, DTYPE_BYTES[cfg.param_dtype])
+  d, pb = cfg.text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
+  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")
+  activations = max(_vision(cfg, b, cb, tp, mesh, pb),
+                    _decoder_layer(cfg.text, b, t, s, cb, tp) + b * t * d * cb * 2 + layer_weights)
+  activations += _gathered(cfg, mesh, pb)
   return StagePlan(stage, "generate", dict(mesh), b, s, params, 0, kv, activations)
 
 
@@ -283,7 +311,9 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
   answer = _round_up(config.generation.max_new_tokens, 16)
   qa = PROMPT_TOKENS + config.generation.max_new_tokens
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
-  d = text.hidden_size
+  d, pb = text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
+  layer_weights = _layer_weights(cfg, mesh, pb, "language_model")
+  vision = _vision(cfg, g, cb, tp, mesh, pb)
   if config.scoring.prefix_sharing:
     p = cfg.image_seq_length + PROMPT_TOKENS // 2
     w = _round_up(q * qa, 32)
@@ -291,13 +321,13 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
     suffix = (_decoder_layer(text, g, w, p + w, cb, tp) + g * w * d * cb * 2
               + _lm_head(text, g, q * answer, tp))
     prefix = _decoder_layer(text, g, p, p, cb, tp) + g * p * d * cb * 2
-    activations = max(suffix, prefix, _vision(cfg, g, cb, tp))
+    activations = max(suffix + layer_weights, prefix + layer_weights, vision)
     tokens = p + w
   else:
     t = _round_up(cfg.image_seq_length + qa, 32)
     kv = 0
     activations = max(_decoder_layer(text, g, t, t, cb, tp) + g * t * d * cb * 2
-                      + _lm_head(text, g, answer, tp), _vision(cfg, g, cb, tp))
+                      + _lm_head(text, g, answer, tp) + layer_weights, vision)
     tokens = t
   return StagePlan(stage, "score", dict(mesh), g * q, tokens, params, 0, kv, activations)
 
@@ -324,10 +354,17 @@ def _train_plan(stage, cfg, config, mesh) -> StagePlan:
   if cfg.remat:  # each layer's input; one layer's residuals at a time, recomputed in its backward
     saved = layers * rows * t * d * cb + 2 * layer
   else:  # every layer's residuals for the backward pass (its forward transient and float32 scores);
-    # the backward pass of one layer holds about three times its forward transient.
-    saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + 3 * layer
-  activations = (saved + _lm_head(text, b, t, tp, copies=3) + _vision(cfg, rows, cb, tp)
-                 + _gathered(cfg, mesh, DTYPE_BYTES[train_dtype]))
+    # the backward pass of one layer holds about BACKWARD_LAYERS times its forward transient.
+    saved = layers * (layer + rows * hp * t * min(t, KV_BLOCK) * 4) + BACKWARD_LAYERS * layer
+  pb = DTYPE_BYTES[cfg.param_dtype]
+  decoder = (saved + _lm_head(text, b, t, tp, copies=3) + _gathered(cfg, mesh, DTYPE_BYTES[train_dtype])
+             + _layer_weights(cfg, mesh, pb, "language_model"))
+  vision = _vision(cfg, rows, cb, tp, mesh, pb)
+  trained_tower = trainable_paths(patterns)
+  if any(trained_tower(p) for p, _, _ in param_leaves(cfg, with_head=True) if "/vision_tower/" in p):
+    activations = decoder + vision  # its activations kept for its backward pass (roughly)
+  else:  # a frozen tower runs before the decoder: nothing of it is alive when the residuals are
+    activations = max(decoder, vision)
   return StagePlan(stage, "train", dict(mesh), b, t, params, optimizer, 0, activations)
 
 
@@ -532,12 +569,44 @@ def misfit(plan_: Plan, config: Any) -> str | None:
   return None
 
 
+def choose_inference_mesh(model_cfg: Any, config: Any, stages: Sequence[str], local_devices: int,
+                          device_bytes: int) -> tuple[dict[str, int], str]:
+  """The inference stages' mesh over a host's `local_devices`: `data` replicas of `fsdp` devices each,
+  the smallest `fsdp` (a divisor of the devices) at which every inference stage of `stages` fits
+  `AUTO_HEADROOM` of `device_bytes` (the plan is an estimate: about +-20 %; a slower sharded replica
+  beats running out of memory mid-run); the largest when none does (the plan's check then says whether
+  it fits at all and what to change). Rows per device do not depend on the choice (the batch splits
+  over data x fsdp = every device): only the parameters' share and the gathered embedding / LM head
+  change. Returns the mesh and one line saying what was chosen and why."""
+  inference = [s for s in stages if s not in TRAIN_STAGES]
+  fsdps = [f for f in range(1, local_devices + 1) if local_devices % f == 0]
+  budget = int(AUTO_HEADROOM * device_bytes)
+  first = None
+  for fsdp in fsdps:
+    mesh = dict(data=local_devices // fsdp, fsdp=fsdp, tensor=1)
+    worst = max(plan(model_cfg, config, inference, mesh).stages, key=lambda s: s.total)
+    first = first or worst
+    if worst.total <= budget:
+      break
+  name = f"data={mesh['data']} fsdp={mesh['fsdp']} tensor=1"
+  have = f"{AUTO_HEADROOM:.0%} of a device's {_size(device_bytes)} is {_size(budget)}"
+  if worst.total > budget:
+    why = f"no mesh fits: {worst.stage} needs {_size(worst.total)} even at fsdp={mesh['fsdp']}; {have}"
+  elif mesh["fsdp"] == 1:
+    why = f"one replica per device fits: {worst.stage} needs {_size(worst.total)}, {have}"
+  else:
+    why = (f"one replica per device does not fit ({first.stage} needs {_size(first.total)}, {have}); "
+           f"sharded over fsdp={mesh['fsdp']}: {worst.stage} needs {_size(worst.total)}")
+  return mesh, f"inference mesh {name} (chosen from the memory plan): {why}"
+
+
 def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices: int = 0,
              local_devices: int = 0) -> Plan | None:
   """The plan of a pipeline run: the checkpoint's architecture (or `model_cfg`); `config.inference.mesh`
-  over this host's devices for the inference stages (each process loads its own replica) and
-  `config.train.mesh` over all devices for training (default: jax's counts); `device_memory_gb` (0: the
-  backend's). None when there is no architecture to plan from (no checkpoint yet)."""
+  over this host's devices for the inference stages (each process loads its own replica), or the mesh
+  `choose_inference_mesh` picks when `config.inference.auto_mesh` is on and the device memory is known,
+  and `config.train.mesh` over all devices for training (default: jax's counts); `device_memory_gb`
+  (0: the backend's). None when there is no architecture to plan from (no checkpoint yet)."""
   from c3l_jax import checkpoint
   from c3l_jax.sharding import mesh_shape
 
@@ -549,14 +618,24 @@ def run_plan(config: Any, stages: Sequence[str], model_cfg: Any = None, devices:
   if not devices:
     import jax
     devices, local_devices = jax.device_count(), jax.local_device_count()
+  from c3l_jax.pipeline import needs_model
+  planned = needs_model(stages, config)
   axes = ("data", "fsdp", "tensor")
   local = dict(zip(axes, mesh_shape({a: config.inference.mesh[a] for a in axes},
                                     local_devices or devices)))
-  train = dict(zip(axes, mesh_shape({a: config.train.mesh[a] for a in axes}, devices)))
+  train = None
+  if any(s in TRAIN_STAGES for s in planned):
+    train = dict(zip(axes, mesh_shape({a: config.train.mesh[a] for a in axes}, devices)))
   gb = float(config.device_memory_gb or 0)
   device_bytes = int(gb * GiB) if gb else backend_device_bytes()
-  from c3l_jax.pipeline import needs_model
-  return plan(model_cfg, config, needs_model(stages, config), local, device_bytes, train_mesh=train)
+  chosen, why = {}, ""
+  if (getattr(config.inference, "auto_mesh", False) and device_bytes
+      and any(s not in TRAIN_STAGES for s in planned)):
+    chosen, why = choose_inference_mesh(model_cfg, config, planned, local_devices or devices,
+                                        device_bytes)
+    local = chosen
+  return dataclasses.replace(plan(model_cfg, config, planned, local, device_bytes, train_mesh=train),
+                             inference_mesh=chosen, mesh_choice=why)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -567,12 +646,19 @@ def main(argv: Sequence[str]) -> None:
   arch = known_arch(f.arch) if f.arch else None
   if f.device_memory_gb:
     config.device_memory_gb = f.device_memory_gb
+  from ml_collections import config_flags
+  overrides = config_flags.get_override_values(f["config"])
+  if (any(k.startswith("inference.mesh.") for k in overrides)
+      and "inference.auto_mesh" not in overrides):
+    config.inference.auto_mesh = False  # as launch.py: a mesh on the command line is kept
   from c3l_jax import pipeline
   stages = pipeline.parse_stages(f.stages or config.stages)
   p = run_plan(config, stages, model_cfg=arch, devices=f.devices)
   if p is None:
     raise SystemExit("error: no architecture: pass --arch (one of "
                      f"{', '.join(KNOWN_ARCHS)}) or --config.model.checkpoint=DIR")
+  if p.mesh_choice:
+    print(p.mesh_choice)
   print(p.table())
   problem = misfit(p, config)
   if problem:

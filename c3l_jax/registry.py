@@ -24,7 +24,11 @@ class Source:
   """An image source that serves tfds-like elements (dicts with `image_bytes`, `image_id`, `file_name`,
   `captions`, `objects`, `annotation`).
 
-  elements(config, split) -> Sequence[dict]   random access over the split (prepared on first use)
+  elements(config, split) -> Sequence[dict]   random access over the split (prepared on first use);
+                                               with `file_names()` and `image_ids()` methods (lists
+                                               in element order, read without any element) the
+                                               split is listed without reading image bytes, else
+                                               listing reads every element once
   quality(config, source, rows) -> dict        ground-truth quality of generated QA rows (optional;
                                                `source` is the open `ImageSource`); the export stage
                                                measures the initial and the final data with it

@@ -15,10 +15,12 @@ def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_c
   """The locked config of a model family's `configs/<family>.py:ARG`: `valid_args[0]` when ARG is empty.
 
   A full-size ARG (7b, 13b) computes in bfloat16 and loads the parameters in bfloat16 (the train stage
-  keeps its trainable ones in `train.param_dtype`, fp32 master weights), with the parameters sharded
-  over the devices (`inference.mesh`: data=1, fsdp=-1; `train.mesh`: data=1, fsdp=2, tensor=-1): one
-  24 GB GPU runs 7B inference, four 16 GB chips 13B, eight 40 GB GPUs train 7B at batch 2; `python -m c3l_jax.memory` / `launch.py --dry_run` print the plan (docs/memory.md). `tiny` (a
-  small random / test checkpoint on CPU) gets small batches and short runs."""
+  keeps its trainable ones in `train.param_dtype`, fp32 master weights); inference shards a replica
+  over `fsdp` when one does not fit a device (`inference.auto_mesh`), training shards the parameters
+  (`train.mesh`: data=1, fsdp=2, tensor=-1): one 24 GB GPU runs 7B inference, four 16 GB chips 13B,
+  eight 40 GB GPUs train 7B at batch 2; `python -m c3l_jax.memory` / `launch.py --dry_run` print the
+  plan (docs/memory.md). `tiny` (a small random / test checkpoint on CPU) gets small batches and short
+  runs."""
   arg = (arg or valid_args[0]).strip().lower()
   if arg not in valid_args:
     raise ValueError(f"unknown arg {arg!r} (valid: {', '.join(valid_args)})")
@@ -27,8 +29,6 @@ def get_model_config(family: str, arg: str, valid_args: tuple[str, ...]) -> ml_c
   if arg != "tiny":
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "bfloat16"
-    config.inference.mesh.data = 1
-    config.inference.mesh.fsdp = -1
     config.train.mesh.data = 1  # batch 2 splits over 2 fsdp shards; the rest of the devices: tensor
     config.train.mesh.fsdp = 2
     config.train.mesh.tensor = -1
@@ -86,6 +86,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.inference.mesh.data = -1
   config.inference.mesh.fsdp = 1
   config.inference.mesh.tensor = 1
+  # When the device memory is known (device_memory_gb, or the backend's): replace the mesh above by the
+  # one the memory plan picks (one replica per device when it fits, else the smallest fsdp that does;
+  # c3l_jax.memory.choose_inference_mesh). launch.py turns it off when --config.inference.mesh.* is
+  # given; a config file that fixes its mesh sets it False.
+  config.inference.auto_mesh = True
   # Memory of one device in GiB for the memory plan (c3l_jax.memory): a run that does not fit stops
   # before any device work; 0 = what the backend reports (GPU / TPU), no check where it reports none.
   config.device_memory_gb = 0.0

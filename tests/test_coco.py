@@ -206,6 +206,7 @@ def test_file_name_index_is_stored_and_maps_records_without_reading_elements(coc
   val = coco_lib.load_split(str(coco["root"]), "val", str(coco["data_dir"]))
   # The index stored at preparation, in element order (the elements themselves are the reference).
   assert val.file_names() == [e["file_name"] for e in prepared["val"]]
+  assert val.image_ids() == [e["image_id"] for e in prepared["val"]]
   config = llava15.get_config("tiny")
   config.unlock()
   config.data.coco_dir, config.data.tfds_dir, config.data.split = (str(coco["root"]),
@@ -217,3 +218,15 @@ def test_file_name_index_is_stored_and_maps_records_without_reading_elements(coc
                       lambda self, i: reads.append(i) or real_getitem(self, i))
   element = source.element("COCO_val2014_000000000073.jpg")
   assert element["image_id"] == 73 and reads == [1]  # one element read: the one asked for
+  # Listing the split (what the generation stages do) reads no element either.
+  items, _ = source.items(0, positions=[2, 0], ground_truth=False)
+  assert [(i.image, i.image_id) for i in items] == [
+      (e["file_name"], str(e["image_id"])) for e in (prepared["val"][0], prepared["val"][2])]
+  assert source.count() == len(prepared["val"]) and reads == [1]
+  # POPE's objects come from the stored index too; captions only from the elements.
+  assert val.objects() == [e["objects"] for e in prepared["val"]]
+  items, _ = source.items(0, ground_truth=("objects",))
+  assert [i.objects for i in items] == [tuple(e["objects"]) for e in prepared["val"]]
+  assert reads == [1] and items[0].objects == ("cat", "dog")  # image 42
+  items, _ = source.items(0, positions=[1])
+  assert items[0].captions == tuple(prepared["val"][1]["captions"]) and reads == [1, 1]

@@ -161,6 +161,91 @@ def test_scenes_source_serves_the_world(tmp_path):
                                 np.asarray(scenes.render(world[2])))
 
 
+class _CountingElements:
+  """A tfds-like split of `n` images that counts element reads (each carries its image bytes) and
+  stores the listing index (`file_names()`, `image_ids()`) as a prepared dataset does."""
+
+  def __init__(self, n):
+    self.n, self.reads = n, []
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    self.reads.append(i)
+    return {"image_bytes": b"\x89PNG...", "image_id": 100 + i, "file_name": f"im{i:03d}.png",
+            "captions": [f"caption {i}"], "objects": ["circle"], "annotation": ""}
+
+  def file_names(self):
+    return [f"im{i:03d}.png" for i in range(self.n)]
+
+  def image_ids(self):
+    return [100 + i for i in range(self.n)]
+
+
+def test_listing_reads_no_image_and_two_processes_list_each_image_once(tmp_path, monkeypatch):
+  """initial / final on two simulated processes: each lists (reading no element, so no image bytes)
+  only the images of its own shards; together they cover every image (initial) / every sample
+  (final) exactly once, in the shards a one-process run gives them."""
+  from c3l_jax import registry, runtime
+  from c3l_jax.data.sources import open_source
+  from c3l_jax.pipeline import final, initial
+
+  elements = _CountingElements(11)
+  monkeypatch.setitem(registry.SOURCES, "counting",
+                      registry.Source("counting", lambda config, split: elements))
+  config = _config(source="counting")
+  config.generation.shard_size = 3  # initial: 4 shards of images; final: 3 shards of 9 samples
+  config.generation.per_image = 1
+  config.generation.num_final = 9
+  config.data.max_images = 10  # the listing stops at 10: im010 is never used
+  config.stages = "initial,final"  # (no train stage: final generates with the base checkpoint)
+
+  source = open_source(config)
+  assert source.count(config.data.max_images) == 10
+  items, _ = source.items(config.data.max_images, [9, 2, 2, 40], ground_truth=False)
+  assert [(i.image, i.image_id) for i in items] == [("im002.png", "102"), ("im009.png", "109")]
+  assert elements.reads == []  # listed from the stored index: no element (no image bytes) read
+  items, _ = source.items(3)  # ground truth: exactly the listed elements are read
+  assert items[1].captions == ("caption 1",) and elements.reads == [0, 1, 2]
+  elements.reads.clear()
+
+  chunks = {}
+
+  class Generated(Exception):
+    pass
+
+  def run_generation(config, workdir, stage, c, *args, num_shards, **kwargs):
+    chunks[(stage, runtime.get().index, runtime.get().count)] = (c, num_shards)
+    raise Generated  # what each process would generate is all this test looks at
+
+  monkeypatch.setattr(initial, "run_generation", run_generation)
+  for count in (1, 2):
+    for index in range(count):
+      monkeypatch.setattr(runtime, "get", lambda index=index, count=count: runtime.Runtime(index, count))
+      for stage in (initial, final):
+        with pytest.raises(Generated):
+          stage.run(config, str(tmp_path))
+  assert elements.reads == []
+
+  def images(stage, index, count):
+    c, num_shards = chunks[(stage, index, count)]
+    return num_shards, {shard: [(job.id, job.item.image) for job in jobs] for shard, jobs in c.items()}
+
+  for stage, shards_total in (("initial", 4), ("final", 3)):
+    n, one = images(stage, 0, 1)
+    (n0, p0), (n1, p1) = images(stage, 0, 2), images(stage, 1, 2)
+    assert n == n0 == n1 == shards_total
+    assert sorted(p0) == list(range(0, shards_total, 2)) and sorted(p1) == list(range(1, shards_total, 2))
+    assert {**p0, **p1} == one  # the same jobs in the same shards as one process
+  _, one = images("initial", 0, 1)
+  assert [image for shard in sorted(one) for _, image in one[shard]] == [
+      f"im{i:03d}.png" for i in range(10)]  # every listed image exactly once
+  _, one = images("final", 0, 1)
+  assert [(job_id, image) for shard in sorted(one) for job_id, image in one[shard]] == [
+      (f"final_{k:07d}", f"im{k % 10:03d}.png") for k in range(9)]
+
+
 def test_roc_auc_by_hand():
   from c3l_jax.scenes.quality import roc_auc
 

@@ -254,3 +254,30 @@ def test_sigterm_saves_a_checkpoint_and_exits(world, tmp_path):
   saved = [int(p) for p in os.listdir(work / "train" / "checkpoints") if p.isdigit()]
   assert len(saved) == 1 and saved[0] >= 1
   assert "SIGTERM" in log.read_text()
+
+
+def test_each_process_decodes_only_the_pictures_of_its_rows():
+  """Every process lists every training record (selection needs every score), but `batch_fn` decodes
+  pictures for its own block of the global batch only: over two simulated processes each picture of a
+  one-process batch is decoded exactly once, by the process whose rows hold it."""
+  cfg = T.TrainConfig(steps=1, warmup_steps=0)
+  examples = [{"prompt": np.array([1, 2]), "target": np.array([3, 4]), "sample": np.array([3]),
+               "image": f"im{i}", "id": f"r{i}"} for i in range(8)]
+  groups = [{"prompt": np.array([1, 2]), "image": f"g{i}", "id": f"g{i}", "positive": 0,
+             "samples": [np.array([3]), np.array([4, 5])]} for i in range(8)]
+
+  def decoded(process):
+    seen = []
+
+    def pixels(image):
+      seen.append(image)
+      return np.zeros((3, 2, 2), np.float32)
+
+    T.batch_fn(examples, groups, cfg, 4, 4, 3, 0, 0, process=process, pixels=pixels)(0)
+    return seen
+
+  one = decoded((0, 1))
+  two = [decoded((0, 2)), decoded((1, 2))]
+  assert len(one) == 8 and len(set(one)) == 8  # 4 CE rows + 4 contrastive anchors, each picture once
+  assert all(len(seen) == 4 for seen in two)  # half of each batch per process
+  assert sorted(two[0] + two[1]) == sorted(one)

@@ -124,9 +124,10 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
                          ) -> Iterator[tuple[int, dict[str, Any]]]:
     """One (image id, element) per image listed in the captions / instances files.
 
-    The split's file names in element order (ascending image id) go to the dataset's metadata
-    (`file_names_<split>`): the index `ImageSource` maps a record's `image` with, read without touching
-    the image bytes.
+    The split's file names, image ids and object names in element order (ascending image id) go to
+    the dataset's metadata (`file_names_<split>`, `image_ids_<split>`, `objects_<split>`): the index
+    `ImageSource` lists the split (and POPE finds its objects) and maps a record's `image` with, read
+    without touching the image bytes. Captions stay in the elements only (~25 MB for train2014).
     """
     file_names: dict[int, str] = {}
     captions: dict[int, list[tuple[int, str]]] = collections.defaultdict(list)
@@ -154,6 +155,8 @@ class Coco2014(tfds.core.GeneratorBasedBuilder):
 
     if split:
       self.info.metadata[f"file_names_{split}"] = [file_names[i] for i in sorted(file_names)]
+      self.info.metadata[f"image_ids_{split}"] = sorted(file_names)
+      self.info.metadata[f"objects_{split}"] = [sorted(objects.get(i, ())) for i in sorted(file_names)]
     missing = 0
     for image_id in sorted(file_names):
       file_name = file_names[image_id]
@@ -196,17 +199,30 @@ def to_python(element: dict[str, Any]) -> dict[str, Any]:
 class CocoSplit(Sequence):
   """A prepared split: `len()`, `split[i]` (negative too) and `split[a:b]` give plain python dicts."""
 
-  def __init__(self, source: Any, split: str, path: str, file_names: Sequence[str] | None = None
-               ) -> None:
+  def __init__(self, source: Any, split: str, path: str, file_names: Sequence[str] | None = None,
+               image_ids: Sequence[int] | None = None,
+               objects: Sequence[Sequence[str]] | None = None) -> None:
     self._source = source
     self.split = split
     self.path = path  # the prepared dataset directory
     self._file_names = list(file_names) if file_names is not None else None
+    self._image_ids = [int(i) for i in image_ids] if image_ids is not None else None
+    self._objects = [list(o) for o in objects] if objects is not None else None
 
   def file_names(self) -> list[str] | None:
     """Every element's `file_name`, in order, from the index stored when the split was prepared
     (None for a dataset prepared before the index existed)."""
     return self._file_names
+
+  def image_ids(self) -> list[int] | None:
+    """Every element's `image_id`, in order, from the index stored when the split was prepared (None
+    for a dataset prepared before it was stored)."""
+    return self._image_ids
+
+  def objects(self) -> list[list[str]] | None:
+    """Every element's `objects`, in order, from the index stored when the split was prepared (None
+    for a dataset prepared before it was stored)."""
+    return self._objects
 
   def __len__(self) -> int:
     return len(self._source)
@@ -274,13 +290,15 @@ def load_split(coco_dir: str, split: str, data_dir: str) -> CocoSplit:
     raise ValueError(f"COCO split {split!r} was not prepared in {path} (found: "
                      f"{', '.join(sorted(builder.info.splits)) or 'none'}): {files['images']}/ or "
                      f"{files['captions']} was absent then. Add them and delete {path} to prepare again")
-  names = builder.info.metadata.get(f"file_names_{split}")
-  if names is None or len(names) != builder.info.splits[split].num_examples:
-    logging.warning("COCO %s in %s has no file-name index (prepared by an older version): mapping "
-                    "records to images reads every element once; delete %s to prepare it again",
-                    split, path, path)
-    names = None
-  return CocoSplit(builder.as_data_source(split=split), split, path, names)
+  n = builder.info.splits[split].num_examples
+  index = {key: builder.info.metadata.get(f"{key}_{split}")
+           for key in ("file_names", "image_ids", "objects")}
+  index = {key: value if value is not None and len(value) == n else None
+           for key, value in index.items()}
+  if None in index.values():
+    logging.warning("COCO %s in %s has no complete index (prepared by an older version): listing it "
+                    "reads every element once; delete %s to prepare it again", split, path, path)
+  return CocoSplit(builder.as_data_source(split=split), split, path, **index)
 
 
 __all__ = ["Coco2014", "CocoSplit", "SPLITS", "available_splits", "load_split", "split_files",

@@ -11,6 +11,16 @@ Records name their image by `image` (a path under `image_root`, or a tfds elemen
 `ImageSource.load(image)` returns the RGB picture (LLaVA's `pad` aspect mode applied when configured)
 or raises `ImageError` with the quarantine reason. Decoded pictures are kept in a bounded LRU cache
 (`data.image_cache` pictures), so a process's memory does not grow with the number of images it sees.
+
+Listing reads no image: `count(limit)` and `items(limit, positions)` come from the records file, or for
+a tfds-backed source from the index its element sequence stores when the dataset is prepared
+(`file_names()`, `image_ids()` and optionally `objects()`, in element order: COCO keeps them in the
+dataset's metadata, the scenes world derives ids and names from its config). A stage that shards the
+images over processes asks `items` for its own shards' `positions` only. Ground truth (`captions`,
+`objects`, `annotation`) is filled only where asked for (`ground_truth`: eval's POPE asks for the
+objects, the scenes VQA for the annotation), from the index when it stores the field, else by reading
+each listed item's element. A source whose sequence stores no index (a dataset prepared by an older
+version) is listed by reading every element once (logged).
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+from absl import logging
 
 import PIL.Image
 
@@ -36,6 +48,9 @@ class ImageItem:
   captions: tuple[str, ...] = ()
   objects: tuple[str, ...] = ()
   annotation: str = ""
+
+
+GROUND_TRUTH = ("captions", "objects", "annotation")  # the `ImageItem` fields a tfds element fills
 
 
 def source_kind(config: Any) -> str:
@@ -60,6 +75,9 @@ class ImageSource:
     self.background = background if config.data.image_aspect == "pad" else None
     self._elements: Sequence[dict] | None = None
     self._index: dict[str, int] | None = None
+    self._listed: list[tuple[str, str]] | None = None  # tfds: (file_name, image_id) per element
+    self._objects: list | None = None  # tfds: the stored `objects` index, if any
+    self._records: tuple[list[ImageItem], list[dict]] | None = None  # records: (items, rejected lines)
     # The last `data.image_cache` decoded pictures (LRU); the reasons of bad images (small) all kept.
     self._cache: collections.OrderedDict[str, PIL.Image.Image] = collections.OrderedDict()
     self.cache_size = int(getattr(config.data, "image_cache", 64))
@@ -82,14 +100,31 @@ class ImageSource:
                          f"{', '.join(registry.SOURCES) or 'none'}; see config.plugins)")
     return self._elements
 
+  def _listing(self) -> list[tuple[str, str]]:
+    """`(file_name, image_id)` of every element, in order: from the index the element sequence stores
+    (`file_names()`, `image_ids()`), else by reading every element once."""
+    if self._listed is None:
+      elements = self.elements()
+      names, ids = _stored(elements, "file_names"), _stored(elements, "image_ids")
+      if names is None or ids is None or len(names) != len(elements) or len(ids) != len(elements):
+        logging.warning("%s %s: no stored file-name / image-id index; listing reads all %d elements "
+                        "(image bytes included) once", self.kind, self.split, len(elements))
+        names, ids = [], []
+        for i in range(len(elements)):  # one element alive at a time
+          element = elements[i]
+          names.append(element["file_name"])
+          ids.append(element["image_id"])
+      self._listed = [(str(n), str(i)) for n, i in zip(names, ids)]
+      objects = _stored(elements, "objects")
+      self._objects = objects if objects is not None and len(objects) == len(elements) else None
+    return self._listed
+
   def _element_index(self) -> dict[str, int]:
-    """`file_name -> element index`: from the index the dataset stored when it was prepared (COCO),
-    else by reading every element once."""
+    """`file_name -> element index` (from the stored index: no element read)."""
     if self._index is None:
-      stored = getattr(self.elements(), "file_names", None)
-      names = stored() if callable(stored) else None
+      names = _stored(self.elements(), "file_names")
       if names is None:
-        names = [self.elements()[i]["file_name"] for i in range(len(self.elements()))]
+        names = [name for name, _ in self._listing()]
       self._index = {str(name): i for i, name in enumerate(names)}
     return self._index
 
@@ -101,9 +136,9 @@ class ImageSource:
       raise ImageError(f"missing image {image!r}: not in the {self.kind} {self.split} split") from None
 
   # -- the interface ---------------------------------------------------------------------------------
-  def items(self, limit: int = 0) -> tuple[list[ImageItem], list[dict]]:
-    """The images to generate for (at most `limit`, 0 = all) and the rejected inputs."""
-    if self.kind == "records":
+  def _read_records(self) -> tuple[list[ImageItem], list[dict]]:
+    """records source: one item per distinct image of `data.records` (read once), the rejected lines."""
+    if self._records is None:
       if not self.config.data.records:
         raise BadInput("config.data.records is not set: the records source needs a JSONL file of "
                        "{'id', 'image'} lines (or set data.coco_dir, or a registered data.source)")
@@ -118,16 +153,43 @@ class ImageSource:
         seen.add(rec["image"])
         items.append(ImageItem(image=rec["image"], image_id=rec["id"],
                                captions=tuple(c for c in [rec.get("caption")] if c)))
-      return (items[:limit] if limit else items), rejected
-    elements = self.elements()
-    n = min(limit, len(elements)) if limit else len(elements)
-    items = []
-    for i in range(n):
-      el = elements[i]
-      items.append(ImageItem(image=str(el["file_name"]), image_id=str(el["image_id"]),
-                             captions=tuple(el["captions"]), objects=tuple(el["objects"]),
-                             annotation=el.get("annotation", "") or ""))
-    return items, []
+      self._records = items, rejected
+    return self._records
+
+  def count(self, limit: int = 0) -> int:
+    """How many images `items(limit)` lists (at most `limit`, 0 = all); reads no image."""
+    n = len(self._read_records()[0]) if self.kind == "records" else len(self._listing())
+    return min(limit, n) if limit else n
+
+  def items(self, limit: int = 0, positions: Iterable[int] | None = None,
+            ground_truth: bool | Sequence[str] = True) -> tuple[list[ImageItem], list[dict]]:
+    """The images to generate for (at most `limit`, 0 = all) and the input lines rejected on reading.
+
+    positions: only the items at these positions of the listing (ascending order out; positions past
+      `count(limit)` are ignored), e.g. the images of this process's shards; None = all.
+    ground_truth: tfds sources, the fields of `GROUND_TRUTH` to fill (True = all, False = none): from
+      the stored index where it holds them (`objects`), else from each listed item's element (read
+      whole, image bytes included). False reads no element.
+    """
+    n = self.count(limit)
+    keep = range(n) if positions is None else sorted({p for p in positions if 0 <= p < n})
+    if self.kind == "records":
+      items, rejected = self._read_records()
+      return [items[p] for p in keep], rejected
+    listed = self._listing()
+    fields = set(GROUND_TRUTH if ground_truth is True else ground_truth or ())
+    if fields - set(GROUND_TRUTH):
+      raise ValueError(f"ground_truth fields must be among {GROUND_TRUTH}, not {sorted(fields)}")
+    stored = {"objects": self._objects} if self._objects is not None else {}
+    read = fields - set(stored)
+    out = []
+    for p in keep:
+      truth = {f: tuple(stored[f][p]) for f in fields & set(stored)}
+      if read:
+        el = self.elements()[p]
+        truth.update({f: (el.get(f) or "") if f == "annotation" else tuple(el[f]) for f in read})
+      out.append(ImageItem(image=listed[p][0], image_id=listed[p][1], **truth))
+    return out, []
 
   def load(self, image: str) -> PIL.Image.Image:
     """The RGB picture of record key `image`, or `ImageError` (the last `data.image_cache` pictures and
@@ -161,6 +223,12 @@ class ImageSource:
       from c3l_jax.data.images import expand_to_square
       img = expand_to_square(img, self.background)
     return img
+
+
+def _stored(elements: Sequence[dict], name: str) -> list | None:
+  """The element sequence's stored index `name` (a method returning a list, or None), if it has one."""
+  method = getattr(elements, name, None)
+  return method() if callable(method) else None
 
 
 def open_source(config: Any, builder: Any | None = None, split: str | None = None) -> ImageSource:

@@ -85,11 +85,13 @@ class CLIPVisionTower(nnx.Module):
     index = [i if i >= 0 else total + 1 + i for i in feature_layers]
     if any(not 0 <= i <= total for i in index):
       raise ValueError(f"vision_feature_layer {feature_layers} out of range for {total} layers")
-    x = self.embed(pixel_values.astype(self.dtype))
+    # Rows over the batch axes, as the decoder's (`layers.batch_sharded`): without it XLA may lay the
+    # tower's activations out like its fsdp-sharded weights and hold every image on every fsdp device.
+    x = L.batch_sharded(self.embed(pixel_values.astype(self.dtype)))
     needed = max(index)
     if needed == 0:
       return [x for _ in index]
-    body = lambda layer, h, _: (layer(h), h if len(index) > 1 else None)
+    body = lambda layer, h, _: (L.batch_sharded(layer(h)), h if len(index) > 1 else None)
     last, inputs = L.scan_layers(self.layers, body, x, scan=self.scan, remat=self.remat, num=needed)
     # inputs[i] is the input of layer i, i.e. hidden_states[i]; hidden_states[needed] is `last`.
     return [last if i == needed else inputs[i] for i in index]

@@ -80,7 +80,8 @@ class EVAViT(nnx.Module):
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
     """`[B, C, H, W]` -> `post_layernorm(encoder(embed(pixels)))` `[B, 1 + N, D]`."""
-    x = self.embed(pixel_values.astype(self.dtype))
-    x, _ = L.scan_layers(self.layers, lambda layer, h, _: (layer(h), None), x, scan=self.scan,
-                         remat=self.remat)
+    # Rows over the batch axes, as CLIP's and the decoder's (`layers.batch_sharded`).
+    x = L.batch_sharded(self.embed(pixel_values.astype(self.dtype)))
+    x, _ = L.scan_layers(self.layers, lambda layer, h, _: (L.batch_sharded(layer(h)), None), x,
+                         scan=self.scan, remat=self.remat)
     return self.post_layernorm(x)

@@ -288,7 +288,7 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
       if runtime.get().is_lead:
         write_jsonl(os.path.join(ev.dir, "pope", "rejected.jsonl"), bad)
     else:
-      items, _ = ev.inf.source.items(0)
+      items, _ = ev.inf.source.items(0, ground_truth=("objects",))  # COCO: from the stored index
       annotations = [{"image": it.image, "image_id": it.image_id, "objects": list(it.objects)}
                      for it in items if it.objects]
       origin = ev.inf.source.kind

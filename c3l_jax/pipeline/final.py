@@ -49,31 +49,40 @@ def generator_checkpoint(config: Any, workdir: str) -> str:
 
 
 def run(config: Any, workdir: str) -> dict:
-  items, upfront = open_source(config).items(config.data.max_images)
-  if not items:
+  """Shard `s` is samples `s * shard_size ...`; sample k uses the image at position `k % images` of
+  the source's listing. This process lists (reading no image) the images of its own shards only."""
+  source = open_source(config)
+  n = source.count(config.data.max_images)
+  if not n:
     raise BadInput("the final stage found no images (check config.data.*)")
   mix = ins.parse_mix(config.generation.instruction_mix)
   size = config.generation.shard_size
   total = config.generation.num_final
-  chunks = []
-  for index, start in enumerate(range(0, total, size)):
+  num_shards = -(-total // size)
+  rt = runtime.get()
+  mine = rt.my_shards(range(num_shards))
+  positions = sorted({k % n for index in mine
+                      for k in range(index * size, min((index + 1) * size, total))})
+  listed, upfront = source.items(config.data.max_images, positions, ground_truth=False)
+  item_at = dict(zip(positions, listed))
+  chunks = {}
+  for index in mine:
     rng = np.random.default_rng([config.seed, common.SALTS["final"], index])
     jobs = []
-    for k in range(start, min(start + size, total)):
-      item = items[k % len(items)]
-      # Sample k < len(items) is its image's first: its shard counts the image.
-      jobs += [dataclasses.replace(job, counts_image=k < len(items)) for job in initial.draw_jobs(
-          [item], 1, mix, rng, id_of=lambda item, _, k=k: f"final_{k:07d}")]
-    chunks.append(jobs)
+    for k in range(index * size, min((index + 1) * size, total)):
+      # Sample k < n is its image's first: its shard counts the image.
+      jobs += [dataclasses.replace(job, counts_image=k < n) for job in initial.draw_jobs(
+          [item_at[k % n]], 1, mix, rng, id_of=lambda item, _, k=k: f"final_{k:07d}")]
+    chunks[index] = jobs
   checkpoint = generator_checkpoint(config, workdir)
   metrics = initial.run_generation(config, workdir, "final", chunks, config.generation.final_mode,
-                                   checkpoint, upfront, records=min(total, len(items)) + len(upfront))
+                                   checkpoint, upfront, records=min(total, n) + len(upfront),
+                                   num_shards=num_shards)
   # The basic filter, then S(I2C) under the base model (comparable with the initial data's), per shard.
   stage_dir = os.path.join(workdir, "final")
   filtered_dir = os.path.join(stage_dir, "filtered")
   scorer = None
-  rt = runtime.get()
-  todo = [i for i in rt.my_shards(range(len(chunks))) if not shards.is_done(filtered_dir, i)]
+  todo = [i for i in rt.my_shards(range(num_shards)) if not shards.is_done(filtered_dir, i)]
   if todo:
     inputs = {i: shards.read_part(shards.part_path(stage_dir, i)) for i in todo}
     with common.Progress("final:filter", sum(map(len, inputs.values())), "sample") as progress:
@@ -87,7 +96,7 @@ def run(config: Any, workdir: str) -> dict:
         shards.write_shard(filtered_dir, index, rows, rejected)
         progress.shard_done(index, len(inputs[index]), kept=len(rows), rejected=len(rejected))
   rt.barrier("final:filtered")
-  counts = shards.sum_counts(filtered_dir, range(len(chunks)), ("written", "rejected"))
+  counts = shards.sum_counts(filtered_dir, range(num_shards), ("written", "rejected"))
   if rt.is_lead:
     shards.gather_rejected(filtered_dir, ())
   metrics.update(generator=checkpoint, kept=counts["written"], filtered_out=counts["rejected"])

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -184,18 +184,20 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
   return rows, rejected, counts
 
 
-def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]], mode: str,
-                   checkpoint: str | None, upfront: Sequence[dict], records: int,
-                   repeated: int = 0) -> dict:
+def run_generation(config: Any, workdir: str, stage: str, chunks: Sequence[Sequence[Job]] | Mapping[
+                   int, Sequence[Job]], mode: str, checkpoint: str | None, upfront: Sequence[dict],
+                   records: int, repeated: int = 0, num_shards: int | None = None) -> dict:
   """Generate every unfinished shard of `chunks` (this process's share) and count the stage.
 
-  `records`: the input records the jobs draw on (their distinct images, each counted by one job) plus
-  `upfront`, the input lines rejected before generation, plus `repeated`, the lines that name an image
-  an earlier line lists (generated for once).
+  `chunks`: the jobs of every shard (a list), or of this process's shards only (`shard index -> jobs`,
+  with `num_shards` the stage's count). `records`: the input records the jobs draw on (their distinct
+  images, each counted by one job) plus `upfront`, the input lines rejected before generation, plus
+  `repeated`, the lines that name an image an earlier line lists (generated for once).
   """
   stage_dir = os.path.join(workdir, stage)
   rt = runtime.get()
-  todo = [i for i in rt.my_shards(range(len(chunks))) if not shards.is_done(stage_dir, i)]
+  num_shards = len(chunks) if num_shards is None else num_shards
+  todo = [i for i in rt.my_shards(range(num_shards)) if not shards.is_done(stage_dir, i)]
   if todo:
     inf = common.Inference(config, checkpoint)
     with common.Progress(stage, sum(len(chunks[i]) for i in todo), "sample") as progress:
@@ -205,7 +207,7 @@ def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]
         progress.shard_done(index, len(chunks[index]), tokens=counts["tokens"], written=len(rows),
                             rejected=len(rejected))
   rt.barrier(f"{stage}:shards")
-  counts = shards.sum_counts(stage_dir, range(len(chunks)), ("written",) + SHARD_COUNTS)
+  counts = shards.sum_counts(stage_dir, range(num_shards), ("written",) + SHARD_COUNTS)
   if rt.is_lead:
     shards.gather_rejected(stage_dir, upfront)
   rows = shards.read_parts(stage_dir)
@@ -217,18 +219,27 @@ def run_generation(config: Any, workdir: str, stage: str, chunks: list[list[Job]
 
 
 def run(config: Any, workdir: str) -> dict:
+  """Shard `s` is the images at positions `s * shard_size ...` of the source's listing; this process
+  lists (reading no image) and draws the jobs of its own shards only (`runtime.my_shards`)."""
   source = open_source(config)
-  items, upfront = source.items(config.data.max_images)
-  if not items:
+  n = source.count(config.data.max_images)
+  if not n:
     raise BadInput("the initial stage found no images (check config.data.*)")
   size = config.generation.shard_size
+  num_shards = -(-n // size)
+  mine = runtime.get().my_shards(range(num_shards))
+  positions = [p for index in mine for p in range(index * size, min((index + 1) * size, n))]
+  items, upfront = source.items(config.data.max_images, positions, ground_truth=False)
   mix = ins.parse_mix(config.generation.instruction_mix)
-  chunks = []
-  for index, start in enumerate(range(0, len(items), size)):
+  chunks, start = {}, 0
+  for index in mine:
     rng = np.random.default_rng([config.seed, common.SALTS["initial"], index])
-    chunks.append(draw_jobs(items[start:start + size], config.generation.per_image, mix, rng))
+    stop = start + min(size, n - index * size)
+    chunks[index] = draw_jobs(items[start:stop], config.generation.per_image, mix, rng)
+    start = stop
   return run_generation(config, workdir, "initial", chunks, config.generation.mode, None, upfront,
-                        records=len(items) + len(upfront) + source.repeated, repeated=source.repeated)
+                        records=n + len(upfront) + source.repeated, repeated=source.repeated,
+                        num_shards=num_shards)
 
 
 __all__ = ["Job", "draw_jobs", "generate_jobs", "run", "run_generation"]

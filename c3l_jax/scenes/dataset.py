@@ -109,10 +109,18 @@ class ScenesWorld(tfds.core.GeneratorBasedBuilder):
 
 
 class _PythonSource(Sequence):
-  """Random access over a tfds data source, converting each element with `to_python`."""
+  """Random access over a tfds data source, converting each element with `to_python`; `image_ids()` /
+  `file_names()` list the elements without reading them (scene ids follow from the world's config)."""
 
-  def __init__(self, source: Any):
+  def __init__(self, source: Any, image_ids: range):
     self._source = source
+    self._ids = image_ids
+
+  def image_ids(self) -> list[int]:
+    return list(self._ids)
+
+  def file_names(self) -> list[str]:
+    return [world_lib.file_name_for(i) for i in self._ids]
 
   def __len__(self) -> int:
     return len(self._source)
@@ -141,4 +149,6 @@ def load_split(data_dir: str, split: str, num_images: int, seed: int, *, num_val
     raise ValueError(f"split must be 'train' or 'val', got {split!r}")
   b = builder(data_dir, num_images, seed, num_val, image_size)
   console.prepare_tfds(b, "scenes world")
-  return _PythonSource(b.as_data_source(split))
+  c = b.builder_config
+  ids = range(c.num_images) if split == "train" else range(c.num_images, c.num_images + c.num_val)
+  return _PythonSource(b.as_data_source(split), ids)
