@@ -452,6 +452,10 @@ def run(config: Any, workdir: str) -> dict:
 
   p = config.pretrain
   check_config(config)
+  if p.recipe == "grounded":
+    from c3l_jax.scenes import grounded
+
+    return grounded.run(config, workdir)
   seed = config.seed
   stage_dir = os.path.join(workdir, "pretrain")
   os.makedirs(stage_dir, exist_ok=True)
@@ -550,14 +554,18 @@ def run(config: Any, workdir: str) -> dict:
     json.dump(metrics, f, indent=2)
     f.write("\n")
   if runtime.get().is_lead:
-    out = p.out
-    partial = out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(model_dir, partial)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
-    logging.info("pretrain: wrote %s", out)
+    publish(model_dir, p.out)
   return {**metrics, "out": p.out}
+
+
+def publish(model_dir: str, out: str) -> None:
+  """Copy `model_dir` to `out` (replacing it) through `out.partial`."""
+  partial = out.rstrip("/") + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  shutil.copytree(model_dir, partial)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(partial, out)
+  logging.info("pretrain: wrote %s", out)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -591,16 +599,26 @@ def main(argv: Sequence[str]) -> None:
   metrics = run(config, workdir)
   if runtime.get().is_lead:
     write_json(os.path.join(workdir, "metrics.json"), {"pretrain": metrics})
-  steps = ", ".join(f"{k} {metrics[k]['steps']} steps"
-                    for k in ("stage1_align", "stage1b_captions", "stage2_tune"))
+  stages = (("student_captions", "generator_mix") if metrics.get("recipe") == "grounded" else
+            ("stage1_align", "stage1b_captions", "stage2_tune"))
+  steps = ", ".join(f"{k} {metrics[k]['steps']} steps" for k in stages)
   console.say(f"pretrain: done in {time.perf_counter() - start:.1f}s ({steps}; "
               f"{metrics['model']['parameters']:,} parameters)")
   quality = metrics.get("quality") or {}
-  if quality:
+  if "vqa" in quality:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     console.say(f"held-out scenes ({quality['eval_scenes']}): VQA accuracy "
                 f"{fmt(quality['vqa']['accuracy'])} (without the image "
                 f"{fmt(quality['vqa_blind']['accuracy'])}), POPE accuracy {fmt(quality['pope']['accuracy'])}")
+  if "grounding" in quality:
+    r = quality["grounding"]
+    console.say(f"held-out scenes ({r['scenes']}): VQA {r['vqa']['accuracy']} {r['vqa']['by_kind']}; POPE "
+                + ", ".join(f"{k} {v['accuracy']} (yes {v['yes_ratio']})" for k, v in r["pope"].items())
+                + f"; captions correct {r['caption']['correct']}; generic: VIGC {r['vigc']['generic']}, "
+                f"two-step {r['caption_qa']['generic']}")
+    failures = r.get("failures") or []
+    console.say("grounding thresholds (issue 15): " + ("all met" if not failures else
+                                                        "missed: " + "; ".join(failures)))
   print(f"model: {metrics['out']}; workdir: {workdir} (metrics.json, {METRICS_FILE} in the model)")
 
 
