@@ -96,14 +96,14 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.student_out = "checkpoints/scenes_student"  # "" = not exported
   g.eval_start_id = 100_000  # held-out scenes: world_seed, ids from here (the training ids are below)
   # Stage 0: the supervised vision tower (c3l_jax.scenes.vision).
-  g.vision_steps = 1500
+  g.vision_steps = 2000
   g.vision_batch_size = 128
   g.vision_lr = 3e-3
   g.vision_eval_scenes = 200  # held-out probe accuracy (scenes of world_seed + 1)
   g.image_token_scale = 1.0  # image-token norm / word-embedding norm after the connector's rescale
   # The decoder (tower and connector frozen, image tokens cached).
-  g.student_steps = 1500  # captions only: the student
-  g.steps = 20000  # the instruction mix: the generator
+  g.student_steps = 800  # captions only: the student
+  g.steps = 6500  # the instruction mix: the generator
   g.batch_size = 32
   g.lr = 2e-3
   g.warmup_steps = 200
@@ -128,7 +128,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.seq_text = 112
   g.p_generic = 0.45
   g.p_short = 0.7
-  g.eval_every = 2000  # quick held-out VQA + POPE check (0 = none)
+  g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24
   return g
 
