@@ -116,6 +116,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.p_detail = 0.05
   g.p_image = 0.25
   g.w_vqa = 4.0
+  g.vqa_kind_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # colour, shape, count, position, relation, existence
   g.w_existence = 1.5
   g.w_generic_image = 0.2
   g.w_caption = 1.0

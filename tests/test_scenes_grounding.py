@@ -175,3 +175,20 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
     ref = trainer_lib.ce_loss(model, ref_batch)
     np.testing.assert_allclose(float(ours), float(ref), rtol=1e-5)
   assert kinds == {"ground", "image", "detail", "text"}
+
+
+def test_vqa_kind_weights_choose_the_kind():
+  """`grounded.vqa_kind_weights`: weight only on position -> every VQA example is a position question
+  (the checker's kind), answered correctly."""
+  from configs import scenes_pretrain
+
+  g = scenes_pretrain.get_config().pretrain.grounded
+  with g.unlocked():
+    g.vqa_kind_weights = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+  world = scenes.generate_world(40, 1000)
+  rng = np.random.default_rng(0)
+  for s in world:
+    q, a = grounded._vqa_of_kind(s, rng, 0.5, scenes.QA_KINDS[int(np.argmax(g.vqa_kind_weights))])
+    q = q.replace(" Answer the question using a single word or phrase.", "")
+    v = scenes.check(s, q, a)
+    assert v.kind == "position" and v.correct is True, (q, a)

@@ -79,6 +79,18 @@ def existence_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: floa
   return q, text_lib.detokenize_words(a.split())
 
 
+def _vqa_of_kind(scene: world_lib.Scene, rng: np.random.Generator, p_short: float, kind: str
+                 ) -> tuple[str, str]:
+  """`processor.vqa_qa` with the kind given (weighted kinds: `vqa_kind_weights`)."""
+  if rng.random() < p_short:
+    for _ in range(16):
+      q, a = text_lib.grounded_qa(scene, rng, kind)
+      short = sm.short_answer(q, a)
+      if short is not None:
+        return f"{q} {sm.SHORT_ANSWER_SUFFIX}", short
+  return text_lib.grounded_qa(scene, rng, kind)
+
+
 class Examples:
   """Token-level training examples `{"prompt", "target", "scene"}`: prompt ids (cached per text),
   target ids + EOS, and the index of the scene whose cached image tokens fill the `<image>` run (-1:
@@ -106,7 +118,12 @@ class Examples:
       q, a, _ = sm.vigc_qa(scene, kind, rng, p.p_generic)
       return self._ex(VIGC_INSTRUCTIONS[kind], vigc_target(q, a), index)
     if task == "vqa":
-      q, a = sm.vqa_qa(scene, rng, p.p_short)
+      weights = np.asarray(p.vqa_kind_weights, np.float64)
+      if np.all(weights == weights[0]):
+        q, a = sm.vqa_qa(scene, rng, p.p_short)
+      else:
+        q, a = _vqa_of_kind(scene, rng, p.p_short,
+                            text_lib.QA_KINDS[int(rng.choice(len(weights), p=weights / weights.sum()))])
       return self._ex(q, a, index)
     if task == "existence":
       q, a = existence_qa(scene, rng, p.p_short)
