@@ -12,7 +12,7 @@ model answers from the language prior (held-out VQA 45 %, POPE at chance, docs/t
 2. **A frozen random connector.** Training the connector through the pooled CG-VLM alignment or the CE
    destroyed the tower's per-cell information (a linear probe fell from 99 % to 68 %); the random MLP
    keeps it (99 %). Its output layer is only rescaled so image tokens have `image_token_scale` times the
-   norm of word embeddings (`pretrain.match_feature_scale`).
+   norm of word embeddings (`modelio.match_feature_scale`).
 3. **Cached image tokens.** Tower and connector are frozen, so every scene's 9 image tokens are computed
    once (`vlm.encode_images`, the function the pipeline calls at inference, in the model's dtype) and the
    decoder trains on them: a step runs the decoder only, so the budget buys tens of thousands of steps on
@@ -303,14 +303,14 @@ def run(config: Any, workdir: str) -> dict:
   from c3l_jax import runtime, sharding
   from c3l_jax.data.prompts import PromptBuilder, load_processor
   from c3l_jax.pipeline.train import export_generator
-  from c3l_jax.scenes import grounding, pretrain, vision
+  from c3l_jax.scenes import grounding, modelio, vision
 
   p, g = config.pretrain, config.pretrain.grounded
   seed = config.seed
   stage_dir = os.path.join(workdir, "pretrain")
   os.makedirs(stage_dir, exist_ok=True)
   t0 = time.perf_counter()
-  base = pretrain.build_base(p, stage_dir, seed)
+  base = modelio.build_base(p, stage_dir, seed)
   mesh = sharding.make_mesh(config.train.mesh)
   vlm = sharding.load_model(base, mesh, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                             scan_layers=config.model.scan_layers, remat=config.model.remat)
@@ -337,7 +337,7 @@ def run(config: Any, workdir: str) -> dict:
               f"{vision_out['seconds']:.0f}s; held-out probe accuracy {vision_out.get('heldout_accuracy')}")
 
   # The frozen random connector, rescaled; then every scene's image tokens, once.
-  scale_before, _ = pretrain.match_feature_scale(vlm, pixels[:256])
+  scale_before, _ = modelio.match_feature_scale(vlm, pixels[:256])
   if g.image_token_scale != 1.0:
     proj = vlm.multi_modal_projector.linear_2
     proj.kernel[...] = proj.kernel[...] * g.image_token_scale
@@ -348,7 +348,7 @@ def run(config: Any, workdir: str) -> dict:
   del pixels
   cache_seconds = time.perf_counter() - t_cache
   console.say(f"pretrain: image tokens of {len(feats)} scenes cached in {cache_seconds:.0f}s "
-              f"(image token / word embedding norm {pretrain.feature_scale(vlm, pixels_of(world[:64])):.3g})")
+              f"(image token / word embedding norm {modelio.feature_scale(vlm, pixels_of(world[:64])):.3g})")
 
   maker = Examples(builder, world, g)
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
@@ -388,7 +388,6 @@ def run(config: Any, workdir: str) -> dict:
   export_generator(vlm, base, model_dir)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vlm, nnx.Param)))
   check_px = pixels_of(world[:8])
-  del vlm
   # The cache must be what the pipeline's loading path computes at inference.
   loaded = sharding.load_model(model_dir, mesh)
   cache_error = float(np.abs(np.asarray(loaded.encode_images(jnp.asarray(check_px))) - feats[:8]).max())
@@ -407,7 +406,7 @@ def run(config: Any, workdir: str) -> dict:
                "p_short": g.p_short, "seed": seed,
                "heldout": {"world_seed": p.world_seed, "start_id": g.eval_start_id}},
       "stage0_vision": {**{k: v for k, v in vision_out.items() if k != "history"},
-                        "curve": pretrain.curve(vision_out.get("history", []))},
+                        "curve": modelio.curve(vision_out.get("history", []))},
       "connector": {"frozen": True, "random": True, "feature_scale_before_rescale": round(scale_before, 4),
                     "image_token_scale": g.image_token_scale, "cache_seconds": round(cache_seconds, 1),
                     "cache_vs_loaded_max_abs_diff": cache_error},
@@ -423,7 +422,7 @@ def run(config: Any, workdir: str) -> dict:
   out_dirs[model_dir] = p.out
   if runtime.get().is_lead:
     for src, dst in out_dirs.items():
-      pretrain.publish(src, dst)
+      modelio.publish(src, dst)
   return {**metrics, "out": p.out, "student_out": g.student_out}
 
 
@@ -432,12 +431,12 @@ def _tail(xs: Sequence[float]) -> float:
 
 
 def _summary(history: Sequence[dict], seconds: float) -> dict:
-  from c3l_jax.scenes import pretrain
+  from c3l_jax.scenes import modelio
 
   return {"steps": len(history), "seconds": round(seconds, 1),
           "first_loss": history[0]["loss"] if history else None,
           "final_loss": _tail([h["loss"] for h in history]) if history else None,
-          "curve": pretrain.curve(history)}
+          "curve": modelio.curve(history)}
 
 
 def _model_summary(p: Any, vlm: Any, builder: Any) -> dict:
@@ -459,7 +458,7 @@ def _brief(report: dict) -> dict:
 
 
 def _write_metrics(model_dir: str, metrics: dict) -> None:
-  from c3l_jax.scenes.pretrain import METRICS_FILE
+  from c3l_jax.scenes.modelio import METRICS_FILE
 
   with open(os.path.join(model_dir, METRICS_FILE), "w") as f:
     json.dump(metrics, f, indent=2)

@@ -2,7 +2,7 @@
 generator for the scenes testbed must meet.
 
 `measure(model_dir, world, mesh)` generates greedily through the pipeline's loading path
-(`pretrain.Evaluator`: `sharding.load_model` + `PromptBuilder(load_processor(...))`) on scenes the
+(`modelio.Evaluator`: `sharding.load_model` + `PromptBuilder(load_processor(...))`) on scenes the
 model was not trained on, and judges every output with the world's checker (`scenes.check`):
 
 - `vqa`: one grounded question of each kind per scene (`scenes.grounded_qa`; a kind that does not fit
@@ -85,12 +85,12 @@ def measure(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.Me
             parts: Sequence[str] = ("vqa", "pope", "caption", "vigc", "caption_qa")) -> dict[str, Any]:
   """The grounding report of `model_dir` on `world` (held-out scenes); see the module docstring."""
   from c3l_jax import sharding
-  from c3l_jax.scenes import pretrain
+  from c3l_jax.scenes import modelio
 
   if mesh is None:
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   start = time.perf_counter()
-  ev = pretrain.Evaluator(model_dir, mesh, batch_size)
+  ev = modelio.Evaluator(model_dir, mesh, batch_size)
   images = [scenes.render(s) for s in world]
   out: dict[str, Any] = {"scenes": len(world)}
 
@@ -126,7 +126,7 @@ def measure(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.Me
     for kind in ("conversation", "complex_reasoning"):
       texts += ev.generate([VIGC_INSTRUCTIONS[kind]] * len(world), images, max_new_tokens)
       owners += list(world)
-    out["vigc"] = {**pretrain.qa_quality(owners, texts), "examples": texts[:2]}
+    out["vigc"] = {**modelio.qa_quality(owners, texts), "examples": texts[:2]}
 
   if "caption_qa" in parts:
     rng = np.random.default_rng([seed, _SALT, 1 << 20])
@@ -137,7 +137,7 @@ def measure(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.Me
       options = ins.QA_FROM_CAPTION[kind]
       prompts.append(ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))]))
     texts = ev.generate(prompts, None, max_new_tokens)
-    out["caption_qa"] = {**pretrain.qa_quality(world, texts), "examples": texts[:2]}
+    out["caption_qa"] = {**modelio.qa_quality(world, texts), "examples": texts[:2]}
   out["seconds"] = round(time.perf_counter() - start, 1)
   return out
 
