@@ -1,5 +1,5 @@
-"""Stage 0 of the scenes `pretrain` recipe (grounded): supervised pretraining of the vision tower on the world's
-ground truth.
+"""Stage 0 of the grounded scenes recipe (`c3l_jax.scenes.grounded`): supervised pretraining of the vision
+tower on the world's ground truth.
 
 LLaVA starts from a CLIP that was pretrained (contrastively, on 400 M image-text pairs) before any
 instruction data; the scenes model's vision tower starts from random weights. Trained only through the
@@ -16,7 +16,9 @@ Targets, for each of the 9 patches (at 72 px with 24 px patches a patch is one c
 - local: the shape in the cell (or empty), its colour (or none), its size (or none), the cell's row
   and column;
 - global (every patch predicts them, so the tower's attention spreads scene-level facts into every
-  token): the number of objects of each shape and of each colour (0-5) and the total.
+  token): the number of objects of each shape and of each colour (0-5) and the total (`COUNT_HEADS`),
+  and bindings (`BINDING_HEADS`): for each shape, the colour and the cell of its instance; for each
+  colour, the shape of its instance (none / the value / several).
 
 Nothing of the text, the checker or the evaluation questions is used: the labels are the scene's
 objects only. The stage is a pure function of (seed, step).
