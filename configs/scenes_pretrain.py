@@ -82,7 +82,56 @@ def get_pretrain_section() -> ml_collections.ConfigDict:
   p.p_generic = 0.45  # share of generic QA in the VIGC and QA-from-caption data (the language prior)
   p.p_short = 0.5  # share of VQA asked with LLaVA's short-answer suffix
   p.checkpoint_every = 200
+  # The recipe: "mix" (the stages above) or "grounded" (`c3l_jax.scenes.grounded`: supervised vision
+  # tower, frozen random connector, decoder trained on cached image tokens; the section below).
+  p.recipe = "mix"
+  p.grounded = get_grounded_section()
   return p
+
+
+def get_grounded_section() -> ml_collections.ConfigDict:
+  """`config.pretrain.grounded`: the grounded recipe's settings (used when `pretrain.recipe="grounded"`;
+  the architecture and the world are the fields above)."""
+  g = ml_collections.ConfigDict()
+  g.student_out = "checkpoints/scenes_student"  # "" = not exported
+  g.eval_start_id = 100_000  # held-out scenes: world_seed, ids from here (the training ids are below)
+  # Stage 0: the supervised vision tower (c3l_jax.scenes.vision).
+  g.vision_steps = 2000
+  g.vision_batch_size = 128
+  g.vision_lr = 3e-3
+  g.vision_eval_scenes = 200  # held-out probe accuracy (scenes of world_seed + 1)
+  g.image_token_scale = 1.0  # image-token norm / word-embedding norm after the connector's rescale
+  # The decoder (tower and connector frozen, image tokens cached).
+  g.student_steps = 800  # captions only: the student
+  g.steps = 6500  # the instruction mix: the generator
+  g.batch_size = 32
+  g.lr = 2e-3
+  g.warmup_steps = 200
+  g.weight_decay = 0.01
+  # Batch kinds (each padded to its seq_<kind>): every text_every-th step `text` (QA-from-caption /
+  # chat), else `detail` (VIGC detailed descriptions) with probability p_detail, `image` (captions /
+  # VIGC conversation + complex_reasoning) with probability p_image, else `ground` (VQA / balanced
+  # existence / generic questions about the image). Within a kind, tasks are drawn with the w_* weights.
+  g.text_every = 6
+  g.p_detail = 0.05
+  g.p_image = 0.25
+  g.w_vqa = 4.0
+  g.vqa_kind_weights = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # colour, shape, count, position, relation, existence
+  g.w_existence = 1.5
+  g.w_generic_image = 0.2
+  g.w_caption = 1.0
+  g.w_vigc = 1.0
+  g.w_caption_qa = 3.0
+  g.w_chat = 1.0
+  g.seq_ground = 40
+  g.seq_image = 56
+  g.seq_detail = 144
+  g.seq_text = 112
+  g.p_generic = 0.45
+  g.p_short = 0.7
+  g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
+  g.eval_quick_scenes = 24
+  return g
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -1,0 +1,194 @@
+"""Does the shipped scenes generator see? It is loaded from `checkpoints/scenes_tiny` and measured here on
+held-out scenes against issue 15's thresholds (`c3l_jax.scenes.grounding.THRESHOLDS`), not read from its
+training_metrics.json. Also: the student, the grounded recipe's parts (stage-0 targets, balanced
+existence questions, the cached image tokens) and the thresholds' arithmetic on hand-made reports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from c3l_jax import scenes, sharding
+from c3l_jax.scenes import grounded, grounding, vision
+from c3l_jax.scenes.world import Scene, SceneObject
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = os.path.join(REPO, "checkpoints", "scenes_tiny")
+STUDENT = os.path.join(REPO, "checkpoints", "scenes_student")
+# Held out: the grounded recipe trains on scenes 0..num_scenes-1 of world seed 1000 and checks itself on
+# ids from grounded.eval_start_id (100000); these are neither.
+HELDOUT = dict(num_images=40, seed=1000, start_id=200_000)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+def _shipped_recipe() -> str | None:
+  path = os.path.join(SHIPPED, "training_metrics.json")
+  return json.load(open(path)).get("recipe") if os.path.exists(path) else None
+
+
+def test_heldout_scenes_are_not_training_scenes():
+  from configs import scenes_pretrain
+
+  p = scenes_pretrain.get_config().pretrain
+  assert p.world_seed == HELDOUT["seed"]
+  assert p.num_scenes <= p.grounded.eval_start_id < HELDOUT["start_id"]
+  assert p.grounded.eval_start_id + max(p.eval_scenes, p.grounded.eval_quick_scenes) <= HELDOUT["start_id"]
+
+
+@pytest.mark.xfail(_shipped_recipe() != "grounded", strict=False, reason=(
+    "the shipped checkpoints/scenes_tiny is the old generator (VQA ~45 %, POPE at chance)"))
+def test_shipped_generator_meets_the_grounding_thresholds(mesh):
+  """40 held-out scenes: 240 VQA questions (40 per kind), POPE 80 per split, 40 captions, 80 VIGC
+  conversation / complex_reasoning outputs, 40 two-step QA. Greedy, through the pipeline's loading path."""
+  world = scenes.generate_world(**HELDOUT)
+  report = grounding.measure(SHIPPED, world, mesh)
+  print(json.dumps(report, indent=1))
+  assert report["vqa"]["n"] == 6 * len(world)
+  assert grounding.failures(report) == []
+
+
+def test_grounding_failures_names_each_threshold():
+  report = {"vqa": {"accuracy": 0.5, "by_kind": {"colour": 0.9, "position": 0.2}},
+            "pope": {"random": {"accuracy": 0.9, "yes_ratio": 0.9}},
+            "caption": {"correct": 0.9}, "vigc": {"generic": 0.1}, "caption_qa": {"generic": 0.5}}
+  bad = grounding.failures(report)
+  assert len(bad) == 4 and any("position" in b for b in bad) and any("yes ratio" in b for b in bad)
+  assert any(b.startswith("vqa accuracy") for b in bad) and any(b.startswith("vigc") for b in bad)
+  good = {"vqa": {"accuracy": 0.85, "by_kind": {"colour": 0.7}},
+          "pope": {"adversarial": {"accuracy": 0.85, "yes_ratio": 0.4}},
+          "caption": {"correct": 0.8}, "vigc": {"generic": 0.3}, "caption_qa": {"generic": 0.3}}
+  assert grounding.failures(good) == []
+
+
+def test_pope_questions_are_balanced_and_split_by_strategy():
+  world = scenes.generate_world(30, 1000, start_id=20000)
+  splits = grounding.pope_questions(world, 0)
+  assert set(splits) == set(grounding.POPE_SPLITS)
+  for rows in splits.values():
+    assert abs(np.mean([e for _, _, e in rows]) - 0.5) < 0.05
+    for i, shape, exists in rows:
+      assert (shape in scenes.object_names(world[i])) == exists
+
+
+def test_existence_training_questions_are_balanced_and_true():
+  world = scenes.generate_world(200, 1000)
+  rng = np.random.default_rng(0)
+  yes = []
+  for s in world:
+    q, a = grounded.existence_qa(s, rng, 0.5)
+    yes.append(a.lower().startswith("yes"))
+    assert scenes.check(s, q.replace(" Answer the question using a single word or phrase.", ""),
+                        a).correct is True, (q, a)
+  assert 0.4 <= np.mean(yes) <= 0.65
+
+
+def test_vision_targets_of_a_hand_made_scene():
+  """Two red stars (cells 0 and 8), one blue circle (cell 4): the per-cell and the binding labels."""
+  objs = [SceneObject("star", "red", "small", 1 / 6, 1 / 6), SceneObject("circle", "blue", "large", 0.5, 0.5),
+          SceneObject("star", "red", "large", 5 / 6, 5 / 6)]  # x, y: centres of cells 0, 4, 8
+  scene = Scene(image_id=0, file_name="x.png", background="black", objects=objs)
+  local, glob = vision.scene_targets(scene, 3)
+  shapes, colours = scenes.SHAPES, scenes.COLOURS
+  assert local[0, 0] == shapes.index("star") + 1 and local[4, 0] == shapes.index("circle") + 1
+  assert local[1, 0] == 0 and local[4, 1] == colours.index("blue") + 1 and local[8, 2] == 2
+  assert list(local[5, 3:]) == [1, 2]  # row, column of cell 5
+  names = [n for n, _ in vision.GLOBAL_HEADS]
+  value = dict(zip(names, glob))
+  assert value["n_star"] == 2 and value["n_circle"] == 1 and value["n_red"] == 2 and value["n_objects"] == 3
+  assert value["circle_colour"] == colours.index("blue") + 1 and value["circle_cell"] == 4 + 1
+  assert value["star_colour"] == len(colours) + 1 and value["star_cell"] == 9 + 1  # several
+  assert value["square_colour"] == 0 and value["square_cell"] == 0  # none
+  assert value["blue_shape"] == shapes.index("circle") + 1 and value["red_shape"] == len(shapes) + 1
+  assert value["green_shape"] == 0
+  sizes = dict(vision.GLOBAL_HEADS)
+  assert all(0 <= v < sizes[n] for n, v in value.items())
+
+
+def test_student_captions_without_instruction_data(mesh):
+  """The student: stage 0 and the captioning decoder of the generator's run, no VQA / instruction data;
+  it captions held-out scenes."""
+  if not os.path.exists(STUDENT):
+    pytest.skip("no shipped student")
+  metrics = json.load(open(os.path.join(STUDENT, "training_metrics.json")))
+  assert "generator_mix" not in metrics and metrics["student_captions"]["steps"] > 0
+  world = scenes.generate_world(**HELDOUT)
+  report = grounding.measure(STUDENT, world, mesh, parts=("caption",))
+  assert report["caption"]["correct"] >= 0.5, report
+
+
+def test_grounded_recipe_end_to_end(tmp_path, mesh):
+  """`pretrain.run` with `recipe="grounded"`, a minute architecture and a few steps of each phase: the
+  generator and the student are exported as model directories that load like converted checkpoints; the
+  student's metrics have no instruction stage. And the loss the decoder trains on (cached image tokens
+  written over the `<image>` run, `grounded._decoder_loss`) equals the pipeline's own CE loss through the
+  vision tower (`train.ce_loss` with pixels) on the exported model, for every batch kind."""
+  from configs import scenes_pretrain
+  from flax import nnx
+
+  from c3l_jax import train as trainer_lib
+  from c3l_jax.data.prompts import PromptBuilder, load_processor
+  from c3l_jax.scenes import pretrain
+
+  config = scenes_pretrain.get_config()
+  out, student = tmp_path / "model", tmp_path / "student"
+  with config.unlocked():
+    config.pretrain.update(
+        recipe="grounded", out=str(out), num_scenes=16, eval_scenes=0, vision_hidden=16, vision_layers=2,
+        vision_heads=2, text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64,
+        max_position_embeddings=256)
+    config.pretrain.grounded.update(
+        student_out=str(student), vision_steps=2, vision_batch_size=8, vision_eval_scenes=4,
+        student_steps=2, steps=6, batch_size=4, text_every=3, p_detail=0.3, p_image=0.3,
+        eval_quick_scenes=0)
+  metrics = pretrain.run(config, str(tmp_path / "w"))
+  assert metrics["student_captions"]["steps"] == 2 and metrics["generator_mix"]["steps"] == 6
+  assert sum(metrics["generator_mix"]["steps_by_batch_kind"].values()) == 6
+  assert metrics["generator_mix"]["steps_by_batch_kind"]["text"] == 2
+  student_metrics = json.load(open(student / "training_metrics.json"))
+  assert "generator_mix" not in student_metrics and student_metrics["student_captions"]["steps"] == 2
+
+  model = sharding.load_model(str(out), mesh)
+  builder = PromptBuilder(load_processor(str(out)), model.cfg.image_token_id, model.cfg.image_seq_length)
+  world = scenes.generate_world(16, 1000)
+  pixels = np.asarray(builder.processor.image_processor(
+      images=[scenes.render(s) for s in world], return_tensors="np")["pixel_values"], np.float32)
+  feats = grounded.image_tokens(model, pixels, chunk=8)
+  maker = grounded.Examples(builder, world, config.pretrain.grounded)
+  make = grounded.mix_batches(maker, config.pretrain.grounded, 0, builder.pad_id, len(world))
+  graphdef, params, rest = nnx.split(model.language_model, nnx.Param, ...)
+  kinds = set()
+  for step in range(12):
+    kind, batch = make(step)
+    kinds.add(kind)
+    ours = grounded._decoder_loss(params, graphdef, rest, batch, feats, model.cfg.image_token_id)
+    ref_batch = {k: v for k, v in batch.items() if k != "scene"}
+    if kind != "text":
+      ref_batch["pixels"] = pixels[batch["scene"]]
+    ref = trainer_lib.ce_loss(model, ref_batch)
+    np.testing.assert_allclose(float(ours), float(ref), rtol=1e-5)
+  assert kinds == {"ground", "image", "detail", "text"}
+
+
+def test_vqa_kind_weights_choose_the_kind():
+  """`grounded.vqa_kind_weights`: weight only on position -> every VQA example is a position question
+  (the checker's kind), answered correctly."""
+  from configs import scenes_pretrain
+
+  g = scenes_pretrain.get_config().pretrain.grounded
+  with g.unlocked():
+    g.vqa_kind_weights = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+  world = scenes.generate_world(40, 1000)
+  rng = np.random.default_rng(0)
+  for s in world:
+    q, a = grounded._vqa_of_kind(s, rng, 0.5, scenes.QA_KINDS[int(np.argmax(g.vqa_kind_weights))])
+    q = q.replace(" Answer the question using a single word or phrase.", "")
+    v = scenes.check(s, q, a)
+    assert v.kind == "position" and v.correct is True, (q, a)
