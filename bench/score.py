@@ -145,44 +145,41 @@ def hf_flops(a: common.Arch, items, batch_rows):
 def ours_flops(a: common.Arch, scorer, items):
   """(executed, unpadded) FLOPs of `Scorer.score`: the batches, buckets and padding rows it runs.
 
-  Mirrors `Scorer._score_batch`'s shapes (read from `Scorer._batches`). With prefix sharing, per
-  batch of G images x Q QA: the vision tower on G images, the prefix [G, P], the packed suffixes
-  [G, Ws] against P + Ws cache slots, the packed text pass [G, Wt]; the LM head on [G, N] answer
-  tokens in each pass (N: the largest group's answer tokens, rounded up). Without it (Q = 1): full
-  rows [B, Wi] with the image and the text pass [B, Wt].
+  Mirrors `Scorer._score_batch`'s shapes (read from `Scorer._batches`): with prefix sharing, per
+  batch the vision tower on G images, the prefix [G, P], suffixes [G*Q, Ts] against P + Ts cache
+  slots, the text pass [G*Q, Wt]; the LM head on [G*Q, A] answer positions in each pass.
   """
   from c3l_jax.data.batching import round_up as _round_up
 
   cfg = scorer.cfg
   executed = unpadded = 0.0
   for batch in scorer._batches(items):
-    q = batch.q
-    rows = [items[i] if i is not None else None for i in batch.rows]
-    groups = [rows[j * q:(j + 1) * q] for j in range(len(batch.images))]
-    g = len(groups)
-    n = _round_up(max(sum(len(r.answer) for r in grp if r) for grp in groups), cfg.answer_bucket)
-    packed = lambda length, bucket: _round_up(max(sum(length(r) for r in grp if r) for grp in groups),
-                                              bucket)
-    wt = packed(lambda r: len(r.prompt_text) + len(r.answer), cfg.text_bucket)
-    executed += common.decoder_flops(a, g, wt, wt) + 2 * common.head_flops(a, g * n)
+    real = [items[i] for i in batch.rows if i is not None]
+    rows = [items[i] if i is not None else real[0] for i in batch.rows]
+    b = len(rows)
+    ans = _round_up(max(len(items[i].answer) for i in batch.rows if i is not None), cfg.answer_bucket)
+    wt = _round_up(max(len(r.prompt_text) + len(r.answer) for r in rows), cfg.text_bucket)
+    executed += common.decoder_flops(a, b, wt, wt) + common.head_flops(a, b * ans)
+    g = len(batch.images)
     if cfg.prefix_sharing:
       p = batch.prefix_len
-      ws = packed(lambda r: len(r.prompt_image) - p + len(r.answer), cfg.suffix_bucket)
+      ts = _round_up(max(len(r.prompt_image) - p + len(r.answer) for r in rows), cfg.suffix_bucket)
       executed += (common.vision_flops(a, g, all_layers=False) + common.decoder_flops(a, g, p, p)
-                   + common.decoder_flops(a, g, ws, p + ws))
+                   + common.decoder_flops(a, b, ts, p + ts) + common.head_flops(a, b * ans))
       n_img = len({items[i].image_key for i in batch.rows if i is not None})
       unpadded += common.vision_flops(a, n_img, all_layers=False) + common.decoder_flops(a, n_img, p, p)
-      for it in filter(None, rows):
+      for it in real:
         s = len(it.prompt_image) - p + len(it.answer)
         unpadded += common.decoder_flops(a, 1, s, p + s) + common.head_flops(a, len(it.answer))
     else:
-      wi = _round_up(max(len(r.prompt_image) + len(r.answer) for r in rows if r), cfg.text_bucket)
-      executed += common.vision_flops(a, g, all_layers=False) + common.decoder_flops(a, g, wi, wi)
-      for it in filter(None, rows):
+      wi = _round_up(max(len(r.prompt_image) + len(r.answer) for r in rows), cfg.text_bucket)
+      executed += (common.vision_flops(a, b, all_layers=False) + common.decoder_flops(a, b, wi, wi)
+                   + common.head_flops(a, b * ans))
+      for it in real:
         li = len(it.prompt_image) + len(it.answer)
         unpadded += (common.vision_flops(a, 1, all_layers=False) + common.decoder_flops(a, 1, li, li)
                      + common.head_flops(a, len(it.answer)))
-    for it in filter(None, rows):
+    for it in real:
       lt = len(it.prompt_text) + len(it.answer)
       unpadded += common.decoder_flops(a, 1, lt, lt) + common.head_flops(a, len(it.answer))
   return executed, unpadded
@@ -196,7 +193,7 @@ def profile_ours(models, scorer, items, pixels, repeats=2):
   from c3l_jax import scoring
 
   names = {"_prefix_cache": "prefix (vision + prefix KV)", "_suffix_pass": "suffix pass",
-           "_full_pass": "full pass (with image)", "_packed_pass": "text pass", "_combine": "combine"}
+           "_full_pass": None, "_combine": "combine"}
   originals = {n: getattr(scoring, n) for n in names}
   acc: dict[str, float] = {}
 
@@ -204,7 +201,7 @@ def profile_ours(models, scorer, items, pixels, repeats=2):
     def timed(*args, **kwargs):
       t0 = time.perf_counter()
       out = jax.block_until_ready(fn(*args, **kwargs))
-      label = names[name]
+      label = names[name] or ("text pass" if args[4] is None else "full pass (with image)")
       acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
       return out
     return timed

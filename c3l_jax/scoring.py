@@ -10,10 +10,8 @@ per-token term by the full-vocabulary KL(P_t^v || P_t^d); `length_norm` divides 
 Prefix sharing: the QA pairs of one image share the system prompt and the image tokens (576 of ~650
 tokens for LLaVA-1.5). Their KV cache is computed once per image; the image's QA suffixes are packed
 into one row (segment-masked: each attends to the prefix and causally to itself) and scored against it,
-so the prefix cache is never copied per QA. The text-only pass packs the same image's QA the same
-way (each a segment attending causally to itself), so no sequence is padded to the longest. Both
-equal the naive two full forwards to float tolerance (tested). Only the answer tokens go through the
-LM head, laid out alike in both passes (one image's answers after each other).
+so the prefix cache is never copied per QA. The text-only pass is short and batched separately. Both equal the naive two full
+forwards to float tolerance (tested). Only the answer positions go through the LM head.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from flax import nnx
 
 from c3l_jax import sharding
 from c3l_jax.data.batching import right_pad, round_up
-from c3l_jax.models.llama import KVCache, positions_and_mask
+from c3l_jax.models.llama import KVCache, positions_and_mask, segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,28 +72,8 @@ def _full_pass(graphdef, state, tokens, mask, pixel_values, answer_pos, full: bo
   lm = model.language_model
   x = model.embed_image_and_text(tokens, pixel_values)
   positions, mask3 = positions_and_mask(mask, tokens.shape)
-  hidden, _ = lm.decode_hidden(x, positions, mask3)
+  hidden, _ = lm.decode_hidden(x, positions, mask3, segment_ids=segments(mask, tokens.shape))
   return _gather_answer_logprobs(lm, hidden, tokens, answer_pos, full)
-
-
-def _segment_mask(segments: jax.Array) -> jax.Array:
-  """`[B, W, W]`: a token of a packed row attends causally within its own segment (the trailing
-  padding, segment 0, within itself), exactly the structure `segment_ids` names for the kernels."""
-  w = segments.shape[1]
-  same = segments[:, :, None] == segments[:, None, :]
-  return same & (jnp.arange(w)[None, :] <= jnp.arange(w)[:, None])[None]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "full"))
-def _packed_pass(graphdef, state, packed, segments, positions, answer_pos, full: bool):
-  """Teacher forcing of text-only sequences packed into rows `[B, W]`: each is a segment (1, 2, ...;
-  0 = padding) with its own positions from 0, attending causally within itself only, so each is
-  scored as if alone, without padding every sequence to the longest."""
-  model = nnx.merge(graphdef, state)
-  lm = model.language_model
-  hidden, _ = lm.decode_hidden(lm.embed(packed), positions, _segment_mask(segments),
-                               segment_ids=segments)
-  return _gather_answer_logprobs(lm, hidden, packed, answer_pos, full)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -105,7 +83,7 @@ def _prefix_cache(graphdef, state, prefix, pixel_values) -> KVCache:
   lm = model.language_model
   x = model.embed_image_and_text(prefix, pixel_values)
   positions, mask3 = positions_and_mask(None, prefix.shape)
-  _, cache = lm.decode_hidden(x, positions, mask3, segment_ids=jnp.ones(prefix.shape, jnp.int32))
+  _, cache = lm.decode_hidden(x, positions, mask3, segment_ids=segments(None, prefix.shape))
   return cache
 
 
@@ -128,42 +106,35 @@ def _suffix_pass(graphdef, state, cache: KVCache, packed, segments, positions, a
   g, w = packed.shape
   p = cache.k.shape[KVCache.SLOT_AXIS]
   pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, w), (0, 0)))
+  same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+  own = same & (jnp.arange(w)[None, :] <= jnp.arange(w)[:, None])[None]
   to_prefix = jnp.broadcast_to((segments > 0)[:, :, None], (g, w, p))
-  mask3 = jnp.concatenate([to_prefix, _segment_mask(segments)], axis=-1)
+  mask3 = jnp.concatenate([to_prefix, own], axis=-1)
   hidden, _ = lm.decode_hidden(lm.embed(packed), positions, mask3,
                                KVCache(pad(cache.k), pad(cache.v)), p)
   return _gather_answer_logprobs(lm, hidden, packed, answer_pos, full)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "mode"))
-def _combine(logp_v, logp_d, full_v, full_d, row_of, rows: int, mode: str):
-  """Per-row `(logp_image, logp_text, i2c)` `[rows]` from per-token log-probs `[G, N]` (eq. 1 / full
-  KL); `row_of [G, N]` names each token's row (-1: padding)."""
+@functools.partial(jax.jit, static_argnames=("mode",))
+def _combine(logp_v, logp_d, full_v, full_d, valid, mode: str):
+  """Per-row `(logp_image, logp_text, i2c)` from per-token log-probs `[B, A]` (eq. 1 / full KL)."""
+  valid = valid.astype(jnp.float32)
   if mode == "eq1":
     terms = jnp.exp(logp_v) * (logp_v - logp_d)
   else:
     terms = jnp.sum(jnp.exp(full_v) * (full_v - full_d), axis=-1)
-  seg = jnp.where(row_of >= 0, row_of, rows).reshape(-1)  # padding goes to a dropped extra row
-  total = lambda x: jax.ops.segment_sum(x.reshape(-1), seg, num_segments=rows + 1)[:rows]
-  return total(logp_v), total(logp_d), total(terms)
+  return (jnp.sum(logp_v * valid, -1), jnp.sum(logp_d * valid, -1), jnp.sum(terms * valid, -1))
 
 
-def _pack(seqs: Sequence[Sequence[int] | None], starts: Sequence[int], width: int
-          ) -> tuple[list[int], list[int], list[int], list[int], np.ndarray]:
-  """One packed row of `seqs` (None = absent): tokens, segments (1 + index), positions (from 0 in
-  each), and the indices of each sequence's answer (from its `starts` on) in order, padded to
-  `width` with index 0; plus which sequence each of those belongs to (-1: padding)."""
-  tokens, segments, positions, answer = [], [], [], []
-  owner = np.full(width, -1, np.int32)
-  for k, (seq, start) in enumerate(zip(seqs, starts)):
-    if seq is None:
-      continue
-    owner[len(answer):len(answer) + len(seq) - start] = k
-    answer += range(len(tokens) + start, len(tokens) + len(seq))
-    tokens += seq
-    segments += [k + 1] * len(seq)
-    positions += range(len(seq))
-  return tokens, segments, positions, answer + [0] * (width - len(answer)), owner
+def _answer_positions(starts: Sequence[int], lengths: Sequence[int], width: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """`[B, A]` indices of the answer tokens (clamped for padding) and their validity mask."""
+  pos = np.zeros((len(starts), width), np.int32)
+  valid = np.zeros((len(starts), width), bool)
+  for i, (s, n) in enumerate(zip(starts, lengths)):
+    pos[i] = s + np.minimum(np.arange(width), max(n - 1, 0))
+    valid[i, :n] = True
+  return pos, valid
 
 
 class Scorer:
@@ -240,64 +211,67 @@ class Scorer:
       yield _Batch(images=images, rows=rows, q=q, prefix_len=plen)
 
   def _score_batch(self, items, batch: "_Batch", pixels):
-    """`(logp_image, logp_text, i2c)` of every row of `batch`.
-
-    Both passes lay the answer tokens out alike: group g's (one image's) answers, row after row, in
-    `[G, N]` (`N` = the largest group's answer tokens rounded up to `answer_bucket`), so the LM head
-    runs on answer tokens only and the two passes' log-probs line up token for token.
-    """
-    cfg, full, q = self.cfg, self.cfg.mode == "full_kl", batch.q
-    rows = [items[i] if i is not None else None for i in batch.rows]
-    groups = [rows[j * q:(j + 1) * q] for j in range(len(batch.images))]
-    n = round_up(max(sum(len(r.answer) for r in grp if r) for grp in groups), cfg.answer_bucket)
+    cfg, full = self.cfg, self.cfg.mode == "full_kl"
+    real = [items[i] for i in batch.rows if i is not None]
+    filler = real[0]
+    rows = [items[i] if i is not None else filler for i in batch.rows]
+    n_ans = [len(r.answer) if i is not None else 0 for r, i in zip(rows, batch.rows)]
+    a = round_up(max(n_ans), cfg.answer_bucket)
     first_image = next(k for k in batch.images if k is not None)
     pix = np.stack([pixels[k if k is not None else first_image] for k in batch.images])
 
-    def packed(seqs_of, starts_of, bucket):
-      """Each group's sequences packed into one row: `[G, W]` tokens, segments, positions, answer
-      indices `[G, N]` and the batch row of each answer index (-1: padding)."""
-      out = [_pack([seqs_of(r) if r else None for r in grp], [starts_of(r) if r else 0 for r in grp],
-                   n) for grp in groups]
-      width = round_up(max(len(o[0]) for o in out), bucket)
-      tokens, _ = right_pad([o[0] for o in out], width, self.pad_id)
-      segments, _ = right_pad([o[1] for o in out], width, 0)
-      positions, _ = right_pad([o[2] for o in out], width, 0)
-      answer = np.asarray([o[3] for o in out], np.int32)
-      row_of = np.stack([np.where(o[4] >= 0, j * q + o[4], -1) for j, o in enumerate(out)])
-      return tokens, segments, positions, answer, row_of
-
     if cfg.prefix_sharing:
       p = batch.prefix_len
-      filler = next(r for r in rows if r)
-      prefixes = [list((grp[0] or filler).prompt_image[:p]) for grp in groups]
-      tokens, segments, positions, answer, row_of = packed(
-          lambda r: list(r.prompt_image[p:]) + list(r.answer), lambda r: len(r.prompt_image) - p,
-          cfg.suffix_bucket)
-      positions = np.where(segments > 0, positions + p, p)
+      prefixes = [list(rows[j * batch.q].prompt_image[:p]) for j in range(len(batch.images))]
+      g = len(batch.images)
+      packed_rows, seg_rows, pos_rows, ans_rows = [], [], [], []
+      for j in range(g):
+        toks, segs, poss, anss = [], [], [], []
+        for k in range(batch.q):
+          row = j * batch.q + k
+          if batch.rows[row] is None:
+            anss.append(np.zeros(a, np.int32))  # padding row: any index, masked by `valid`
+            continue
+          r = rows[row]
+          suffix = list(r.prompt_image[p:]) + list(r.answer)
+          start = len(toks) + len(r.prompt_image) - p
+          anss.append(start + np.minimum(np.arange(a), len(r.answer) - 1))
+          toks += suffix
+          segs += [k + 1] * len(suffix)
+          poss += list(range(p, p + len(suffix)))
+        packed_rows.append(toks)
+        seg_rows.append(segs)
+        pos_rows.append(poss)
+        ans_rows.append(np.concatenate(anss))
+      width = round_up(max(map(len, packed_rows)), cfg.suffix_bucket)
+      packed, _ = right_pad(packed_rows, width, self.pad_id)
+      segments, _ = right_pad(seg_rows, width, 0)
+      positions, _ = right_pad(pos_rows, width, p)
+      _, valid = _answer_positions([0] * len(rows), n_ans, a)
       prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
       cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
-      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache,
-                                    *self._put(tokens, segments, positions, answer), full)
-    else:  # q = 1: one row per group, each padded
-      seqs = [list(r.prompt_image) + list(r.answer) if r else [self.pad_id] for r in rows]
+      packed, segments, positions, ans = self._put(packed, segments, positions,
+                                                   np.stack(ans_rows).astype(np.int32))
+      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache, packed, segments, positions,
+                                    ans, full)
+    else:
+      seqs = [list(r.prompt_image) + list(r.answer) for r in rows]
       width = round_up(max(len(s) for s in seqs), cfg.text_bucket)
       tokens, mask = right_pad(seqs, width, self.pad_id)
-      answer = np.zeros((len(rows), n), np.int32)
-      row_of = np.full((len(rows), n), -1, np.int32)
-      for i, r in enumerate(rows):
-        if r:
-          answer[i, :len(r.answer)] = len(r.prompt_image) + np.arange(len(r.answer))
-          row_of[i, :len(r.answer)] = i
-      logp_v, full_v = _full_pass(self.graphdef, self.state,
-                                  *self._put(tokens, mask, pix, answer), full)
+      pos, valid = _answer_positions([len(r.prompt_image) for r in rows], n_ans, a)
+      logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, pos),
+                                  full)
 
-    tokens, segments, positions, answer_d, row_of_d = packed(
-        lambda r: list(r.prompt_text) + list(r.answer), lambda r: len(r.prompt_text), cfg.text_bucket)
-    assert np.array_equal(row_of_d, row_of)
-    logp_d, full_d = _packed_pass(self.graphdef, self.state,
-                                  *self._put(tokens, segments, positions, answer_d), full)
-    (row_of,) = self._put(row_of)
-    out = _combine(logp_v, logp_d, full_v, full_d, row_of, len(rows), cfg.mode)
+    seqs = [list(r.prompt_text) + list(r.answer) for r in rows]
+    width = round_up(max(len(s) for s in seqs), cfg.text_bucket)
+    tokens, mask = right_pad(seqs, width, self.pad_id)
+    pos_t, _ = _answer_positions([len(r.prompt_text) for r in rows], n_ans, a)
+    tokens, mask, pos_t = self._put(tokens, mask, pos_t)
+    logp_d, full_d = _full_pass(self.graphdef, self.state, tokens, mask, None, pos_t, full)
+    (valid_d,) = self._put(valid)
+    out = _combine(logp_v.reshape(logp_d.shape), logp_d,
+                   None if full_v is None else full_v.reshape(full_d.shape), full_d, valid_d,
+                   cfg.mode)
     return [np.asarray(x) for x in out]
 
 

@@ -141,7 +141,7 @@ def test_unexpanded_image_token_is_expanded(setup):
 
 
 def test_scoring_with_splash_attention_matches_torch(setup):
-  """`model.attention=splash` (Pallas, interpret mode on CPU): the prefix pass and the packed text pass
+  """`model.attention=splash` (Pallas, interpret mode on CPU): the prefix pass and the text-only pass
   hand the kernel segment ids, the suffix pass (against the prefix cache) stays on XLA; S(I2C) equals
   the torch reference."""
   from c3l_jax.models import attention as A
