@@ -14,6 +14,7 @@ import pytest
 
 from c3l_jax import scenes, sharding
 from c3l_jax.scenes import grounded, grounding, vision
+from c3l_jax.scenes import processor as sm
 from c3l_jax.scenes.world import Scene, SceneObject
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,7 +189,7 @@ def test_vqa_kind_weights_choose_the_kind():
   world = scenes.generate_world(40, 1000)
   rng = np.random.default_rng(0)
   for s in world:
-    q, a = grounded._vqa_of_kind(s, rng, 0.5, scenes.QA_KINDS[int(np.argmax(g.vqa_kind_weights))])
+    q, a = sm.vqa_qa(s, rng, 0.5, scenes.QA_KINDS[int(np.argmax(g.vqa_kind_weights))])
     q = q.replace(" Answer the question using a single word or phrase.", "")
     v = scenes.check(s, q, a)
     assert v.kind == "position" and v.correct is True, (q, a)

@@ -79,18 +79,6 @@ def existence_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: floa
   return q, text_lib.detokenize_words(a.split())
 
 
-def _vqa_of_kind(scene: world_lib.Scene, rng: np.random.Generator, p_short: float, kind: str
-                 ) -> tuple[str, str]:
-  """`processor.vqa_qa` with the kind given (weighted kinds: `vqa_kind_weights`)."""
-  if rng.random() < p_short:
-    for _ in range(16):
-      q, a = text_lib.grounded_qa(scene, rng, kind)
-      short = sm.short_answer(q, a)
-      if short is not None:
-        return f"{q} {sm.SHORT_ANSWER_SUFFIX}", short
-  return text_lib.grounded_qa(scene, rng, kind)
-
-
 class Examples:
   """Token-level training examples `{"prompt", "target", "scene"}`: prompt ids (cached per text),
   target ids + EOS, and the index of the scene whose cached image tokens fill the `<image>` run (-1:
@@ -98,14 +86,7 @@ class Examples:
 
   def __init__(self, builder: Any, world: Sequence[world_lib.Scene], p: Any):
     self.builder, self.world, self.p = builder, world, p
-    self._image = world_lib.render(world[0])
-    self._cache: dict[tuple[str, bool], list[int]] = {}
-
-  def prompt(self, text: str, with_image: bool) -> list[int]:
-    key = (text, with_image)
-    if key not in self._cache:
-      self._cache[key] = self.builder.encode_prompt(text, self._image if with_image else None)[0]
-    return self._cache[key]
+    self.prompt = sm.PromptIds(builder, world[0])
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -122,7 +103,7 @@ class Examples:
       if np.all(weights == weights[0]):
         q, a = sm.vqa_qa(scene, rng, p.p_short)
       else:
-        q, a = _vqa_of_kind(scene, rng, p.p_short,
+        q, a = sm.vqa_qa(scene, rng, p.p_short,
                             text_lib.QA_KINDS[int(rng.choice(len(weights), p=weights / weights.sum()))])
       return self._ex(q, a, index)
     if task == "existence":

@@ -129,13 +129,7 @@ def measure(model_dir: str, world: Sequence[scenes.Scene], mesh: jax.sharding.Me
     out["vigc"] = {**modelio.qa_quality(owners, texts), "examples": texts[:2]}
 
   if "caption_qa" in parts:
-    rng = np.random.default_rng([seed, _SALT, 1 << 20])
-    prompts = []
-    for scene in world:
-      kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
-      caption = scenes.captions(scene, rng, 1)[0]
-      options = ins.QA_FROM_CAPTION[kind]
-      prompts.append(ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))]))
+    prompts = sm.caption_qa_prompts(world, np.random.default_rng([seed, _SALT, 1 << 20]))
     texts = ev.generate(prompts, None, max_new_tokens)
     out["caption_qa"] = {**modelio.qa_quality(world, texts), "examples": texts[:2]}
   out["seconds"] = round(time.perf_counter() - start, 1)

@@ -86,14 +86,7 @@ class ExampleMaker:
                p_generic: float, p_short: float):
     self.builder, self.world, self.pixels = builder, world, pixels
     self.p_generic, self.p_short = p_generic, p_short
-    self._image = world_lib.render(world[0])
-    self._cache: dict[tuple[str, bool], list[int]] = {}
-
-  def prompt(self, text: str, with_image: bool) -> list[int]:
-    key = (text, with_image)
-    if key not in self._cache:
-      self._cache[key] = self.builder.encode_prompt(text, self._image if with_image else None)[0]
-    return self._cache[key]
+    self.prompt = sm.PromptIds(builder, world[0])
 
   def target(self, text: str) -> list[int]:
     return self.builder.encode_answer(text) + list(self.builder.eos_ids)
@@ -285,13 +278,7 @@ def evaluate(model_dir: str, world: Sequence[world_lib.Scene], mesh: jax.shardin
                            "examples": all_texts[:2] + all_texts[len(world):len(world) + 1]}
 
   # Two-step QA from (ground-truth) captions, text only.
-  rng = np.random.default_rng([seed, _SALT_EVAL, 1 << 20])
-  prompts = []
-  for scene in world:
-    kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
-    caption = text_lib.captions(scene, rng, 1)[0]
-    options = ins.QA_FROM_CAPTION[kind]
-    prompts.append(ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))]))
+  prompts = sm.caption_qa_prompts(world, np.random.default_rng([seed, _SALT_EVAL, 1 << 20]))
   for mode, temperature in modes:
     texts = ev.generate(prompts, None, max_new_tokens, temperature, seed)
     out[f"caption_qa_{mode}"] = {**qa_quality(world, texts), "examples": texts[:3]}

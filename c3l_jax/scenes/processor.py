@@ -253,10 +253,12 @@ def short_answer(question: str, answer: str) -> str | None:
   return answer
 
 
-def vqa_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float) -> tuple[str, str]:
-  """A grounded VQA turn: the question (with LLaVA's short-answer suffix with probability `p_short`,
-  then answered in a word or phrase) and its answer."""
-  kind = text_lib.QA_KINDS[int(rng.integers(len(text_lib.QA_KINDS)))]
+def vqa_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float,
+           kind: str | None = None) -> tuple[str, str]:
+  """A grounded VQA turn of `kind` (default: drawn uniformly): the question (with LLaVA's short-answer
+  suffix with probability `p_short`, then answered in a word or phrase) and its answer."""
+  if kind is None:
+    kind = text_lib.QA_KINDS[int(rng.integers(len(text_lib.QA_KINDS)))]
   if rng.random() >= p_short:
     return text_lib.grounded_qa(scene, rng, kind)
   for _ in range(16):
@@ -267,6 +269,33 @@ def vqa_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float) -> 
   return text_lib.grounded_qa(scene, rng, kind)
 
 
+def caption_qa_prompts(world: Sequence[world_lib.Scene], rng: np.random.Generator) -> list[str]:
+  """Step 2 of two-step generation, one prompt per scene: a ground-truth caption and a
+  QA-from-caption instruction of a random instruction type."""
+  prompts = []
+  for scene in world:
+    kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
+    caption = text_lib.captions(scene, rng, 1)[0]
+    options = ins.QA_FROM_CAPTION[kind]
+    prompts.append(ins.qa_from_caption_prompt(caption, options[int(rng.integers(len(options)))]))
+  return prompts
+
+
+class PromptIds:
+  """Prompt token ids through a `PromptBuilder`, cached per (text, with image): every scene has the
+  same size, so an image prompt's ids do not depend on which scene it shows."""
+
+  def __init__(self, builder: Any, scene: world_lib.Scene):
+    self.builder, self._image = builder, world_lib.render(scene)
+    self._cache: dict[tuple[str, bool], list[int]] = {}
+
+  def __call__(self, text: str, with_image: bool) -> list[int]:
+    key = (text, with_image)
+    if key not in self._cache:
+      self._cache[key] = self.builder.encode_prompt(text, self._image if with_image else None)[0]
+    return self._cache[key]
+
+
 def generic_chat(rng: np.random.Generator) -> tuple[str, str]:
   """A generic question and its answer (text-only chat, or asked about an image)."""
   return text_lib.generic_qa(rng)
@@ -275,4 +304,4 @@ def generic_chat(rng: np.random.Generator) -> tuple[str, str]:
 __all__ = ["DESCRIPTION_REQUESTS", "ModelSize", "SHORT_ANSWER_SUFFIX",
            "build_hf_checkpoint", "build_processor", "build_tokenizer", "caption_qa",
            "description_from_objects", "generic_chat", "hf_config", "pre_tokenize", "prompt_texts",
-           "short_answer", "vigc_qa", "vigc_target", "vocabulary", "vqa_qa"]
+           "short_answer", "vigc_qa", "vigc_target", "vocabulary", "vqa_qa", "PromptIds", "caption_qa_prompts"]
