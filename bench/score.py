@@ -146,10 +146,11 @@ def ours_flops(a: common.Arch, scorer, items):
   """(executed, unpadded) FLOPs of `Scorer.score`: the batches, buckets and padding rows it runs.
 
   Mirrors `Scorer._score_batch`'s shapes (read from `Scorer._batches`): with prefix sharing, per
-  batch the vision tower on G images, the prefix [G, P], suffixes [G*Q, Ts] against P + Ts cache
-  slots, the text pass [G*Q, Wt]; the LM head on [G*Q, A] answer positions in each pass.
+  batch the vision tower on G images, the prefix [G, P], each image's packed suffixes [G, Ws] against
+  P + Ws keys, the text pass [G*Q, Wt]; the LM head on each data shard's answer tokens (bucketed) in
+  each pass.
   """
-  from c3l_jax.data.batching import round_up as _round_up
+  from c3l_jax.data.batching import bucket
 
   cfg = scorer.cfg
   executed = unpadded = 0.0
@@ -157,24 +158,30 @@ def ours_flops(a: common.Arch, scorer, items):
     real = [items[i] for i in batch.rows if i is not None]
     rows = [items[i] if i is not None else real[0] for i in batch.rows]
     b = len(rows)
-    ans = _round_up(max(len(items[i].answer) for i in batch.rows if i is not None), cfg.answer_bucket)
-    wt = _round_up(max(len(r.prompt_text) + len(r.answer) for r in rows), cfg.text_bucket)
-    executed += common.decoder_flops(a, b, wt, wt) + common.head_flops(a, b * ans)
+    # The LM head's rows: each data shard's answer tokens, bucketed (`scoring._answer_index`).
+    shards = scorer.batch_multiple
+    per_shard = [sum(len(items[i].answer) for i in batch.rows[s * b // shards:(s + 1) * b // shards]
+                     if i is not None) for s in range(shards)]
+    head_rows = shards * bucket(max(1, max(per_shard)), cfg.answer_bucket)
+    wt = bucket(max(len(r.prompt_text) + len(r.answer) for r in rows), cfg.text_bucket)
+    executed += common.decoder_flops(a, b, wt, wt) + common.head_flops(a, head_rows)
     g = len(batch.images)
     if cfg.prefix_sharing:
       p = batch.prefix_len
-      ts = _round_up(max(len(r.prompt_image) - p + len(r.answer) for r in rows), cfg.suffix_bucket)
+      packed = [sum(len(items[i].prompt_image) - p + len(items[i].answer)
+                    for i in batch.rows[j * batch.q:(j + 1) * batch.q] if i is not None) for j in range(g)]
+      ts = bucket(max(packed), cfg.suffix_bucket)
       executed += (common.vision_flops(a, g, all_layers=False) + common.decoder_flops(a, g, p, p)
-                   + common.decoder_flops(a, b, ts, p + ts) + common.head_flops(a, b * ans))
+                   + common.decoder_flops(a, g, ts, p + ts) + common.head_flops(a, head_rows))
       n_img = len({items[i].image_key for i in batch.rows if i is not None})
       unpadded += common.vision_flops(a, n_img, all_layers=False) + common.decoder_flops(a, n_img, p, p)
       for it in real:
         s = len(it.prompt_image) - p + len(it.answer)
         unpadded += common.decoder_flops(a, 1, s, p + s) + common.head_flops(a, len(it.answer))
     else:
-      wi = _round_up(max(len(r.prompt_image) + len(r.answer) for r in rows), cfg.text_bucket)
+      wi = bucket(max(len(r.prompt_image) + len(r.answer) for r in rows), cfg.text_bucket)
       executed += (common.vision_flops(a, b, all_layers=False) + common.decoder_flops(a, b, wi, wi)
-                   + common.head_flops(a, b * ans))
+                   + common.head_flops(a, head_rows))
       for it in real:
         li = len(it.prompt_image) + len(it.answer)
         unpadded += (common.vision_flops(a, 1, all_layers=False) + common.decoder_flops(a, 1, li, li)

@@ -43,6 +43,7 @@ GiB = 1024 ** 3
 PROMPT_TOKENS = 96  # chat template + instruction / question tokens of one text prompt (beyond the image)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_BLOCK = 1024  # c3l_jax.models.attention.KV_BLOCK (kept jax-free here; tests check they agree)
+SUFFIX_BUCKET = 8  # c3l_jax.scoring.ScoringConfig.suffix_bucket (likewise)
 BACKWARD_LAYERS = 2  # the train step's backward pass of one layer, in forward transients of a layer
 AUTO_HEADROOM = 0.9  # the share of a device's memory the automatic inference mesh plans to fill
 # Stages whose biggest program is generation / scoring / training (`select` only with method=vigc).
@@ -304,11 +305,16 @@ def _generate_plan(stage, cfg, config, mesh) -> StagePlan:
 
 
 def _score_plan(stage, cfg, config, mesh) -> StagePlan:
+  from c3l_jax.data.batching import bucket
+
   cb, tp = DTYPE_BYTES[cfg.dtype], mesh["tensor"]
   text = cfg.text
   q = config.generation.per_image if config.scoring.prefix_sharing else 1
   g = _round_up(max(1, config.scoring.batch_size // q), _shards(mesh)) // _shards(mesh)
   answer = _round_up(config.generation.max_new_tokens, 16)
+  # eq. 1 reads each answer token's logit and the logsumexp (one float32 logits array); the full KL
+  # also keeps the log-softmax.
+  logit_copies = 1 if config.scoring.mode == "eq1" else 2
   qa = PROMPT_TOKENS + config.generation.max_new_tokens
   params, _ = _params_bytes(cfg, mesh, cfg.param_dtype)
   d, pb = text.hidden_size, DTYPE_BYTES[cfg.param_dtype]
@@ -316,10 +322,10 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
   vision = _vision(cfg, g, cb, tp, mesh, pb)
   if config.scoring.prefix_sharing:
     p = cfg.image_seq_length + PROMPT_TOKENS // 2
-    w = _round_up(q * qa, 32)
-    kv = _kv(text, g, p, cb, tp) + _kv(text, g, p + w, cb, tp)  # the prefix cache and its padded copy
+    w = bucket(q * qa, SUFFIX_BUCKET)
+    kv = _kv(text, g, p, cb, tp)  # the prefix cache, read by the suffix pass without a copy
     suffix = (_decoder_layer(text, g, w, p + w, cb, tp) + g * w * d * cb * 2
-              + _lm_head(text, g, q * answer, tp))
+              + _lm_head(text, g, q * answer, tp, copies=logit_copies))
     prefix = _decoder_layer(text, g, p, p, cb, tp) + g * p * d * cb * 2
     activations = max(suffix + layer_weights, prefix + layer_weights, vision)
     tokens = p + w
@@ -327,7 +333,7 @@ def _score_plan(stage, cfg, config, mesh) -> StagePlan:
     t = _round_up(cfg.image_seq_length + qa, 32)
     kv = 0
     activations = max(_decoder_layer(text, g, t, t, cb, tp) + g * t * d * cb * 2
-                      + _lm_head(text, g, answer, tp) + layer_weights, vision)
+                      + _lm_head(text, g, answer, tp, copies=logit_copies) + layer_weights, vision)
     tokens = t
   return StagePlan(stage, "score", dict(mesh), g * q, tokens, params, 0, kv, activations)
 
@@ -439,7 +445,10 @@ def xla_bytes(stage: str, model_cfg: Any, config: Any, mesh) -> int:
     g = sp.rows // q * shards
     p = cfg.image_seq_length + PROMPT_TOKENS // 2
     w = sp.tokens - p
-    a = q * _round_up(config.generation.max_new_tokens, 16)
+    # Answer tokens per data shard (`scoring._answer_index`): every QA of the shard's groups.
+    from c3l_jax.data.batching import bucket
+
+    a = bucket(q * (g // shards) * config.generation.max_new_tokens, scoring.ScoringConfig.answer_bucket)
     i32 = jnp.int32
     with jax.set_mesh(mesh):
       prefix = scoring._prefix_cache.lower(graphdef, state, batch((g, p), i32), pixels(g)).compile()
@@ -451,7 +460,7 @@ def xla_bytes(stage: str, model_cfg: Any, config: Any, mesh) -> int:
     from c3l_jax.models.llama import KVCache
     with jax.set_mesh(mesh):
       suffix = scoring._suffix_pass.lower(graphdef, state, KVCache(kp, kp), batch((g, w), i32),
-                                          batch((g, w), i32), batch((g, w), i32), batch((g, a), i32),
+                                          batch((g, w), i32), batch((g, w), i32), batch((shards, a), i32),
                                           full=config.scoring.mode == "full_kl").compile()
     return max(_program_bytes(prefix), _program_bytes(suffix))
 

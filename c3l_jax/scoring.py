@@ -9,9 +9,11 @@ per-token term by the full-vocabulary KL(P_t^v || P_t^d); `length_norm` divides 
 
 Prefix sharing: the QA pairs of one image share the system prompt and the image tokens (576 of ~650
 tokens for LLaVA-1.5). Their KV cache is computed once per image; the image's QA suffixes are packed
-into one row (segment-masked: each attends to the prefix and causally to itself) and scored against it,
-so the prefix cache is never copied per QA. The text-only pass is short and batched separately. Both equal the naive two full
-forwards to float tolerance (tested). Only the answer positions go through the LM head.
+into one row (segment-masked: each attends to the prefix and causally to itself) and scored against it;
+each layer reads the prefix's keys in place, so the prefix cache is never copied. The text-only pass is
+short and batched separately. Both equal the naive two full forwards to float tolerance (tested). Only
+the answer tokens go through the LM head (each data shard's, flattened: `_answer_index`), and eq. 1 takes
+each one's logit minus the logsumexp, never writing a log-softmax over the vocabulary.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from c3l_jax import sharding
-from c3l_jax.data.batching import right_pad, round_up
+from c3l_jax.data.batching import bucket, right_pad, round_up
 from c3l_jax.models.llama import KVCache, positions_and_mask, segments
 
 
@@ -36,9 +38,11 @@ class ScoringConfig:
   length_norm: bool = False
   prefix_sharing: bool = True
   batch_rows: int = 8  # QA rows per device batch
-  suffix_bucket: int = 32  # static-shape buckets (tokens)
+  # Static shapes (`batching.bucket`: at most 8 lengths per octave, each a multiple of these): packed
+  # suffix width, text-pass width, answer tokens per data shard.
+  suffix_bucket: int = 8
   answer_bucket: int = 16
-  text_bucket: int = 32
+  text_bucket: int = 8
 
   def __post_init__(self):
     if self.mode not in ("eq1", "full_kl"):
@@ -57,12 +61,20 @@ class ScoreInput:
 
 def _gather_answer_logprobs(lm, hidden: jax.Array, tokens: jax.Array, answer_pos: jax.Array,
                             full: bool) -> tuple[jax.Array, jax.Array | None]:
-  """Log-probs of the answer tokens at `answer_pos [B, A]` (the LM head runs on those rows only)."""
+  """Log-probs of the answer tokens `answer_pos [S, M]`, flat indices into each data shard's rows of
+  `hidden [B, T, D]` / `tokens [B, T]` (see `_answer_index`); the LM head runs on those M rows only.
+
+  eq. 1 needs only the answer token's log-prob: its logit minus the logsumexp, without writing the
+  `[S, M, V]` log-softmax; `full` (the full-vocabulary KL) returns that too."""
+  s = answer_pos.shape[0]
+  b, t, d = hidden.shape
+  hidden = hidden.reshape(s, b // s * t, d)
   pred = jnp.take_along_axis(hidden, jnp.maximum(answer_pos - 1, 0)[..., None], axis=1)
-  logp = jax.nn.log_softmax(lm.logits(pred), axis=-1)  # [B, A, V]
-  target = jnp.take_along_axis(tokens, answer_pos, axis=1)
-  token_logp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-  return token_logp, (logp if full else None)
+  logits = lm.logits(pred)  # [S, M, V]
+  target = jnp.take_along_axis(tokens.reshape(s, b // s * t), answer_pos, axis=1)
+  target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  return target_logit - lse, (logits - lse[..., None] if full else None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "full"))
@@ -93,48 +105,65 @@ def _suffix_pass(graphdef, state, cache: KVCache, packed, segments, positions, a
   """Teacher forcing of each image's QA suffixes, packed into one row, against the image's prefix.
 
   Args:
-    cache: prefix KV cache `[L, G, K, P, Dh]`.
+    cache: prefix KV cache `[L, G, K, P, Dh]`, read-only.
     packed: `[G, W]` the Q suffixes of image g concatenated (then padding).
     segments: `[G, W]` which suffix (1..Q) a token belongs to; 0 = padding.
     positions: `[G, W]` RoPE positions, each suffix starting at P.
-    answer_pos: `[G, Q * A]` indices into `packed` of every suffix's answer tokens.
+    answer_pos: `[S, M]` every suffix's answer tokens (`_answer_index` over the rows of `packed`).
   A token attends to the whole prefix and causally to its own suffix only, so the result equals
-  scoring each suffix in its own row, without copying the prefix cache per QA.
+  scoring each suffix in its own row, without copying the prefix cache per QA (or at all: each layer
+  reads its prefix keys and the suffix's own, `LlamaForCausalLM.decode_hidden(prefix=...)`).
   """
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   g, w = packed.shape
   p = cache.k.shape[KVCache.SLOT_AXIS]
-  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, w), (0, 0)))
   same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
   own = same & (jnp.arange(w)[None, :] <= jnp.arange(w)[:, None])[None]
   to_prefix = jnp.broadcast_to((segments > 0)[:, :, None], (g, w, p))
   mask3 = jnp.concatenate([to_prefix, own], axis=-1)
-  hidden, _ = lm.decode_hidden(lm.embed(packed), positions, mask3,
-                               KVCache(pad(cache.k), pad(cache.v)), p)
+  hidden, _ = lm.decode_hidden(lm.embed(packed), positions, mask3, prefix=cache)
   return _gather_answer_logprobs(lm, hidden, packed, answer_pos, full)
 
 
-@functools.partial(jax.jit, static_argnames=("mode",))
-def _combine(logp_v, logp_d, full_v, full_d, valid, mode: str):
-  """Per-row `(logp_image, logp_text, i2c)` from per-token log-probs `[B, A]` (eq. 1 / full KL)."""
-  valid = valid.astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("mode", "rows"))
+def _combine(logp_v, logp_d, full_v, full_d, item, mode: str, rows: int):
+  """Per-row `(logp_image, logp_text, i2c)` `[rows]` from per-token log-probs `[S, M]` (eq. 1 / full
+  KL); `item [S, M]` is each token's row (`rows` = padding)."""
   if mode == "eq1":
     terms = jnp.exp(logp_v) * (logp_v - logp_d)
   else:
     terms = jnp.sum(jnp.exp(full_v) * (full_v - full_d), axis=-1)
-  return (jnp.sum(logp_v * valid, -1), jnp.sum(logp_d * valid, -1), jnp.sum(terms * valid, -1))
+  total = lambda x: jax.ops.segment_sum(x.reshape(-1), item.reshape(-1), num_segments=rows + 1)[:rows]
+  return total(logp_v), total(logp_d), total(terms)
 
 
-def _answer_positions(starts: Sequence[int], lengths: Sequence[int], width: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-  """`[B, A]` indices of the answer tokens (clamped for padding) and their validity mask."""
-  pos = np.zeros((len(starts), width), np.int32)
-  valid = np.zeros((len(starts), width), bool)
-  for i, (s, n) in enumerate(zip(starts, lengths)):
-    pos[i] = s + np.minimum(np.arange(width), max(n - 1, 0))
-    valid[i, :n] = True
-  return pos, valid
+def _answer_index(spans: Sequence[tuple[int, int, int]], n_rows: int, width: int, shards: int,
+                  minimum: int) -> tuple[np.ndarray, np.ndarray]:
+  """Flat positions of every answer token, shard by shard: `(pos [S, M], item [S, M])`.
+
+  `spans[i] = (row, start, length)`: item i's answer occupies `start:start + length` of row `row` of a
+  `[n_rows, width]` batch whose rows split into `shards` contiguous blocks (the data shards). Shard s
+  lists its items' tokens in item order as indices into its own rows flattened (`row_in_shard * width
+  + column`), padded to one bucketed length M (padding: index of the shard's first answer token,
+  item `len(spans)`), so each shard's gather stays on its device and both passes list the same
+  tokens in the same order whatever their row layout.
+  """
+  per_shard = n_rows // shards
+  pos = [[] for _ in range(shards)]
+  item = [[] for _ in range(shards)]
+  for i, (row, start, n) in enumerate(spans):
+    s, local = divmod(row, per_shard)
+    pos[s].extend(local * width + start + np.arange(n))
+    item[s].extend([i] * n)
+  m = bucket(max(1, max(map(len, pos))), minimum)
+  out_pos = np.zeros((shards, m), np.int32)
+  out_item = np.full((shards, m), len(spans), np.int32)
+  for s in range(shards):
+    out_pos[s] = pos[s][0] if pos[s] else 1
+    out_pos[s, :len(pos[s])] = pos[s]
+    out_item[s, :len(item[s])] = item[s]
+  return out_pos, out_item
 
 
 class Scorer:
@@ -216,62 +245,56 @@ class Scorer:
     filler = real[0]
     rows = [items[i] if i is not None else filler for i in batch.rows]
     n_ans = [len(r.answer) if i is not None else 0 for r, i in zip(rows, batch.rows)]
-    a = round_up(max(n_ans), cfg.answer_bucket)
+    shards = self.batch_multiple
     first_image = next(k for k in batch.images if k is not None)
     pix = np.stack([pixels[k if k is not None else first_image] for k in batch.images])
 
     if cfg.prefix_sharing:
-      p = batch.prefix_len
-      prefixes = [list(rows[j * batch.q].prompt_image[:p]) for j in range(len(batch.images))]
-      g = len(batch.images)
-      packed_rows, seg_rows, pos_rows, ans_rows = [], [], [], []
+      p, g = batch.prefix_len, len(batch.images)
+      prefixes = [list(rows[j * batch.q].prompt_image[:p]) for j in range(g)]
+      packed_rows, seg_rows, pos_rows, spans = [], [], [], []
       for j in range(g):
-        toks, segs, poss, anss = [], [], [], []
+        toks, segs, poss = [], [], []
         for k in range(batch.q):
           row = j * batch.q + k
-          if batch.rows[row] is None:
-            anss.append(np.zeros(a, np.int32))  # padding row: any index, masked by `valid`
-            continue
           r = rows[row]
+          if batch.rows[row] is None:
+            spans.append((j, 0, 0))  # a padding row: no answer tokens
+            continue
           suffix = list(r.prompt_image[p:]) + list(r.answer)
-          start = len(toks) + len(r.prompt_image) - p
-          anss.append(start + np.minimum(np.arange(a), len(r.answer) - 1))
+          spans.append((j, len(toks) + len(r.prompt_image) - p, len(r.answer)))
           toks += suffix
           segs += [k + 1] * len(suffix)
           poss += list(range(p, p + len(suffix)))
         packed_rows.append(toks)
         seg_rows.append(segs)
         pos_rows.append(poss)
-        ans_rows.append(np.concatenate(anss))
-      width = round_up(max(map(len, packed_rows)), cfg.suffix_bucket)
+      width = bucket(max(map(len, packed_rows)), cfg.suffix_bucket)
       packed, _ = right_pad(packed_rows, width, self.pad_id)
       segments, _ = right_pad(seg_rows, width, 0)
       positions, _ = right_pad(pos_rows, width, p)
-      _, valid = _answer_positions([0] * len(rows), n_ans, a)
+      ans, item = _answer_index(spans, g, width, shards, cfg.answer_bucket)
       prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
       cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
-      packed, segments, positions, ans = self._put(packed, segments, positions,
-                                                   np.stack(ans_rows).astype(np.int32))
-      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache, packed, segments, positions,
-                                    ans, full)
+      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache,
+                                    *self._put(packed, segments, positions, ans), full)
     else:
       seqs = [list(r.prompt_image) + list(r.answer) for r in rows]
-      width = round_up(max(len(s) for s in seqs), cfg.text_bucket)
+      width = bucket(max(map(len, seqs)), cfg.text_bucket)
       tokens, mask = right_pad(seqs, width, self.pad_id)
-      pos, valid = _answer_positions([len(r.prompt_image) for r in rows], n_ans, a)
-      logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, pos),
-                                  full)
+      ans, item = _answer_index([(i, len(r.prompt_image), n) for i, (r, n) in enumerate(zip(rows, n_ans))],
+                                len(rows), width, shards, cfg.answer_bucket)
+      logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, ans), full)
 
     seqs = [list(r.prompt_text) + list(r.answer) for r in rows]
-    width = round_up(max(len(s) for s in seqs), cfg.text_bucket)
+    width = bucket(max(map(len, seqs)), cfg.text_bucket)
     tokens, mask = right_pad(seqs, width, self.pad_id)
-    pos_t, _ = _answer_positions([len(r.prompt_text) for r in rows], n_ans, a)
-    tokens, mask, pos_t = self._put(tokens, mask, pos_t)
-    logp_d, full_d = _full_pass(self.graphdef, self.state, tokens, mask, None, pos_t, full)
-    (valid_d,) = self._put(valid)
-    out = _combine(logp_v.reshape(logp_d.shape), logp_d,
-                   None if full_v is None else full_v.reshape(full_d.shape), full_d, valid_d,
-                   cfg.mode)
+    ans_t, item_t = _answer_index([(i, len(r.prompt_text), n) for i, (r, n) in enumerate(zip(rows, n_ans))],
+                                  len(rows), width, shards, cfg.answer_bucket)
+    assert (item_t == item).all(), "both passes must list the same answer tokens in the same order"
+    logp_d, full_d = _full_pass(self.graphdef, self.state, *self._put(tokens, mask), None,
+                                *self._put(ans_t), full)
+    out = _combine(logp_v, logp_d, full_v, full_d, *self._put(item), cfg.mode, len(rows))
     return [np.asarray(x) for x in out]
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from c3l_jax import memory, sharding
+from c3l_jax import memory, scoring, sharding
 from c3l_jax.models import attention
 from c3l_jax.models.configs import CLIPVisionConfig, LlamaConfig, LlavaConfig
 from configs import llava15
@@ -47,6 +47,7 @@ def _config(**mesh):
 
 def test_kv_block_matches_attention():
   assert memory.KV_BLOCK == attention.KV_BLOCK
+  assert memory.SUFFIX_BUCKET == scoring.ScoringConfig.suffix_bucket
 
 
 @pytest.mark.parametrize("arch, stage", [("small", "initial"), ("small", "score"), ("small", "train"),

@@ -166,3 +166,20 @@ def test_scoring_with_splash_attention_matches_torch(setup):
     want = torch_i2c(hf, it.prompt_image, it.prompt_text, it.answer, pixels[it.image_key], "eq1")
     for k in ("i2c", "logp_image", "logp_text"):
       assert abs(g[k] - want[k]) <= 1e-3 + 1e-3 * abs(want[k]), (k, g, want)
+
+
+def test_bucket_lengths_by_hand():
+  from c3l_jax.data.batching import bucket
+
+  # Below 128 the step is the minimum (8); from 128 on it is an eighth of the power of two below n.
+  assert [bucket(n, 8) for n in (1, 8, 9, 49, 56, 57)] == [8, 8, 16, 56, 56, 64]
+  assert [bucket(n, 8) for n in (129, 230, 256, 257, 1000)] == [144, 240, 256, 288, 1024]
+  assert bucket(120, 16) == 128 and bucket(17, 16) == 32
+
+
+def test_answer_index_by_hand():
+  """Two data shards of two rows (width 10): item 0 = row 0 cols 3-4, item 1 = padding, item 2 =
+  row 2 cols 6-8, item 3 = row 3 col 1. Shard 1's rows 2, 3 are its local rows 0, 1."""
+  pos, item = scoring._answer_index([(0, 3, 2), (1, 0, 0), (2, 6, 3), (3, 1, 1)], 4, 10, 2, 4)
+  np.testing.assert_array_equal(pos, [[3, 4, 3, 3], [6, 7, 8, 11]])
+  np.testing.assert_array_equal(item, [[0, 0, 4, 4], [2, 2, 2, 3]])

@@ -12,6 +12,14 @@ def round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
+def bucket(n: int, minimum: int, per_octave: int = 8) -> int:
+  """`n` rounded up to a multiple of `max(minimum, 2**floor(log2 n) / per_octave)`: at most
+  `per_octave` static lengths between consecutive powers of two, so the padding stays under
+  1 / per_octave of the length (12.5 %) while a run compiles a handful of shapes, not one per length."""
+  step = max(minimum, (1 << max(n.bit_length() - 1, 0)) // per_octave)
+  return round_up(n, step)
+
+
 def right_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int
               ) -> tuple[np.ndarray, np.ndarray]:
   """`tokens [B, width]` int32 with each row at the start, and its 0/1 `mask`."""

@@ -101,6 +101,7 @@ class LlamaBlock(nnx.Module):
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                cache: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None,
                write_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               prefix: tuple[jax.Array, jax.Array] | None = None,
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One block.
 
@@ -111,6 +112,8 @@ class LlamaBlock(nnx.Module):
         so a decode step moves one token's keys, not the cache.
       segment_ids: `[B, T]`, given when `mask` is "causal over slots within a segment" (no cache); the
         fused kernels that need that structure (splash) use it.
+      prefix: this layer's read-only keys / values `[B, K, P, Dh]` of a shared prefix (no cache): the
+        keys attended are the prefix's then this call's (`mask` is `[B, T, P + T]`).
     Returns:
       `[B, T, D]` and the updated stacked cache, or this call's keys/values `[B, K, T, Dh]`.
     """
@@ -136,8 +139,11 @@ class LlamaBlock(nnx.Module):
       kv_out = (ck, cv)
     else:
       kv_out = (k, v)
+      if prefix is not None:
+        k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=2)
+        v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=2)
     attn = A.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, impl=self.attention,
-                       segment_ids=segment_ids if cache is None else None)
+                       segment_ids=segment_ids if cache is None and prefix is None else None)
     x = x + self.o_proj(attn.reshape(b, t, self.num_heads * self.head_dim))
     h = self.post_attention_layernorm(x)
     x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -172,7 +178,8 @@ class LlamaForCausalLM(nnx.Module):
 
   def decode_hidden(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                     cache: KVCache | None = None, write_index: jax.Array | int = 0,
-                    segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                    segment_ids: jax.Array | None = None, prefix: KVCache | None = None,
+                    ) -> tuple[jax.Array, KVCache]:
     """Run the blocks and the final norm.
 
     Args:
@@ -182,19 +189,25 @@ class LlamaForCausalLM(nnx.Module):
         scalar, or `[B]` per-row slots for one-token steps).
       segment_ids: `[B, T]` when `mask` is `positions_and_mask`'s (causal over slots, padding its own
         segment), for the attention kernels that take that structure instead of a mask.
+      prefix: read-only keys / values `[L, B, K, P, Dh]` of a shared prefix that every token attends
+        through `mask [B, T, P + T]` (no cache): scoring's suffixes read the image prefix without
+        writing into a copy of it.
     Returns:
       final hidden states `[B, T, D]` (after the final norm) and the KV cache (the updated one, or this
       call's keys/values `[L, B, K, T, Dh]` when no cache was given).
     """
+    if cache is not None and prefix is not None:
+      raise ValueError("give a KV cache or a read-only prefix, not both")
     cos, sin = rope_cos_sin(self.cfg, positions)
     x = x.astype(self.dtype)
     x = L.batch_sharded(x)
     if cache is None:
-      def body(layer, h, _):
-        h, kv = layer(h, cos, sin, mask, segment_ids=segment_ids)
+      def body(layer, h, pre):
+        h, kv = layer(h, cos, sin, mask, segment_ids=segment_ids, prefix=pre)
         return L.batch_sharded(h), kv
 
-      x, kv = L.scan_layers(self.layers, body, x, scan=self.scan, remat=self.remat)
+      x, kv = L.scan_layers(self.layers, body, x, None if prefix is None else tuple(prefix),
+                            scan=self.scan, remat=self.remat)
       return self.norm(x), KVCache(*kv)
 
     index = jnp.asarray(write_index, jnp.int32)
