@@ -148,7 +148,7 @@ def reference_row(config: Any) -> str:
 
 def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> dict:
   """VLIT fine-tune of the student on `records`, then eval (`ablation.benchmarks`); with no records,
-  the student's own eval."""
+  the student's own eval. Returns the eval's table columns (`_summary`)."""
   from c3l_jax import pipeline
 
   down = os.path.join(row_dir, "downstream")
@@ -178,7 +178,7 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
   summary = _summary(metrics["eval"])
   console.say(f"ablation {name} model: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
                                                      if k in COLUMNS and isinstance(v, float)))
-  return metrics["eval"]
+  return summary
 
 
 def _summary(eval_metrics: dict) -> dict:
@@ -260,7 +260,7 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
     pipeline.run_stages(derive(cfg, {"stages": ",".join(SHARED)}), seed_dir, SHARED)
   results: dict[str, dict] = {}
   ref = reference_row(config)
-  results[ref] = _summary(_downstream(cfg, os.path.join(seed_dir, "base"), [], f"seed {k} {ref}"))
+  results[ref] = _downstream(cfg, os.path.join(seed_dir, "base"), [], f"seed {k} {ref}")
   for name, row in all_rows(config).items():
     row_dir = os.path.join(seed_dir, row.dirname)
     _link(seed_dir, row_dir, row.links)
@@ -275,7 +275,7 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
       result.update({m: quality.get(m) for m in ("relevance", "accuracy", "hallucination", "mean_i2c")})
     console.say(f"ablation seed {k} {name} data: " + ", ".join(
         f"{m} {v:.3f}" if isinstance(v, float) else f"{m} {v}" for m, v in result.items()))
-    result.update(_summary(_downstream(cfg, row_dir, rows, f"seed {k} {name}")))
+    result.update(_downstream(cfg, row_dir, rows, f"seed {k} {name}"))
     results[name] = result
   return results
 
