@@ -44,8 +44,9 @@ def test_heldout_scenes_are_not_training_scenes():
   assert p.grounded.eval_start_id + max(p.eval_scenes, p.grounded.eval_quick_scenes) <= HELDOUT["start_id"]
 
 
-@pytest.mark.xfail(_shipped_recipe() != "grounded", strict=False, reason=(
-    "the shipped checkpoints/scenes_tiny is the old generator (VQA ~45 %, POPE at chance)"))
+@pytest.mark.skipif(_shipped_recipe() != "grounded", reason=(
+    "the shipped checkpoints/scenes_tiny is the old generator (VQA ~45 %, POPE at chance: measured "
+    "in docs/testbed-notes.md); the test measures once a grounded generator is shipped"))
 def test_shipped_generator_meets_the_grounding_thresholds(mesh):
   """40 held-out scenes: 240 VQA questions (40 per kind), POPE 80 per split, 40 captions, 80 VIGC
   conversation / complex_reasoning outputs, 40 two-step QA. Greedy, through the pipeline's loading path."""
