@@ -122,6 +122,11 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.w_existence = 1.0
   g.w_relation = 1.5
   g.w_generic_image = 0.2
+  # `ground` batches (VQA, existence, relations) before step `until` draw only scenes with at most
+  # `max_objects` objects: pairs (max_objects, until), e.g. ((1, 300), (2, 800)). () = off. (On one-object
+  # scenes the decoder learns to read a referent's cell in ~200 steps; on all scenes it hardly does:
+  # docs/testbed-notes.md, session 3.)
+  g.curriculum = ()
   g.w_caption = 2.0
   g.w_vigc = 1.0
   g.w_caption_qa = 3.0

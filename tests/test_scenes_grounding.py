@@ -242,3 +242,38 @@ def test_caption_qa_generic_share_is_its_own_setting():
         qa = ins.parse_qa(maker.make(task, i, rng)["target"][0])
         assert qa is not None
         assert scenes.check(world[i], *qa).image_dependent == (p == 0.0), (task, qa)
+
+
+def test_curriculum_limits_the_objects_of_ground_batches():
+  """`grounded.curriculum = ((1, 6), (2, 12))`: `ground` batches draw one-object scenes before step 6,
+  scenes of at most two objects before step 12, then any scene; other batch kinds any scene throughout."""
+  from configs import scenes_pretrain
+
+  class IdBuilder:  # a token per word; the ids do not matter here
+    eos_ids = (3,)
+
+    def encode_prompt(self, text, image):
+      return [4] * (len(text.split()) + (9 if image is not None else 0)), None
+
+    def encode_answer(self, text):
+      return [5] * len(text.split())
+
+  world = scenes.generate_world(300, 1000)
+  g = scenes_pretrain.get_config().pretrain.grounded
+  with g.unlocked():
+    g.curriculum = ((1, 6), (2, 12))
+    g.batch_size = 16
+    g.seq_ground = g.seq_image = g.seq_detail = g.seq_text = 400
+  make = grounded.mix_batches(grounded.Examples(IdBuilder(), world, g), g, 0, 0, len(world))
+  most, early = {"ground": 0, "other": 0}, set()
+  for step in range(40):
+    kind, batch = make(step)
+    n = max(len(world[i].objects) for i in batch["scene"])
+    if kind == "ground":
+      assert n <= (1 if step < 6 else 2 if step < 12 else 5), (step, n)
+      early.add(0 if step < 6 else 1 if step < 12 else 2)
+      if step >= 12:
+        most["ground"] = max(most["ground"], n)
+    elif kind != "text":
+      most["other"] = max(most["other"], n)
+  assert most["ground"] > 2 and most["other"] > 2 and early == {0, 1, 2}

@@ -192,18 +192,24 @@ def mix_batches(maker: Examples, p: Any, seed: int, pad_id: int, num_scenes: int
   `image` batches captions and VIGC
   samples (`w_caption`, `w_vigc`), `text` batches QA-from-caption and chat (`w_caption_qa`, `w_chat`),
   `detail` batches VIGC detailed descriptions. `captions_only`: `image` batches of captions (the
-  student). Scenes are drawn uniformly from the first `num_scenes`."""
+  student). Scenes are drawn uniformly from the first `num_scenes`; `p.curriculum`, pairs
+  `(max_objects, until_step)`, restricts the scenes of `ground` batches before `until_step` to those with
+  at most `max_objects` objects (the first pair whose step is not yet reached applies)."""
   weights = {"ground": (("vqa", "existence", "relation", "generic_image"),
                         (p.w_vqa, p.w_existence, p.w_relation, p.w_generic_image)),
              "image": (("caption", "vigc"), (p.w_caption, p.w_vigc)),
              "text": (("caption_qa", "chat"), (p.w_caption_qa, p.w_chat)),
              "detail": (("vigc_detail",), (1.0,))}
   salt = _SALT_STUDENT if captions_only else _SALT_BATCH
+  counts = np.asarray([len(s.objects) for s in maker.world[:num_scenes]])
+  stages = [(int(until), np.flatnonzero(counts <= int(k))) for k, until in (p.get("curriculum") or ())]
 
   def make(step: int) -> tuple[str, dict]:
     kind = "image" if captions_only else batch_kind(p, step, seed)
     rng = np.random.default_rng([seed, salt, step, 1])
-    idx = rng.integers(num_scenes, size=p.batch_size)
+    pool = next((pool for until, pool in stages if step < until), None) if kind == "ground" else None
+    idx = rng.integers(num_scenes, size=p.batch_size) if pool is None else \
+        pool[rng.integers(len(pool), size=p.batch_size)]
     if captions_only:
       tasks = ["caption"] * p.batch_size
     else:
