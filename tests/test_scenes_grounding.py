@@ -92,6 +92,25 @@ def test_existence_training_questions_are_balanced_and_true():
   assert 0.4 <= np.mean(yes) <= 0.65
 
 
+def test_relation_training_questions_are_balanced_and_true():
+  """`grounded.relation_qa`: every question is a relation question the checker judges correct, about
+  half are "yes" (the relation kind of `grounded_qa` is ~2/3 "no"), and a scene with one object has none."""
+  world = scenes.generate_world(600, 1000)
+  rng = np.random.default_rng(0)
+  yes = []
+  for s in world:
+    qa = grounded.relation_qa(s, rng, 0.5)
+    if len(s.objects) == 1:
+      assert qa is None
+    if qa is None:
+      continue
+    q, a = qa
+    verdict = scenes.check(s, q.replace(" " + sm.SHORT_ANSWER_SUFFIX, ""), a)
+    assert verdict.kind == "relation" and verdict.correct is True, (q, a)
+    yes.append(a.lower().startswith("yes"))
+  assert len(yes) > 400 and 0.43 <= np.mean(yes) <= 0.57
+
+
 def test_vision_targets_of_a_hand_made_scene():
   """Two red stars (cells 0 and 8), one blue circle (cell 4): the per-cell and the binding labels."""
   objs = [SceneObject("star", "red", "small", 1 / 6, 1 / 6), SceneObject("circle", "blue", "large", 0.5, 0.5),
@@ -194,3 +213,68 @@ def test_vqa_kind_weights_choose_the_kind():
     q = q.replace(" Answer the question using a single word or phrase.", "")
     v = scenes.check(s, q, a)
     assert v.kind == "position" and v.correct is True, (q, a)
+
+
+def test_caption_qa_generic_share_is_its_own_setting():
+  """`grounded.p_generic_caption_qa` sets the generic share of the two-step (QA-from-caption) samples and
+  `p_generic` that of the VIGC samples: at 1 / 0 every QA-from-caption target is generic and every VIGC
+  one image-dependent, and the reverse (the checker's verdict on the target)."""
+  from configs import scenes_pretrain
+  from c3l_jax.data import instructions as ins
+
+  class TextBuilder:  # token ids = the texts themselves
+    eos_ids = ()
+
+    def encode_prompt(self, text, image):
+      return [text], None
+
+    def encode_answer(self, text):
+      return [text]
+
+  world = scenes.generate_world(12, 1000)
+  g = scenes_pretrain.get_config().pretrain.grounded
+  for p_vigc, p_two_step in ((0.0, 1.0), (1.0, 0.0)):
+    with g.unlocked():
+      g.p_generic, g.p_generic_caption_qa = p_vigc, p_two_step
+    maker = grounded.Examples(TextBuilder(), world, g)
+    rng = np.random.default_rng(0)
+    for task, p in (("caption_qa", p_two_step), ("vigc", p_vigc)):
+      for i in range(len(world)):
+        qa = ins.parse_qa(maker.make(task, i, rng)["target"][0])
+        assert qa is not None
+        assert scenes.check(world[i], *qa).image_dependent == (p == 0.0), (task, qa)
+
+
+def test_curriculum_limits_the_objects_of_ground_batches():
+  """`grounded.curriculum = ((1, 6), (2, 12))`: `ground` batches draw one-object scenes before step 6,
+  scenes of at most two objects before step 12, then any scene; other batch kinds any scene throughout."""
+  from configs import scenes_pretrain
+
+  class IdBuilder:  # a token per word; the ids do not matter here
+    eos_ids = (3,)
+
+    def encode_prompt(self, text, image):
+      return [4] * (len(text.split()) + (9 if image is not None else 0)), None
+
+    def encode_answer(self, text):
+      return [5] * len(text.split())
+
+  world = scenes.generate_world(300, 1000)
+  g = scenes_pretrain.get_config().pretrain.grounded
+  with g.unlocked():
+    g.curriculum = ((1, 6), (2, 12))
+    g.batch_size = 16
+    g.seq_ground = g.seq_image = g.seq_detail = g.seq_text = 400
+  make = grounded.mix_batches(grounded.Examples(IdBuilder(), world, g), g, 0, 0, len(world))
+  most, early = {"ground": 0, "other": 0}, set()
+  for step in range(40):
+    kind, batch = make(step)
+    n = max(len(world[i].objects) for i in batch["scene"])
+    if kind == "ground":
+      assert n <= (1 if step < 6 else 2 if step < 12 else 5), (step, n)
+      early.add(0 if step < 6 else 1 if step < 12 else 2)
+      if step >= 12:
+        most["ground"] = max(most["ground"], n)
+    elif kind != "text":
+      most["other"] = max(most["other"], n)
+  assert most["ground"] > 2 and most["other"] > 2 and early == {0, 1, 2}

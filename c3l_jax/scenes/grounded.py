@@ -20,9 +20,10 @@ model answers from the language prior (held-out VQA 45 %, POPE at chance, docs/t
 4. **The student** (issue 15 item 2): the decoder trained on captions only (`student_steps`), exported
    to `student_out` with its own `training_metrics.json`. No VQA or instruction data.
 5. **The generator**: the student's decoder trained on (`steps`) the instruction mix: grounded VQA
-   (short answers and full sentences), balanced existence questions (POPE-style), captions, VIGC "generate
-   a question and answer it" samples (a share `p_generic` generic: the language prior), detailed
-   descriptions, the two-step QA-from-caption prompt (text only) and generic chat. Each batch is one of
+   (short answers and full sentences), balanced existence questions (POPE-style), balanced relation
+   questions, captions, VIGC "generate a question and answer it" samples (a share `p_generic` generic:
+   the language prior), detailed descriptions, the two-step QA-from-caption prompt (text only; a share
+   `p_generic_caption_qa` generic) and generic chat. Each batch is one of
    three fixed shapes (`image`, `detail`, `text`), like the old mix.
 
 Every `eval_every` steps a quick held-out check (VQA + POPE on `eval_quick_scenes` scenes, through the
@@ -79,6 +80,34 @@ def existence_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: floa
   return q, text_lib.detokenize_words(a.split())
 
 
+def relation_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float) -> tuple[str, str] | None:
+  """A balanced relation question: two objects with a unique referring expression (as
+  `text.grounded_qa`'s relation kind draws them) and a relation that holds or does not, with
+  probability 1/2 each, answered yes / no; with LLaVA's short-answer suffix and a one-word answer
+  with probability `p_short`. None when the scene has fewer than two such objects. (The relation kind
+  draws the relation uniformly, so two thirds of its answers are "no": a model can score 60 % by
+  never looking.)"""
+  cands = [(o, r) for o in scene.objects
+           if (r := text_lib.referring_expression(scene, o, use_position=False))]
+  if len(cands) < 2:
+    return None
+  i, j = rng.choice(len(cands), size=2, replace=False)
+  (a_obj, a_ref), (b_obj, b_ref) = cands[int(i)], cands[int(j)]
+  rels = list(text_lib._RELATION_PHRASE)  # noqa: SLF001
+  holding = [r for r in rels if text_lib._relation_holds(a_obj, r, b_obj)]  # noqa: SLF001
+  failing = [r for r in rels if r not in holding]
+  holds = not failing or (bool(holding) and rng.random() < 0.5)
+  pool = holding if holds else failing
+  rel = pool[int(rng.integers(len(pool)))]
+  phrase = text_lib._RELATION_PHRASE[rel]  # noqa: SLF001
+  q = text_lib.detokenize_words(f"is the {a_ref} {phrase} the {b_ref} ?".split())
+  if rng.random() < p_short:
+    return f"{q} {sm.SHORT_ANSWER_SUFFIX}", "Yes" if holds else "No"
+  a = (f"yes , the {a_ref} is {phrase} the {b_ref} ." if holds
+       else f"no , the {a_ref} is not {phrase} the {b_ref} .")
+  return q, text_lib.detokenize_words(a.split())
+
+
 class Examples:
   """Token-level training examples `{"prompt", "target", "scene"}`: prompt ids (cached per text),
   target ids + EOS, and the index of the scene whose cached image tokens fill the `<image>` run (-1:
@@ -109,12 +138,17 @@ class Examples:
     if task == "existence":
       q, a = existence_qa(scene, rng, p.p_short)
       return self._ex(q, a, index)
+    if task == "relation":
+      qa = relation_qa(scene, rng, p.p_short)
+      if qa is None:  # fewer than two nameable objects: a balanced existence question instead
+        qa = existence_qa(scene, rng, p.p_short)
+      return self._ex(*qa, index)
     if task == "generic_image":
       q, a = sm.generic_chat(rng)
       return self._ex(q, a, index)
     if task == "caption_qa":
       kind = ins.INSTRUCTION_TYPES[int(rng.integers(len(ins.INSTRUCTION_TYPES)))]
-      prompt, q, a, _ = sm.caption_qa(scene, kind, rng, p.p_generic)
+      prompt, q, a, _ = sm.caption_qa(scene, kind, rng, p.p_generic_caption_qa)
       return self._ex(prompt, vigc_target(q, a), -1)
     if task == "chat":
       q, a = sm.generic_chat(rng)
@@ -153,21 +187,29 @@ def batch_kind(p: Any, step: int, seed: int) -> str:
 def mix_batches(maker: Examples, p: Any, seed: int, pad_id: int, num_scenes: int,
                 captions_only: bool = False) -> Callable[[int], tuple[str, dict]]:
   """`step -> (kind, batch)`, a pure function of (seed, step), of `p.batch_size` examples padded to the
-  kind's fixed length (`seq_<kind>`: four compiled shapes). `ground` batches mix VQA / existence /
-  generic questions (`w_vqa`, `w_existence`, `w_generic_image`), `image` batches captions and VIGC
+  kind's fixed length (`seq_<kind>`: four compiled shapes). `ground` batches mix VQA / balanced existence /
+  balanced relation / generic questions (`w_vqa`, `w_existence`, `w_relation`, `w_generic_image`),
+  `image` batches captions and VIGC
   samples (`w_caption`, `w_vigc`), `text` batches QA-from-caption and chat (`w_caption_qa`, `w_chat`),
   `detail` batches VIGC detailed descriptions. `captions_only`: `image` batches of captions (the
-  student). Scenes are drawn uniformly from the first `num_scenes`."""
-  weights = {"ground": (("vqa", "existence", "generic_image"), (p.w_vqa, p.w_existence, p.w_generic_image)),
+  student). Scenes are drawn uniformly from the first `num_scenes`; `p.curriculum`, pairs
+  `(max_objects, until_step)`, restricts the scenes of `ground` batches before `until_step` to those with
+  at most `max_objects` objects (the first pair whose step is not yet reached applies)."""
+  weights = {"ground": (("vqa", "existence", "relation", "generic_image"),
+                        (p.w_vqa, p.w_existence, p.w_relation, p.w_generic_image)),
              "image": (("caption", "vigc"), (p.w_caption, p.w_vigc)),
              "text": (("caption_qa", "chat"), (p.w_caption_qa, p.w_chat)),
              "detail": (("vigc_detail",), (1.0,))}
   salt = _SALT_STUDENT if captions_only else _SALT_BATCH
+  counts = np.asarray([len(s.objects) for s in maker.world[:num_scenes]])
+  stages = [(int(until), np.flatnonzero(counts <= int(k))) for k, until in (p.get("curriculum") or ())]
 
   def make(step: int) -> tuple[str, dict]:
     kind = "image" if captions_only else batch_kind(p, step, seed)
     rng = np.random.default_rng([seed, salt, step, 1])
-    idx = rng.integers(num_scenes, size=p.batch_size)
+    pool = next((pool for until, pool in stages if step < until), None) if kind == "ground" else None
+    idx = rng.integers(num_scenes, size=p.batch_size) if pool is None else \
+        pool[rng.integers(len(pool), size=p.batch_size)]
     if captions_only:
       tasks = ["caption"] * p.batch_size
     else:
@@ -274,8 +316,8 @@ def quick_check(vlm: Any, base: str, workdir: str, world: Sequence[world_lib.Sce
           "eval_seconds": r["seconds"]}
 
 
-__all__ = ["Examples", "batch_kind", "existence_qa", "image_tokens", "mix_batches", "quick_check", "token_batch",
-           "train_decoder"]
+__all__ = ["Examples", "batch_kind", "existence_qa", "image_tokens", "mix_batches", "quick_check", "relation_qa",
+           "token_batch", "train_decoder"]
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -384,7 +426,7 @@ def run(config: Any, workdir: str) -> dict:
       "recipe": "grounded",
       "model": {**_model_summary(p, vlm=None, builder=builder), "parameters": n_params},
       "data": {"train_scenes": p.num_scenes, "world_seed": p.world_seed, "p_generic": g.p_generic,
-               "p_short": g.p_short, "seed": seed,
+               "p_generic_caption_qa": g.p_generic_caption_qa, "p_short": g.p_short, "seed": seed,
                "heldout": {"world_seed": p.world_seed, "start_id": g.eval_start_id}},
       "stage0_vision": {**{k: v for k, v in vision_out.items() if k != "history"},
                         "curve": modelio.curve(vision_out.get("history", []))},
