@@ -158,12 +158,10 @@ def ours_flops(a: common.Arch, scorer, items):
     real = [items[i] for i in batch.rows if i is not None]
     rows = [items[i] if i is not None else real[0] for i in batch.rows]
     b = len(rows)
-    # The LM head's rows: each data shard's answer tokens, bucketed (`scoring._answer_index`).
-    shards = scorer.batch_multiple
-    per_shard = [sum(len(items[i].answer) for i in batch.rows[s * b // shards:(s + 1) * b // shards]
-                     if i is not None) for s in range(shards)]
-    head_rows = shards * bucket(max(1, max(per_shard)), cfg.answer_bucket)
-    wt = bucket(max(len(r.prompt_text) + len(r.answer) for r in rows), cfg.text_bucket)
+    n_ans = [len(items[i].answer) if i is not None else 0 for i in batch.rows]
+    # The text pass's rows and the LM head's (each data shard's answer tokens), as the scorer builds them.
+    tokens, _, ans, _ = scorer._full_rows([r.prompt_text for r in rows], rows, n_ans)
+    wt, head_rows = tokens.shape[1], ans.size
     executed += common.decoder_flops(a, b, wt, wt) + common.head_flops(a, head_rows)
     g = len(batch.images)
     if cfg.prefix_sharing:
@@ -179,7 +177,7 @@ def ours_flops(a: common.Arch, scorer, items):
         s = len(it.prompt_image) - p + len(it.answer)
         unpadded += common.decoder_flops(a, 1, s, p + s) + common.head_flops(a, len(it.answer))
     else:
-      wi = bucket(max(len(r.prompt_image) + len(r.answer) for r in rows), cfg.text_bucket)
+      wi = scorer._full_rows([r.prompt_image for r in rows], rows, n_ans)[0].shape[1]
       executed += (common.vision_flops(a, b, all_layers=False) + common.decoder_flops(a, b, wi, wi)
                    + common.head_flops(a, head_rows))
       for it in real:

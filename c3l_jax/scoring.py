@@ -239,13 +239,23 @@ class Scorer:
       rows += [None] * (g * q - len(rows))
       yield _Batch(images=images, rows=rows, q=q, prefix_len=plen)
 
+  def _full_rows(self, prompts: Sequence[Sequence[int]], rows: Sequence[ScoreInput],
+                 n_ans: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`(tokens, mask, answer_pos, item)` of one right-padded row per QA, prompt then answer (the
+    text-only pass; the with-image pass without prefix sharing); `n_ans[i] = 0` marks a padding row."""
+    seqs = [list(pr) + list(r.answer) for pr, r in zip(prompts, rows)]
+    width = bucket(max(map(len, seqs)), self.cfg.text_bucket)
+    tokens, mask = right_pad(seqs, width, self.pad_id)
+    ans, item = _answer_index([(i, len(pr), n) for i, (pr, n) in enumerate(zip(prompts, n_ans))],
+                              len(rows), width, self.batch_multiple, self.cfg.answer_bucket)
+    return tokens, mask, ans, item
+
   def _score_batch(self, items, batch: "_Batch", pixels):
     cfg, full = self.cfg, self.cfg.mode == "full_kl"
     real = [items[i] for i in batch.rows if i is not None]
     filler = real[0]
     rows = [items[i] if i is not None else filler for i in batch.rows]
     n_ans = [len(r.answer) if i is not None else 0 for r, i in zip(rows, batch.rows)]
-    shards = self.batch_multiple
     first_image = next(k for k in batch.images if k is not None)
     pix = np.stack([pixels[k if k is not None else first_image] for k in batch.images])
 
@@ -273,24 +283,16 @@ class Scorer:
       packed, _ = right_pad(packed_rows, width, self.pad_id)
       segments, _ = right_pad(seg_rows, width, 0)
       positions, _ = right_pad(pos_rows, width, p)
-      ans, item = _answer_index(spans, g, width, shards, cfg.answer_bucket)
+      ans, item = _answer_index(spans, g, width, self.batch_multiple, cfg.answer_bucket)
       prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
       cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
       logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache,
                                     *self._put(packed, segments, positions, ans), full)
     else:
-      seqs = [list(r.prompt_image) + list(r.answer) for r in rows]
-      width = bucket(max(map(len, seqs)), cfg.text_bucket)
-      tokens, mask = right_pad(seqs, width, self.pad_id)
-      ans, item = _answer_index([(i, len(r.prompt_image), n) for i, (r, n) in enumerate(zip(rows, n_ans))],
-                                len(rows), width, shards, cfg.answer_bucket)
+      tokens, mask, ans, item = self._full_rows([r.prompt_image for r in rows], rows, n_ans)
       logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, ans), full)
 
-    seqs = [list(r.prompt_text) + list(r.answer) for r in rows]
-    width = bucket(max(map(len, seqs)), cfg.text_bucket)
-    tokens, mask = right_pad(seqs, width, self.pad_id)
-    ans_t, item_t = _answer_index([(i, len(r.prompt_text), n) for i, (r, n) in enumerate(zip(rows, n_ans))],
-                                  len(rows), width, shards, cfg.answer_bucket)
+    tokens, mask, ans_t, item_t = self._full_rows([r.prompt_text for r in rows], rows, n_ans)
     assert (item_t == item).all(), "both passes must list the same answer tokens in the same order"
     logp_d, full_d = _full_pass(self.graphdef, self.state, *self._put(tokens, mask), None,
                                 *self._put(ans_t), full)
