@@ -87,8 +87,7 @@ def relation_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float
   with probability `p_short`. None when the scene has fewer than two such objects. (The relation kind
   draws the relation uniformly, so two thirds of its answers are "no": a model can score 60 % by
   never looking.)"""
-  cands = [(o, r) for o in scene.objects
-           if (r := text_lib.referring_expression(scene, o, use_position=False))]
+  cands = text_lib.referable_objects(scene, use_position=False)
   if len(cands) < 2:
     return None
   i, j = rng.choice(len(cands), size=2, replace=False)

@@ -117,6 +117,12 @@ def referring_expression(scene: Scene, obj: SceneObject, use_colour: bool = True
   return None
 
 
+def referable_objects(scene: Scene, use_colour: bool = True, use_position: bool = True
+                      ) -> list[tuple[SceneObject, str]]:
+  """`(object, referring expression)` for each object of `scene` that has one, in scene order."""
+  return [(o, r) for o in scene.objects if (r := referring_expression(scene, o, use_colour, use_position))]
+
+
 def _relation_holds(a: SceneObject, rel: str, b: SceneObject) -> bool:
   if rel == "left":
     return a.col < b.col
@@ -132,7 +138,7 @@ def _relation_holds(a: SceneObject, rel: str, b: SceneObject) -> bool:
 
 
 def _qa_colour(scene, rng):
-  cands = [(o, r) for o in scene.objects if (r := referring_expression(scene, o, use_colour=False))]
+  cands = referable_objects(scene, use_colour=False)
   if not cands:
     return None
   o, ref = _choice(rng, cands)
@@ -181,7 +187,7 @@ def _qa_count(scene, rng):
 
 
 def _qa_position(scene, rng):
-  cands = [(o, r) for o in scene.objects if (r := referring_expression(scene, o, use_position=False))]
+  cands = referable_objects(scene, use_position=False)
   if not cands:
     return None
   o, ref = _choice(rng, cands)
@@ -192,7 +198,7 @@ def _qa_position(scene, rng):
 
 
 def _qa_relation(scene, rng):
-  cands = [(o, r) for o in scene.objects if (r := referring_expression(scene, o, use_position=False))]
+  cands = referable_objects(scene, use_position=False)
   if len(cands) < 2:
     return None
   i, j = rng.choice(len(cands), size=2, replace=False)
@@ -323,7 +329,7 @@ def detailed_description(scene: Scene) -> str:
            f"{_article(scene.background)} {scene.background} background ."]
   for o in scene.objects:
     sents.append(f"there is {_article(o.size)} {o.size} {o.colour} {o.shape} {_CELL_PRECISE[o.cell]} .")
-  refs = [(o, r) for o in scene.objects if (r := referring_expression(scene, o, use_position=False))]
+  refs = referable_objects(scene, use_position=False)
   for (a, ra), (b, rb) in zip(refs, refs[1:]):
     for rel in ("left", "right", "above", "below"):
       if _relation_holds(a, rel, b):
@@ -388,4 +394,4 @@ def detokenize_words(tokens: Sequence[str]) -> str:
 
 __all__ = ["NUMBER_WORDS", "PUNCTUATION", "QA_KINDS", "SPECIAL_TOKENS", "WORLD_COLOURS", "captions",
            "detailed_description", "detokenize_words", "generic_qa", "grounded_qa", "parse_qa_text",
-           "referring_expression", "tokenize_words", "vocabulary"]
+           "referable_objects", "referring_expression", "tokenize_words", "vocabulary"]
