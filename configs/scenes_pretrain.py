@@ -101,12 +101,6 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.vision_lr = 3e-3
   g.vision_eval_scenes = 200  # held-out probe accuracy (scenes of world_seed + 1)
   g.image_token_scale = 1.0  # image-token norm / word-embedding norm after the connector's rescale
-  # The word connector (c3l_jax.scenes.connector): connector units that detect each cell's words (shape,
-  # colour, size, row, column), fit on `word_fit_scenes` training scenes, and write the decoder's own
-  # (tied) embeddings of those words into the cell's image token.
-  g.word_connector = True
-  g.word_fit_scenes = 3000
-  g.word_margin = 3.0
   # The decoder (tower and connector frozen, image tokens cached).
   g.student_steps = 800  # captions only: the student
   g.steps = 6500  # the instruction mix: the generator

@@ -51,7 +51,6 @@ from c3l_jax.data import instructions as ins
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
 from c3l_jax.models.llama import positions_and_mask
-from c3l_jax.scenes import connector
 from c3l_jax.scenes import processor as sm
 from c3l_jax.scenes import text as text_lib
 from c3l_jax.scenes import world as world_lib
@@ -241,7 +240,7 @@ def _decoder_loss(params, graphdef, rest, batch, feats, image_id):
   tokens = batch["tokens"]
   x = lm.embed(tokens)
   is_image = tokens == image_id
-  rows = connector.image_rows(feats, lm.embed_tokens.embedding[...], batch["scene"]).astype(x.dtype)
+  rows = feats[batch["scene"]].astype(x.dtype)  # [B, S, D]
   source = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, rows.shape[1] - 1)
   x = jnp.where(is_image[..., None], jnp.take_along_axis(rows, source[..., None], axis=1), x)
   positions, mask3 = positions_and_mask(batch["mask"], tokens.shape)
@@ -260,22 +259,19 @@ def _decoder_step(params, opt_state, rest, batch, feats, *, graphdef, optimizer,
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-def train_decoder(vlm: Any, feats: np.ndarray | connector.ImageCache, batches: Callable[[int], tuple[str, dict]], *, steps: int,
+def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[str, dict]], *, steps: int,
                   learning_rate: float, warmup: int, weight_decay: float, label: str,
                   on_eval: Callable[[int], dict] | None = None, eval_every: int = 0,
                   log_every: int = 200) -> tuple[list[dict], list[dict], float]:
-  """Train `vlm.language_model` in place on cached image tokens: `feats [N, S, D]`, or a
-  `connector.ImageCache` whose word rows are tied to the decoder's embeddings (written into the
-  connector, `connector.sync`, before every `on_eval` and at the end; tower and the rest of the
-  connector untouched). Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
+  """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
+  untouched). Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
   lm = vlm.language_model
   graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup, steps // 10)),
                                                 max(steps, 2), end_value=learning_rate * 0.05)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
   opt_state = optimizer.init(params)
-  cache = feats if isinstance(feats, connector.ImageCache) else connector.ImageCache(np.asarray(feats))
-  feats_dev = jax.tree.map(jnp.asarray, cache)
+  feats_dev = jnp.asarray(feats)
   history, checks = [], []
   start = time.perf_counter()
   window: dict[str, list[float]] = {}
@@ -297,12 +293,10 @@ def train_decoder(vlm: Any, feats: np.ndarray | connector.ImageCache, batches: C
       window = {}
     if on_eval is not None and eval_every and ((step + 1) % eval_every == 0) and step + 1 < steps:
       nnx.update(lm, params)
-      connector.sync(vlm, cache)
       check = {"step": step + 1, "seconds": round(time.perf_counter() - start, 1), **on_eval(step + 1)}
       checks.append(check)
       console.say(f"{label} held-out check at step {step + 1}: {json.dumps(check)}")
   nnx.update(lm, params)
-  connector.sync(vlm, cache)
   return history, checks, time.perf_counter() - start
 
 
@@ -364,10 +358,7 @@ def run(config: Any, workdir: str) -> dict:
   console.say(f"pretrain stage 0 (vision, supervised): {g.vision_steps} steps in "
               f"{vision_out['seconds']:.0f}s; held-out probe accuracy {vision_out.get('heldout_accuracy')}")
 
-  # The frozen random connector (with word units when `word_connector`), rescaled; then every scene's
-  # image tokens, once.
-  words = connector.fit_word_units(vlm, world[:g.word_fit_scenes], pixels[:g.word_fit_scenes],
-                                   builder.tokenizer, margin=g.word_margin) if g.word_connector else None
+  # The frozen random connector, rescaled; then every scene's image tokens, once.
   scale_before, _ = modelio.match_feature_scale(vlm, pixels[:256])
   if g.image_token_scale != 1.0:
     proj = vlm.multi_modal_projector.linear_2
@@ -376,12 +367,6 @@ def run(config: Any, workdir: str) -> dict:
       proj.bias[...] = proj.bias[...] * g.image_token_scale
   t_cache = time.perf_counter()
   feats = image_tokens(vlm, pixels)
-  if words is not None:
-    feats = connector.ImageCache(feats, connector.unit_activations(vlm, pixels, words["units"]),
-                                 words["word_ids"], words["scale"])
-    connector.sync(vlm, feats)
-    console.say(f"pretrain: word connector, {words['units']} word units ({' '.join(words['words'])}), "
-                f"fit accuracy {words['train_accuracy']:.4f}")
   del pixels
   cache_seconds = time.perf_counter() - t_cache
   console.say(f"pretrain: image tokens of {len(feats)} scenes cached in {cache_seconds:.0f}s "
@@ -427,10 +412,7 @@ def run(config: Any, workdir: str) -> dict:
   check_px = pixels_of(world[:8])
   # The cache must be what the pipeline's loading path computes at inference.
   loaded = sharding.load_model(model_dir, mesh)
-  cache = feats if words else connector.ImageCache(feats)
-  cached = np.asarray(connector.image_rows(jax.tree.map(jnp.asarray, cache),
-                                           vlm.language_model.embed_tokens.embedding[...], jnp.arange(8)))
-  cache_error = float(np.abs(np.asarray(loaded.encode_images(jnp.asarray(check_px))) - cached).max())
+  cache_error = float(np.abs(np.asarray(loaded.encode_images(jnp.asarray(check_px))) - feats[:8]).max())
   del loaded
   quality: dict[str, Any] = {}
   if p.eval_scenes:
@@ -447,8 +429,7 @@ def run(config: Any, workdir: str) -> dict:
                "heldout": {"world_seed": p.world_seed, "start_id": g.eval_start_id}},
       "stage0_vision": {**{k: v for k, v in vision_out.items() if k != "history"},
                         "curve": modelio.curve(vision_out.get("history", []))},
-      "connector": {"frozen": True, "random": True,
-                    "word_units": ({k: v for k, v in words.items() if k != "word_ids"} if words else None), "feature_scale_before_rescale": round(scale_before, 4),
+      "connector": {"frozen": True, "random": True, "feature_scale_before_rescale": round(scale_before, 4),
                     "image_token_scale": g.image_token_scale, "cache_seconds": round(cache_seconds, 1),
                     "cache_vs_loaded_max_abs_diff": cache_error},
       "student_captions": _summary(hist_s, sec_s),
