@@ -272,9 +272,10 @@ def test_report_renders_in_headless_chromium(demo):
 
 def test_ablation_table_on_the_demo_data(demo, tmp_path):
   """`configs/scenes_ablation.py` (Table 4) for two seeds on the shrunken demo: per seed, four generator
-  rows, the two C3L variants (the other final mode; length-normalised S(I2C)) and the base model; each
-  row's data fine-tunes a fresh base copy (VLIT) that is evaluated on scenes POPE (random / popular /
-  adversarial) and held-out VQA; the table gives the mean and the 95 % t-interval over the seeds."""
+  rows, the two C3L variants (the other final mode; length-normalised S(I2C)) and the student
+  (`checkpoints/scenes_student`: captions only, no instruction data); each row's data fine-tunes a fresh
+  copy of the student (VLIT) that is evaluated on scenes POPE (random / popular / adversarial) and
+  held-out VQA; the table gives the mean and the 95 % t-interval over the seeds."""
   import shutil
 
   from c3l_jax.pipeline import ablation
@@ -290,10 +291,10 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.load(open(workdir / "metrics.json"))["ablation"]
-  names = ["base model", *ablation.ROWS, "+CRM+CLM direct", "+CRM+CLM len-norm"]
+  names = ["student", *ablation.ROWS, "+CRM+CLM direct", "+CRM+CLM len-norm"]
   assert out["seeds"] == 2 and [list(r) for r in out["per_seed"]] == [names, names]
   dirs = {name: row.dirname for name, row in ablation.ROWS.items()}
-  dirs.update({"base model": "base", "+CRM+CLM direct": "crm_clm_direct",
+  dirs.update({"student": "base", "+CRM+CLM direct": "crm_clm_direct",
                "+CRM+CLM len-norm": "crm_clm_length_norm"})
 
   for k, results in enumerate(out["per_seed"]):
@@ -305,7 +306,7 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
       assert {r["question"] for r in scored} != {r["question"] for r in _parts(demo_dir / "score")}
     for name, result in results.items():
       down = seed_dir / dirs[name] / "downstream"
-      if name != "base model":
+      if name != "student":
         # The row's final data: its size and checker quality, and it is exactly what fine-tuned the copy.
         data = _parts(seed_dir / dirs[name] / "final" / "filtered")
         assert result["instances"] == len(data) > 0
@@ -317,7 +318,10 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
         mode = "direct" if name == "+CRM+CLM direct" else "two_step"  # the paper's final generation
         assert {r["mode"] for r in _parts(seed_dir / dirs[name] / "final")} == {mode}
       else:
-        assert not (down / "train").exists()  # the reference row evaluates the base model as shipped
+        # The reference row evaluates the student as shipped (that the fine-tunes start from it:
+        # test_pipeline_parts.py::test_ablation_fine_tunes_the_student).
+        assert not (down / "train").exists()
+        assert json.load(open(down / "metrics.json"))["eval"]["checkpoint"] == "checkpoints/scenes_student"
       # POPE per split and VQA, recounted from the downstream model's written answers.
       for split in pope.SPLITS:
         answers = _parts(down / "eval" / f"pope_{split}")

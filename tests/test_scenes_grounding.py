@@ -44,9 +44,11 @@ def test_heldout_scenes_are_not_training_scenes():
   assert p.grounded.eval_start_id + max(p.eval_scenes, p.grounded.eval_quick_scenes) <= HELDOUT["start_id"]
 
 
-@pytest.mark.skipif(_shipped_recipe() != "grounded", reason=(
-    "the shipped checkpoints/scenes_tiny is the old generator (VQA ~45 %, POPE at chance: measured "
-    "in docs/testbed-notes.md); the test measures once a grounded generator is shipped"))
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "issue 15 item 1 is not met: the shipped generator (run g2, docs/testbed-notes.md) measured here "
+    "VQA 72.5 % (>= 85), colour 62.5 % and position 47.6 % (>= 70 each); POPE, existence, captions and "
+    "both generic shares pass. Strict: a generator that meets the thresholds turns this into a failure "
+    "until the mark is removed"))
 def test_shipped_generator_meets_the_grounding_thresholds(mesh):
   """40 held-out scenes: 240 VQA questions (40 per kind), POPE 80 per split, 40 captions, 80 VIGC
   conversation / complex_reasoning outputs, 40 two-step QA. Greedy, through the pipeline's loading path."""

@@ -74,8 +74,22 @@ def test_shipped_checkpoint_files():
                "processor_config.json", "chat_template.jinja", "config.json", "training_metrics.json"):
     assert os.path.exists(os.path.join(SHIPPED, name)), name
   metrics = json.load(open(os.path.join(SHIPPED, "training_metrics.json")))
-  assert metrics["stage2_tune"]["final_loss"] < metrics["stage2_tune"]["first_loss"]
+  assert metrics["recipe"] == "grounded"
+  assert metrics["generator_mix"]["final_loss"] < metrics["generator_mix"]["first_loss"]
   assert json.load(open(os.path.join(SHIPPED, "c3l_model.json")))["family"] == "llava15"
+
+
+def test_shipped_student_files():
+  """The student (issue 15 item 2) ships beside the generator: same layout and architecture, trained on
+  captions only (its metrics have no instruction stage), and the same tokenizer."""
+  student = os.path.join(REPO, "checkpoints", "scenes_student")
+  sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(student) for f in fs]
+  assert sum(sizes) < 12 * 2**20 and max(sizes) < 5 * 2**20
+  metrics = json.load(open(os.path.join(student, "training_metrics.json")))
+  assert "generator_mix" not in metrics and metrics["student_captions"]["steps"] > 0
+  assert "no VQA or instruction data" in metrics["role"]
+  for name in ("c3l_model.json", "tokenizer.json"):
+    assert open(os.path.join(student, name)).read() == open(os.path.join(SHIPPED, name)).read(), name
 
 
 def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
@@ -83,7 +97,8 @@ def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
   never saw: greedy VIGC generations parse as "Question: ... Answer: ...", and short answers to colour
   and shape questions beat chance (1/6 and 1/5; the model without the image scores 0.19 on 192 such
   questions) by far. One compiled shape: batches of 32 image prompts, 32 new tokens at most.
-  Measured on the shipped model: parsed 32/32, 1/3 image-dependent, colour + shape accuracy 0.47 (64 questions)."""
+  Measured on the shipped model (the grounded recipe's run g2): parsed 32/32, 44 % image-dependent,
+  colour + shape accuracy 0.83 (64 questions; the old mix-recipe model: 0.47)."""
   world = scenes.generate_world(32, 0, start_id=5000)  # the demo's world seed (training used 1000)
   images = [scenes.render(s) for s in world]
   kinds = [ins.INSTRUCTION_TYPES[i % 3] for i in range(len(world))]
@@ -103,7 +118,7 @@ def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
   assert all(len(a.split()) <= 4 for a in answers), answers
   print(f"parsed {np.mean([p is not None for p in parsed])}, image-dependent {dependent:.3f}, "
         f"colour + shape accuracy {np.mean(correct):.3f}")
-  assert np.mean(correct) >= 0.35, list(zip(questions, answers))
+  assert np.mean(correct) >= 0.6, list(zip(questions, answers))
 
 
 def test_pretrain_stage_end_to_end(tmp_path):
