@@ -1,11 +1,15 @@
-"""Train the shipped scenes generator from scratch: `python -m c3l_jax.scenes.pretrain`.
+"""Train the shipped scenes generator and student from scratch: `python -m c3l_jax.scenes.pretrain`.
 
 The scenes testbed's own command (`c3l_jax/scenes/pretrain.py`; this file is its default `--config`),
-not a pipeline stage: build the world's processor and a random
-tiny LLaVA-1.5 (transformers, then `c3l_jax.convert`), CG-VLM alignment on captions, a captioning phase,
-instruction tuning on captions / VIGC / VQA / QA-from-caption / generic chat, export to `pretrain.out`
-(default `checkpoints/scenes_tiny`) with `training_metrics.json`. About 10-15 minutes on a 2-core CPU.
-`--config.pretrain.tune_steps=...` etc. override any field below.
+not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`, run g2 of
+docs/testbed-notes.md): build the world's processor and a random tiny LLaVA-1.5 (transformers, then
+`c3l_jax.convert`), a supervised vision tower (stage 0), a frozen random connector, the student (decoder
+on captions only, exported to `grounded.student_out`, default `checkpoints/scenes_student`) and the
+generator (the instruction mix; `pretrain.out`, default `checkpoints/scenes_tiny`), each with its
+`training_metrics.json`. About 55-60 minutes on a 2-core CPU. `recipe="mix"` is the old recipe
+(CG-VLM alignment, captioning, instruction tuning: the shipped model before 2026-12-03, with
+`num_scenes=3000 vision_hidden=96 vision_layers=3 eval_scenes=96`).
+`--config.pretrain.grounded.steps=...` etc. override any field below.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ def get_pretrain_section() -> ml_collections.ConfigDict:
   p.out = "checkpoints/scenes_tiny"  # the final model directory (replaced)
   # The world trained on: scenes 0..num_scenes-1 of `world_seed` (the scenes demo uses seed 0: disjoint);
   # held-out evaluation scenes are the next `eval_scenes` of the same seed.
-  p.num_scenes = 3000
+  p.num_scenes = 10000
   p.world_seed = 1000
-  p.eval_scenes = 96
+  p.eval_scenes = 48
   p.eval_max_new_tokens = 128
   p.eval_sampled = False  # also measure temperature-1 sampling (the pipeline decodes greedily)
   # Architecture (LLaVA-1.5 layout: CLIP ViT, feature layer -2, 2-layer MLP projector, Llama).
@@ -31,8 +35,8 @@ def get_pretrain_section() -> ml_collections.ConfigDict:
   # one cell of the world's grid (9 image tokens).
   p.image_size = 72
   p.patch_size = 24
-  p.vision_hidden = 96
-  p.vision_layers = 3
+  p.vision_hidden = 128
+  p.vision_layers = 4
   p.vision_heads = 4
   p.text_hidden = 128
   p.text_layers = 4
@@ -84,7 +88,7 @@ def get_pretrain_section() -> ml_collections.ConfigDict:
   p.checkpoint_every = 200
   # The recipe: "mix" (the stages above) or "grounded" (`c3l_jax.scenes.grounded`: supervised vision
   # tower, frozen random connector, decoder trained on cached image tokens; the section below).
-  p.recipe = "mix"
+  p.recipe = "grounded"
   p.grounded = get_grounded_section()
   return p
 

@@ -30,11 +30,6 @@ def mesh():
   return sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
-def _shipped_recipe() -> str | None:
-  path = os.path.join(SHIPPED, "training_metrics.json")
-  return json.load(open(path)).get("recipe") if os.path.exists(path) else None
-
-
 def test_heldout_scenes_are_not_training_scenes():
   from configs import scenes_pretrain
 

@@ -122,8 +122,9 @@ def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
 
 
 def test_pretrain_stage_end_to_end(tmp_path):
-  """`python -m c3l_jax.scenes.pretrain`'s `run` with a minute architecture and 2 + 1 + 2 steps: builds, aligns, captions, tunes, and
-  exports a model directory that loads like a converted checkpoint, with its metrics (evaluation off)."""
+  """`python -m c3l_jax.scenes.pretrain`'s `run` with the old recipe (`recipe="mix"`), a minute
+  architecture and 2 + 1 + 2 steps: builds, aligns, captions, tunes, and exports a model directory that
+  loads like a converted checkpoint, with its metrics (evaluation off)."""
   from configs import scenes_pretrain
 
   from c3l_jax import pipeline
@@ -134,7 +135,7 @@ def test_pretrain_stage_end_to_end(tmp_path):
   out = tmp_path / "model"
   with config.unlocked():
     config.pretrain.update(
-        out=str(out), num_scenes=8, eval_scenes=0, vision_hidden=16, vision_layers=2, vision_heads=2,
+        recipe="mix", out=str(out), num_scenes=8, eval_scenes=0, vision_hidden=16, vision_layers=2, vision_heads=2,
         text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64, max_position_embeddings=256,
         align_steps=2, align_batch_size=8, caption_steps=1, caption_examples_per_scene=1, tune_steps=2,
         batch_size=8, text_every=0, p_detail=0.0, warmup_steps=0)  # 8 (simulated) devices

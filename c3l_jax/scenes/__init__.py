@@ -16,9 +16,9 @@ A config turns it on with `config.plugins = "c3l_jax.scenes"` (`configs/scenes_*
   dataset    the tfds builder (`load_split`)
   quality    dataset quality against ground truth, the `scenes_vqa` benchmark
   processor  the world's word-level tokenizer / image processor and the tiny model's training text
-  pretrain   the recipe of the shipped model `checkpoints/scenes_tiny`:
-             `python -m c3l_jax.scenes.pretrain` (see docs/scenes.md)
-  grounded   the grounded recipe (`pretrain.recipe=grounded`): supervised tower, cached image tokens
+  pretrain   the command that trains the shipped model `checkpoints/scenes_tiny` and the student
+             `checkpoints/scenes_student`: `python -m c3l_jax.scenes.pretrain` (see docs/scenes.md)
+  grounded   its default recipe (`pretrain.recipe=grounded`): supervised tower, cached image tokens
   vision     its stage 0: supervised pretraining of the vision tower
   grounding  does a generator see? held-out measures and issue 15's thresholds
   modelio    base model, feature scale, export, generation through the loading path (shared)

@@ -1,10 +1,14 @@
-"""The scenes testbed's training recipe: a tiny LLaVA-1.5-architecture model from scratch on the world.
+"""The scenes testbed's training recipes: a tiny LLaVA-1.5-architecture model from scratch on the world.
 
     python -m c3l_jax.scenes.pretrain [--config=configs/scenes_pretrain.py] [--workdir=DIR] \
-        [--config.pretrain.out=DIR] [--config.pretrain.tune_steps=N ...]   # writes checkpoints/scenes_tiny
+        [--config.pretrain.out=DIR] [--config.pretrain.grounded.steps=N ...]
+    # writes checkpoints/scenes_tiny and checkpoints/scenes_student
 
 This is how the shipped generator `checkpoints/scenes_tiny` (the default `model.checkpoint` of the
-scenes demo) is made; everything is a function of `config.seed` and `config.pretrain`:
+scenes demo) and the ablation's student `checkpoints/scenes_student` are made; everything is a function
+of `config.seed` and `config.pretrain`. The default `pretrain.recipe` is "grounded"
+(`c3l_jax.scenes.grounded`, whose docstring describes it); the rest of this docstring is the old recipe,
+`recipe="mix"`, kept for comparison (docs/scenes.md):
 
 1. **Build.** The world's processor (`c3l_jax.scenes.processor`: word-level tokenizer, CLIP image
    processor at 64 px, LLaVA-1.5 chat template) and a random `transformers.LlavaForConditionalGeneration`
