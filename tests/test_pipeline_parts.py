@@ -290,12 +290,15 @@ def test_ablation_rows_derive_their_configs():
   config = scenes_ablation.get_config()
   assert config.stages == "initial,filter,score,ablation"
   rows = {name: ablation.derive(config, row.overrides) for name, row in ablation.all_rows(config).items()}
-  assert list(rows) == ["filtering", "+CLM", "+CRM", "+CRM+CLM", "+CRM+CLM direct", "+CRM+CLM len-norm"]
+  assert list(rows) == ["filtering", "+CLM", "+CRM", "+CRM+CLM", "filtering direct", "+CRM+CLM direct",
+                        "+CRM+CLM len-norm"]
   assert rows["+CLM"].select.method == "random" and rows["+CLM"].train.contrastive_weight > 0
   assert rows["+CRM"].select.method == "i2c" and rows["+CRM"].train.contrastive_weight == 0.0
   assert rows["+CRM+CLM"].to_dict() == config.to_dict()  # the full method changes nothing
   assert ablation.ROWS["filtering"].stages == ("final", "export")  # no generator training
   assert rows["+CRM+CLM direct"].generation.final_mode == "direct"  # the default is two_step
+  assert rows["filtering direct"].generation.final_mode == "direct"
+  assert ablation.all_rows(config)["filtering direct"].stages == ("final", "export")  # the base generator
   assert ablation.all_rows(config)["+CRM+CLM direct"].links["train"] == "crm_clm/train"
   assert rows["+CRM+CLM len-norm"].scoring.length_norm and not config.scoring.length_norm
   assert all(r.is_locked for r in rows.values()) and config.select.method == "i2c"
@@ -492,6 +495,9 @@ def test_ablation_fine_tunes_the_student(tmp_path, monkeypatch):
   from configs import scenes_ablation
 
   config = scenes_ablation.get_config()
+  assert config.ablation.student == "checkpoints/scenes_student"  # the shipped student (issue 15 item 2)
+  pipeline.check_config(config)  # no ConfigError: it exists (relative to the repository, as the demo runs)
+  config = ablation.derive(config, {"ablation.student": ""})
   assert ablation.reference_row(config) == "base model"
   seen = []
   monkeypatch.setattr(pipeline, "run_stages",

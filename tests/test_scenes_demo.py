@@ -272,7 +272,8 @@ def test_report_renders_in_headless_chromium(demo):
 
 def test_ablation_table_on_the_demo_data(demo, tmp_path):
   """`configs/scenes_ablation.py` (Table 4) for two seeds on the shrunken demo: per seed, four generator
-  rows, the two C3L variants (the other final mode; length-normalised S(I2C)) and the student
+  rows, the variants (the other final mode, for the base and the C3L generator; length-normalised
+  S(I2C)) and the student
   (`checkpoints/scenes_student`: captions only, no instruction data); each row's data fine-tunes a fresh
   copy of the student (VLIT) that is evaluated on scenes POPE (random / popular / adversarial) and
   held-out VQA; the table gives the mean and the 95 % t-interval over the seeds."""
@@ -291,10 +292,10 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.load(open(workdir / "metrics.json"))["ablation"]
-  names = ["student", *ablation.ROWS, "+CRM+CLM direct", "+CRM+CLM len-norm"]
+  names = ["student", *ablation.ROWS, "filtering direct", "+CRM+CLM direct", "+CRM+CLM len-norm"]
   assert out["seeds"] == 2 and [list(r) for r in out["per_seed"]] == [names, names]
   dirs = {name: row.dirname for name, row in ablation.ROWS.items()}
-  dirs.update({"student": "base", "+CRM+CLM direct": "crm_clm_direct",
+  dirs.update({"student": "base", "filtering direct": "filtering_direct", "+CRM+CLM direct": "crm_clm_direct",
                "+CRM+CLM len-norm": "crm_clm_length_norm"})
 
   for k, results in enumerate(out["per_seed"]):
@@ -315,7 +316,7 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
         assert [(r["id"], r["question"], r["answer"]) for r in _rows(down / "records.jsonl")] == \
             [(r["id"], r["question"], r["answer"]) for r in data]
         assert json.load(open(down / "train" / "DONE.json"))["steps"] == 2
-        mode = "direct" if name == "+CRM+CLM direct" else "two_step"  # the paper's final generation
+        mode = "direct" if name.endswith(" direct") else "two_step"  # two-step: the paper's final generation
         assert {r["mode"] for r in _parts(seed_dir / dirs[name] / "final")} == {mode}
       else:
         # The reference row evaluates the student as shipped (that the fine-tunes start from it:

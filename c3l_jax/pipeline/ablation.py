@@ -10,10 +10,11 @@ it:
   + CRM            generator trained with CE on the top S(I2C) fraction, no contrastive loss
   + CRM + CLM      C3L: CE on the top S(I2C) fraction + the contrastive loss on I2C roles
 
-and, with `ablation.variants`, two more C3L rows:
+and, with `ablation.variants`, more rows:
 
-  final_mode       the C3L generator's final data in the other `generation.final_mode` (the paper's
-                   final generation is two-step; `direct` is one VIGC prompt per sample)
+  final_mode       the final data in the other `generation.final_mode` (the paper's final generation
+                   is two-step; `direct` is one VIGC prompt per sample), from the base generator
+                   (filtering) and from the C3L generator: two rows
   length_norm      C3L with S(I2C) divided by the answer's length (`scoring.length_norm`): the paper's
                    eq. 1 sums over answer tokens, so long answers fill the top fraction
 
@@ -78,7 +79,10 @@ def variant_rows(config: Any) -> dict[str, Row]:
   names = [v.strip() for v in config.ablation.variants.split(",") if v.strip()]
   if "final_mode" in names:
     other = "direct" if config.generation.final_mode == "two_step" else "two_step"
-    # C3L's trained generator (select and train linked from +CRM+CLM), final data made the other way.
+    # The base generator's data made the other way (the baseline of the next row) ...
+    out[f"filtering {other}"] = Row(f"filtering_{other}", ("final", "export"),
+                                    {"generation.final_mode": other})
+    # ... and C3L's trained generator (select and train linked from +CRM+CLM), final data made so.
     out[f"+CRM+CLM {other}"] = Row(
         f"crm_clm_{other}", ("final", "export"), {"generation.final_mode": other},
         {**{s: s for s in SHARED}, "select": "crm_clm/select", "train": "crm_clm/train"})
