@@ -6,7 +6,7 @@ docs/testbed-notes.md): build the world's processor and a random tiny LLaVA-1.5 
 `c3l_jax.convert`), a supervised vision tower (stage 0), a frozen random connector, the student (decoder
 on captions only, exported to `grounded.student_out`, default `checkpoints/scenes_student`) and the
 generator (the instruction mix; `pretrain.out`, default `checkpoints/scenes_tiny`), each with its
-`training_metrics.json`. About 55-60 minutes on a 2-core CPU. `recipe="mix"` is the old recipe
+`training_metrics.json`. 52 minutes on one core of a 2-core CPU (docs/scenes.md). `recipe="mix"` is the old recipe
 (CG-VLM alignment, captioning, instruction tuning: the shipped model before 2026-12-03, with
 `num_scenes=3000 vision_hidden=96 vision_layers=3 eval_scenes=96`).
 `--config.pretrain.grounded.steps=...` etc. override any field below.

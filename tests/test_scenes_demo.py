@@ -280,6 +280,7 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   import shutil
 
   from c3l_jax.pipeline import ablation
+  from configs import scenes_ablation
 
   demo_dir, tfds_dir, _ = demo
   workdir = tmp_path / "ablation_run"
@@ -294,9 +295,8 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   out = json.load(open(workdir / "metrics.json"))["ablation"]
   names = ["student", *ablation.ROWS, "filtering direct", "+CRM+CLM direct", "+CRM+CLM len-norm"]
   assert out["seeds"] == 2 and [list(r) for r in out["per_seed"]] == [names, names]
-  dirs = {name: row.dirname for name, row in ablation.ROWS.items()}
-  dirs.update({"student": "base", "filtering direct": "filtering_direct", "+CRM+CLM direct": "crm_clm_direct",
-               "+CRM+CLM len-norm": "crm_clm_length_norm"})
+  dirs = {name: row.dirname for name, row in ablation.all_rows(scenes_ablation.get_config()).items()}
+  dirs["student"] = "base"
 
   for k, results in enumerate(out["per_seed"]):
     seed_dir = workdir / "ablation" / f"seed{k}"

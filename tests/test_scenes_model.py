@@ -19,6 +19,7 @@ from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "checkpoints", "scenes_tiny")
+STUDENT = os.path.join(REPO, "checkpoints", "scenes_student")
 
 
 def _world_texts(n: int = 40) -> list[str]:
@@ -66,30 +67,29 @@ def shipped():
   return pretrain.Evaluator(SHIPPED, mesh, batch_size=32)
 
 
-def test_shipped_checkpoint_files():
-  """A few MB, no file over 5 MB, the model directory layout of a converted LLaVA, with metrics."""
-  sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(SHIPPED) for f in fs]
+@pytest.mark.parametrize("model_dir", [SHIPPED, STUDENT], ids=["generator", "student"])
+def test_shipped_checkpoint_files(model_dir):
+  """A few MB, no file over 5 MB, the model directory layout of a converted LLaVA, with metrics; the
+  generator and the student (issue 15 item 2) alike."""
+  sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(model_dir) for f in fs]
   assert sum(sizes) < 12 * 2**20 and max(sizes) < 5 * 2**20
   for name in ("c3l_model.json", "params", "tokenizer.json", "tokenizer_config.json",
                "processor_config.json", "chat_template.jinja", "config.json", "training_metrics.json"):
-    assert os.path.exists(os.path.join(SHIPPED, name)), name
+    assert os.path.exists(os.path.join(model_dir, name)), name
+  assert json.load(open(os.path.join(model_dir, "c3l_model.json")))["family"] == "llava15"
+
+
+def test_shipped_generator_and_student_metrics():
+  """The generator is the grounded recipe's instruction mix; the student the same run's model trained on
+  captions only (no instruction stage in its metrics), with the generator's architecture and tokenizer."""
   metrics = json.load(open(os.path.join(SHIPPED, "training_metrics.json")))
   assert metrics["recipe"] == "grounded"
   assert metrics["generator_mix"]["final_loss"] < metrics["generator_mix"]["first_loss"]
-  assert json.load(open(os.path.join(SHIPPED, "c3l_model.json")))["family"] == "llava15"
-
-
-def test_shipped_student_files():
-  """The student (issue 15 item 2) ships beside the generator: same layout and architecture, trained on
-  captions only (its metrics have no instruction stage), and the same tokenizer."""
-  student = os.path.join(REPO, "checkpoints", "scenes_student")
-  sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(student) for f in fs]
-  assert sum(sizes) < 12 * 2**20 and max(sizes) < 5 * 2**20
-  metrics = json.load(open(os.path.join(student, "training_metrics.json")))
-  assert "generator_mix" not in metrics and metrics["student_captions"]["steps"] > 0
-  assert "no VQA or instruction data" in metrics["role"]
+  student = json.load(open(os.path.join(STUDENT, "training_metrics.json")))
+  assert "generator_mix" not in student and student["student_captions"]["steps"] > 0
+  assert "no VQA or instruction data" in student["role"]
   for name in ("c3l_model.json", "tokenizer.json"):
-    assert open(os.path.join(student, name)).read() == open(os.path.join(SHIPPED, name)).read(), name
+    assert open(os.path.join(STUDENT, name)).read() == open(os.path.join(SHIPPED, name)).read(), name
 
 
 def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
