@@ -235,8 +235,59 @@ def image_tokens(vlm: Any, pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
   return np.concatenate(out)
 
 
-def _decoder_loss(params, graphdef, rest, batch, feats, image_id):
-  lm = nnx.merge(graphdef, params, rest)
+_CELL_CLASSES = world_lib.GRID * world_lib.GRID + 2  # no instance, one of the cells, several
+
+
+def word_cells(world: Sequence[world_lib.Scene]) -> np.ndarray:
+  """`[N, len(SHAPES) + len(COLOURS)]` the cell class of each shape's and each colour's instance in each
+  scene (stage 0's binding classes: 0 = none, cell + 1, or the last class = several)."""
+  from c3l_jax.scenes import vision
+
+  out = np.zeros((len(world), len(world_lib.SHAPES) + len(world_lib.COLOURS)), np.int32)
+  for i, scene in enumerate(world):
+    cells = {}
+    for o in scene.objects:
+      cell = o.row * world_lib.GRID + o.col
+      cells.setdefault(o.shape, []).append(cell)
+      cells.setdefault(o.colour, []).append(cell)
+    out[i] = [vision._binding(cells.get(w, []), _CELL_CLASSES - 2)  # noqa: SLF001
+              for w in world_lib.SHAPES + world_lib.COLOURS]
+  return out
+
+
+def word_table(tokenizer: Any) -> np.ndarray:
+  """`[vocab]` for each token id the index into `SHAPES + COLOURS` of the word it spells (a shape's
+  singular or plural, or a colour), else -1."""
+  table = np.full(len(tokenizer), -1, np.int32)
+  for k, word in enumerate(world_lib.SHAPES + world_lib.COLOURS):
+    for form in {word, text_lib._PLURAL.get(word, word)}:  # noqa: SLF001
+      tid = tokenizer.convert_tokens_to_ids(form)
+      if tid is None or tid == tokenizer.unk_token_id:
+        raise ValueError(f"the scenes tokenizer has no token for {form!r}")
+      table[tid] = k
+  return table
+
+
+def grounding_probe_loss(kv_v: jax.Array, tokens: jax.Array, mask: jax.Array, image_id: int,
+                         cells: jax.Array, table: jax.Array, probe: dict) -> tuple[jax.Array, jax.Array]:
+  """The grounding probe (recipe only, not exported): at every shape or colour word of a sequence with
+  an image, a linear probe on that token's attention values `kv_v [B, K, T, Dh]` (one layer's) predicts
+  the cell of the word's instance in the scene (`cells [B, W]`, the classes of `word_cells`). Returns
+  (mean CE over those tokens, their accuracy)."""
+  b, k, t, dh = kv_v.shape
+  v = kv_v.transpose(0, 2, 1, 3).reshape(b, t, k * dh).astype(jnp.float32)
+  word = table[tokens]  # [B, T]
+  has_image = jnp.any(tokens == image_id, axis=1, keepdims=True)
+  weight = ((word >= 0) & has_image & (mask > 0)).astype(jnp.float32)
+  labels = jnp.take_along_axis(cells, jnp.maximum(word, 0), axis=1)
+  logits = v @ probe["w"] + probe["b"]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  n = jnp.maximum(weight.sum(), 1.0)
+  return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == labels) * weight).sum() / n
+
+
+def _decoder_loss(trainable, graphdef, rest, batch, feats, aux, image_id, probe_layer, probe_weight):
+  lm = nnx.merge(graphdef, trainable["lm"], rest)
   tokens = batch["tokens"]
   x = lm.embed(tokens)
   is_image = tokens == image_id
@@ -244,33 +295,51 @@ def _decoder_loss(params, graphdef, rest, batch, feats, image_id):
   source = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, rows.shape[1] - 1)
   x = jnp.where(is_image[..., None], jnp.take_along_axis(rows, source[..., None], axis=1), x)
   positions, mask3 = positions_and_mask(batch["mask"], tokens.shape)
-  hidden, _ = lm.decode_hidden(x, positions, mask3)
+  hidden, kv = lm.decode_hidden(x, positions, mask3)
   where = batch["head_positions"]
   logits = lm.logits(jnp.take_along_axis(hidden, where[..., None], axis=1))
   targets = jnp.take_along_axis(tokens, where + 1, axis=1)
   loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
-  return loss
+  if not probe_weight:
+    return loss, (loss, jnp.zeros(()), jnp.zeros(()))
+  probe_loss, probe_acc = grounding_probe_loss(kv.v[probe_layer], tokens, batch["mask"], image_id,
+                                               aux["cells"][batch["scene"]], aux["table"],
+                                               trainable["probe"])
+  return loss + probe_weight * probe_loss, (loss, probe_loss, probe_acc)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "image_id"), donate_argnums=(0, 1))
-def _decoder_step(params, opt_state, rest, batch, feats, *, graphdef, optimizer, image_id):
-  loss, grads = jax.value_and_grad(_decoder_loss)(params, graphdef, rest, batch, feats, image_id)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, loss
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "image_id", "probe_layer",
+                                             "probe_weight"), donate_argnums=(0, 1))
+def _decoder_step(trainable, opt_state, rest, batch, feats, aux, *, graphdef, optimizer, image_id,
+                  probe_layer, probe_weight):
+  (_, parts), grads = jax.value_and_grad(_decoder_loss, has_aux=True)(
+      trainable, graphdef, rest, batch, feats, aux, image_id, probe_layer, probe_weight)
+  updates, opt_state = optimizer.update(grads, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state, parts
 
 
 def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[str, dict]], *, steps: int,
                   learning_rate: float, warmup: int, weight_decay: float, label: str,
                   on_eval: Callable[[int], dict] | None = None, eval_every: int = 0,
-                  log_every: int = 200) -> tuple[list[dict], list[dict], float]:
+                  log_every: int = 200, probe: dict | None = None) -> tuple[list[dict], list[dict], float]:
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
-  untouched). Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
+  untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight`, `layer`,
+  `cells` (`word_cells` of the scenes of `feats`) and `table` (`word_table`), or None; its linear head
+  is trained with the decoder and thrown away. Returns (loss history, held-out checks from
+  `on_eval(step)`, seconds)."""
   lm = vlm.language_model
   graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup, steps // 10)),
                                                 max(steps, 2), end_value=learning_rate * 0.05)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
-  opt_state = optimizer.init(params)
+  probe_weight = float(probe["weight"]) if probe else 0.0
+  trainable: dict[str, Any] = {"lm": params}
+  aux: dict[str, Any] = {}
+  if probe_weight:
+    width = vlm.cfg.text.num_key_value_heads * vlm.cfg.text.head_dim
+    trainable["probe"] = {"w": jnp.zeros((width, _CELL_CLASSES)), "b": jnp.zeros(_CELL_CLASSES)}
+    aux = {"cells": jnp.asarray(probe["cells"]), "table": jnp.asarray(probe["table"])}
+  opt_state = optimizer.init(trainable)
   feats_dev = jnp.asarray(feats)
   history, checks = [], []
   start = time.perf_counter()
@@ -278,12 +347,18 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
   for step in range(steps):
     kind, batch = batches(step)
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "weights"}
-    params, opt_state, loss = _decoder_step(params, opt_state, rest, batch, feats_dev, graphdef=graphdef,
-                                            optimizer=optimizer, image_id=int(vlm.cfg.image_token_id))
-    loss = float(loss)
-    if not np.isfinite(loss):
-      raise trainer_lib.NonFiniteError(f"{label}: loss {loss} at step {step + 1}")
-    history.append({"step": step + 1, "loss": loss, "kind": kind})
+    trainable, opt_state, parts = _decoder_step(
+        trainable, opt_state, rest, batch, feats_dev, aux, graphdef=graphdef, optimizer=optimizer,
+        image_id=int(vlm.cfg.image_token_id), probe_layer=int(probe["layer"]) if probe_weight else 0,
+        probe_weight=probe_weight)
+    loss, probe_loss, probe_acc = (float(x) for x in parts)
+    if not np.isfinite(loss + probe_loss):
+      raise trainer_lib.NonFiniteError(f"{label}: loss {loss} (probe {probe_loss}) at step {step + 1}")
+    entry = {"step": step + 1, "loss": loss, "kind": kind}
+    if probe_weight:
+      entry.update(probe_loss=probe_loss, probe_accuracy=probe_acc)
+      window.setdefault("probe accuracy", []).append(probe_acc)
+    history.append(entry)
     window.setdefault(kind, []).append(loss)
     if (step + 1) % log_every == 0 or step + 1 == steps:
       rate = (time.perf_counter() - start) / (step + 1)
@@ -292,11 +367,11 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
       console.say(f"{label} step {step + 1}/{steps} ({rate:.3f} s/step): loss {msg}")
       window = {}
     if on_eval is not None and eval_every and ((step + 1) % eval_every == 0) and step + 1 < steps:
-      nnx.update(lm, params)
+      nnx.update(lm, trainable["lm"])
       check = {"step": step + 1, "seconds": round(time.perf_counter() - start, 1), **on_eval(step + 1)}
       checks.append(check)
       console.say(f"{label} held-out check at step {step + 1}: {json.dumps(check)}")
-  nnx.update(lm, params)
+  nnx.update(lm, trainable["lm"])
   return history, checks, time.perf_counter() - start
 
 
@@ -373,6 +448,8 @@ def run(config: Any, workdir: str) -> dict:
               f"(image token / word embedding norm {modelio.feature_scale(vlm, pixels_of(world[:64])):.3g})")
 
   maker = Examples(builder, world, g)
+  probe = ({"weight": g.probe_weight, "layer": g.probe_layer, "cells": word_cells(world),
+            "table": word_table(builder.tokenizer)} if g.probe_weight else None)
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
   on_eval = (lambda step: quick_check(vlm, base, stage_dir, quick_world, mesh, seed)) \
       if g.eval_quick_scenes else None
@@ -381,7 +458,7 @@ def run(config: Any, workdir: str) -> dict:
   hist_s, _, sec_s = train_decoder(
       vlm, feats, mix_batches(maker, g, seed, builder.pad_id, len(world), captions_only=True),
       steps=g.student_steps, learning_rate=g.lr, warmup=g.warmup_steps, weight_decay=g.weight_decay,
-      label="student (captions)")
+      label="student (captions)", probe=probe)
   eval_world = world_lib.generate_world(p.eval_scenes, p.world_seed, start_id=g.eval_start_id)
   out_dirs = {}
   if g.student_out:
@@ -405,7 +482,7 @@ def run(config: Any, workdir: str) -> dict:
   hist, checks, sec = train_decoder(
       vlm, feats, mix_batches(maker, g, seed, builder.pad_id, len(world)), steps=g.steps,
       learning_rate=g.lr, warmup=g.warmup_steps, weight_decay=g.weight_decay, label="generator (mix)",
-      on_eval=on_eval, eval_every=g.eval_every)
+      on_eval=on_eval, eval_every=g.eval_every, probe=probe)
   model_dir = os.path.join(stage_dir, "model")
   export_generator(vlm, base, model_dir)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vlm, nnx.Param)))
