@@ -186,7 +186,7 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
   for step in range(12):
     kind, batch = make(step)
     kinds.add(kind)
-    ours, _ = grounded._decoder_loss({"lm": params}, graphdef, rest, batch, feats, {}, model.cfg.image_token_id,
+    ours, _ = grounded._decoder_loss({"lm": params}, graphdef, rest, batch, feats, model.cfg.image_token_id,
                                      0, 0.0)
     ref_batch = {k: v for k, v in batch.items() if k != "scene"}
     if kind != "text":
@@ -279,49 +279,42 @@ def test_curriculum_limits_the_objects_of_ground_batches():
 
 
 def test_grounding_probe_labels_and_loss_by_hand():
-  """The grounding probe of the grounded recipe: `word_cells` gives each shape's / colour's cell class
-  (0 none, cell + 1, 10 several), counted here by hand on a made-up scene; `word_table` maps a shape's
-  singular and plural and a colour to their index; `grounding_probe_loss` is the mean softmax CE (and
-  accuracy) of the probe over exactly the shape / colour words of rows that hold an image, recomputed in
-  numpy."""
+  """The grounding probe of the grounded recipe: `PhraseCells` labels the head noun of each noun phrase
+  with the cell class of what the phrase refers to (0 nothing, cell + 1 one object, 10 several), counted
+  here by hand on a made-up scene; `grounding_probe_loss` is the mean softmax CE (and accuracy) of the
+  probe over exactly the labelled tokens, recomputed in numpy."""
   from c3l_jax.data.prompts import load_processor
 
-  obj = lambda shape, colour, row, col: SceneObject(shape, colour, "small", (col + 0.5) / 3, (row + 0.5) / 3)
-  scene = Scene(0, "x.png", "gray", [obj("star", "red", 0, 1), obj("circle", "blue", 2, 2),
-                                     obj("circle", "red", 1, 0)])
-  cells = grounded.word_cells([scene])[0]
-  names = scenes.SHAPES + scenes.COLOURS
-  by_hand = {"star": 1 + 1, "circle": 10, "square": 0, "red": 10, "blue": 8 + 1, "green": 0}
-  for word, cls in by_hand.items():
-    assert cells[names.index(word)] == cls, word
-
+  obj = lambda shape, colour, size, row, col: SceneObject(shape, colour, size, (col + 0.5) / 3, (row + 0.5) / 3)
+  scene = Scene(0, "x.png", "gray", [obj("star", "red", "small", 0, 1), obj("circle", "blue", "large", 2, 2),
+                                     obj("circle", "red", "small", 1, 0)])
   tok = load_processor(SHIPPED).tokenizer
-  table = grounded.word_table(tok)
-  ids = {w: tok.convert_tokens_to_ids(w) for w in ("star", "stars", "circles", "blue", "red", "the", "where")}
-  assert table[ids["star"]] == table[ids["stars"]] == names.index("star")
-  assert table[ids["circles"]] == names.index("circle") and table[ids["blue"]] == names.index("blue")
-  assert table[ids["the"]] == table[ids["where"]] == -1
-  assert (table >= 0).sum() == 2 * len(scenes.SHAPES) + len(scenes.COLOURS)
+  label = grounded.PhraseCells(tok)
+  ids = lambda text: tok.convert_tokens_to_ids(text.split())
+  cases = {  # phrase -> the label at its last word (the head noun), by hand
+      "where is the star ?": 1 + 1, "the circle": 10, "the large circle": 8 + 1, "the red circle": 3 + 1,
+      "the small red circle": 3 + 1, "the blue star": 0, "any squares": 0, "two circles": 10,
+      "the red object": 10, "the blue object": 8 + 1, "how many objects": 10}
+  for text, cls in cases.items():
+    got = label(ids(text), scene)
+    noun = len(text.split()) - (2 if text.endswith("?") else 1)
+    assert got[noun] == cls, (text, got)
+    assert all(l == -1 for i, l in enumerate(got) if i != noun), (text, got)
+  assert label(ids("where is the star ?"), None) == [-1] * 5  # text only: nothing to ground
 
-  image_id, pad = 99, 0
   rng = np.random.default_rng(0)
-  tokens = np.array([[image_id, ids["where"], ids["the"], ids["star"], ids["blue"], ids["stars"]],
-                     [image_id, ids["circles"], ids["red"],
-                      ids["the"], ids["star"], pad],  # the last star is padding
-                     [ids["where"], ids["star"], ids["blue"], ids["the"], ids["the"], ids["the"]]])  # text only
-  mask = np.array([[1] * 6, [1, 1, 1, 1, 0, 0], [1] * 6])
   b, k, t, dh = 3, 2, 6, 4
+  labels = np.full((b, t), -1, np.int32)
+  labels[0, 3], labels[0, 5], labels[1, 1], labels[1, 2] = 2, 10, 0, 9
   kv_v = rng.normal(size=(b, k, t, dh)).astype(np.float32)
   probe = {"w": rng.normal(size=(k * dh, 11)).astype(np.float32), "b": rng.normal(size=11).astype(np.float32)}
-  batch_cells = np.stack([cells, cells[::-1], cells])
-  loss, acc = grounded.grounding_probe_loss(kv_v, tokens, mask, image_id, batch_cells, table, probe)
+  loss, acc = grounded.grounding_probe_loss(kv_v, labels, probe)
   ces, hits = [], []
-  # Row 0: star, blue, stars; row 1: circles, red (star is masked); row 2 has no image.
-  for row, pos, word in [(0, 3, "star"), (0, 4, "blue"), (0, 5, "star"), (1, 1, "circle"), (1, 2, "red")]:
+  for row, pos in zip(*np.nonzero(labels >= 0)):
     logits = kv_v[row, :, pos, :].reshape(-1) @ probe["w"] + probe["b"]
-    label = batch_cells[row][names.index(word)]
     logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    ces.append(-logp[label])
-    hits.append(logits.argmax() == label)
+    ces.append(-logp[labels[row, pos]])
+    hits.append(logits.argmax() == labels[row, pos])
+  assert len(ces) == 4
   np.testing.assert_allclose(float(loss), np.mean(ces), rtol=1e-5)
   np.testing.assert_allclose(float(acc), np.mean(hits), rtol=1e-6)

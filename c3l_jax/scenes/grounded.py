@@ -115,6 +115,7 @@ class Examples:
   def __init__(self, builder: Any, world: Sequence[world_lib.Scene], p: Any):
     self.builder, self.world, self.p = builder, world, p
     self.prompt = sm.PromptIds(builder, world[0])
+    self.phrase_cells = PhraseCells(builder.tokenizer)
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -155,8 +156,10 @@ class Examples:
     raise ValueError(f"unknown task {task!r}")
 
   def _ex(self, prompt: str, target: str, index: int) -> dict:
-    return {"prompt": self.prompt(prompt, index >= 0),
-            "target": self.builder.encode_answer(target) + list(self.builder.eos_ids), "scene": index}
+    ex = {"prompt": self.prompt(prompt, index >= 0),
+          "target": self.builder.encode_answer(target) + list(self.builder.eos_ids), "scene": index}
+    ex["probe_labels"] = self.phrase_cells(ex["prompt"] + ex["target"], self.world[index] if index >= 0 else None)
+    return ex
 
 
 def token_batch(examples: Sequence[dict], length: int, pad_id: int) -> dict:
@@ -170,6 +173,11 @@ def token_batch(examples: Sequence[dict], length: int, pad_id: int) -> dict:
   batch = trainer_lib.ce_batch(fitted, pad_id, width=length,
                                head_width=round_up(length, trainer_lib.HEAD_BUCKET))
   batch["scene"] = np.asarray([max(e["scene"], 0) for e in examples], np.int32)
+  if all("probe_labels" in e for e in examples):  # the grounding probe's (`PhraseCells`), -1 = none
+    batch["probe_labels"] = np.full((len(examples), length), -1, np.int32)
+    for i, e in enumerate(examples):
+      row = e["probe_labels"][:length]
+      batch["probe_labels"][i, :len(row)] = row
   return batch
 
 
@@ -238,55 +246,61 @@ def image_tokens(vlm: Any, pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
 _CELL_CLASSES = world_lib.GRID * world_lib.GRID + 2  # no instance, one of the cells, several
 
 
-def word_cells(world: Sequence[world_lib.Scene]) -> np.ndarray:
-  """`[N, len(SHAPES) + len(COLOURS)]` the cell class of each shape's and each colour's instance in each
-  scene (stage 0's binding classes: 0 = none, cell + 1, or the last class = several)."""
-  from c3l_jax.scenes import vision
+class PhraseCells:
+  """The grounding probe's labels (`grounding_probe_loss`): for a token sequence about a scene, at the
+  head noun of each noun phrase (a shape, singular or plural, or "object(s)", with the sizes and colours
+  right before it) the cell class of what the phrase refers to: 0 = nothing in the scene matches, cell +
+  1 for exactly one match, the last class for several; -1 at every other token. "the large blue star"
+  is the one large blue star, "stars" every star, "the red object" every red object."""
 
-  out = np.zeros((len(world), len(world_lib.SHAPES) + len(world_lib.COLOURS)), np.int32)
-  for i, scene in enumerate(world):
-    cells = {}
-    for o in scene.objects:
-      cell = o.row * world_lib.GRID + o.col
-      cells.setdefault(o.shape, []).append(cell)
-      cells.setdefault(o.colour, []).append(cell)
-    out[i] = [vision._binding(cells.get(w, []), _CELL_CLASSES - 2)  # noqa: SLF001
-              for w in world_lib.SHAPES + world_lib.COLOURS]
-  return out
-
-
-def word_table(tokenizer: Any) -> np.ndarray:
-  """`[vocab]` for each token id the index into `SHAPES + COLOURS` of the word it spells (a shape's
-  singular or plural, or a colour), else -1."""
-  table = np.full(len(tokenizer), -1, np.int32)
-  for k, word in enumerate(world_lib.SHAPES + world_lib.COLOURS):
-    for form in {word, text_lib._PLURAL.get(word, word)}:  # noqa: SLF001
+  def __init__(self, tokenizer: Any):
+    self.lexicon: dict[int, tuple[str, str]] = {}
+    words = ([("shape", w, w) for w in world_lib.SHAPES] +
+             [("shape", text_lib._PLURAL[w], w) for w in world_lib.SHAPES] +  # noqa: SLF001
+             [("object", w, "") for w in ("object", "objects")] +
+             [("colour", w, w) for w in world_lib.COLOURS] + [("size", w, w) for w in world_lib.SIZES])
+    for kind, form, value in words:
       tid = tokenizer.convert_tokens_to_ids(form)
       if tid is None or tid == tokenizer.unk_token_id:
         raise ValueError(f"the scenes tokenizer has no token for {form!r}")
-      table[tid] = k
-  return table
+      self.lexicon[int(tid)] = (kind, value)
+
+  def __call__(self, ids: Sequence[int], scene: world_lib.Scene | None) -> list[int]:
+    labels = [-1] * len(ids)
+    if scene is None:
+      return labels
+    for t, tid in enumerate(ids):
+      kind, value = self.lexicon.get(int(tid), ("", ""))
+      if kind not in ("shape", "object"):
+        continue
+      want = {"shape": value} if kind == "shape" else {}
+      j = t - 1
+      while j >= 0 and self.lexicon.get(int(ids[j]), ("", ""))[0] in ("colour", "size"):
+        adj_kind, adj = self.lexicon[int(ids[j])]
+        want.setdefault(adj_kind, adj)
+        j -= 1
+      cells = [o.row * world_lib.GRID + o.col for o in scene.objects
+               if all(getattr(o, k) == v for k, v in want.items())]
+      labels[t] = 0 if not cells else cells[0] + 1 if len(cells) == 1 else _CELL_CLASSES - 1
+    return labels
 
 
-def grounding_probe_loss(kv_v: jax.Array, tokens: jax.Array, mask: jax.Array, image_id: int,
-                         cells: jax.Array, table: jax.Array, probe: dict) -> tuple[jax.Array, jax.Array]:
-  """The grounding probe (recipe only, not exported): at every shape or colour word of a sequence with
-  an image, a linear probe on that token's attention values `kv_v [B, K, T, Dh]` (one layer's) predicts
-  the cell of the word's instance in the scene (`cells [B, W]`, the classes of `word_cells`). Returns
-  (mean CE over those tokens, their accuracy)."""
+def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tuple[jax.Array, jax.Array]:
+  """The grounding probe (recipe only, not exported): at every token with a label (`PhraseCells`,
+  `labels [B, T]`, -1 elsewhere) a linear probe on that token's attention values `kv_v [B, K, T, Dh]`
+  (one layer's) predicts the cell class of what its noun phrase refers to. Returns (mean CE over the
+  labelled tokens, their accuracy)."""
   b, k, t, dh = kv_v.shape
   v = kv_v.transpose(0, 2, 1, 3).reshape(b, t, k * dh).astype(jnp.float32)
-  word = table[tokens]  # [B, T]
-  has_image = jnp.any(tokens == image_id, axis=1, keepdims=True)
-  weight = ((word >= 0) & has_image & (mask > 0)).astype(jnp.float32)
-  labels = jnp.take_along_axis(cells, jnp.maximum(word, 0), axis=1)
+  weight = (labels >= 0).astype(jnp.float32)
+  safe = jnp.maximum(labels, 0)
   logits = v @ probe["w"] + probe["b"]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   n = jnp.maximum(weight.sum(), 1.0)
-  return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == labels) * weight).sum() / n
+  return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == safe) * weight).sum() / n
 
 
-def _decoder_loss(trainable, graphdef, rest, batch, feats, aux, image_id, probe_layer, probe_weight):
+def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probe_layer, probe_weight):
   lm = nnx.merge(graphdef, trainable["lm"], rest)
   tokens = batch["tokens"]
   x = lm.embed(tokens)
@@ -302,18 +316,17 @@ def _decoder_loss(trainable, graphdef, rest, batch, feats, aux, image_id, probe_
   loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
   if not probe_weight:
     return loss, (loss, jnp.zeros(()), jnp.zeros(()))
-  probe_loss, probe_acc = grounding_probe_loss(kv.v[probe_layer], tokens, batch["mask"], image_id,
-                                               aux["cells"][batch["scene"]], aux["table"],
+  probe_loss, probe_acc = grounding_probe_loss(kv.v[probe_layer], batch["probe_labels"],
                                                trainable["probe"])
   return loss + probe_weight * probe_loss, (loss, probe_loss, probe_acc)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "image_id", "probe_layer",
                                              "probe_weight"), donate_argnums=(0, 1))
-def _decoder_step(trainable, opt_state, rest, batch, feats, aux, *, graphdef, optimizer, image_id,
+def _decoder_step(trainable, opt_state, rest, batch, feats, *, graphdef, optimizer, image_id,
                   probe_layer, probe_weight):
   (_, parts), grads = jax.value_and_grad(_decoder_loss, has_aux=True)(
-      trainable, graphdef, rest, batch, feats, aux, image_id, probe_layer, probe_weight)
+      trainable, graphdef, rest, batch, feats, image_id, probe_layer, probe_weight)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, parts
 
@@ -323,9 +336,9 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
                   on_eval: Callable[[int], dict] | None = None, eval_every: int = 0,
                   log_every: int = 200, probe: dict | None = None) -> tuple[list[dict], list[dict], float]:
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
-  untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight`, `layer`,
-  `cells` (`word_cells` of the scenes of `feats`) and `table` (`word_table`), or None; its linear head
-  is trained with the decoder and thrown away. Returns (loss history, held-out checks from
+  untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight` and `layer`, or
+  None; the batches then carry `probe_labels`, and the probe's linear head is trained with the decoder
+  and thrown away. Returns (loss history, held-out checks from
   `on_eval(step)`, seconds)."""
   lm = vlm.language_model
   graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
@@ -334,11 +347,9 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
   probe_weight = float(probe["weight"]) if probe else 0.0
   trainable: dict[str, Any] = {"lm": params}
-  aux: dict[str, Any] = {}
   if probe_weight:
     width = vlm.cfg.text.num_key_value_heads * vlm.cfg.text.head_dim
     trainable["probe"] = {"w": jnp.zeros((width, _CELL_CLASSES)), "b": jnp.zeros(_CELL_CLASSES)}
-    aux = {"cells": jnp.asarray(probe["cells"]), "table": jnp.asarray(probe["table"])}
   opt_state = optimizer.init(trainable)
   feats_dev = jnp.asarray(feats)
   history, checks = [], []
@@ -346,9 +357,10 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
   window: dict[str, list[float]] = {}
   for step in range(steps):
     kind, batch = batches(step)
-    batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "weights"}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()
+             if k != "weights" and (probe_weight or k != "probe_labels")}
     trainable, opt_state, parts = _decoder_step(
-        trainable, opt_state, rest, batch, feats_dev, aux, graphdef=graphdef, optimizer=optimizer,
+        trainable, opt_state, rest, batch, feats_dev, graphdef=graphdef, optimizer=optimizer,
         image_id=int(vlm.cfg.image_token_id), probe_layer=int(probe["layer"]) if probe_weight else 0,
         probe_weight=probe_weight)
     loss, probe_loss, probe_acc = (float(x) for x in parts)
@@ -391,7 +403,7 @@ def quick_check(vlm: Any, base: str, workdir: str, world: Sequence[world_lib.Sce
 
 
 __all__ = ["Examples", "batch_kind", "existence_qa", "image_tokens", "mix_batches", "quick_check", "relation_qa",
-           "token_batch", "train_decoder"]
+           "token_batch", "train_decoder", "PhraseCells", "grounding_probe_loss"]
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -448,8 +460,7 @@ def run(config: Any, workdir: str) -> dict:
               f"(image token / word embedding norm {modelio.feature_scale(vlm, pixels_of(world[:64])):.3g})")
 
   maker = Examples(builder, world, g)
-  probe = ({"weight": g.probe_weight, "layer": g.probe_layer, "cells": word_cells(world),
-            "table": word_table(builder.tokenizer)} if g.probe_weight else None)
+  probe = {"weight": g.probe_weight, "layer": g.probe_layer} if g.probe_weight else None
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
   on_eval = (lambda step: quick_check(vlm, base, stage_dir, quick_world, mesh, seed)) \
       if g.eval_quick_scenes else None
