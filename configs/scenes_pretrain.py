@@ -104,6 +104,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.vision_batch_size = 128
   g.vision_lr = 3e-3
   g.vision_eval_scenes = 200  # held-out probe accuracy (scenes of world_seed + 1)
+  g.vision_background = False  # also a head for the scene's background colour (captions name it)
   g.image_token_scale = 1.0  # image-token norm / word-embedding norm after the connector's rescale
   # The decoder (tower and connector frozen, image tokens cached).
   g.student_steps = 800  # captions only: the student

@@ -128,6 +128,11 @@ def test_vision_targets_of_a_hand_made_scene():
   assert value["green_shape"] == 0
   sizes = dict(vision.GLOBAL_HEADS)
   assert all(0 <= v < sizes[n] for n, v in value.items())
+  # The optional background head: one more global label, the background's index; the rest unchanged.
+  local_b, glob_b = vision.scene_targets(scene, 3, background=True)
+  assert [n for n, _ in vision.global_heads(True)] == names + ["background"]
+  assert glob_b[-1] == scenes.BACKGROUNDS.index("black") and list(glob_b[:-1]) == list(glob)
+  assert (local_b == local).all()
 
 
 def test_student_captions_without_instruction_data(mesh):

@@ -439,7 +439,7 @@ def run(config: Any, workdir: str) -> dict:
   vision_out = vision.train_vision_cached(
       vlm, world, pixels, os.path.join(stage_dir, "stage0"), steps=g.vision_steps,
       batch_size=g.vision_batch_size, learning_rate=g.vision_lr, seed=seed, eval_world=probe_world,
-      eval_pixels=pixels_of(probe_world))
+      eval_pixels=pixels_of(probe_world), background=g.get("vision_background", False))
   rms = vision.normalize_feature_scale(vlm, pixels[:256], 1.0)
   vision_out["feature_rms_before_after"] = [round(r, 4) for r in rms]
   console.say(f"pretrain stage 0 (vision, supervised): {g.vision_steps} steps in "

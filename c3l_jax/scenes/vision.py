@@ -52,6 +52,12 @@ BINDING_HEADS = tuple([(f"{s}_colour", len(scenes.COLOURS) + 2) for s in scenes.
                       + [(f"{s}_cell", _CELLS + 2) for s in scenes.SHAPES]
                       + [(f"{c}_shape", len(scenes.SHAPES) + 2) for c in scenes.COLOURS])
 GLOBAL_HEADS = COUNT_HEADS + BINDING_HEADS
+# Optional (`background=True`): the scene's background colour, also predicted by every patch.
+BACKGROUND_HEADS = (("background", len(scenes.BACKGROUNDS)),)
+
+
+def global_heads(background: bool = False) -> tuple[tuple[str, int], ...]:
+  return GLOBAL_HEADS + (BACKGROUND_HEADS if background else ())
 
 
 def _binding(values: Sequence[int], n: int) -> int:
@@ -59,9 +65,9 @@ def _binding(values: Sequence[int], n: int) -> int:
   return 0 if not values else values[0] + 1 if len(values) == 1 else n + 1
 
 
-def scene_targets(scene: scenes.Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:
-  """`(local [grid*grid, len(LOCAL_HEADS)], global [len(GLOBAL_HEADS)])` integer labels of `scene`
-  for a `grid x grid` patch grid (grid must be the world's 3: one patch per cell)."""
+def scene_targets(scene: scenes.Scene, grid: int, background: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """`(local [grid*grid, len(LOCAL_HEADS)], global [len(global_heads(background))])` integer labels of
+  `scene` for a `grid x grid` patch grid (grid must be the world's 3: one patch per cell)."""
   if grid != scenes.GRID:
     raise ValueError(f"supervised vision pretraining needs one patch per cell ({scenes.GRID} x "
                      f"{scenes.GRID} patches), got {grid} x {grid}")
@@ -83,13 +89,15 @@ def scene_targets(scene: scenes.Scene, grid: int) -> tuple[np.ndarray, np.ndarra
   binding += [_binding([o.row * grid + o.col for o in objs if o.shape == s], _CELLS) for s in scenes.SHAPES]
   binding += [_binding([scenes.SHAPES.index(o.shape) for o in objs if o.colour == c], len(scenes.SHAPES))
               for c in scenes.COLOURS]
+  if background:
+    binding.append(scenes.BACKGROUNDS.index(scene.background))
   return local, np.concatenate([counts, np.asarray(binding, np.int32)])
 
 
-def _init_heads(key: jax.Array, width: int) -> dict:
+def _init_heads(key: jax.Array, width: int, background: bool = False) -> dict:
   k1, k2 = jax.random.split(key)
   n_local = sum(n for _, n in LOCAL_HEADS)
-  n_global = sum(n for _, n in GLOBAL_HEADS)
+  n_global = sum(n for _, n in global_heads(background))
   return {"local_w": jax.random.normal(k1, (width, n_local)) * 0.02, "local_b": jnp.zeros(n_local),
           "global_w": jax.random.normal(k2, (width, n_global)) * 0.02, "global_b": jnp.zeros(n_global)}
 
@@ -116,18 +124,19 @@ def _features(tower: Any, pixels: jax.Array, feature_layers: tuple[int, ...], st
 
 def train_vision(vlm: Any, world: Sequence[scenes.Scene], pixels: np.ndarray, *, steps: int,
                  batch_size: int, learning_rate: float, seed: int, eval_world: Sequence[scenes.Scene] = (),
-                 eval_pixels: np.ndarray | None = None) -> dict:
-  """Train `vlm.vision_tower` in place with the probes above; returns the loss curve and the probes'
-  accuracies on `eval_world` (held out) when given."""
+                 eval_pixels: np.ndarray | None = None, background: bool = False) -> dict:
+  """Train `vlm.vision_tower` in place with the probes above (`background`: also the background head);
+  returns the loss curve and the probes' accuracies on `eval_world` (held out) when given."""
   cfg = vlm.cfg
   grid = cfg.vision.image_size // cfg.vision.patch_size
   width = cfg.vision.hidden_size * len(cfg.feature_layers)
   strategy = cfg.vision_feature_select_strategy
-  labels = [scene_targets(s, grid) for s in world]
+  heads_global = global_heads(background)
+  labels = [scene_targets(s, grid, background) for s in world]
   local = np.stack([l for l, _ in labels])
   glob = np.stack([g for _, g in labels])
   graphdef, params, rest = nnx.split(vlm.vision_tower, nnx.Param, ...)
-  heads = _init_heads(jax.random.key(seed), width)
+  heads = _init_heads(jax.random.key(seed), width, background)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(50, steps // 10 + 1),
                                                 max(steps, 2))
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -144,7 +153,7 @@ def train_vision(vlm: Any, world: Sequence[scenes.Scene], pixels: np.ndarray, *,
     lo, go = forward(tr, px)
     l1, a1 = _head_losses(lo, loc, LOCAL_HEADS)
     l2, a2 = _head_losses(go, jnp.broadcast_to(gl[:, None, :], go.shape[:2] + gl.shape[-1:]),
-                          GLOBAL_HEADS)
+                          heads_global)
     return l1 + l2, (a1, a2)
 
   @jax.jit
@@ -166,14 +175,16 @@ def train_vision(vlm: Any, world: Sequence[scenes.Scene], pixels: np.ndarray, *,
   nnx.update(vlm.vision_tower, trainable["tower"])
   out: dict[str, Any] = {"steps": steps, "seconds": round(seconds, 1), "history": history}
   if len(eval_world):
-    ev = [scene_targets(s, grid) for s in eval_world]
+    ev = [scene_targets(s, grid, background) for s in eval_world]
     _, (a1, a2) = eval_fn(trainable, jnp.asarray(eval_pixels), jnp.asarray(np.stack([l for l, _ in ev])),
                           jnp.asarray(np.stack([g for _, g in ev])))
     out["heldout_accuracy"] = {
         **{name: round(float(a), 4) for (name, _), a in zip(LOCAL_HEADS, a1)},
         "counts_mean": round(float(np.mean(np.asarray(a2)[:len(COUNT_HEADS)])), 4),
         "n_objects": round(float(a2[len(COUNT_HEADS) - 1]), 4),
-        "binding_mean": round(float(np.mean(np.asarray(a2)[len(COUNT_HEADS):])), 4)}
+        "binding_mean": round(float(np.mean(np.asarray(a2)[len(COUNT_HEADS):len(GLOBAL_HEADS)])), 4)}
+    if background:
+      out["heldout_accuracy"]["background"] = round(float(a2[len(GLOBAL_HEADS)]), 4)
   return out
 
 
@@ -234,5 +245,5 @@ def train_vision_cached(vlm: Any, world: Sequence[scenes.Scene], pixels: np.ndar
   return out
 
 
-__all__ = ["BINDING_HEADS", "COUNT_HEADS", "GLOBAL_HEADS", "LOCAL_HEADS", "feature_rms", "normalize_feature_scale", "scene_targets",
+__all__ = ["BACKGROUND_HEADS", "BINDING_HEADS", "COUNT_HEADS", "GLOBAL_HEADS", "global_heads", "LOCAL_HEADS", "feature_rms", "normalize_feature_scale", "scene_targets",
            "train_vision", "train_vision_cached"]
