@@ -145,11 +145,12 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   # and at 0.45 it was 0 % generic (g1) while VIGC was 85 %.
   g.p_generic_caption_qa = 0.65
   g.p_short = 0.7
-  # The grounding probe (`grounded.grounding_probe_loss`, recipe only, not exported): at every shape or
-  # colour word of a sequence with an image, a linear probe on layer `probe_layer`'s attention values
-  # predicts the cell of that word's instance, weighted `probe_weight` beside the CE (0 = off).
+  # The grounding probe (`grounded.grounding_probe_loss`, recipe only, not exported): at the words that
+  # refer to objects in a sequence with an image (`probe_rule`), a linear probe on layer `probe_layer`'s
+  # attention values predicts the referent's cell, weighted `probe_weight` beside the CE (0 = off).
   g.probe_weight = 0.0
   g.probe_layer = 2
+  g.probe_rule = "phrase"  # the labels (`grounded.PhraseCells`): "phrase" (the referent) or "word"
   g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24
   return g

@@ -306,6 +306,11 @@ def test_grounding_probe_labels_and_loss_by_hand():
     assert got[noun] == cls, (text, got)
     assert all(l == -1 for i, l in enumerate(got) if i != noun), (text, got)
   assert label(ids("where is the star ?"), None) == [-1] * 5  # text only: nothing to ground
+  # The "word" rule: every shape / colour word, by itself.
+  word = grounded.PhraseCells(tok, "word")
+  assert word(ids("the large red circle"), scene) == [-1, -1, 10, 10]  # two red objects, two circles
+  assert word(ids("the blue stars"), scene) == [-1, 8 + 1, 1 + 1]
+  assert word(ids("the red object"), scene) == [-1, 10, -1]
 
   rng = np.random.default_rng(0)
   b, k, t, dh = 3, 2, 6, 4

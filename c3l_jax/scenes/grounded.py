@@ -115,7 +115,7 @@ class Examples:
   def __init__(self, builder: Any, world: Sequence[world_lib.Scene], p: Any):
     self.builder, self.world, self.p = builder, world, p
     self.prompt = sm.PromptIds(builder, world[0])
-    self.phrase_cells = PhraseCells(builder.tokenizer)
+    self.phrase_cells = PhraseCells(builder.tokenizer, p.get("probe_rule", "phrase"))
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -247,13 +247,20 @@ _CELL_CLASSES = world_lib.GRID * world_lib.GRID + 2  # no instance, one of the c
 
 
 class PhraseCells:
-  """The grounding probe's labels (`grounding_probe_loss`): for a token sequence about a scene, at the
-  head noun of each noun phrase (a shape, singular or plural, or "object(s)", with the sizes and colours
-  right before it) the cell class of what the phrase refers to: 0 = nothing in the scene matches, cell +
-  1 for exactly one match, the last class for several; -1 at every other token. "the large blue star"
-  is the one large blue star, "stars" every star, "the red object" every red object."""
+  """The grounding probe's labels (`grounding_probe_loss`) for a token sequence about a scene: -1 at
+  unlabelled tokens, else the cell class of the objects a word refers to: 0 = nothing in the scene
+  matches, cell + 1 for exactly one match, the last class for several.
 
-  def __init__(self, tokenizer: Any):
+  `rule="phrase"`: at the head noun of each noun phrase (a shape, singular or plural, or "object(s)",
+  with the sizes and colours right before it), what the phrase refers to: "the large blue star" is the
+  one large blue star, "stars" every star, "the red object" every red object.
+  `rule="word"`: at every shape word (singular or plural) and colour word, the objects of that shape or
+  colour, whatever the words around it."""
+
+  def __init__(self, tokenizer: Any, rule: str = "phrase"):
+    if rule not in ("phrase", "word"):
+      raise ValueError(f"probe label rule must be 'phrase' or 'word', got {rule!r}")
+    self.rule = rule
     self.lexicon: dict[int, tuple[str, str]] = {}
     words = ([("shape", w, w) for w in world_lib.SHAPES] +
              [("shape", text_lib._PLURAL[w], w) for w in world_lib.SHAPES] +  # noqa: SLF001
@@ -271,6 +278,11 @@ class PhraseCells:
       return labels
     for t, tid in enumerate(ids):
       kind, value = self.lexicon.get(int(tid), ("", ""))
+      if self.rule == "word":
+        if kind in ("shape", "colour"):
+          cells = [o.row * world_lib.GRID + o.col for o in scene.objects if getattr(o, kind) == value]
+          labels[t] = 0 if not cells else cells[0] + 1 if len(cells) == 1 else _CELL_CLASSES - 1
+        continue
       if kind not in ("shape", "object"):
         continue
       want = {"shape": value} if kind == "shape" else {}
