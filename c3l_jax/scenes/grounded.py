@@ -280,8 +280,7 @@ class PhraseCells:
       kind, value = self.lexicon.get(int(tid), ("", ""))
       if self.rule == "word":
         if kind in ("shape", "colour"):
-          cells = [o.row * world_lib.GRID + o.col for o in scene.objects if getattr(o, kind) == value]
-          labels[t] = 0 if not cells else cells[0] + 1 if len(cells) == 1 else _CELL_CLASSES - 1
+          labels[t] = _cell_class(scene, {kind: value})
         continue
       if kind not in ("shape", "object"):
         continue
@@ -291,16 +290,21 @@ class PhraseCells:
         adj_kind, adj = self.lexicon[int(ids[j])]
         want.setdefault(adj_kind, adj)
         j -= 1
-      cells = [o.row * world_lib.GRID + o.col for o in scene.objects
-               if all(getattr(o, k) == v for k, v in want.items())]
-      labels[t] = 0 if not cells else cells[0] + 1 if len(cells) == 1 else _CELL_CLASSES - 1
+      labels[t] = _cell_class(scene, want)
     return labels
+
+
+def _cell_class(scene: world_lib.Scene, want: dict[str, str]) -> int:
+  """The cell class of the objects of `scene` whose attributes (shape / colour / size) are `want`."""
+  cells = [o.row * world_lib.GRID + o.col for o in scene.objects
+           if all(getattr(o, k) == v for k, v in want.items())]
+  return 0 if not cells else cells[0] + 1 if len(cells) == 1 else _CELL_CLASSES - 1
 
 
 def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tuple[jax.Array, jax.Array]:
   """The grounding probe (recipe only, not exported): at every token with a label (`PhraseCells`,
   `labels [B, T]`, -1 elsewhere) a linear probe on that token's attention values `kv_v [B, K, T, Dh]`
-  (one layer's) predicts the cell class of what its noun phrase refers to. Returns (mean CE over the
+  (one layer's) predicts the cell class of what the token refers to. Returns (mean CE over the
   labelled tokens, their accuracy)."""
   b, k, t, dh = kv_v.shape
   v = kv_v.transpose(0, 2, 1, 3).reshape(b, t, k * dh).astype(jnp.float32)
