@@ -115,7 +115,9 @@ class Examples:
   def __init__(self, builder: Any, world: Sequence[world_lib.Scene], p: Any):
     self.builder, self.world, self.p = builder, world, p
     self.prompt = sm.PromptIds(builder, world[0])
-    self.phrase_cells = PhraseCells(builder.tokenizer, p.get("probe_rule", "phrase"))
+    # The grounding probe's labels, only when it is on (`probe_weight`).
+    self.phrase_cells = (PhraseCells(builder.tokenizer, p.get("probe_rule", "phrase"))
+                         if p.get("probe_weight", 0.0) else None)
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -158,7 +160,9 @@ class Examples:
   def _ex(self, prompt: str, target: str, index: int) -> dict:
     ex = {"prompt": self.prompt(prompt, index >= 0),
           "target": self.builder.encode_answer(target) + list(self.builder.eos_ids), "scene": index}
-    ex["probe_labels"] = self.phrase_cells(ex["prompt"] + ex["target"], self.world[index] if index >= 0 else None)
+    if self.phrase_cells is not None:
+      ex["probe_labels"] = self.phrase_cells(ex["prompt"] + ex["target"],
+                                             self.world[index] if index >= 0 else None)
     return ex
 
 
@@ -373,8 +377,7 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
   window: dict[str, list[float]] = {}
   for step in range(steps):
     kind, batch = batches(step)
-    batch = {k: jnp.asarray(v) for k, v in batch.items()
-             if k != "weights" and (probe_weight or k != "probe_labels")}
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "weights"}
     trainable, opt_state, parts = _decoder_step(
         trainable, opt_state, rest, batch, feats_dev, graphdef=graphdef, optimizer=optimizer,
         image_id=int(vlm.cfg.image_token_id), probe_layer=int(probe["layer"]) if probe_weight else 0,
