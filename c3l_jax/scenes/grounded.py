@@ -53,6 +53,7 @@ from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.scenes import processor as sm
 from c3l_jax.scenes import text as text_lib
+from c3l_jax.scenes import vision
 from c3l_jax.scenes import world as world_lib
 
 _SALT_BATCH, _SALT_STUDENT = 21, 22
@@ -247,7 +248,8 @@ def image_tokens(vlm: Any, pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
   return np.concatenate(out)
 
 
-_CELL_CLASSES = world_lib.GRID * world_lib.GRID + 2  # no instance, one of the cells, several
+_CELLS = world_lib.GRID * world_lib.GRID
+_CELL_CLASSES = _CELLS + 2  # no instance, one of the cells, several (`vision.binding_class`)
 
 
 class PhraseCells:
@@ -299,10 +301,10 @@ class PhraseCells:
 
 
 def _cell_class(scene: world_lib.Scene, want: dict[str, str]) -> int:
-  """The cell class of the objects of `scene` whose attributes (shape / colour / size) are `want`."""
-  cells = [o.row * world_lib.GRID + o.col for o in scene.objects
-           if all(getattr(o, k) == v for k, v in want.items())]
-  return 0 if not cells else cells[0] + 1 if len(cells) == 1 else _CELL_CLASSES - 1
+  """The cell class of the objects of `scene` whose attributes (shape / colour / size) are `want`: stage
+  0's binding classes (`vision.binding_class`)."""
+  return vision.binding_class([o.row * world_lib.GRID + o.col for o in scene.objects
+                               if all(getattr(o, k) == v for k, v in want.items())], _CELLS)
 
 
 def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tuple[jax.Array, jax.Array]:
@@ -358,8 +360,7 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
   untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight` and `layer`, or
   None; the batches then carry `probe_labels`, and the probe's linear head is trained with the decoder
-  and thrown away. Returns (loss history, held-out checks from
-  `on_eval(step)`, seconds)."""
+  and thrown away. Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
   lm = vlm.language_model
   graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup, steps // 10)),
@@ -431,7 +432,7 @@ def run(config: Any, workdir: str) -> dict:
   from c3l_jax import runtime, sharding
   from c3l_jax.data.prompts import PromptBuilder, load_processor
   from c3l_jax.pipeline.train import export_generator
-  from c3l_jax.scenes import grounding, modelio, vision
+  from c3l_jax.scenes import grounding, modelio
 
   p, g = config.pretrain, config.pretrain.grounded
   seed = config.seed
@@ -458,7 +459,7 @@ def run(config: Any, workdir: str) -> dict:
   vision_out = vision.train_vision_cached(
       vlm, world, pixels, os.path.join(stage_dir, "stage0"), steps=g.vision_steps,
       batch_size=g.vision_batch_size, learning_rate=g.vision_lr, seed=seed, eval_world=probe_world,
-      eval_pixels=pixels_of(probe_world), background=g.get("vision_background", False))
+      eval_pixels=pixels_of(probe_world), background=g.vision_background)
   rms = vision.normalize_feature_scale(vlm, pixels[:256], 1.0)
   vision_out["feature_rms_before_after"] = [round(r, 4) for r in rms]
   console.say(f"pretrain stage 0 (vision, supervised): {g.vision_steps} steps in "

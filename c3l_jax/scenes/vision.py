@@ -60,7 +60,7 @@ def global_heads(background: bool = False) -> tuple[tuple[str, int], ...]:
   return GLOBAL_HEADS + (BACKGROUND_HEADS if background else ())
 
 
-def _binding(values: Sequence[int], n: int) -> int:
+def binding_class(values: Sequence[int], n: int) -> int:
   """The binding class of the values of the instances (see BINDING_HEADS): 0, value + 1, or n + 1."""
   return 0 if not values else values[0] + 1 if len(values) == 1 else n + 1
 
@@ -84,10 +84,10 @@ def scene_targets(scene: scenes.Scene, grid: int, background: bool = False) -> t
   counts += [len(scene.objects)]
   counts = np.minimum(np.asarray(counts, np.int32), _MAX_COUNT - 1)
   objs = scene.objects
-  binding = [_binding([scenes.COLOURS.index(o.colour) for o in objs if o.shape == s], len(scenes.COLOURS))
+  binding = [binding_class([scenes.COLOURS.index(o.colour) for o in objs if o.shape == s], len(scenes.COLOURS))
              for s in scenes.SHAPES]
-  binding += [_binding([o.row * grid + o.col for o in objs if o.shape == s], _CELLS) for s in scenes.SHAPES]
-  binding += [_binding([scenes.SHAPES.index(o.shape) for o in objs if o.colour == c], len(scenes.SHAPES))
+  binding += [binding_class([o.row * grid + o.col for o in objs if o.shape == s], _CELLS) for s in scenes.SHAPES]
+  binding += [binding_class([scenes.SHAPES.index(o.shape) for o in objs if o.colour == c], len(scenes.SHAPES))
               for c in scenes.COLOURS]
   if background:
     binding.append(scenes.BACKGROUNDS.index(scene.background))
@@ -245,5 +245,5 @@ def train_vision_cached(vlm: Any, world: Sequence[scenes.Scene], pixels: np.ndar
   return out
 
 
-__all__ = ["BACKGROUND_HEADS", "BINDING_HEADS", "COUNT_HEADS", "GLOBAL_HEADS", "global_heads", "LOCAL_HEADS", "feature_rms", "normalize_feature_scale", "scene_targets",
+__all__ = ["BACKGROUND_HEADS", "BINDING_HEADS", "binding_class", "COUNT_HEADS", "GLOBAL_HEADS", "global_heads", "LOCAL_HEADS", "feature_rms", "normalize_feature_scale", "scene_targets",
            "train_vision", "train_vision_cached"]
