@@ -117,8 +117,7 @@ class Examples:
     self.builder, self.world, self.p = builder, world, p
     self.prompt = sm.PromptIds(builder, world[0])
     # The grounding probe's labels, only when it is on (`probe_weight`).
-    self.phrase_cells = (PhraseCells(builder.tokenizer, p.get("probe_rule", "phrase"))
-                         if p.get("probe_weight", 0.0) else None)
+    self.phrase_cells = PhraseCells(builder.tokenizer, p.probe_rule) if p.probe_weight else None
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -248,8 +247,7 @@ def image_tokens(vlm: Any, pixels: np.ndarray, chunk: int = 256) -> np.ndarray:
   return np.concatenate(out)
 
 
-_CELLS = world_lib.GRID * world_lib.GRID
-_CELL_CLASSES = _CELLS + 2  # no instance, one of the cells, several (`vision.binding_class`)
+_CELL_CLASSES = vision.CELLS + 2  # no instance, one of the cells, several (`vision.binding_class`)
 
 
 class PhraseCells:
@@ -304,7 +302,7 @@ def _cell_class(scene: world_lib.Scene, want: dict[str, str]) -> int:
   """The cell class of the objects of `scene` whose attributes (shape / colour / size) are `want`: stage
   0's binding classes (`vision.binding_class`)."""
   return vision.binding_class([o.row * world_lib.GRID + o.col for o in scene.objects
-                               if all(getattr(o, k) == v for k, v in want.items())], _CELLS)
+                               if all(getattr(o, k) == v for k, v in want.items())], vision.CELLS)
 
 
 def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tuple[jax.Array, jax.Array]:

@@ -47,9 +47,9 @@ COUNT_HEADS = tuple([(f"n_{s}", _MAX_COUNT) for s in scenes.SHAPES]
 # Binding heads (scene-level lookups every patch predicts): for each shape, the colour and the cell of
 # its instance; for each colour, the shape of its instance. Class 0 = no instance, the last class =
 # several instances, else the value + 1.
-_CELLS = scenes.GRID * scenes.GRID
+CELLS = scenes.GRID * scenes.GRID  # the grid's cells (one patch each)
 BINDING_HEADS = tuple([(f"{s}_colour", len(scenes.COLOURS) + 2) for s in scenes.SHAPES]
-                      + [(f"{s}_cell", _CELLS + 2) for s in scenes.SHAPES]
+                      + [(f"{s}_cell", CELLS + 2) for s in scenes.SHAPES]
                       + [(f"{c}_shape", len(scenes.SHAPES) + 2) for c in scenes.COLOURS])
 GLOBAL_HEADS = COUNT_HEADS + BINDING_HEADS
 # Optional (`background=True`): the scene's background colour, also predicted by every patch.
@@ -86,7 +86,7 @@ def scene_targets(scene: scenes.Scene, grid: int, background: bool = False) -> t
   objs = scene.objects
   binding = [binding_class([scenes.COLOURS.index(o.colour) for o in objs if o.shape == s], len(scenes.COLOURS))
              for s in scenes.SHAPES]
-  binding += [binding_class([o.row * grid + o.col for o in objs if o.shape == s], _CELLS) for s in scenes.SHAPES]
+  binding += [binding_class([o.row * grid + o.col for o in objs if o.shape == s], CELLS) for s in scenes.SHAPES]
   binding += [binding_class([scenes.SHAPES.index(o.shape) for o in objs if o.colour == c], len(scenes.SHAPES))
               for c in scenes.COLOURS]
   if background:
