@@ -1,12 +1,13 @@
 """Train the shipped scenes generator and student from scratch: `python -m c3l_jax.scenes.pretrain`.
 
 The scenes testbed's own command (`c3l_jax/scenes/pretrain.py`; this file is its default `--config`),
-not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`, run g2 of
-docs/testbed-notes.md): build the world's processor and a random tiny LLaVA-1.5 (transformers, then
+not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`) with run I's settings
+(docs/testbed-notes.md, session 8: the grounding probe on layer 1, the background head, 7000 steps): build the world's processor and a random tiny LLaVA-1.5 (transformers, then
 `c3l_jax.convert`), a supervised vision tower (stage 0), a frozen random connector, the student (decoder
 on captions only, exported to `grounded.student_out`, default `checkpoints/scenes_student`) and the
 generator (the instruction mix; `pretrain.out`, default `checkpoints/scenes_tiny`), each with its
-`training_metrics.json`. 52 minutes on one core of a 2-core CPU (docs/scenes.md). `recipe="mix"` is the old recipe
+`training_metrics.json`. 63 minutes on one core of the 2-core machine with a second training on the
+other core (docs/scenes.md). `recipe="mix"` is the old recipe
 (CG-VLM alignment, captioning, instruction tuning: the shipped model before 2026-12-03, with
 `num_scenes=3000 vision_hidden=96 vision_layers=3 eval_scenes=96`).
 `--config.pretrain.grounded.steps=...` etc. override any field below.
@@ -104,11 +105,11 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.vision_batch_size = 128
   g.vision_lr = 3e-3
   g.vision_eval_scenes = 200  # held-out probe accuracy (scenes of world_seed + 1)
-  g.vision_background = False  # also a head for the scene's background colour (captions name it)
+  g.vision_background = True  # also a head for the scene's background colour (captions name it)
   g.image_token_scale = 1.0  # image-token norm / word-embedding norm after the connector's rescale
   # The decoder (tower and connector frozen, image tokens cached).
   g.student_steps = 800  # captions only: the student
-  g.steps = 6500  # the instruction mix: the generator
+  g.steps = 7000  # the instruction mix: the generator
   g.batch_size = 32
   g.lr = 2e-3
   g.warmup_steps = 200
@@ -121,9 +122,10 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.p_detail = 0.05
   g.p_image = 0.25
   # Run g1 (docs/testbed-notes.md): count / existence solved, position / relation at the prior, so the
-  # VQA draws favour position, and relations also come balanced (yes / no 1/2 each: w_relation).
+  # VQA draws favour position, and relations also come balanced (yes / no 1/2 each: w_relation). Runs
+  # H and I (sessions 7-8): colour questions (binding a colour to the named shape) drawn more often.
   g.w_vqa = 4.0
-  g.vqa_kind_weights = (1.2, 1.2, 0.7, 3.0, 1.0, 0.5)  # colour, shape, count, position, relation, existence
+  g.vqa_kind_weights = (2.5, 1.2, 0.7, 3.0, 1.0, 0.5)  # colour, shape, count, position, relation, existence
   g.w_existence = 1.0
   g.w_relation = 1.5
   g.w_generic_image = 0.2
@@ -132,7 +134,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   # scenes the decoder learns to read a referent's cell in ~200 steps; on all scenes it hardly does:
   # docs/testbed-notes.md, session 3.)
   g.curriculum = ()
-  g.w_caption = 2.0
+  g.w_caption = 4.5
   g.w_vigc = 1.0
   g.w_caption_qa = 3.0
   g.w_chat = 1.0
@@ -148,9 +150,9 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   # The grounding probe (`grounded.grounding_probe_loss`, recipe only, not exported): at the words that
   # refer to objects in a sequence with an image (`probe_rule`), a linear probe on layer `probe_layer`'s
   # attention values predicts the referent's cell, weighted `probe_weight` beside the CE (0 = off).
-  g.probe_weight = 0.0
-  g.probe_layer = 2
-  g.probe_rule = "phrase"  # the labels (`grounded.PhraseCells`): "phrase" (the referent) or "word"
+  g.probe_weight = 2.0
+  g.probe_layer = 1
+  g.probe_rule = "word"  # the labels (`grounded.PhraseCells`): "phrase" (the referent) or "word"
   g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24
   return g
