@@ -515,3 +515,28 @@ def test_ablation_fine_tunes_the_student(tmp_path, monkeypatch):
   assert seen[0][0].model.checkpoint == config.model.checkpoint
   with pytest.raises(pipeline.ConfigError, match="ablation.student"):
     pipeline.check_config(student)  # its stages include `ablation`
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="memory maps are counted on Linux")
+def test_ablation_frees_compiled_code_before_the_map_limit(monkeypatch):
+  """The 3-seed ablation crashed in its third seed ("LLVM compilation error: Cannot allocate memory"): the
+  jit caches kept every row's compiled programs mapped until the process reached vm.max_map_count. Past
+  half the limit, `release` clears the caches and the maps of the freed programs go."""
+  import jax
+  import jax.numpy as jnp
+
+  from c3l_jax.pipeline import ablation
+
+  f = jax.jit(lambda x: jnp.sin(x) * 2 + 1)
+  for n in range(1, 41):  # 40 programs
+    f(jnp.ones(n)).block_until_ready()
+  assert f._cache_size() == 40
+  maps = ablation._memory_maps()
+  monkeypatch.setattr(ablation, "_map_limit", lambda: 2 * maps + 1000)  # well below half: kept
+  assert not ablation.release("kept") and f._cache_size() == 40
+  monkeypatch.setattr(ablation, "_map_limit", lambda: 2 * maps - 2)  # just over half: cleared
+  assert ablation.release("cleared") and f._cache_size() == 0
+  assert ablation._memory_maps() < maps - 100  # 40 small CPU programs held ~300 maps
+  monkeypatch.setattr(ablation, "_map_limit", lambda: None)  # no limit (not Linux): never cleared
+  f(jnp.ones(3))
+  assert not ablation.release("no limit") and f._cache_size() == 1

@@ -37,11 +37,14 @@ is the printed table.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 from typing import Any, Sequence
 
+import jax
 import ml_collections
+from absl import logging
 import numpy as np
 from scipy import stats
 
@@ -150,6 +153,45 @@ def reference_row(config: Any) -> str:
   return "student" if config.ablation.get("student") else "base model"
 
 
+def _memory_maps() -> int | None:
+  """The process's memory-map count (Linux; None elsewhere)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+def _map_limit() -> int | None:
+  """The kernel's per-process limit on memory maps (`vm.max_map_count`; None where there is none)."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return None
+
+
+def release(label: str, fraction: float = 0.5) -> bool:
+  """Frees compiled programs once the process holds more than `fraction` of the memory maps it may.
+
+  XLA's CPU JIT maps each compiled executable's code into the process and the jit caches keep every
+  sub-run's executables alive (each row trains a new model: new programs); the 3-seed ablation went past
+  the kernel's `vm.max_map_count` (65530 by default) in its third seed and LLVM failed with "Cannot
+  allocate memory". Clearing the caches after every sub-run costs recompiling the programs rows do
+  share (generation, eval: 60 % more wall time on the test's run), so it happens only when needed.
+  Returns whether it cleared.
+  """
+  maps, limit = _memory_maps(), _map_limit()
+  if maps is None or limit is None or maps <= fraction * limit:
+    logging.info("ablation %s: %s memory maps (limit %s)", label, maps, limit)
+    return False
+  jax.clear_caches()
+  gc.collect()
+  logging.info("ablation %s: %d memory maps of %d allowed, %s after clearing the jit caches", label, maps,
+               limit, _memory_maps())
+  return True
+
+
 def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> dict:
   """VLIT fine-tune of the student on `records`, then eval (`ablation.benchmarks`); with no records,
   the student's own eval. Returns the eval's table columns (`_summary`)."""
@@ -179,6 +221,7 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
   # The sub-run's stage lines and eval tables go to the log; the console gets one line per model.
   with console.captured_stdout(f"ablation {name}"):
     metrics = pipeline.run_stages(cfg, down, stages)
+  release(f"{name} model")
   summary = _summary(metrics["eval"])
   console.say(f"ablation {name} model: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()
                                                      if k in COLUMNS and isinstance(v, float)))
@@ -262,6 +305,7 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
     _link(workdir, seed_dir, {s: s for s in SHARED})
   else:
     pipeline.run_stages(derive(cfg, {"stages": ",".join(SHARED)}), seed_dir, SHARED)
+  release(f"seed {k} shared stages")
   results: dict[str, dict] = {}
   ref = reference_row(config)
   results[ref] = _downstream(cfg, os.path.join(seed_dir, "base"), [], f"seed {k} {ref}")
@@ -272,6 +316,7 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
     with console.captured_stdout(f"ablation seed {k} {name}"):  # stage lines and tables: to the log
       metrics = pipeline.run_stages(derive(cfg, {**row.overrides, "stages": ",".join(row.stages)}),
                                     row_dir, row.stages)
+    release(f"seed {k} {name} data")
     rows = shards.read_parts(os.path.join(row_dir, "final", "filtered"))
     result = {"instances": len(rows)}
     quality = metrics["export"].get("quality", {}).get("final")
