@@ -118,7 +118,7 @@ def _copy_through(src, dst, stages):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """The one-process reference (the stages compared: initial -> select) and an uninterrupted
-  two-process run in which, at alternate stage starts, process 0 and then process 1 sleeps 3 s: every
+  two-process run in which, at alternate stage starts, process 0 and then process 1 sleeps 1 s: every
   hand-off happens once with the lead behind and once with the other process behind."""
   if not os.path.exists(os.path.join(SCENES, "c3l_model.json")):
     pytest.skip("the shipped scenes checkpoint is missing")
@@ -130,7 +130,7 @@ def runs(tmp_path_factory):
   assert proc.returncode == 0, proc.stderr[-4000:]
   two = root / "two" / "w"
   os.makedirs(two.parent)
-  slow = ",".join(f"{i % 2}:{stage}:start:sleep=3" for i, stage in enumerate(STAGES))
+  slow = ",".join(f"{i % 2}:{stage}:start:sleep=1" for i, stage in enumerate(STAGES))
   procs = launch_two(str(two), tfds, fault=slow)
   assert wait_all(procs, str(two)) == [0, 0], _logs(str(two))
   return {"one": one, "two": two, "tfds": tfds, "root": root}
