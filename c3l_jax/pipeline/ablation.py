@@ -44,8 +44,8 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
-from absl import logging
 import numpy as np
+from absl import logging
 from scipy import stats
 
 from c3l_jax import console, registry, runtime
