@@ -153,6 +153,12 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.probe_weight = 2.0
   g.probe_layer = 1
   g.probe_rule = "word"  # the labels (`grounded.PhraseCells`): "phrase" (the referent) or "word"
+  # The offset probe (`grounded.offset_labels`, recipe only, not exported): at the head noun of a phrase
+  # naming one object after another such phrase, a linear probe on layer `offset_probe_layer`'s attention
+  # values predicts where the earlier object lies relative to this one (row and column differences: the
+  # relations), weighted `offset_probe_weight` (0 = off).
+  g.offset_probe_weight = 0.0
+  g.offset_probe_layer = 2
   g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24
   return g

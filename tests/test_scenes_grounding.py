@@ -165,7 +165,7 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
     config.pretrain.grounded.update(
         student_out=str(student), vision_steps=2, vision_batch_size=8, vision_eval_scenes=4,
         student_steps=2, steps=6, batch_size=4, text_every=3, p_detail=0.3, p_image=0.3,
-        eval_quick_scenes=0, probe_weight=1.0, probe_layer=0)
+        eval_quick_scenes=0, probe_weight=1.0, probe_layer=0, offset_probe_weight=1.0, offset_probe_layer=0)
   metrics = pretrain.run(config, str(tmp_path / "w"))
   assert metrics["student_captions"]["steps"] == 2 and metrics["generator_mix"]["steps"] == 6
   assert sum(metrics["generator_mix"]["steps_by_batch_kind"].values()) == 6
@@ -187,7 +187,7 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
     kind, batch = make(step)
     kinds.add(kind)
     ours, _ = grounded._decoder_loss({"lm": params}, graphdef, rest, batch, feats, model.cfg.image_token_id,
-                                     0, 0.0)
+                                     probes=())
     ref_batch = {k: v for k, v in batch.items() if k != "scene"}
     if kind != "text":
       ref_batch["pixels"] = pixels[batch["scene"]]
@@ -308,6 +308,21 @@ def test_grounding_probe_labels_and_loss_by_hand():
   assert word(ids("the large red circle"), scene) == [-1, -1, 10, 10]  # two red objects, two circles
   assert word(ids("the blue stars"), scene) == [-1, 8 + 1, 1 + 1]
   assert word(ids("the red object"), scene) == [-1, 10, -1]
+  # The offset probe: at each phrase naming one object after another one, where the earlier object lies
+  # relative to it, (row difference + 2) * 5 + column difference + 2. Cells: red star (0, 1), blue circle
+  # (2, 2), red circle (1, 0).
+  text = "is the red star above the large circle ? no , the red circle is below the star ."
+  offsets = grounded.offset_labels(label(ids(text), scene))
+  by_hand = {"circle": [(0 - 2 + 2) * 5 + (1 - 2 + 2),   # star (0, 1) from the large circle (2, 2)
+                        (2 - 1 + 2) * 5 + (2 - 0 + 2)],  # large circle from the red circle (1, 0)
+             "star": [(1 - 0 + 2) * 5 + (0 - 1 + 2)]}     # red circle from the star; the first star: none
+  words = text.split()
+  assert [o for w, o in zip(words, offsets) if w in ("circle", "star")][1:] == \
+      [by_hand["circle"][0], by_hand["circle"][1], by_hand["star"][0]]
+  assert offsets[words.index("star")] == -1 and sum(o >= 0 for o in offsets) == 3
+  # "the circle" names two objects: no label there, and it does not count as the earlier object.
+  assert grounded.offset_labels(label(ids("the star and the circle and the blue circle"), scene)) == \
+      [-1] * 8 + [(0 - 2 + 2) * 5 + (1 - 2 + 2)]
 
   rng = np.random.default_rng(0)
   b, k, t, dh = 3, 2, 6, 4

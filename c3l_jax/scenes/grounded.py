@@ -118,6 +118,8 @@ class Examples:
     self.prompt = sm.PromptIds(builder, world[0])
     # The grounding probe's labels, only when it is on (`probe_weight`).
     self.phrase_cells = PhraseCells(builder.tokenizer, p.probe_rule) if p.probe_weight else None
+    # ... and the offset probe's (`offset_probe_weight`), from the phrase rule whatever `probe_rule` is.
+    self.offset_cells = PhraseCells(builder.tokenizer, "phrase") if p.get("offset_probe_weight") else None
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -163,6 +165,9 @@ class Examples:
     if self.phrase_cells is not None:
       ex["probe_labels"] = self.phrase_cells(ex["prompt"] + ex["target"],
                                              self.world[index] if index >= 0 else None)
+    if self.offset_cells is not None:
+      ex["offset_labels"] = offset_labels(self.offset_cells(ex["prompt"] + ex["target"],
+                                                            self.world[index] if index >= 0 else None))
     return ex
 
 
@@ -177,11 +182,12 @@ def token_batch(examples: Sequence[dict], length: int, pad_id: int) -> dict:
   batch = trainer_lib.ce_batch(fitted, pad_id, width=length,
                                head_width=round_up(length, trainer_lib.HEAD_BUCKET))
   batch["scene"] = np.asarray([max(e["scene"], 0) for e in examples], np.int32)
-  if all("probe_labels" in e for e in examples):  # the grounding probe's (`PhraseCells`), -1 = none
-    batch["probe_labels"] = np.full((len(examples), length), -1, np.int32)
-    for i, e in enumerate(examples):
-      row = e["probe_labels"][:length]
-      batch["probe_labels"][i, :len(row)] = row
+  for key in ("probe_labels", "offset_labels"):  # the probes' labels (`PhraseCells`), -1 = none
+    if all(key in e for e in examples):
+      batch[key] = np.full((len(examples), length), -1, np.int32)
+      for i, e in enumerate(examples):
+        row = e[key][:length]
+        batch[key][i, :len(row)] = row
   return batch
 
 
@@ -298,6 +304,28 @@ class PhraseCells:
     return labels
 
 
+OFFSET_CLASSES = (2 * world_lib.GRID - 1) ** 2  # (row, col) differences of two cells: 5 x 5
+
+
+def offset_labels(phrase_cells: list[int]) -> list[int]:
+  """The offset probe's labels (`grounded.offset_probe_weight`) from a sequence's `PhraseCells` labels
+  of rule "phrase": at the head noun of each phrase that names exactly one object, when an earlier phrase
+  of the sequence named exactly one object too, the offset of the most recent such object from this one,
+  `(row_a - row_b + 2) * 5 + (col_a - col_b + 2)` (25 classes); -1 elsewhere. "is the red star above the
+  blue circle ?" is labelled at "circle" with where the red star lies relative to the blue circle, which
+  decides every relation the world asks about (left of, right of, above, below, next to)."""
+  span = world_lib.GRID - 1
+  out, last = [-1] * len(phrase_cells), None
+  for t, cls in enumerate(phrase_cells):
+    if not 1 <= cls <= vision.CELLS:  # unlabelled, nothing, or several objects
+      continue
+    row, col = divmod(cls - 1, world_lib.GRID)
+    if last is not None:
+      out[t] = (last[0] - row + span) * (2 * span + 1) + (last[1] - col + span)
+    last = (row, col)
+  return out
+
+
 def _cell_class(scene: world_lib.Scene, want: dict[str, str]) -> int:
   """The cell class of the objects of `scene` whose attributes (shape / colour / size) are `want`: stage
   0's binding classes (`vision.binding_class`)."""
@@ -320,7 +348,7 @@ def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tup
   return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == safe) * weight).sum() / n
 
 
-def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probe_layer, probe_weight):
+def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probes):
   lm = nnx.merge(graphdef, trainable["lm"], rest)
   tokens = batch["tokens"]
   x = lm.embed(tokens)
@@ -334,19 +362,19 @@ def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probe_layer
   logits = lm.logits(jnp.take_along_axis(hidden, where[..., None], axis=1))
   targets = jnp.take_along_axis(tokens, where + 1, axis=1)
   loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
-  if not probe_weight:
-    return loss, (loss, jnp.zeros(()), jnp.zeros(()))
-  probe_loss, probe_acc = grounding_probe_loss(kv.v[probe_layer], batch["probe_labels"],
-                                               trainable["probe"])
-  return loss + probe_weight * probe_loss, (loss, probe_loss, probe_acc)
+  total, parts = loss, {"loss": loss}
+  for name, layer, weight in probes:  # (name, layer, weight): "probe" (cells) and "offset"
+    probe_loss, probe_acc = grounding_probe_loss(kv.v[layer], batch[f"{name}_labels"], trainable[name])
+    total = total + weight * probe_loss
+    parts.update({f"{name}_loss": probe_loss, f"{name}_accuracy": probe_acc})
+  return total, parts
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "image_id", "probe_layer",
-                                             "probe_weight"), donate_argnums=(0, 1))
-def _decoder_step(trainable, opt_state, rest, batch, feats, *, graphdef, optimizer, image_id,
-                  probe_layer, probe_weight):
+@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "image_id", "probes"),
+                   donate_argnums=(0, 1))
+def _decoder_step(trainable, opt_state, rest, batch, feats, *, graphdef, optimizer, image_id, probes):
   (_, parts), grads = jax.value_and_grad(_decoder_loss, has_aux=True)(
-      trainable, graphdef, rest, batch, feats, image_id, probe_layer, probe_weight)
+      trainable, graphdef, rest, batch, feats, image_id, probes)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, parts
 
@@ -356,19 +384,23 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
                   on_eval: Callable[[int], dict] | None = None, eval_every: int = 0,
                   log_every: int = 200, probe: dict | None = None) -> tuple[list[dict], list[dict], float]:
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
-  untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight` and `layer`, or
-  None; the batches then carry `probe_labels`, and the probe's linear head is trained with the decoder
-  and thrown away. Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
+  untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight` and `layer`
+  (and optionally the offset probe's `offset_weight` and `offset_layer`), or None; the batches then
+  carry `probe_labels` (`offset_labels`), and each probe's linear head is trained with the decoder and
+  thrown away. Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
   lm = vlm.language_model
   graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup, steps // 10)),
                                                 max(steps, 2), end_value=learning_rate * 0.05)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
-  probe_weight = float(probe["weight"]) if probe else 0.0
+  probe = probe or {}
+  probes = tuple((name, int(probe.get(f"{prefix}layer", 0)), float(probe.get(f"{prefix}weight", 0.0)))
+                 for name, prefix in (("probe", ""), ("offset", "offset_")) if probe.get(f"{prefix}weight"))
   trainable: dict[str, Any] = {"lm": params}
-  if probe_weight:
-    width = vlm.cfg.text.num_key_value_heads * vlm.cfg.text.head_dim
-    trainable["probe"] = {"w": jnp.zeros((width, _CELL_CLASSES)), "b": jnp.zeros(_CELL_CLASSES)}
+  width = vlm.cfg.text.num_key_value_heads * vlm.cfg.text.head_dim
+  for name, _, _ in probes:
+    classes = _CELL_CLASSES if name == "probe" else OFFSET_CLASSES
+    trainable[name] = {"w": jnp.zeros((width, classes)), "b": jnp.zeros(classes)}
   opt_state = optimizer.init(trainable)
   feats_dev = jnp.asarray(feats)
   history, checks = [], []
@@ -379,15 +411,14 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "weights"}
     trainable, opt_state, parts = _decoder_step(
         trainable, opt_state, rest, batch, feats_dev, graphdef=graphdef, optimizer=optimizer,
-        image_id=int(vlm.cfg.image_token_id), probe_layer=int(probe["layer"]) if probe_weight else 0,
-        probe_weight=probe_weight)
-    loss, probe_loss, probe_acc = (float(x) for x in parts)
-    if not np.isfinite(loss + probe_loss):
-      raise trainer_lib.NonFiniteError(f"{label}: loss {loss} (probe {probe_loss}) at step {step + 1}")
-    entry = {"step": step + 1, "loss": loss, "kind": kind}
-    if probe_weight:
-      entry.update(probe_loss=probe_loss, probe_accuracy=probe_acc)
-      window.setdefault("probe accuracy", []).append(probe_acc)
+        image_id=int(vlm.cfg.image_token_id), probes=probes)
+    parts = {k: float(v) for k, v in parts.items()}
+    if not np.isfinite(sum(parts.values())):
+      raise trainer_lib.NonFiniteError(f"{label}: losses {parts} at step {step + 1}")
+    loss = parts.pop("loss")
+    entry = {"step": step + 1, "loss": loss, "kind": kind, **parts}
+    for name, _, _ in probes:
+      window.setdefault(f"{name} accuracy", []).append(parts[f"{name}_accuracy"])
     history.append(entry)
     window.setdefault(kind, []).append(loss)
     if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -421,7 +452,8 @@ def quick_check(vlm: Any, base: str, workdir: str, world: Sequence[world_lib.Sce
 
 
 __all__ = ["Examples", "batch_kind", "existence_qa", "image_tokens", "mix_batches", "quick_check", "relation_qa",
-           "token_batch", "train_decoder", "PhraseCells", "grounding_probe_loss"]
+           "token_batch", "train_decoder", "PhraseCells", "grounding_probe_loss", "offset_labels",
+           "OFFSET_CLASSES"]
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -478,7 +510,8 @@ def run(config: Any, workdir: str) -> dict:
               f"(image token / word embedding norm {modelio.feature_scale(vlm, pixels_of(world[:64])):.3g})")
 
   maker = Examples(builder, world, g)
-  probe = {"weight": g.probe_weight, "layer": g.probe_layer} if g.probe_weight else None
+  probe = {"weight": g.probe_weight, "layer": g.probe_layer,
+           "offset_weight": g.get("offset_probe_weight", 0.0), "offset_layer": g.get("offset_probe_layer", 2)}
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
   on_eval = (lambda step: quick_check(vlm, base, stage_dir, quick_world, mesh, seed)) \
       if g.eval_quick_scenes else None
