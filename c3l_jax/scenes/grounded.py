@@ -119,7 +119,7 @@ class Examples:
     # The grounding probe's labels, only when it is on (`probe_weight`).
     self.phrase_cells = PhraseCells(builder.tokenizer, p.probe_rule) if p.probe_weight else None
     # ... and the offset probe's (`offset_probe_weight`), from the phrase rule whatever `probe_rule` is.
-    self.offset_cells = PhraseCells(builder.tokenizer, "phrase") if p.get("offset_probe_weight") else None
+    self.offset_cells = PhraseCells(builder.tokenizer, "phrase") if p.offset_probe_weight else None
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -162,12 +162,11 @@ class Examples:
   def _ex(self, prompt: str, target: str, index: int) -> dict:
     ex = {"prompt": self.prompt(prompt, index >= 0),
           "target": self.builder.encode_answer(target) + list(self.builder.eos_ids), "scene": index}
+    ids, scene = ex["prompt"] + ex["target"], self.world[index] if index >= 0 else None
     if self.phrase_cells is not None:
-      ex["probe_labels"] = self.phrase_cells(ex["prompt"] + ex["target"],
-                                             self.world[index] if index >= 0 else None)
+      ex["probe_labels"] = self.phrase_cells(ids, scene)
     if self.offset_cells is not None:
-      ex["offset_labels"] = offset_labels(self.offset_cells(ex["prompt"] + ex["target"],
-                                                            self.world[index] if index >= 0 else None))
+      ex["offset_labels"] = offset_labels(self.offset_cells(ids, scene))
     return ex
 
 
@@ -348,6 +347,9 @@ def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tup
   return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == safe) * weight).sum() / n
 
 
+_PROBE_CLASSES = {"probe": _CELL_CLASSES, "offset": OFFSET_CLASSES}  # the probes `train_decoder` knows
+
+
 def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probes):
   lm = nnx.merge(graphdef, trainable["lm"], rest)
   tokens = batch["tokens"]
@@ -382,24 +384,23 @@ def _decoder_step(trainable, opt_state, rest, batch, feats, *, graphdef, optimiz
 def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[str, dict]], *, steps: int,
                   learning_rate: float, warmup: int, weight_decay: float, label: str,
                   on_eval: Callable[[int], dict] | None = None, eval_every: int = 0,
-                  log_every: int = 200, probe: dict | None = None) -> tuple[list[dict], list[dict], float]:
+                  log_every: int = 200, probes: Sequence[tuple[str, int, float]] = ()
+                  ) -> tuple[list[dict], list[dict], float]:
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
-  untouched). `probe`: the grounding probe (`grounding_probe_loss`), a dict of `weight` and `layer`
-  (and optionally the offset probe's `offset_weight` and `offset_layer`), or None; the batches then
-  carry `probe_labels` (`offset_labels`), and each probe's linear head is trained with the decoder and
-  thrown away. Returns (loss history, held-out checks from `on_eval(step)`, seconds)."""
+  untouched). `probes`: `(name, layer, weight)` of each probe on (`grounding_probe_loss`): "probe" (the
+  referent's cell, `PhraseCells`) and "offset" (`offset_labels`); the batches then carry
+  `{name}_labels`, and each probe's linear head is trained with the decoder and thrown away. Returns
+  (loss history, held-out checks from `on_eval(step)`, seconds)."""
   lm = vlm.language_model
   graphdef, params, rest = nnx.split(lm, nnx.Param, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(warmup, steps // 10)),
                                                 max(steps, 2), end_value=learning_rate * 0.05)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
-  probe = probe or {}
-  probes = tuple((name, int(probe.get(f"{prefix}layer", 0)), float(probe.get(f"{prefix}weight", 0.0)))
-                 for name, prefix in (("probe", ""), ("offset", "offset_")) if probe.get(f"{prefix}weight"))
+  probes = tuple((name, int(layer), float(weight)) for name, layer, weight in probes)  # static: hashable
   trainable: dict[str, Any] = {"lm": params}
   width = vlm.cfg.text.num_key_value_heads * vlm.cfg.text.head_dim
   for name, _, _ in probes:
-    classes = _CELL_CLASSES if name == "probe" else OFFSET_CLASSES
+    classes = _PROBE_CLASSES[name]
     trainable[name] = {"w": jnp.zeros((width, classes)), "b": jnp.zeros(classes)}
   opt_state = optimizer.init(trainable)
   feats_dev = jnp.asarray(feats)
@@ -510,8 +511,9 @@ def run(config: Any, workdir: str) -> dict:
               f"(image token / word embedding norm {modelio.feature_scale(vlm, pixels_of(world[:64])):.3g})")
 
   maker = Examples(builder, world, g)
-  probe = {"weight": g.probe_weight, "layer": g.probe_layer,
-           "offset_weight": g.get("offset_probe_weight", 0.0), "offset_layer": g.get("offset_probe_layer", 2)}
+  probes = tuple((name, layer, weight) for name, layer, weight in (
+      ("probe", g.probe_layer, g.probe_weight), ("offset", g.offset_probe_layer, g.offset_probe_weight))
+      if weight)
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
   on_eval = (lambda step: quick_check(vlm, base, stage_dir, quick_world, mesh, seed)) \
       if g.eval_quick_scenes else None
@@ -520,7 +522,7 @@ def run(config: Any, workdir: str) -> dict:
   hist_s, _, sec_s = train_decoder(
       vlm, feats, mix_batches(maker, g, seed, builder.pad_id, len(world), captions_only=True),
       steps=g.student_steps, learning_rate=g.lr, warmup=g.warmup_steps, weight_decay=g.weight_decay,
-      label="student (captions)", probe=probe)
+      label="student (captions)", probes=probes)
   eval_world = world_lib.generate_world(p.eval_scenes, p.world_seed, start_id=g.eval_start_id)
   out_dirs = {}
   if g.student_out:
@@ -544,7 +546,7 @@ def run(config: Any, workdir: str) -> dict:
   hist, checks, sec = train_decoder(
       vlm, feats, mix_batches(maker, g, seed, builder.pad_id, len(world)), steps=g.steps,
       learning_rate=g.lr, warmup=g.warmup_steps, weight_decay=g.weight_decay, label="generator (mix)",
-      on_eval=on_eval, eval_every=g.eval_every, probe=probe)
+      on_eval=on_eval, eval_every=g.eval_every, probes=probes)
   model_dir = os.path.join(stage_dir, "model")
   export_generator(vlm, base, model_dir)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(vlm, nnx.Param)))
