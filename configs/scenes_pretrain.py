@@ -159,6 +159,10 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   # relations), weighted `offset_probe_weight` (0 = off).
   g.offset_probe_weight = 0.0
   g.offset_probe_layer = 2
+  # The referent probe: cells by the phrase rule ("the large star" is the one large star) on layer
+  # `referent_probe_layer`, weighted `referent_probe_weight` (0 = off), beside the word-rule probe above.
+  g.referent_probe_weight = 0.0
+  g.referent_probe_layer = 2
   g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24
   return g

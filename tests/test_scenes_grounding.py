@@ -165,7 +165,8 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
     config.pretrain.grounded.update(
         student_out=str(student), vision_steps=2, vision_batch_size=8, vision_eval_scenes=4,
         student_steps=2, steps=6, batch_size=4, text_every=3, p_detail=0.3, p_image=0.3,
-        eval_quick_scenes=0, probe_weight=1.0, probe_layer=0, offset_probe_weight=1.0, offset_probe_layer=0)
+        eval_quick_scenes=0, probe_weight=1.0, probe_layer=0, offset_probe_weight=1.0, offset_probe_layer=0,
+        referent_probe_weight=1.0, referent_probe_layer=0)
   metrics = pretrain.run(config, str(tmp_path / "w"))
   assert metrics["student_captions"]["steps"] == 2 and metrics["generator_mix"]["steps"] == 6
   assert sum(metrics["generator_mix"]["steps_by_batch_kind"].values()) == 6
@@ -180,6 +181,14 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
       images=[scenes.render(s) for s in world], return_tensors="np")["pixel_values"], np.float32)
   feats = grounded.image_tokens(model, pixels, chunk=8)
   maker = grounded.Examples(builder, world, config.pretrain.grounded)
+  # The referent probe's labels follow the phrase rule whatever `probe_rule` is (here "word"), and the
+  # offset probe's come from them.
+  phrase, word = grounded.PhraseCells(builder.tokenizer, "phrase"), grounded.PhraseCells(builder.tokenizer, "word")
+  ex = maker.make("caption", 3, np.random.default_rng(0))
+  ids = ex["prompt"] + ex["target"]
+  assert config.pretrain.grounded.probe_rule == "word" and ex["probe_labels"] == word(ids, world[3])
+  assert ex["referent_labels"] == phrase(ids, world[3]) != ex["probe_labels"]
+  assert ex["offset_labels"] == grounded.offset_labels(ex["referent_labels"])
   make = grounded.mix_batches(maker, config.pretrain.grounded, 0, builder.pad_id, len(world))
   graphdef, params, rest = nnx.split(model.language_model, nnx.Param, ...)
   kinds = set()

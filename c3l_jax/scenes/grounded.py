@@ -118,8 +118,10 @@ class Examples:
     self.prompt = sm.PromptIds(builder, world[0])
     # The grounding probe's labels, only when it is on (`probe_weight`).
     self.phrase_cells = PhraseCells(builder.tokenizer, p.probe_rule) if p.probe_weight else None
-    # ... and the offset probe's (`offset_probe_weight`), from the phrase rule whatever `probe_rule` is.
-    self.offset_cells = PhraseCells(builder.tokenizer, "phrase") if p.offset_probe_weight else None
+    # ... and the offset and referent probes' (`offset_probe_weight`, `referent_probe_weight`), from the
+    # phrase rule whatever `probe_rule` is.
+    self.referent_cells = (PhraseCells(builder.tokenizer, "phrase")
+                           if p.offset_probe_weight or p.referent_probe_weight else None)
 
   def make(self, task: str, index: int, rng: np.random.Generator) -> dict:
     scene, p = self.world[index], self.p
@@ -165,8 +167,12 @@ class Examples:
     ids, scene = ex["prompt"] + ex["target"], self.world[index] if index >= 0 else None
     if self.phrase_cells is not None:
       ex["probe_labels"] = self.phrase_cells(ids, scene)
-    if self.offset_cells is not None:
-      ex["offset_labels"] = offset_labels(self.offset_cells(ids, scene))
+    if self.referent_cells is not None:
+      referents = self.referent_cells(ids, scene)
+      if self.p.referent_probe_weight:
+        ex["referent_labels"] = referents
+      if self.p.offset_probe_weight:
+        ex["offset_labels"] = offset_labels(referents)
     return ex
 
 
@@ -181,7 +187,7 @@ def token_batch(examples: Sequence[dict], length: int, pad_id: int) -> dict:
   batch = trainer_lib.ce_batch(fitted, pad_id, width=length,
                                head_width=round_up(length, trainer_lib.HEAD_BUCKET))
   batch["scene"] = np.asarray([max(e["scene"], 0) for e in examples], np.int32)
-  for key in ("probe_labels", "offset_labels"):  # the probes' labels (`PhraseCells`), -1 = none
+  for key in ("probe_labels", "offset_labels", "referent_labels"):  # the probes' labels (`PhraseCells`), -1 = none
     if all(key in e for e in examples):
       batch[key] = np.full((len(examples), length), -1, np.int32)
       for i, e in enumerate(examples):
@@ -347,7 +353,9 @@ def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tup
   return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == safe) * weight).sum() / n
 
 
-_PROBE_CLASSES = {"probe": _CELL_CLASSES, "offset": OFFSET_CLASSES}  # the probes `train_decoder` knows
+# The probes `train_decoder` knows: "probe" (cells by `probe_rule`), "offset" (`offset_labels`) and
+# "referent" (cells by the phrase rule, on a layer of its own).
+_PROBE_CLASSES = {"probe": _CELL_CLASSES, "offset": OFFSET_CLASSES, "referent": _CELL_CLASSES}
 
 
 def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probes):
@@ -365,7 +373,7 @@ def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probes):
   targets = jnp.take_along_axis(tokens, where + 1, axis=1)
   loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
   total, parts = loss, {"loss": loss}
-  for name, layer, weight in probes:  # (name, layer, weight): "probe" (cells) and "offset"
+  for name, layer, weight in probes:  # (name, layer, weight): "probe", "offset", "referent"
     probe_loss, probe_acc = grounding_probe_loss(kv.v[layer], batch[f"{name}_labels"], trainable[name])
     total = total + weight * probe_loss
     parts.update({f"{name}_loss": probe_loss, f"{name}_accuracy": probe_acc})
@@ -388,7 +396,8 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
                   ) -> tuple[list[dict], list[dict], float]:
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
   untouched). `probes`: `(name, layer, weight)` of each probe on (`grounding_probe_loss`): "probe" (the
-  referent's cell, `PhraseCells`) and "offset" (`offset_labels`); the batches then carry
+  referent's cell, `PhraseCells` by `probe_rule`), "offset" (`offset_labels`) and "referent" (the
+  phrase rule's cells); the batches then carry
   `{name}_labels`, and each probe's linear head is trained with the decoder and thrown away. Returns
   (loss history, held-out checks from `on_eval(step)`, seconds)."""
   lm = vlm.language_model
@@ -512,7 +521,8 @@ def run(config: Any, workdir: str) -> dict:
 
   maker = Examples(builder, world, g)
   probes = tuple((name, layer, weight) for name, layer, weight in (
-      ("probe", g.probe_layer, g.probe_weight), ("offset", g.offset_probe_layer, g.offset_probe_weight))
+      ("probe", g.probe_layer, g.probe_weight), ("offset", g.offset_probe_layer, g.offset_probe_weight),
+      ("referent", g.referent_probe_layer, g.referent_probe_weight))
       if weight)
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
   on_eval = (lambda step: quick_check(vlm, base, stage_dir, quick_world, mesh, seed)) \
