@@ -129,6 +129,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.w_existence = 1.0
   g.w_relation = 1.5
   g.w_generic_image = 0.2
+  g.w_background = 0.0  # "what colour is the background ?" (`grounded.background_qa`; captions name it)
   # `ground` batches (VQA, existence, relations) before step `until` draw only scenes with at most
   # `max_objects` objects: pairs (max_objects, until), e.g. ((1, 300), (2, 800)). () = off. (On one-object
   # scenes the decoder learns to read a referent's cell in ~200 steps; on all scenes it hardly does:
@@ -163,6 +164,11 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   # `referent_probe_layer`, weighted `referent_probe_weight` (0 = off), beside the word-rule probe above.
   g.referent_probe_weight = 0.0
   g.referent_probe_layer = 2
+  # The answer probe (`grounded.answer_labels`): at the prompt's last token of a VQA question about one
+  # object, a linear probe on layer `answer_probe_layer`'s attention values predicts that object's cell,
+  # weighted `answer_probe_weight` (0 = off).
+  g.answer_probe_weight = 0.0
+  g.answer_probe_layer = 3
   g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24
   return g

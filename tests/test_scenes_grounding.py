@@ -166,7 +166,8 @@ def test_grounded_recipe_end_to_end(tmp_path, mesh):
         student_out=str(student), vision_steps=2, vision_batch_size=8, vision_eval_scenes=4,
         student_steps=2, steps=6, batch_size=4, text_every=3, p_detail=0.3, p_image=0.3,
         eval_quick_scenes=0, probe_weight=1.0, probe_layer=0, offset_probe_weight=1.0, offset_probe_layer=0,
-        referent_probe_weight=1.0, referent_probe_layer=0)
+        referent_probe_weight=1.0, referent_probe_layer=0, answer_probe_weight=1.0, answer_probe_layer=0,
+        w_background=1.0)
   metrics = pretrain.run(config, str(tmp_path / "w"))
   assert metrics["student_captions"]["steps"] == 2 and metrics["generator_mix"]["steps"] == 6
   assert sum(metrics["generator_mix"]["steps_by_batch_kind"].values()) == 6
@@ -349,3 +350,37 @@ def test_grounding_probe_labels_and_loss_by_hand():
   assert len(ces) == 4
   np.testing.assert_allclose(float(loss), np.mean(ces), rtol=1e-5)
   np.testing.assert_allclose(float(acc), np.mean(hits), rtol=1e-6)
+
+
+def test_answer_probe_labels_and_background_questions_by_hand():
+  """The answer probe's labels (`grounded.answer_labels`): only at the prompt's last token, the cell
+  class (cell + 1, row-major) of the one object a wh-question asks about, resolved by size, colour and
+  position words; no label when the question names several objects or none, or is not a wh-question.
+  Cells counted by hand on a made-up scene. And `background_qa` asks for the background's colour, which
+  the checker judges right."""
+  obj = lambda shape, colour, size, row, col: SceneObject(shape, colour, size, (col + 0.5) / 3, (row + 0.5) / 3)
+  scene = Scene(0, "x.png", "black", [obj("cross", "blue", "large", 0, 1), obj("cross", "green", "small", 2, 0),
+                                      obj("star", "red", "small", 1, 2)])
+  suffix = " Answer the question using a single word or phrase."
+  cases = {"What colour is the small cross?": 7,  # row 2, col 0
+           "Which colour does the cross in the top middle have?" + suffix: 2,  # row 0, col 1
+           "What shape is the red object?": 6,  # row 1, col 2
+           "Where is the star?" + suffix: 6,
+           "What colour is the large cross?": 2,
+           "What colour is the cross?": None,  # two crosses
+           "What colour is the circle?": None,  # none
+           "How many crosses are there?": None,
+           "Is there a star in the image?": None}
+  for question, cell in cases.items():
+    labels = grounded.answer_labels(12, 7, scene, question)
+    assert labels[:6] == [-1] * 6 and labels[7:] == [-1] * 5, question
+    assert labels[6] == (-1 if cell is None else cell), question
+  assert grounded.answer_labels(12, 7, scene, "What colour is the small cross?", labelled=False) == [-1] * 12
+  assert grounded.answer_labels(12, 7, None, "What colour is the small cross?") == [-1] * 12
+
+  rng = np.random.default_rng(0)
+  for p_short in (0.0, 1.0):
+    q, a = grounded.background_qa(scene, rng, p_short)
+    v = scenes.check(scene, q.replace(suffix, ""), a)
+    assert "background" in q and v.kind == "colour" and v.correct is True, (q, a)
+    assert scenes.check(scene, q.replace(suffix, ""), a.lower().replace("black", "white")).correct is False

@@ -51,6 +51,7 @@ from c3l_jax.data import instructions as ins
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, vigc_target
 from c3l_jax.models.llama import positions_and_mask
+from c3l_jax.scenes import checker as checker_lib
 from c3l_jax.scenes import processor as sm
 from c3l_jax.scenes import text as text_lib
 from c3l_jax.scenes import vision
@@ -79,6 +80,19 @@ def existence_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: floa
     return f"{q} {sm.SHORT_ANSWER_SUFFIX}", "Yes" if exists else "No"
   a = f"yes , there is {article} {shape} ." if exists else f"no , there are no {plural} in the image ."
   return q, text_lib.detokenize_words(a.split())
+
+
+_BACKGROUND_FORMS = ("what colour is the background ?", "what is the colour of the background ?",
+                     "which colour does the background have ?")
+
+
+def background_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float) -> tuple[str, str]:
+  """A question about the background's colour (captions name it; nothing else asks for it): with LLaVA's
+  short-answer suffix and a one-word answer with probability `p_short`."""
+  q = text_lib.detokenize_words(_BACKGROUND_FORMS[int(rng.integers(len(_BACKGROUND_FORMS)))].split())
+  if rng.random() < p_short:
+    return f"{q} {sm.SHORT_ANSWER_SUFFIX}", scene.background.capitalize()
+  return q, text_lib.detokenize_words(f"the background is {scene.background} .".split())
 
 
 def relation_qa(scene: world_lib.Scene, rng: np.random.Generator, p_short: float) -> tuple[str, str] | None:
@@ -140,7 +154,7 @@ class Examples:
       else:
         q, a = sm.vqa_qa(scene, rng, p.p_short,
                             text_lib.QA_KINDS[int(rng.choice(len(weights), p=weights / weights.sum()))])
-      return self._ex(q, a, index)
+      return self._ex(q, a, index, answer_referent=True)
     if task == "existence":
       q, a = existence_qa(scene, rng, p.p_short)
       return self._ex(q, a, index)
@@ -149,6 +163,8 @@ class Examples:
       if qa is None:  # fewer than two nameable objects: a balanced existence question instead
         qa = existence_qa(scene, rng, p.p_short)
       return self._ex(*qa, index)
+    if task == "background":
+      return self._ex(*background_qa(scene, rng, p.p_short), index)
     if task == "generic_image":
       q, a = sm.generic_chat(rng)
       return self._ex(q, a, index)
@@ -161,10 +177,12 @@ class Examples:
       return self._ex(q, a, -1)
     raise ValueError(f"unknown task {task!r}")
 
-  def _ex(self, prompt: str, target: str, index: int) -> dict:
+  def _ex(self, prompt: str, target: str, index: int, answer_referent: bool = False) -> dict:
     ex = {"prompt": self.prompt(prompt, index >= 0),
           "target": self.builder.encode_answer(target) + list(self.builder.eos_ids), "scene": index}
     ids, scene = ex["prompt"] + ex["target"], self.world[index] if index >= 0 else None
+    if self.p.answer_probe_weight:
+      ex["answer_labels"] = answer_labels(len(ids), len(ex["prompt"]), scene, prompt, answer_referent)
     if self.phrase_cells is not None:
       ex["probe_labels"] = self.phrase_cells(ids, scene)
     if self.referent_cells is not None:
@@ -187,7 +205,7 @@ def token_batch(examples: Sequence[dict], length: int, pad_id: int) -> dict:
   batch = trainer_lib.ce_batch(fitted, pad_id, width=length,
                                head_width=round_up(length, trainer_lib.HEAD_BUCKET))
   batch["scene"] = np.asarray([max(e["scene"], 0) for e in examples], np.int32)
-  for key in ("probe_labels", "offset_labels", "referent_labels"):  # the probes' labels (`PhraseCells`), -1 = none
+  for key in ("probe_labels", "offset_labels", "referent_labels", "answer_labels"):  # the probes' labels (`PhraseCells`), -1 = none
     if all(key in e for e in examples):
       batch[key] = np.full((len(examples), length), -1, np.int32)
       for i, e in enumerate(examples):
@@ -217,8 +235,8 @@ def mix_batches(maker: Examples, p: Any, seed: int, pad_id: int, num_scenes: int
   student). Scenes are drawn uniformly from the first `num_scenes`; `p.curriculum`, pairs
   `(max_objects, until_step)`, restricts the scenes of `ground` batches before `until_step` to those with
   at most `max_objects` objects (the first pair whose step is not yet reached applies)."""
-  weights = {"ground": (("vqa", "existence", "relation", "generic_image"),
-                        (p.w_vqa, p.w_existence, p.w_relation, p.w_generic_image)),
+  weights = {"ground": (("vqa", "existence", "relation", "generic_image", "background"),
+                        (p.w_vqa, p.w_existence, p.w_relation, p.w_generic_image, p.w_background)),
              "image": (("caption", "vigc"), (p.w_caption, p.w_vigc)),
              "text": (("caption_qa", "chat"), (p.w_caption_qa, p.w_chat)),
              "detail": (("vigc_detail",), (1.0,))}
@@ -331,6 +349,23 @@ def offset_labels(phrase_cells: list[int]) -> list[int]:
   return out
 
 
+def answer_labels(length: int, prompt_length: int, scene: world_lib.Scene | None, question: str,
+                  labelled: bool = True) -> list[int]:
+  """The answer probe's labels (`grounded.answer_probe_weight`): at the prompt's last token, where the
+  answer starts, the cell class of the one object a wh-question asks about ("what colour is the small
+  cross ?", "which colour does the star in the bottom left have ?": `checker.question_referents`); -1
+  elsewhere, and everywhere when `labelled` is False, there is no scene, the question is not a wh-question
+  or it does not describe exactly one object."""
+  out = [-1] * length
+  words = question.lower().split()
+  if not labelled or scene is None or not words or words[0] not in ("what", "which", "where"):
+    return out
+  objects = checker_lib.question_referents(scene, question.replace(sm.SHORT_ANSWER_SUFFIX, ""))
+  if len(objects) == 1:
+    out[prompt_length - 1] = 1 + objects[0].row * world_lib.GRID + objects[0].col
+  return out
+
+
 def _cell_class(scene: world_lib.Scene, want: dict[str, str]) -> int:
   """The cell class of the objects of `scene` whose attributes (shape / colour / size) are `want`: stage
   0's binding classes (`vision.binding_class`)."""
@@ -354,8 +389,9 @@ def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tup
 
 
 # The probes `train_decoder` knows: "probe" (cells by `probe_rule`), "offset" (`offset_labels`) and
-# "referent" (cells by the phrase rule, on a layer of its own).
-_PROBE_CLASSES = {"probe": _CELL_CLASSES, "offset": OFFSET_CLASSES, "referent": _CELL_CLASSES}
+# "referent" (cells by the phrase rule, on a layer of its own), "answer" (`answer_labels`).
+_PROBE_CLASSES = {"probe": _CELL_CLASSES, "offset": OFFSET_CLASSES, "referent": _CELL_CLASSES,
+                  "answer": _CELL_CLASSES}
 
 
 def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probes):
@@ -522,7 +558,8 @@ def run(config: Any, workdir: str) -> dict:
   maker = Examples(builder, world, g)
   probes = tuple((name, layer, weight) for name, layer, weight in (
       ("probe", g.probe_layer, g.probe_weight), ("offset", g.offset_probe_layer, g.offset_probe_weight),
-      ("referent", g.referent_probe_layer, g.referent_probe_weight))
+      ("referent", g.referent_probe_layer, g.referent_probe_weight),
+      ("answer", g.answer_probe_layer, g.answer_probe_weight))
       if weight)
   quick_world = world_lib.generate_world(g.eval_quick_scenes, p.world_seed, start_id=g.eval_start_id)
   on_eval = (lambda step: quick_check(vlm, base, stage_dir, quick_world, mesh, seed)) \
