@@ -1,13 +1,14 @@
 """Train the shipped scenes generator and student from scratch: `python -m c3l_jax.scenes.pretrain`.
 
 The scenes testbed's own command (`c3l_jax/scenes/pretrain.py`; this file is its default `--config`),
-not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`) with run I's settings
-(docs/testbed-notes.md, session 8: the grounding probe on layer 1, the background head, 7000 steps): build the world's processor and a random tiny LLaVA-1.5 (transformers, then
+not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`) with run K5's
+settings (docs/testbed-notes.md, session 11: the word-rule grounding probe on layer 1, the offset and
+referent probes on layer 2, the answer probe on layer 3, background questions, the background head, 11000
+steps): build the world's processor and a random tiny LLaVA-1.5 (transformers, then
 `c3l_jax.convert`), a supervised vision tower (stage 0), a frozen random connector, the student (decoder
 on captions only, exported to `grounded.student_out`, default `checkpoints/scenes_student`) and the
 generator (the instruction mix; `pretrain.out`, default `checkpoints/scenes_tiny`), each with its
-`training_metrics.json`. 63 minutes on one core of the 2-core machine with a second training on the
-other core (docs/scenes.md). `recipe="mix"` is the old recipe
+`training_metrics.json`. 47 minutes on the 2-core machine (docs/scenes.md). `recipe="mix"` is the old recipe
 (CG-VLM alignment, captioning, instruction tuning: the shipped model before 2026-12-03, with
 `num_scenes=3000 vision_hidden=96 vision_layers=3 eval_scenes=96`).
 `--config.pretrain.grounded.steps=...` etc. override any field below.
@@ -109,7 +110,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.image_token_scale = 1.0  # image-token norm / word-embedding norm after the connector's rescale
   # The decoder (tower and connector frozen, image tokens cached).
   g.student_steps = 800  # captions only: the student
-  g.steps = 7000  # the instruction mix: the generator
+  g.steps = 11000  # the instruction mix: the generator
   g.batch_size = 32
   g.lr = 2e-3
   g.warmup_steps = 200
@@ -123,19 +124,20 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.p_image = 0.25
   # Run g1 (docs/testbed-notes.md): count / existence solved, position / relation at the prior, so the
   # VQA draws favour position, and relations also come balanced (yes / no 1/2 each: w_relation). Runs
-  # H and I (sessions 7-8): colour questions (binding a colour to the named shape) drawn more often.
+  # H and I (sessions 7-8): colour questions (binding a colour to the named shape) drawn more often;
+  # K3 (session 10): shape questions too.
   g.w_vqa = 4.0
-  g.vqa_kind_weights = (2.5, 1.2, 0.7, 3.0, 1.0, 0.5)  # colour, shape, count, position, relation, existence
+  g.vqa_kind_weights = (2.5, 2.0, 0.7, 3.0, 1.0, 0.5)  # colour, shape, count, position, relation, existence
   g.w_existence = 1.0
   g.w_relation = 1.5
   g.w_generic_image = 0.2
-  g.w_background = 0.0  # "what colour is the background ?" (`grounded.background_qa`; captions name it)
+  g.w_background = 0.5  # "what colour is the background ?" (`grounded.background_qa`; captions name it)
   # `ground` batches (VQA, existence, relations) before step `until` draw only scenes with at most
   # `max_objects` objects: pairs (max_objects, until), e.g. ((1, 300), (2, 800)). () = off. (On one-object
   # scenes the decoder learns to read a referent's cell in ~200 steps; on all scenes it hardly does:
   # docs/testbed-notes.md, session 3.)
   g.curriculum = ()
-  g.w_caption = 4.5
+  g.w_caption = 5.5
   g.w_vigc = 1.0
   g.w_caption_qa = 3.0
   g.w_chat = 1.0
@@ -158,16 +160,16 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   # naming one object after another such phrase, a linear probe on layer `offset_probe_layer`'s attention
   # values predicts where the earlier object lies relative to this one (row and column differences: the
   # relations), weighted `offset_probe_weight` (0 = off).
-  g.offset_probe_weight = 0.0
+  g.offset_probe_weight = 1.0
   g.offset_probe_layer = 2
   # The referent probe: cells by the phrase rule ("the large star" is the one large star) on layer
   # `referent_probe_layer`, weighted `referent_probe_weight` (0 = off), beside the word-rule probe above.
-  g.referent_probe_weight = 0.0
+  g.referent_probe_weight = 1.0
   g.referent_probe_layer = 2
   # The answer probe (`grounded.answer_labels`): at the prompt's last token of a VQA question about one
   # object, a linear probe on layer `answer_probe_layer`'s attention values predicts that object's cell,
   # weighted `answer_probe_weight` (0 = off).
-  g.answer_probe_weight = 0.0
+  g.answer_probe_weight = 1.0
   g.answer_probe_layer = 3
   g.eval_every = 1000  # quick held-out VQA + POPE check (0 = none)
   g.eval_quick_scenes = 24

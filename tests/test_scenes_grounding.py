@@ -244,7 +244,8 @@ def test_caption_qa_generic_share_is_its_own_setting():
   for p_vigc, p_two_step in ((0.0, 1.0), (1.0, 0.0)):
     with g.unlocked():
       g.p_generic, g.p_generic_caption_qa = p_vigc, p_two_step
-      g.probe_weight = 0.0  # the probe's labels need a real tokenizer; the targets do not depend on it
+      # the probes' labels need a real tokenizer; the targets do not depend on them
+      g.probe_weight = g.offset_probe_weight = g.referent_probe_weight = g.answer_probe_weight = 0.0
     maker = grounded.Examples(TextBuilder(), world, g)
     rng = np.random.default_rng(0)
     for task, p in (("caption_qa", p_two_step), ("vigc", p_vigc)):
@@ -272,7 +273,7 @@ def test_curriculum_limits_the_objects_of_ground_batches():
   g = scenes_pretrain.get_config().pretrain.grounded
   with g.unlocked():
     g.curriculum = ((1, 6), (2, 12))
-    g.probe_weight = 0.0  # the probe's labels need a real tokenizer
+    g.probe_weight = g.offset_probe_weight = g.referent_probe_weight = 0.0  # labels need a real tokenizer
     g.batch_size = 16
     g.seq_ground = g.seq_image = g.seq_detail = g.seq_text = 400
   make = grounded.mix_batches(grounded.Examples(IdBuilder(), world, g), g, 0, 0, len(world))
