@@ -21,10 +21,14 @@ model answers from the language prior (held-out VQA 45 %, POPE at chance, docs/t
    to `student_out` with its own `training_metrics.json`. No VQA or instruction data.
 5. **The generator**: the student's decoder trained on (`steps`) the instruction mix: grounded VQA
    (short answers and full sentences), balanced existence questions (POPE-style), balanced relation
-   questions, captions, VIGC "generate a question and answer it" samples (a share `p_generic` generic:
-   the language prior), detailed descriptions, the two-step QA-from-caption prompt (text only; a share
-   `p_generic_caption_qa` generic) and generic chat. Each batch is one of
-   three fixed shapes (`image`, `detail`, `text`), like the old mix.
+   questions, background-colour questions, captions, VIGC "generate a question and answer it" samples
+   (a share `p_generic` generic: the language prior), detailed descriptions, the two-step
+   QA-from-caption prompt (text only; a share `p_generic_caption_qa` generic) and generic chat. Each
+   batch is one of four fixed shapes (`ground`, `image`, `detail`, `text`). Beside the CE, linear probes
+   on the decoder's attention values (trained with it, thrown away) ask for the grounding the answers
+   need: the cell of each object word (`probe`), the referent of each phrase (`referent`), where the
+   previous named object lies relative to this one (`offset`) and, where a VQA answer starts, the cell of
+   the object asked about (`answer`).
 
 Every `eval_every` steps a quick held-out check (VQA + POPE on `eval_quick_scenes` scenes, through the
 pipeline's loading path) goes to the log and to the metrics' `heldout_curve`.
@@ -205,7 +209,7 @@ def token_batch(examples: Sequence[dict], length: int, pad_id: int) -> dict:
   batch = trainer_lib.ce_batch(fitted, pad_id, width=length,
                                head_width=round_up(length, trainer_lib.HEAD_BUCKET))
   batch["scene"] = np.asarray([max(e["scene"], 0) for e in examples], np.int32)
-  for key in ("probe_labels", "offset_labels", "referent_labels", "answer_labels"):  # the probes' labels (`PhraseCells`), -1 = none
+  for key in ("probe_labels", "offset_labels", "referent_labels", "answer_labels"):  # -1 = no label
     if all(key in e for e in examples):
       batch[key] = np.full((len(examples), length), -1, np.int32)
       for i, e in enumerate(examples):
@@ -388,8 +392,8 @@ def grounding_probe_loss(kv_v: jax.Array, labels: jax.Array, probe: dict) -> tup
   return (ce * weight).sum() / n, ((jnp.argmax(logits, -1) == safe) * weight).sum() / n
 
 
-# The probes `train_decoder` knows: "probe" (cells by `probe_rule`), "offset" (`offset_labels`) and
-# "referent" (cells by the phrase rule, on a layer of its own), "answer" (`answer_labels`).
+# The probes `train_decoder` knows: "probe" (cells by `probe_rule`), "offset" (`offset_labels`),
+# "referent" (cells by the phrase rule, on a layer of its own) and "answer" (`answer_labels`).
 _PROBE_CLASSES = {"probe": _CELL_CLASSES, "offset": OFFSET_CLASSES, "referent": _CELL_CLASSES,
                   "answer": _CELL_CLASSES}
 
@@ -409,7 +413,7 @@ def _decoder_loss(trainable, graphdef, rest, batch, feats, image_id, probes):
   targets = jnp.take_along_axis(tokens, where + 1, axis=1)
   loss, _ = losses.token_cross_entropy(logits, targets, batch["head_weights"])
   total, parts = loss, {"loss": loss}
-  for name, layer, weight in probes:  # (name, layer, weight): "probe", "offset", "referent"
+  for name, layer, weight in probes:  # (name, layer, weight): "probe", "offset", "referent", "answer"
     probe_loss, probe_acc = grounding_probe_loss(kv.v[layer], batch[f"{name}_labels"], trainable[name])
     total = total + weight * probe_loss
     parts.update({f"{name}_loss": probe_loss, f"{name}_accuracy": probe_acc})
@@ -432,8 +436,8 @@ def train_decoder(vlm: Any, feats: np.ndarray, batches: Callable[[int], tuple[st
                   ) -> tuple[list[dict], list[dict], float]:
   """Train `vlm.language_model` in place on cached image tokens `feats [N, S, D]` (tower and connector
   untouched). `probes`: `(name, layer, weight)` of each probe on (`grounding_probe_loss`): "probe" (the
-  referent's cell, `PhraseCells` by `probe_rule`), "offset" (`offset_labels`) and "referent" (the
-  phrase rule's cells); the batches then carry
+  referent's cell, `PhraseCells` by `probe_rule`), "offset" (`offset_labels`), "referent" (the phrase
+  rule's cells) and "answer" (`answer_labels`); the batches then carry
   `{name}_labels`, and each probe's linear head is trained with the decoder and thrown away. Returns
   (loss history, held-out checks from `on_eval(step)`, seconds)."""
   lm = vlm.language_model
