@@ -542,22 +542,24 @@ def _generic(q: list[str], a: list[str]) -> tuple[bool, bool | None] | None:
   return None
 
 
+def _question_tokens(question: str) -> list[str]:
+  """A question's normalised words, without punctuation."""
+  return [t for t in _normalize(question) if t not in {".", "!", ";", ",", "?"}]
+
+
 def question_referents(scene: Scene, question: str) -> list[SceneObject]:
   """The objects of `scene` a question about one referent describes, resolved as `check` resolves the
   referent of a colour / shape / position question: "what colour is the small cross ?", "where is the
   star in the bottom left ?". A colour word counts as a description unless the question asks for a
   colour. (For the scenes recipe's answer probe; `check` is unchanged.)"""
-  q = [t for t in _normalize(question) if t not in {".", "!", ";", ",", "?"}]
+  q = _question_tokens(question)
   return _match(scene, _question_desc(_chunks(q), with_colour_toks="colour" not in q))
 
 
 def check(scene: Scene, question: str, answer: str) -> Verdict:
   """Judges one QA pair against the scene (definitions in the module docstring)."""
-  q = [t for t in _normalize(question) if t not in {".", "!", ";", ","}]
+  q = _question_tokens(question)
   a = _normalize(answer)
-  while q and q[-1] == "?":
-    q.pop()
-  q = [t for t in q if t != "?"]
   q_chunks = _chunks(q)
   mentioned = sorted({c.shape for c in q_chunks + _chunks(a) if isinstance(c, _NP) and c.shape})
   present = set(object_names(scene))

@@ -365,8 +365,9 @@ def answer_labels(length: int, prompt_length: int, scene: world_lib.Scene | None
   if not labelled or scene is None or not words or words[0] not in ("what", "which", "where"):
     return out
   objects = checker_lib.question_referents(scene, question.replace(sm.SHORT_ANSWER_SUFFIX, ""))
-  if len(objects) == 1:
-    out[prompt_length - 1] = 1 + objects[0].row * world_lib.GRID + objects[0].col
+  cls = vision.binding_class([o.row * world_lib.GRID + o.col for o in objects], vision.CELLS)
+  if 1 <= cls <= vision.CELLS:  # exactly one object (the cell probes' classes)
+    out[prompt_length - 1] = cls
   return out
 
 
