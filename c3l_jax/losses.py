@@ -20,9 +20,12 @@ the same projection of what the model produces for the image + instruction, and
 with sim = cosine similarity (`contrastive_loss`).
 
 Readings of the paper where it is not explicit:
-  * Eq. 3's denominator runs over ŝ ∈ S, the sample set of the image, which contains s+ as well as the
-    negatives; we include the positive (the InfoNCE form of the cited framework, Lee et al. 2020),
-    so L_c >= 0 and L_c = log|S| when all similarities are equal.
+  * Eq. 3's denominator runs over ŝ ∈ S. The text calls "the remaining data samples ŝ ∈ S" the
+    negatives, so as printed the denominator sums over the negatives only (`denominator="negatives"`;
+    L_c can then be negative, and it is unbounded below as the positive outgrows the negatives). The
+    InfoNCE form of the cited framework (Lee et al. 2020) sums over the positive and the negatives
+    (`denominator="all"`, the default: L_c >= 0, and L_c = log|S| when all similarities are equal).
+    `config.train.contrastive_denominator` picks the reading.
   * The text writes both "ξ(·) = AvgPool(ReLU(·))" and "affine transformation ξ with the ReLU and
     AvgPool"; we read it as affine -> ReLU -> mean over the sequence (valid positions only).
   * The paper defines L_c per image; over a batch we average it over the images (groups) that have
@@ -125,16 +128,21 @@ def _normalize(x: jax.Array, eps: float = _EPS) -> jax.Array:
   return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps * eps)
 
 
+CONTRASTIVE_DENOMINATORS = ("all", "negatives")
+
+
 def contrastive_loss(h_samples: jax.Array, sample_valid: jax.Array, positive_index: jax.Array,
-                     h_anchor: jax.Array, tau: float | jax.Array, group_valid: jax.Array
-                     ) -> jax.Array:
+                     h_anchor: jax.Array, tau: float | jax.Array, group_valid: jax.Array,
+                     denominator: str = "all") -> jax.Array:
   """L_c of eq. 3, averaged over the valid image groups.
 
-  Per group g (one image): L_c(g) = -log softmax_s(cos(h_s, h_y)/τ)[s+] over the group's valid
-  samples s (the positive and the negatives; padding samples are excluded), h_y = h_anchor[g],
-  s+ = positive_index[g]. A group counts when group_valid[g], its positive is a valid sample and it
-  has >= 2 valid samples; the loss is the mean of L_c over counted groups, exactly 0 (with finite
-  gradients) when none counts. Padding samples and uncounted groups receive zero gradient.
+  Per group g (one image), with sim_s = cos(h_s, h_y)/τ, h_y = h_anchor[g] and s+ = positive_index[g]:
+  L_c(g) = -sim_{s+} + log Σ_s exp(sim_s), the sum over the group's valid samples s — the positive
+  and the negatives with `denominator="all"` (= -log softmax(sim)[s+], InfoNCE), the negatives only
+  with `denominator="negatives"` (eq. 3 as printed). Padding samples are excluded. A group counts when
+  group_valid[g], its positive is a valid sample and it has >= 2 valid samples; the loss is the mean
+  of L_c over counted groups, exactly 0 (with finite gradients) when none counts. Padding samples and
+  uncounted groups receive zero gradient.
 
   Args:
     h_samples: `[G, N, D]` sample representations (eq. 2), positive and negatives, per group.
@@ -143,15 +151,23 @@ def contrastive_loss(h_samples: jax.Array, sample_valid: jax.Array, positive_ind
     h_anchor: `[G, D]` anchor representations h_y.
     tau: temperature τ > 0.
     group_valid: `[G]` bool.
+    denominator: "all" or "negatives" (which samples eq. 3's denominator sums over).
   Returns:
     scalar float32.
   """
+  if denominator not in CONTRASTIVE_DENOMINATORS:
+    raise ValueError(f"contrastive_loss: denominator must be one of {CONTRASTIVE_DENOMINATORS}, "
+                     f"got {denominator!r}")
   sample_valid = sample_valid.astype(bool)
   sims = cosine(h_samples.astype(jnp.float32), h_anchor.astype(jnp.float32)[:, None, :]) / tau
-  sims = jnp.where(sample_valid, sims, _MASKED)  # [G, N]; padding leaves the denominator
-  log_p = jax.nn.log_softmax(sims, axis=-1)  # stable: max-shifted log-sum-exp
   positive_index = positive_index.astype(jnp.int32)[:, None]
-  log_p_pos = jnp.take_along_axis(log_p, positive_index, axis=-1)[:, 0]
+  sim_pos = jnp.take_along_axis(sims, positive_index, axis=-1)[:, 0]
+  in_denominator = sample_valid
+  if denominator == "negatives":
+    in_denominator &= jnp.arange(sims.shape[-1])[None, :] != positive_index
+  # Stable log-sum-exp; samples outside the denominator get a logit whose exp underflows to 0.
+  log_denominator = jax.nn.logsumexp(jnp.where(in_denominator, sims, _MASKED), axis=-1)
+  log_p_pos = sim_pos - log_denominator
   positive_valid = jnp.take_along_axis(sample_valid, positive_index, axis=-1)[:, 0]
   use = group_valid.astype(bool) & positive_valid & (jnp.sum(sample_valid, axis=-1) >= 2)
   per_group = jnp.where(use, -log_p_pos, 0.0)

@@ -79,6 +79,7 @@ class TrainConfig:
   ce_weight: float = 1.0
   contrastive_weight: float = 1.0
   tau: float = 0.1
+  contrastive_denominator: str = "all"  # eq. 3's denominator: all samples (InfoNCE) | negatives only
   trainable: tuple[str, ...] = ("connector", "decoder", "head")
   objective: str = "c3l"  # c3l (and vlit: c3l with contrastive_weight 0) | align
 
@@ -89,6 +90,7 @@ class TrainConfig:
                warmup_steps=train.warmup_steps, steps=train.steps, grad_clip=train.grad_clip,
                grad_accum=train.grad_accum, ce_weight=train.ce_weight,
                contrastive_weight=train.contrastive_weight, tau=train.tau,
+               contrastive_denominator=train.contrastive_denominator,
                trainable=tuple(train.trainable) + aux,
                objective="align" if train.objective == "align" else "c3l")
 
@@ -141,7 +143,7 @@ def ce_loss(vlm: LlavaVLM, batch: dict) -> jax.Array:
   return loss
 
 
-def contrastive_term(model: Generator, batch: dict, tau: float) -> jax.Array:
+def contrastive_term(model: Generator, batch: dict, tau: float, denominator: str = "all") -> jax.Array:
   """L_c (eq. 3): anchors = final hidden states over image + instruction; samples = input embeddings."""
   vlm, lm = model.vlm, model.vlm.language_model
   x = vlm.embed_image_and_text(batch["anchor_tokens"], batch["anchor_pixels"])
@@ -151,7 +153,7 @@ def contrastive_term(model: Generator, batch: dict, tau: float) -> jax.Array:
   h_samples = losses.pooled_representation(model.head, lm.embed(batch["sample_tokens"]),
                                            batch["sample_mask"])
   return losses.contrastive_loss(h_samples, batch["sample_valid"], batch["positive"], h_anchor, tau,
-                                 batch["group_valid"])
+                                 batch["group_valid"], denominator)
 
 
 def alignment_term(model: Generator, batch: dict) -> jax.Array:
@@ -173,7 +175,8 @@ def total_loss(model: Generator, batch: dict, cfg: TrainConfig) -> tuple[jax.Arr
     parts["alignment"] = alignment_term(model, batch["align"])
     loss += cfg.contrastive_weight * parts["alignment"]
   elif cfg.contrastive_weight:
-    parts["contrastive"] = contrastive_term(model, batch["con"], cfg.tau)
+    parts["contrastive"] = contrastive_term(model, batch["con"], cfg.tau,
+                                           cfg.contrastive_denominator)
     loss += cfg.contrastive_weight * parts["contrastive"]
   return loss, parts
 

@@ -168,6 +168,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.ce_weight = 1.0
   config.train.contrastive_weight = 1.0
   config.train.tau = 0.1
+  # Eq. 3's denominator: "all" (positive + negatives, InfoNCE) or "negatives" (eq. 3 as printed).
+  config.train.contrastive_denominator = "all"
   config.train.max_negatives = 4
   config.train.checkpoint_every = 500
   config.train.trainable = ("connector", "decoder")  # regexes over parameter paths

@@ -127,6 +127,22 @@ def test_contrastive_loss_equals_numpy_eq3_with_masking():
   assert got16.dtype == jnp.float32 and float(got16) == pytest.approx(want16, rel=1e-5)
 
 
+def test_contrastive_denominator_negatives_is_eq3_as_printed_by_hand():
+  # Three samples in the plane, the anchor along x: cosines are 1 (the positive, at index 1), 0 and -1.
+  h_s = np.array([[[0.0, 2.0], [3.0, 0.0], [-0.5, 0.0]]], np.float32)
+  h_y = np.array([[1.0, 0.0]], np.float32)
+  valid, pos, group_valid = np.ones((1, 3), bool), np.array([1]), np.array([True])
+  tau = 0.5  # sims / τ: 2, 0, -2
+  negatives = losses.contrastive_loss(h_s, valid, pos, h_y, tau, group_valid, "negatives")
+  assert float(negatives) == pytest.approx(-2.0 + math.log(math.exp(0.0) + math.exp(-2.0)), rel=1e-5)
+  assert float(negatives) < 0  # eq. 3 as printed is not bounded below by 0
+  everything = losses.contrastive_loss(h_s, valid, pos, h_y, tau, group_valid, "all")
+  assert float(everything) == pytest.approx(
+      -2.0 + math.log(math.exp(2.0) + math.exp(0.0) + math.exp(-2.0)), rel=1e-5)
+  with pytest.raises(ValueError, match="denominator"):
+    losses.contrastive_loss(h_s, valid, pos, h_y, tau, group_valid, "positives")
+
+
 def test_contrastive_loss_gradients_and_padding():
   h_s, valid, pos, h_y, tau, group_valid = contrastive_case()
   want = np_eq3(h_s, valid, pos, h_y, tau, group_valid)

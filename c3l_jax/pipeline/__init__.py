@@ -53,6 +53,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select.method": ("i2c", "self_instruct", "vigc", "random"),
     "train.objective": ("c3l", "vlit", "align"),
     "train.optimizer": ("adamw",),
+    "train.contrastive_denominator": ("all", "negatives"),
     "eval.mc_mode": ("loglik", "generate"),
 }
 
