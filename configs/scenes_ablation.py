@@ -23,8 +23,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.ablation.vlit_steps = 100
     config.ablation.vlit_learning_rate = 1e-4
     config.ablation.seeds = 3
-    # The VLIT rows fine-tune the student (stage 0 + captions only, no VQA or instruction data:
-    # issue 15 item 2), so what it learns about answering questions comes from the generated data.
+    # The VLIT rows fine-tune the student (stage 0 + captions only, no VQA or instruction data;
+    # docs/scenes.md), so what it learns about answering questions comes from the generated data.
     config.ablation.student = "checkpoints/scenes_student"
     config.ablation.seed_keys = "seed,data.scenes_seed"  # generation / fine-tuning and the world
   config.lock()

@@ -1,8 +1,8 @@
 """Train the shipped scenes generator and student from scratch: `python -m c3l_jax.scenes.pretrain`.
 
 The scenes testbed's own command (`c3l_jax/scenes/pretrain.py`; this file is its default `--config`),
-not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`) with run K5's
-settings (docs/testbed-notes.md, session 11: the word-rule grounding probe on layer 1, the offset and
+not a pipeline stage. The defaults are the grounded recipe (`c3l_jax/scenes/grounded.py`) with the
+shipped generator's settings (docs/scenes.md: the word-rule grounding probe on layer 1, the offset and
 referent probes on layer 2, the answer probe on layer 3, background questions, the background head, 11000
 steps): build the world's processor and a random tiny LLaVA-1.5 (transformers, then
 `c3l_jax.convert`), a supervised vision tower (stage 0), a frozen random connector, the student (decoder
@@ -122,10 +122,10 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.text_every = 6
   g.p_detail = 0.05
   g.p_image = 0.25
-  # Run g1 (docs/testbed-notes.md): count / existence solved, position / relation at the prior, so the
-  # VQA draws favour position, and relations also come balanced (yes / no 1/2 each: w_relation). Runs
-  # H and I (sessions 7-8): colour questions (binding a colour to the named shape) drawn more often;
-  # K3 (session 10): shape questions too.
+  # With uniform VQA kinds, count / existence were learnt and position / relation stayed at the prior,
+  # so the VQA draws favour position, and relations also come balanced (yes / no 1/2 each: w_relation).
+  # Colour questions (binding a colour to the named shape) and shape questions are drawn more often
+  # because they were the kinds that missed their thresholds next (docs/scenes.md).
   g.w_vqa = 4.0
   g.vqa_kind_weights = (2.5, 2.0, 0.7, 3.0, 1.0, 0.5)  # colour, shape, count, position, relation, existence
   g.w_existence = 1.0
@@ -134,8 +134,8 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.w_background = 0.5  # "what colour is the background ?" (`grounded.background_qa`; captions name it)
   # `ground` batches (VQA, existence, relations) before step `until` draw only scenes with at most
   # `max_objects` objects: pairs (max_objects, until), e.g. ((1, 300), (2, 800)). () = off. (On one-object
-  # scenes the decoder learns to read a referent's cell in ~200 steps; on all scenes it hardly does:
-  # docs/testbed-notes.md, session 3.)
+  # scenes the decoder learns to read a referent's cell in ~200 steps, on all scenes hardly at all; but a
+  # curriculum over the first 2500 steps of the mix did not carry that over: docs/scenes.md.)
   g.curriculum = ()
   g.w_caption = 5.5
   g.w_vigc = 1.0
@@ -147,7 +147,7 @@ def get_grounded_section() -> ml_collections.ConfigDict:
   g.seq_text = 112
   g.p_generic = 0.45  # generic share of the VIGC samples
   # ... and of the QA-from-caption (two-step) samples: greedy decoding picks one mode per prompt type,
-  # and at 0.45 it was 0 % generic (g1) while VIGC was 85 %.
+  # and at 0.45 the two-step outputs were 0 % generic while VIGC's were 85 %.
   g.p_generic_caption_qa = 0.65
   g.p_short = 0.7
   # The grounding probe (`grounded.grounding_probe_loss`, recipe only, not exported): at the words that

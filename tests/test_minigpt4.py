@@ -1,4 +1,4 @@
-"""MiniGPT-4 (issue 7): EVA ViT-g / Q-Former / whole-model parity with transformers after the converter
+"""MiniGPT-4: EVA ViT-g / Q-Former / whole-model parity with transformers after the converter
 CLI, the Llama-2 variant, MiniGPT-4's prompts, generation with the "###" stop string, and the score stage.
 
 One tiny random BLIP-2 + Llama + llama_proj world is built and converted once (module fixture); every

@@ -495,7 +495,7 @@ def test_ablation_fine_tunes_the_student(tmp_path, monkeypatch):
   from configs import scenes_ablation
 
   config = scenes_ablation.get_config()
-  assert config.ablation.student == "checkpoints/scenes_student"  # the shipped student (issue 15 item 2)
+  assert config.ablation.student == "checkpoints/scenes_student"  # the shipped student (captions only)
   pipeline.check_config(config)  # no ConfigError: it exists (relative to the repository, as the demo runs)
   config = ablation.derive(config, {"ablation.student": ""})
   assert ablation.reference_row(config) == "base model"

@@ -1,5 +1,5 @@
 """Does the shipped scenes generator see? It is loaded from `checkpoints/scenes_tiny` and measured here on
-held-out scenes against issue 15's thresholds (`c3l_jax.scenes.grounding.THRESHOLDS`), not read from its
+held-out scenes against the grounding thresholds (`c3l_jax.scenes.grounding.THRESHOLDS`), not read from its
 training_metrics.json. Also: the student, the grounded recipe's parts (stage-0 targets, balanced
 existence questions, the cached image tokens) and the thresholds' arithmetic on hand-made reports."""
 

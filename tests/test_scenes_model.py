@@ -70,7 +70,7 @@ def shipped():
 @pytest.mark.parametrize("model_dir", [SHIPPED, STUDENT], ids=["generator", "student"])
 def test_shipped_checkpoint_files(model_dir):
   """A few MB, no file over 5 MB, the model directory layout of a converted LLaVA, with metrics; the
-  generator and the student (issue 15 item 2) alike."""
+  generator and the student (captions only) alike."""
   sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(model_dir) for f in fs]
   assert sum(sizes) < 12 * 2**20 and max(sizes) < 5 * 2**20
   for name in ("c3l_model.json", "params", "tokenizer.json", "tokenizer_config.json",
@@ -97,8 +97,9 @@ def test_shipped_checkpoint_generates_parsable_grounded_qa(shipped):
   never saw: greedy VIGC generations parse as "Question: ... Answer: ...", and short answers to colour
   and shape questions beat chance (1/6 and 1/5; the model without the image scores 0.19 on 192 such
   questions) by far. One compiled shape: batches of 32 image prompts, 32 new tokens at most.
-  Measured on the shipped model (the grounded recipe, run K5): parsed 32/32, 34.4 % image-dependent,
-  colour + shape accuracy 0.80 (64 questions; run I: 0.84; run g2: 0.83; the old mix-recipe model: 0.47)."""
+  Measured on the shipped model (the grounded recipe): parsed 32/32, 34.4 % image-dependent, colour +
+  shape accuracy 0.80 (64 questions; earlier grounded-recipe generators: 0.83-0.84; the old mix-recipe
+  model: 0.47)."""
   world = scenes.generate_world(32, 0, start_id=5000)  # the demo's world seed (training used 1000)
   images = [scenes.render(s) for s in world]
   kinds = [ins.INSTRUCTION_TYPES[i % 3] for i in range(len(world))]

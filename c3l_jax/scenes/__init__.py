@@ -20,7 +20,7 @@ A config turns it on with `config.plugins = "c3l_jax.scenes"` (`configs/scenes_*
              `checkpoints/scenes_student`: `python -m c3l_jax.scenes.pretrain` (see docs/scenes.md)
   grounded   its default recipe (`pretrain.recipe=grounded`): supervised tower, cached image tokens
   vision     its stage 0: supervised pretraining of the vision tower
-  grounding  does a generator see? held-out measures and issue 15's thresholds
+  grounding  does a generator see? held-out measures and the thresholds a generator must meet
   modelio    base model, feature scale, export, generation through the loading path (shared)
 
 The world's public names (`generate_world`, `render`, `captions`, `grounded_qa`, `check`, ...) are

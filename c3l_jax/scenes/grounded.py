@@ -3,7 +3,7 @@
     python -m c3l_jax.scenes.pretrain --config=configs/scenes_pretrain.py   # recipe "grounded"
 
 The old recipe (`recipe = "mix"`) trains tower, connector and decoder together from scratch; its
-model answers from the language prior (held-out VQA 45 %, POPE at chance, docs/testbed-notes.md). Here:
+model answers from the language prior (held-out VQA 45 %, POPE at chance, docs/scenes.md). Here:
 
 1. **Stage 0, a supervised vision tower** (`c3l_jax.scenes.vision`): linear probes on the patch
    features the connector reads, trained with CE against each cell's shape / colour / size / position
@@ -17,8 +17,9 @@ model answers from the language prior (held-out VQA 45 %, POPE at chance, docs/t
    once (`vlm.encode_images`, the function the pipeline calls at inference, in the model's dtype) and the
    decoder trains on them: a step runs the decoder only, so the budget buys tens of thousands of steps on
    many more scenes than the old 3000.
-4. **The student** (issue 15 item 2): the decoder trained on captions only (`student_steps`), exported
-   to `student_out` with its own `training_metrics.json`. No VQA or instruction data.
+4. **The student** (what the Table-4 ablation fine-tunes): the decoder trained on captions only
+   (`student_steps`), exported to `student_out` with its own `training_metrics.json`. No VQA or
+   instruction data.
 5. **The generator**: the student's decoder trained on (`steps`) the instruction mix: grounded VQA
    (short answers and full sentences), balanced existence questions (POPE-style), balanced relation
    questions, background-colour questions, captions, VIGC "generate a question and answer it" samples

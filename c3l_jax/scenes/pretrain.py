@@ -489,7 +489,7 @@ def main(argv: Sequence[str]) -> None:
                 + f"; captions correct {r['caption']['correct']}; generic: VIGC {r['vigc']['generic']}, "
                 f"two-step {r['caption_qa']['generic']}")
     failures = r.get("failures") or []
-    console.say("grounding thresholds (issue 15): " + ("all met" if not failures else
+    console.say("grounding thresholds (grounding.THRESHOLDS): " + ("all met" if not failures else
                                                         "missed: " + "; ".join(failures)))
   print(f"model: {metrics['out']}; workdir: {workdir} (metrics.json, {METRICS_FILE} in the model)")
 

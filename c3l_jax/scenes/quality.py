@@ -1,4 +1,4 @@
-"""Ground-truth quality of generated QA data in the synthetic scenes world (issue 6's scientific check).
+"""Ground-truth quality of generated QA data in the synthetic scenes world (does C3L raise relevance?).
 
 For every QA record, `c3l_jax.scenes.checker.check` against the record's scene gives: is it
 image-dependent, is it correct, which absent objects it mentions. Over a dataset:
