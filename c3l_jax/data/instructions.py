@@ -44,6 +44,9 @@ QA_FROM_CAPTION = {
     ),
 }
 QA_FORMAT = 'Use the format "Question: ... Answer: ...".'
+# A QA-from-caption instruction that names no instruction type: the contrastive anchor's prompt under
+# `train.anchor_instruction=neutral`, so that matching the positive's type cannot lower the loss.
+QA_FROM_CAPTION_NEUTRAL = "Write an instruction about the image, then respond to it."
 
 
 def qa_from_caption_prompt(caption: str, instruction: str) -> str:
@@ -125,5 +128,5 @@ def normalise(text: str) -> str:
   return " ".join(words(text))
 
 
-__all__ = ["CAPTION_INSTRUCTIONS", "INSTRUCTION_TYPES", "QA_FROM_CAPTION", "draw_types",
+__all__ = ["CAPTION_INSTRUCTIONS", "INSTRUCTION_TYPES", "QA_FROM_CAPTION", "QA_FROM_CAPTION_NEUTRAL", "draw_types",
            "normalise", "parse_mix", "parse_qa", "qa_from_caption_prompt", "words"]

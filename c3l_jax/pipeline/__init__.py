@@ -54,6 +54,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.objective": ("c3l", "vlit", "align"),
     "train.optimizer": ("adamw",),
     "train.contrastive_denominator": ("all", "negatives"),
+    "train.inputs": ("vigc", "as_generated"),
+    "train.anchor": ("prompt", "generated"),
+    "train.anchor_instruction": ("positive", "neutral"),
     "eval.mc_mode": ("loglik", "generate"),
 }
 
@@ -69,6 +72,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "generation.per_image": (1, True, math.inf, False),
     "generation.caption_max_new_tokens": (1, True, math.inf, False),
     "generation.shard_size": (1, True, math.inf, False),
+    "train.anchor_max_new_tokens": (1, True, math.inf, False),
     "ablation.vlit_steps": (1, True, math.inf, False),
     "ablation.seeds": (1, True, math.inf, False),
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),

@@ -10,7 +10,9 @@
 `generation.instruction_mix`. Images are processed in shards of `generation.shard_size`; each shard's
 random choices and sampling keys depend only on (seed, shard, row), so a resumed run writes the same
 bytes. Output records: `id`, `image`, `image_id`, `instruction_type`, `instruction`, `mode`, `caption`
-(two_step), `output` (the raw generated text) and the parsed `question` / `answer` ("" when the output
+and `caption_instruction` (two_step), `prompt` (the text of the prompt that wrote the QA: the
+QA-from-caption prompt, text-only, in two_step; the VIGC instruction, with the image, in direct),
+`output` (the raw generated text) and the parsed `question` / `answer` ("" when the output
 does not parse: the `filter` stage quarantines those). Bad input lines, images that cannot be loaded
 and samples whose sequence is over the model's context go to `WORKDIR/initial/rejected.jsonl`.
 
@@ -122,6 +124,7 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
     return False
 
   captions: dict[str, str] = {}
+  prompt_texts: dict[int, str] = {}  # job index -> the text of the prompt that writes its QA
   if mode == "two_step":  # step 1: one caption per image, keyed by the image's first job
     of_image: dict[str, list[Job]] = {}
     for job in jobs:
@@ -146,15 +149,16 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
       if job.item.image not in captions:
         continue
       instruction = ins.QA_FROM_CAPTION[job.instruction_type][job.qa_choice]
-      ids, _ = builder.encode_prompt(ins.qa_from_caption_prompt(captions[job.item.image], instruction),
-                                     None)
+      prompt_texts[i] = ins.qa_from_caption_prompt(captions[job.item.image], instruction)
+      ids, _ = builder.encode_prompt(prompt_texts[i], None)
       if fits(ids, max_new, [job]):
         todo.append(i)
         prompts.append(ids)
   else:
     todo, prompts = [], []
     for i, job in enumerate(jobs):
-      ids = image_prompt(job, VIGC_INSTRUCTIONS[job.instruction_type])
+      prompt_texts[i] = VIGC_INSTRUCTIONS[job.instruction_type]
+      ids = image_prompt(job, prompt_texts[i])
       if ids is not None and fits(ids, max_new, [job]):
         todo.append(i)
         prompts.append(ids)
@@ -175,8 +179,13 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
       row = {"id": job.id, "image": job.item.image, "image_id": job.item.image_id,
              "instruction_type": job.instruction_type, "instruction": instruction, "mode": mode,
              "generator": stage}
+      # What produced the sample, as the train stage's `train.inputs=as_generated` reads it back:
+      # `prompt`, the user turn of the step that wrote the QA (with the image iff mode is direct),
+      # and in two_step the caption step's instruction (with the image) and its caption.
       if mode == "two_step":
         row["caption"] = captions[job.item.image]
+        row["caption_instruction"] = ins.CAPTION_INSTRUCTIONS[job.caption_choice]
+      row["prompt"] = prompt_texts[i]
       row.update(output=text, question=parsed[0], answer=parsed[1])
       rows.append(row)
   counts.update(images=len(good & counted), images_rejected=len(bad & counted),
