@@ -399,3 +399,51 @@ def test_a_batch_of_text_only_and_image_prompts_equals_its_rows_alone(world):
   in_row_order = T.ce_batch(rows, builder.pad_id, pictures=[None, rows[1], None, rows[3]],
                             blank=blank)
   assert np.abs(embed(in_row_order)[1] - embed(mixed)[1]).max() > 1e-3
+
+
+def test_generated_anchor_is_the_models_own_continuation_and_its_gradient_reaches_the_decoder(world):
+  """`train.anchor=generated` (the paper's anchor data y): y is the greedy continuation of the anchor
+  prompt that `sampling.generate` writes with the current parameters, h_y pools the decoder's hidden
+  states teacher-forced on prompt + y, and the gradient of L_c reaches the decoder's layers through
+  h_y (the samples' side only touches the embedding table) — equal to the gradient with y held fixed."""
+  from c3l_jax import sampling
+  builder = world["builder"]
+  trainer = _trainer(world, _mesh(), ce_weight=0.0, anchor="generated", anchor_max_new_tokens=6,
+                     eos_ids=tuple(builder.eos_ids))
+  con = jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)["con"])
+  assert int(con["anchor_mask"][0, 0]) == 0 or bool(con["anchor_mask"].all())  # left-padded
+  model = trainer.model()
+  y, lengths = sampling.generate(model.vlm, con["anchor_tokens"], con["anchor_mask"],
+                                 con["anchor_pixels"], sampling.SamplingConfig(
+                                     max_new_tokens=6, eos_ids=tuple(builder.eos_ids)))
+  assert lengths.max() > 0
+
+  def h_reference(vlm, head, g):  # one row alone, unpadded: prompt + y, pooled over y in numpy
+    prompt = np.asarray(con["anchor_tokens"][g])[np.asarray(con["anchor_mask"][g]) > 0]
+    seq = np.concatenate([prompt, y[g, :lengths[g]]])[None]
+    x = vlm.embed_image_and_text(jnp.asarray(seq), con["anchor_pixels"][g:g + 1])
+    positions, mask3 = T.positions_and_mask(None, seq.shape)
+    hidden = vlm.language_model.decode_hidden(x, positions, mask3)[0][0, len(prompt):]
+    return jnp.mean(jax.nn.relu(head(hidden)), axis=0)
+
+  got = T.anchor_representation(model, con, trainer.cfg)
+  for g in range(got.shape[0]):
+    if lengths[g]:
+      np.testing.assert_allclose(got[g], h_reference(model.vlm, model.head, g), rtol=2e-5, atol=2e-6)
+
+  def loss(params):
+    return T.contrastive_term(nnx.merge(trainer.graphdef, params, trainer.frozen), con, trainer.cfg)
+
+  def reference_loss(params):  # y held fixed: a constant of the test, not of the model
+    m = nnx.merge(trainer.graphdef, params, trainer.frozen)
+    h_anchor = jnp.stack([h_reference(m.vlm, m.head, g) for g in range(len(lengths))])
+    h_samples = T.losses.pooled_representation(m.head, m.vlm.language_model.embed(
+        con["sample_tokens"]), con["sample_mask"])
+    return T.losses.contrastive_loss(h_samples, con["sample_valid"], con["positive"], h_anchor,
+                                     trainer.cfg.tau, con["group_valid"])
+
+  assert all(lengths)  # every row has a y (else h_reference would average nothing)
+  grads, want = jax.grad(loss)(trainer.trainable), jax.grad(reference_loss)(trainer.trainable)
+  assert float(optax.tree.norm(nnx.to_pure_dict(grads)["vlm"]["language_model"]["layers"])) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               nnx.to_pure_dict(grads), nnx.to_pure_dict(want))
