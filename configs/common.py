@@ -121,6 +121,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.generation.mode = "two_step"
   config.generation.final_mode = "two_step"  # the final stage's mode (same choices; the paper's, Sec. 4)
   config.generation.per_image = 3  # QA samples generated per image in the initial stage
+  # QA pairs each initial prompt asks for; every pair parsed from the answer becomes a sample (the
+  # paper's instructions ask for several: "Generate five in-depth reasoning questions ..."). 1 = one
+  # pair, the first parsed.
+  config.generation.qa_per_prompt = 1
+  # The initial stage's sampling (captions and QA); -1 = generation.temperature / generation.top_p.
+  config.generation.initial_temperature = -1.0
+  config.generation.initial_top_p = -1.0
   # Instruction types and their proportions (normalised).
   config.generation.instruction_mix = "conversation=0.5,detailed_description=0.25,complex_reasoning=0.25"
   config.generation.caption_max_new_tokens = 64  # step 1 of two_step

@@ -34,6 +34,22 @@ def test_parse_qa(text, want):
   assert ins.parse_qa(text) == want
 
 
+@pytest.mark.parametrize("text, want", [
+    ("Question 1: what is red? Answer 1: the circle.\nQuestion 2: how many squares? Answer 2: two",
+     [("what is red?", "the circle."), ("how many squares?", "two")]),
+    ("**Q:** is there a cat? **A:** no\n\nQ: where is the car? A: on the left",
+     [("is there a cat?", "no"), ("where is the car?", "on the left")]),
+    ("Here are three.\nQuestion: a? Answer: b\nQuestion: c? Answer:\nQuestion: d? Answer: e",
+     [("a?", "b"), ("d?", "e")]),  # the pair without an answer is skipped, the rest kept
+    ("Question: one? Answer: yes Question: dangling?", [("one?", "yes")]),
+    ("Answer: red. Question: what colour? Answer: red", [("what colour?", "red")]),
+    ("the circle is red", []),
+])
+def test_parse_qa_pairs_keeps_every_pair(text, want):
+  assert ins.parse_qa_pairs(text) == want
+  assert (want[0] if want else None) == ins.parse_qa(text)  # the first pair is what parse_qa reads
+
+
 def test_parse_mix_normalises_and_rejects_bad_specs():
   assert ins.parse_mix("conversation=2,complex_reasoning=2") == {"conversation": 0.5,
                                                                   "complex_reasoning": 0.5}
@@ -386,6 +402,71 @@ def test_generation_quarantines_sequences_over_the_context_and_counts_add_up(mod
   assert counts["samples"] == 8 and counts["samples_rejected"] == 2 * len(over)
   assert counts["samples"] == len(rows) + counts["samples_rejected"]
   assert counts["tokens"] == 3 * (len(rows) + (4 - 1 if mode == "two_step" else 0))  # + captions
+
+
+class _MultiQAInference(_StubInference):
+  """Answers `Question k: ... Answer k: ...` pairs, 0-3 of them by the row's PRNG key (0: nothing
+  parsable), and records the prompts' texts."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.texts = []
+    self.builder = types.SimpleNamespace(encode_prompt=self._record)
+
+  def _record(self, text, picture):
+    self.texts.append(text)
+    return self._encode(text, picture)
+
+  def generate(self, prompts, pixels, keys, max_new_tokens, expected=None):
+    import jax
+    if self.config.generation.mode == "two_step" and pixels is not None:  # the caption step
+      return ["a red circle"] * len(prompts), 0
+    seeds = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), -1).sum(-1) // 7
+    return [" ".join(f"Question {k}: what is {k}? Answer {k}: it is {k}." for k in range(s % 4))
+            or "no pairs" for s in seeds], 0
+
+
+@pytest.mark.parametrize("mode", ["two_step", "direct"])
+def test_qa_per_prompt_asks_for_n_pairs_and_keeps_every_one(mode):
+  from c3l_jax.pipeline import initial
+  inf = _MultiQAInference(_gen_config(mode))
+  jobs = _jobs(["ok0.png", "ok1.png", "ok2.png"], per_image=3)
+  rows, rejected, counts = initial.generate_jobs(inf, jobs, mode, "initial", 0, qa_per_prompt=3)
+  assert not rejected
+  asked = [t for t in inf.texts if "Write 3 different question-answer pairs" in t]
+  assert len(asked) == len(jobs)  # every QA prompt (not the caption prompts) asks for three
+  by_job = {j.id: [r for r in rows if r["id"].rsplit("_", 1)[0] == j.id] for j in jobs}
+  expected_pairs = []
+  for job in jobs:
+    got = by_job[job.id]
+    n = sum(1 for _ in ins.parse_qa_pairs(got[0]["output"]))  # counted again from the raw answer
+    n_hand = got[0]["output"].count("Answer ")  # and by hand: one "Answer k:" per pair
+    assert n == n_hand
+    assert [r["id"] for r in got] == [f"{job.id}_{k}" for k in range(max(n, 1))]
+    assert [(r["question"], r["answer"]) for r in got] == (
+        [(f"what is {k}?", f"it is {k}.") for k in range(n)] or [("", "")])
+    assert all(r["prompt"] in asked for r in got)
+    expected_pairs.append(max(n, 1))
+  assert max(map(len, by_job.values())) > 1 and 0 in [  # several pairs, and none
+      ins.parse_qa_pairs(v[0]["output"]).__len__() for v in by_job.values()]
+  assert counts["samples"] + counts["extra_pairs"] == len(rows) == sum(expected_pairs)
+  one, _, ones = initial.generate_jobs(_MultiQAInference(_gen_config(mode)), jobs, mode, "initial", 0)
+  assert [r["id"] for r in one] == [j.id for j in jobs] and ones["extra_pairs"] == 0
+
+
+def test_initial_sampling_overrides_the_generation_settings():
+  from c3l_jax.pipeline import common, initial
+  gen = types.SimpleNamespace(temperature=0.0, top_p=1.0, top_k=0, initial_temperature=-1.0,
+                              initial_top_p=-1.0)
+  config = types.SimpleNamespace(generation=gen)
+  assert initial.initial_sampling(config) == {"temperature": 0.0, "top_p": 1.0}  # today's: greedy
+  gen.initial_temperature, gen.initial_top_p = 0.7, 0.9
+  assert initial.initial_sampling(config) == {"temperature": 0.7, "top_p": 0.9}
+  inf = types.SimpleNamespace(config=types.SimpleNamespace(generation=vars(gen)),
+                              sampling=initial.initial_sampling(config),
+                              builder=types.SimpleNamespace(eos_ids=(2,), stop_sequences=(), pad_id=0))
+  cfg = common.Inference.sampling_config(inf, 8)
+  assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (0.7, 0.9, 0, 8)
 
 
 def test_processes_take_disjoint_shards_that_cover_all():

@@ -70,6 +70,7 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "generation.num_final": (1, True, math.inf, False),
     "generation.prompt_bucket": (1, True, math.inf, False),
     "generation.per_image": (1, True, math.inf, False),
+    "generation.qa_per_prompt": (1, True, math.inf, False),
     "generation.caption_max_new_tokens": (1, True, math.inf, False),
     "generation.shard_size": (1, True, math.inf, False),
     "train.anchor_max_new_tokens": (1, True, math.inf, False),
@@ -173,6 +174,13 @@ def check_config(config: Any) -> tuple[str, ...]:
   if dist.enabled and dist.num_processes > 0 and config.train.batch_size % dist.num_processes:
     raise ConfigError(f"config.train.batch_size={config.train.batch_size} (global) does not divide over "
                       f"config.distributed.num_processes={dist.num_processes}")
+  gen = config.generation
+  if not (gen.initial_temperature == -1 or gen.initial_temperature >= 0):
+    raise ConfigError(f"config.generation.initial_temperature={gen.initial_temperature!r} must be >= 0 "
+                      "(0 = greedy), or -1 for generation.temperature")
+  if not (gen.initial_top_p == -1 or 0 < gen.initial_top_p <= 1):
+    raise ConfigError(f"config.generation.initial_top_p={gen.initial_top_p!r} must be in (0, 1], or "
+                      "-1 for generation.top_p")
   from c3l_jax.data import instructions  # jax-free
   try:
     instructions.parse_mix(config.generation.instruction_mix)
