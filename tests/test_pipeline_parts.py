@@ -326,6 +326,44 @@ def test_ablation_rows_derive_their_configs():
   assert seeded.to_dict() == config.to_dict()
 
 
+def test_ablation_takes_the_readings_as_rows():
+  from c3l_jax.pipeline import ConfigError, ablation, check_config
+  from configs import scenes_ablation
+
+  config = scenes_ablation.get_config()
+  config.unlock()
+  config.ablation.variants = ("as_generated,anchor_generated,anchor_neutral,negatives,"
+                              "generation.qa_per_prompt=3+generation.initial_temperature=0.7,"
+                              "scoring.length_norm=true")
+  config.lock()
+  check_config(config)
+  rows = ablation.variant_rows(config)
+  derived = {name: ablation.derive(config, row.overrides) for name, row in rows.items()}
+  assert derived["+CRM+CLM as_generated"].train.inputs == "as_generated"
+  assert derived["+CRM+CLM anchor_generated"].train.anchor == "generated"
+  assert derived["+CRM+CLM anchor_neutral"].train.anchor_instruction == "neutral"
+  assert derived["+CRM+CLM negatives"].train.contrastive_denominator == "negatives"
+  for name in ("as_generated", "anchor_generated", "anchor_neutral", "negatives"):
+    row = rows[f"+CRM+CLM {name}"]  # trains again on C3L's selection, from the shared initial data
+    assert row.stages == ("train", "final", "export")
+    assert row.links == {"initial": "initial", "filter": "filter", "score": "score",
+                         "select": "crm_clm/select"}
+    changed = {k for k, v in derived[f"+CRM+CLM {name}"].train.items() if config.train[k] != v}
+    assert len(changed) == 1  # one reading per row, nothing else
+  paper = rows["+CRM+CLM generation.qa_per_prompt=3+generation.initial_temperature=0.7"]
+  assert paper.stages == ablation.GENERATOR_STAGES and paper.links == {}  # its own initial data
+  assert paper.overrides == {"generation.qa_per_prompt": 3, "generation.initial_temperature": 0.7}
+  norm = rows["+CRM+CLM scoring.length_norm=true"]
+  assert norm.overrides == {"scoring.length_norm": True} and norm.stages[0] == "score"
+  assert len({r.dirname for r in rows.values()}) == len(rows)
+  for bad in ("train.nope=1", "train.steps=many", "train=1", "anchor"):
+    config.unlock()
+    config.ablation.variants = bad
+    config.lock()
+    with pytest.raises(ConfigError, match="ablation.variants"):
+      check_config(config)
+
+
 # -------------------------------------------- the generation stages' shards, without a model
 
 class _Picture:

@@ -34,8 +34,49 @@ MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
 
 CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
 
-# The ablation's extra C3L rows (`config.ablation.variants`, c3l_jax/pipeline/ablation.py).
-ABLATION_VARIANTS: tuple[str, ...] = ("final_mode", "length_norm")
+# The ablation's extra C3L rows (`config.ablation.variants`, c3l_jax/pipeline/ablation.py): named
+# variants, the readings of the paper by name (docs/pipeline.md, "Readings of the paper"), or
+# `FIELD=VALUE[+FIELD=VALUE...]` (a C3L row with those config overrides).
+READING_VARIANTS: dict[str, dict[str, Any]] = {
+    "as_generated": {"train.inputs": "as_generated"},
+    "anchor_generated": {"train.anchor": "generated"},
+    "anchor_neutral": {"train.anchor_instruction": "neutral"},
+    "negatives": {"train.contrastive_denominator": "negatives"},
+}
+ABLATION_VARIANTS: tuple[str, ...] = ("final_mode", "length_norm") + tuple(READING_VARIANTS)
+
+
+def variant_overrides(config: Any, name: str) -> dict[str, Any] | None:
+  """The config overrides of a C3L variant row: a reading's (`READING_VARIANTS`), or those spelt
+  `FIELD=VALUE[+FIELD=VALUE...]`, each VALUE parsed as its field's type; None for the other named
+  variants. Raises `ConfigError` for an unknown field or a value its type does not parse."""
+  if name in READING_VARIANTS:
+    return dict(READING_VARIANTS[name])
+  if "=" not in name:
+    return None
+  out = {}
+  for part in name.split("+"):
+    path, _, text = part.partition("=")
+    path, text = path.strip(), text.strip()
+    try:
+      current = _get(config, path)
+    except (AttributeError, KeyError):
+      current = None
+    if current is None or isinstance(current, (tuple, list)) or hasattr(current, "keys"):
+      raise ConfigError(f"config.ablation.variants: {part.strip()!r}: {path!r} is not a config field "
+                        "with a single value")
+    try:
+      if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+          raise ValueError(text)
+        value: Any = text.lower() == "true"
+      else:
+        value = type(current)(text)
+    except ValueError:
+      raise ConfigError(f"config.ablation.variants: {part.strip()!r}: {text!r} is not a "
+                        f"{type(current).__name__}") from None
+    out[path] = value
+  return out
 
 # Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -209,9 +250,9 @@ def check_config(config: Any) -> tuple[str, ...]:
 
 def _check_ablation(config: Any) -> None:
   for name in (v.strip() for v in config.ablation.variants.split(",") if v.strip()):
-    if name not in ABLATION_VARIANTS:
+    if name not in ABLATION_VARIANTS and variant_overrides(config, name) is None:
       raise ConfigError(f"config.ablation.variants: unknown variant {name!r} (a comma list of: "
-                        f"{', '.join(ABLATION_VARIANTS)})")
+                        f"{', '.join(ABLATION_VARIANTS)}, or FIELD=VALUE[+FIELD=VALUE...])")
   for key in (k.strip() for k in config.ablation.seed_keys.split(",") if k.strip()):
     try:
       value = _get(config, key)
