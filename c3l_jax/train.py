@@ -514,10 +514,11 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
   pictures, not the data set's).
   """
   process = process or (jax.process_index(), jax.process_count())
-  # Sets that mix prompts with and without the image (`train.inputs=as_generated` on two-step data)
-  # give every batch pixels, in `arrange_pictures` order; a text-only row's blank is zeros of the
-  # first picture's shape.
-  mixed = {name: any(map(_has_image, items)) and not all(map(_has_image, items))
+  # When some prompts hold the image and others do not (`train.inputs=as_generated` on two-step data:
+  # text-only QA prompts, caption prompts with the image), every batch gets pixels, in
+  # `arrange_pictures` order; a text-only row's blank is zeros of the first picture's shape.
+  any_image = any(map(_has_image, (*ce_examples, *groups)))
+  mixed = {name: any_image and not all(map(_has_image, items))
            for name, items in (("ce", ce_examples), ("con", groups))}
   blank_cache: list[np.ndarray] = []
 
