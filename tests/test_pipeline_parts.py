@@ -326,6 +326,45 @@ def test_ablation_rows_derive_their_configs():
   assert seeded.to_dict() == config.to_dict()
 
 
+def test_scenes_vqa_writes_its_answers_and_they_recount_to_its_accuracy(tmp_path, monkeypatch):
+  """`scenes_vqa` on two hand-made scenes with hand-written questions and answers whose rightness is
+  known by hand (3 of 6 right): the answers file holds every question, answer and verdict, and both
+  the file and the metrics give 3/6 and the per-kind counts."""
+  from c3l_jax import scenes
+  from c3l_jax.scenes import quality
+
+  a = scenes.Scene(image_id=0, file_name="a.png", background="black", theme="none", objects=[
+      scenes.SceneObject("circle", "red", "large", 0.2, 0.2),
+      scenes.SceneObject("square", "blue", "small", 0.8, 0.8)])
+  b = scenes.Scene(image_id=1, file_name="b.png", background="white", theme="none", objects=[
+      scenes.SceneObject("star", "yellow", "large", 0.5, 0.5)])
+  asked = [  # (scene, question, reference, the model's answer, right by hand, kind)
+      (a, "What colour is the circle?", "red", "red", True, "colour"),
+      (a, "What colour is the square?", "blue", "green", False, "colour"),
+      (a, "How many circles are there?", "one", "two", False, "count"),
+      (a, "Where is the square?", "on the right", "on the right", True, "position"),
+      (b, "Is there a circle?", "no", "yes", False, "existence"),
+      (b, "What colour is the star?", "yellow", "yellow", True, "colour"),
+  ]
+  questions = [{"image": s.file_name, "question": q, "reference": r, "scene": s}
+               for s, q, r, _, _, _ in asked]
+  monkeypatch.setattr(quality, "vqa_questions", lambda items, seed: questions)
+  inf = types.SimpleNamespace(
+      source=types.SimpleNamespace(items=lambda limit: ([], []), load=lambda image: image),
+      builder=types.SimpleNamespace(encode_prompt=lambda text, image: ([1, 2], np.zeros(3))),
+      generate=lambda prompts, pixels, keys, max_new: ([x[3] for x in asked], 0))
+  path = str(tmp_path / "scenes_vqa_answers.jsonl")
+  metrics = quality.scenes_vqa(inf, answers_path=path)
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  assert metrics["answers"] == path and metrics["questions"] == len(rows) == 6
+  assert [(r["question"], r["answer"], r["kind"]) for r in rows] == [(x[1], x[3], x[5]) for x in asked]
+  assert [r["correct"] for r in rows] == [x[4] for x in asked]  # the checker agrees with the hand
+  assert metrics["accuracy"] == sum(r["correct"] is True for r in rows) / len(rows) == 3 / 6
+  assert metrics["by_kind"] == {"colour": 2 / 3, "count": 0.0, "existence": 0.0, "position": 1.0}
+  assert [r["hallucinated"] for r in rows][4] == ["circle"] and metrics["hallucination"] == 1 / 6
+
+
 def test_ablation_takes_the_readings_as_rows():
   from c3l_jax.pipeline import ConfigError, ablation, check_config
   from configs import scenes_ablation
