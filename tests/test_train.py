@@ -83,13 +83,14 @@ def _batches(world, cfg, batch=4):
 def test_training_lowers_the_combined_loss_and_respects_frozen_parts(world):
   trainer = _trainer(world, _mesh(), learning_rate=3e-3, steps=8, warmup_steps=0)
   before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param)))  # copies: the step donates
-  first = T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
-                       trainer.cfg)[0]
+  total = nnx.jit(T.total_loss, static_argnames="cfg")  # one program, not an eager op at a time
+  first = total(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
+                cfg=trainer.cfg)[0]
   history = trainer.run(_batches(world, trainer.cfg))
   assert {"ce", "contrastive", "loss"} <= set(history[0])
   after = nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param))
-  last = T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
-                      trainer.cfg)[0]
+  last = total(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
+               cfg=trainer.cfg)[0]
   assert float(last) < float(first) - 0.05
   changed = lambda tree: any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
                              for a, b in zip(jax.tree.leaves(tree[0]), jax.tree.leaves(tree[1])))
@@ -106,7 +107,7 @@ def test_contrastive_gradient_reaches_decoder_and_connector(world):
   def loss(params):
     return T.total_loss(nnx.merge(trainer.graphdef, params, trainer.frozen), batch, trainer.cfg)[0]
 
-  grads = nnx.to_pure_dict(jax.grad(loss)(trainer.trainable))
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(trainer.trainable))
   norm = lambda t: float(optax.tree.norm(t))
   assert norm(grads["vlm"]["language_model"]["layers"]) > 0
   assert norm(grads["vlm"]["multi_modal_projector"]) > 0
