@@ -418,7 +418,7 @@ class _StubInference:
 
   max_len = 64
 
-  def __init__(self, config, checkpoint=None):
+  def __init__(self, config, checkpoint=None, sampling=None):
     self.config = config
     self.builder = types.SimpleNamespace(encode_prompt=self._encode)
     self.source = types.SimpleNamespace(load=self._load)
@@ -578,8 +578,8 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch
   monkeypatch.setattr(common, "Inference", _StubInference)
   generated = []
   real = initial.generate_jobs
-  monkeypatch.setattr(initial, "generate_jobs", lambda inf, jobs, mode, stage, shard: (
-      generated.append((host.rt.index, shard)), real(inf, jobs, mode, stage, shard))[1])
+  monkeypatch.setattr(initial, "generate_jobs", lambda inf, jobs, mode, stage, shard, **kw: (
+      generated.append((host.rt.index, shard)), real(inf, jobs, mode, stage, shard, **kw))[1])
 
   names = ["ok0.png", "bad.png", "wide.png", "chatty.png", "ok1.png", "ok2.png", "bad2.png"]
   chunks = [_jobs(names[i:i + 2], salt=i) for i in range(0, len(names), 2)]

@@ -226,7 +226,8 @@ def run_generation(config: Any, workdir: str, stage: str, chunks: Sequence[Seque
     inf = common.Inference(config, checkpoint, sampling=sampling)
     with common.Progress(stage, sum(len(chunks[i]) for i in todo), "sample") as progress:
       for index in todo:
-        rows, rejected, counts = generate_jobs(inf, chunks[index], mode, stage, index, qa_per_prompt)
+        rows, rejected, counts = generate_jobs(inf, chunks[index], mode, stage, index,
+                                               qa_per_prompt=qa_per_prompt)
         shards.write_shard(stage_dir, index, rows, rejected, counts)
         progress.shard_done(index, len(chunks[index]), tokens=counts["tokens"], written=len(rows),
                             rejected=len(rejected))
