@@ -73,8 +73,8 @@ def variant_overrides(config: Any, name: str) -> dict[str, Any] | None:
       else:
         value = type(current)(text)
     except ValueError:
-      raise ConfigError(f"config.ablation.variants: {part.strip()!r}: {text!r} is not a "
-                        f"{type(current).__name__}") from None
+      raise ConfigError(f"config.ablation.variants: {part.strip()!r}: {text!r} is not of the "
+                        f"field's type, {type(current).__name__}") from None
     out[path] = value
   return out
 
