@@ -177,16 +177,22 @@ def _decode_until(model: nnx.Module, s: _Slots, need: jax.Array, cfg: SamplingCo
   return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, cfg, prompt_slots), s)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
-              pixel_values: jax.Array | None, keys: jax.Array, cfg: SamplingConfig
-              ) -> tuple[jax.Array, jax.Array]:
-  model = nnx.merge(graphdef, state)
+def decode(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
+           keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """`generate`'s computation, traceable inside another jitted function (e.g. a train step that
+  generates): `(tokens [B, max_new_tokens], lengths [B])` for left-padded prompts."""
   b, t = tokens.shape
   s = _start(model, tokens, mask, pixel_values, keys, jnp.full((b,), cfg.max_new_tokens),
              jnp.ones((b,), jnp.bool_), cfg, t)
   s = _decode_until(model, s, jnp.asarray(b + 1), cfg, t)
   return s.tokens, _lengths(s.tokens, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
+              pixel_values: jax.Array | None, keys: jax.Array, cfg: SamplingConfig
+              ) -> tuple[jax.Array, jax.Array]:
+  return decode(nnx.merge(graphdef, state), tokens, mask, pixel_values, keys, cfg)
 
 
 def _lengths(tokens: jax.Array, cfg: SamplingConfig) -> jax.Array:

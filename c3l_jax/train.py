@@ -38,8 +38,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from c3l_jax import losses, runtime, sharding
-from c3l_jax.data.batching import right_pad, round_up
+from c3l_jax import losses, runtime, sampling, sharding
+from c3l_jax.data.batching import left_pad, right_pad, round_up
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.models.vlm import LlavaVLM
 
@@ -80,6 +80,12 @@ class TrainConfig:
   contrastive_weight: float = 1.0
   tau: float = 0.1
   contrastive_denominator: str = "all"  # eq. 3's denominator: all samples (InfoNCE) | negatives only
+  # The anchor h_y of eq. 3: "prompt" (the decoder's hidden states over the anchor prompt) |
+  # "generated" (y generated from the anchor prompt without gradient, then the hidden states of the
+  # decoder teacher-forced on y, with gradient); `anchor_max_new_tokens` bounds y, `eos_ids` end it.
+  anchor: str = "prompt"
+  anchor_max_new_tokens: int = 32
+  eos_ids: tuple[int, ...] = ()
   trainable: tuple[str, ...] = ("connector", "decoder", "head")
   objective: str = "c3l"  # c3l (and vlit: c3l with contrastive_weight 0) | align
 
@@ -90,7 +96,8 @@ class TrainConfig:
                warmup_steps=train.warmup_steps, steps=train.steps, grad_clip=train.grad_clip,
                grad_accum=train.grad_accum, ce_weight=train.ce_weight,
                contrastive_weight=train.contrastive_weight, tau=train.tau,
-               contrastive_denominator=train.contrastive_denominator,
+               contrastive_denominator=train.contrastive_denominator, anchor=train.anchor,
+               anchor_max_new_tokens=train.anchor_max_new_tokens,
                trainable=tuple(train.trainable) + aux,
                objective="align" if train.objective == "align" else "c3l")
 
@@ -143,17 +150,51 @@ def ce_loss(vlm: LlavaVLM, batch: dict) -> jax.Array:
   return loss
 
 
-def contrastive_term(model: Generator, batch: dict, tau: float, denominator: str = "all") -> jax.Array:
-  """L_c (eq. 3): anchors = final hidden states over image + instruction; samples = input embeddings."""
+def generate_anchor(vlm: LlavaVLM, batch: dict, cfg: "TrainConfig") -> tuple[jax.Array, jax.Array]:
+  """The anchor data y of eq. 3 (paper, Sec. 3.3: "we input an instruction along with the image into
+  the model and obtain the anchor data y"): greedy continuations of the left-padded anchor prompts by
+  the current parameters, without gradient. Returns `y [G, N]` and its mask (tokens before EOS)."""
+  graphdef, state = nnx.split(vlm)
+  frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+  scfg = sampling.SamplingConfig(max_new_tokens=cfg.anchor_max_new_tokens, eos_ids=cfg.eos_ids)
+  keys = jax.random.split(jax.random.key(0), batch["anchor_tokens"].shape[0])  # unused: greedy
+  y, lengths = sampling.decode(frozen, batch["anchor_tokens"], batch["anchor_mask"],
+                               batch["anchor_pixels"], keys, scfg)
+  y = jax.lax.stop_gradient(y)
+  return y, (jnp.arange(y.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
+def anchor_representation(model: Generator, batch: dict, cfg: "TrainConfig") -> jax.Array:
+  """h_y `[G, D]` of eq. 3, by `cfg.anchor`.
+
+  prompt     AvgPool(ReLU(ξ(·))) of the decoder's final hidden states over the anchor prompt.
+  generated  y = `generate_anchor` (no gradient), then the same pooling over the hidden states at y's
+             positions of the decoder teacher-forced on prompt + y (with gradient: the decoder and the
+             connector learn through h_y).
+  """
   vlm, lm = model.vlm, model.vlm.language_model
-  x = vlm.embed_image_and_text(batch["anchor_tokens"], batch["anchor_pixels"])
-  positions, mask3 = positions_and_mask(batch["anchor_mask"], batch["anchor_tokens"].shape)
+  tokens, mask = batch["anchor_tokens"], batch["anchor_mask"]
+  if cfg.anchor == "generated":
+    y, y_mask = generate_anchor(vlm, batch, cfg)
+    prompt_width = tokens.shape[1]
+    tokens = jnp.concatenate([tokens, y], axis=1)
+    mask = jnp.concatenate([mask.astype(jnp.int32), y_mask], axis=1)
+  x = vlm.embed_image_and_text(tokens, batch["anchor_pixels"])
+  positions, mask3 = positions_and_mask(mask, tokens.shape)
   hidden, _ = lm.decode_hidden(x, positions, mask3)
-  h_anchor = losses.pooled_representation(model.head, hidden, batch["anchor_mask"])
+  if cfg.anchor == "generated":
+    return losses.pooled_representation(model.head, hidden[:, prompt_width:], y_mask)
+  return losses.pooled_representation(model.head, hidden, mask)
+
+
+def contrastive_term(model: Generator, batch: dict, cfg: "TrainConfig") -> jax.Array:
+  """L_c (eq. 3): anchors h_y (`anchor_representation`); samples = input embeddings."""
+  lm = model.vlm.language_model
+  h_anchor = anchor_representation(model, batch, cfg)
   h_samples = losses.pooled_representation(model.head, lm.embed(batch["sample_tokens"]),
                                            batch["sample_mask"])
-  return losses.contrastive_loss(h_samples, batch["sample_valid"], batch["positive"], h_anchor, tau,
-                                 batch["group_valid"], denominator)
+  return losses.contrastive_loss(h_samples, batch["sample_valid"], batch["positive"], h_anchor,
+                                 cfg.tau, batch["group_valid"], cfg.contrastive_denominator)
 
 
 def alignment_term(model: Generator, batch: dict) -> jax.Array:
@@ -175,8 +216,7 @@ def total_loss(model: Generator, batch: dict, cfg: TrainConfig) -> tuple[jax.Arr
     parts["alignment"] = alignment_term(model, batch["align"])
     loss += cfg.contrastive_weight * parts["alignment"]
   elif cfg.contrastive_weight:
-    parts["contrastive"] = contrastive_term(model, batch["con"], cfg.tau,
-                                           cfg.contrastive_denominator)
+    parts["contrastive"] = contrastive_term(model, batch["con"], cfg)
     loss += cfg.contrastive_weight * parts["contrastive"]
   return loss, parts
 
@@ -369,12 +409,34 @@ def _has_image(item: dict) -> bool:
   return item.get("pixels") is not None or item.get("image") is not None
 
 
+def arrange_pictures(items: Sequence[dict]) -> list[dict | None]:
+  """The pictures of a global batch's rows, in the order the model reads them.
+
+  `embed_image_and_text` gives the k-th image placeholder of the batch the k-th picture's features, so
+  the pictures of the rows whose prompt holds the image come first, in row order, and each text-only
+  row (a prompt without the image, e.g. two-step's QA-from-caption prompt) adds a blank at the end
+  that no placeholder reads: `[item with an image, ..., None, ...]`, one entry per row. With every row
+  holding the image this is the rows themselves.
+  """
+  with_image = [item for item in items if _has_image(item)]
+  return with_image + [None] * (len(items) - len(with_image))
+
+
+def _stack_pictures(pictures: Sequence[dict | None], pixels: PixelFn | None,
+                    blank: Callable[[], np.ndarray]) -> np.ndarray:
+  return np.stack([blank() if p is None else _pixels(p, pixels) for p in pictures])
+
+
 def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int = 0,
-             pixels: PixelFn | None = None, head_width: int = 0) -> dict:
+             pixels: PixelFn | None = None, head_width: int = 0,
+             pictures: Sequence[dict | None] | None = None,
+             blank: Callable[[], np.ndarray] | None = None) -> dict:
   """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked);
   `head_positions [B, W]` the positions predicting a target (`W` a multiple of `HEAD_BUCKET`),
   `head_weights [B, W]` 1 where such a position is real. `width` / `head_width`: the padded lengths
-  (default: the longest in `examples`, rounded up to `bucket` / `HEAD_BUCKET`)."""
+  (default: the longest in `examples`, rounded up to `bucket` / `HEAD_BUCKET`). `pictures`: the
+  batch's pixel rows (`arrange_pictures`, None entries filled by `blank()`) when some examples are
+  text-only; default: every example's own picture, or none when the first example has none."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
   tokens, mask = right_pad(seqs, width or round_up(max(map(len, seqs)), bucket), pad_id)
   weights = np.zeros_like(mask, dtype=np.float32)
@@ -389,17 +451,25 @@ def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int
     head_positions[i, :len(h)], head_weights[i, :len(h)] = h, 1.0
   out = {"tokens": tokens, "mask": mask, "weights": weights, "head_positions": head_positions,
          "head_weights": head_weights}
-  if _has_image(examples[0]):
+  if pictures is not None:
+    out["pixels"] = _stack_pictures(pictures, pixels, blank)
+  elif _has_image(examples[0]):
     out["pixels"] = np.stack([_pixels(e, pixels) for e in examples])
   return out
 
 
 def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32,
-                      widths: tuple[int, int] | None = None, pixels: PixelFn | None = None) -> dict:
+                      widths: tuple[int, int] | None = None, pixels: PixelFn | None = None,
+                      pictures: Sequence[dict | None] | None = None,
+                      blank: Callable[[], np.ndarray] | None = None, left_pad_anchor: bool = False
+                      ) -> dict:
   """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity.
-  `widths`: the padded (anchor, sample) lengths (default: the longest, rounded up to `bucket`)."""
+  `widths`: the padded (anchor, sample) lengths (default: the longest, rounded up to `bucket`).
+  `pictures` / `blank`: as in `ce_batch`, for groups whose anchor prompt is text-only.
+  `left_pad_anchor`: left-pad the anchor prompts (they are generated from: `anchor="generated"`)."""
   anchor_width, width = widths or _group_widths(groups, bucket)
-  anchor_tokens, anchor_mask = right_pad([g["prompt"] for g in groups], anchor_width, pad_id)
+  anchor_tokens, anchor_mask = (left_pad if left_pad_anchor else right_pad)(
+      [g["prompt"] for g in groups], anchor_width, pad_id)
   sample_tokens = np.full((len(groups), max_samples, width), pad_id, np.int32)
   sample_mask = np.zeros((len(groups), max_samples, width), np.int32)
   sample_valid = np.zeros((len(groups), max_samples), bool)
@@ -407,8 +477,10 @@ def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, buc
     for si, s in enumerate(g["samples"][:max_samples]):
       sample_tokens[gi, si, :len(s)], sample_mask[gi, si, :len(s)] = s, 1
       sample_valid[gi, si] = True
+  anchor_pixels = (_stack_pictures(pictures, pixels, blank) if pictures is not None
+                   else np.stack([_pixels(g, pixels) for g in groups]))
   return {"anchor_tokens": anchor_tokens, "anchor_mask": anchor_mask,
-          "anchor_pixels": np.stack([_pixels(g, pixels) for g in groups]),
+          "anchor_pixels": anchor_pixels,
           "sample_tokens": sample_tokens, "sample_mask": sample_mask, "sample_valid": sample_valid,
           "positive": np.asarray([g["positive"] for g in groups], np.int32),
           "group_valid": np.asarray([len(g["samples"]) >= 2 for g in groups])}
@@ -442,6 +514,26 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
   pictures, not the data set's).
   """
   process = process or (jax.process_index(), jax.process_count())
+  # When some prompts hold the image and others do not (`train.inputs=as_generated` on two-step data:
+  # text-only QA prompts, caption prompts with the image), every batch gets pixels, in
+  # `arrange_pictures` order; a text-only row's blank is zeros of the first picture's shape.
+  any_image = any(map(_has_image, (*ce_examples, *groups)))
+  mixed = {name: any_image and not all(map(_has_image, items))
+           for name, items in (("ce", ce_examples), ("con", groups))}
+  blank_cache: list[np.ndarray] = []
+
+  def blank() -> np.ndarray:
+    if not blank_cache:
+      first = next(item for item in (*ce_examples, *groups) if _has_image(item))
+      blank_cache.append(np.zeros_like(_pixels(first, pixels)))
+    return blank_cache[0]
+
+  def pictures(name: str, items: Sequence[dict]) -> list[dict | None] | None:
+    """This process's block of the global batch's pixel rows (None: each row's own picture)."""
+    if not mixed[name]:
+      return None
+    arranged = arrange_pictures(items)
+    return [arranged[i] for i in _my_rows(np.arange(len(items)), process)]
 
   def make(step: int) -> dict:
     batch = {}
@@ -453,7 +545,8 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
       # Every process pads its rows to the global batch's widths: the same shapes everywhere.
       head_width = round_up(max(max(len(ce_examples[i]["target"]) for i in idx), 1), HEAD_BUCKET)
       batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width, pixels=pixels,
-                             head_width=head_width)
+                             head_width=head_width, blank=blank,
+                             pictures=pictures("ce", [ce_examples[i] for i in idx]))
     if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
       tokens, mask = right_pad([ce_examples[i]["caption"] for i in mine],
                                round_up(max(len(ce_examples[i]["caption"]) for i in idx), 32), pad_id)
@@ -463,7 +556,9 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
       idx = epoch_order(len(groups), step, group_batch, seed + 1)
       batch["con"] = contrastive_batch([groups[i] for i in _my_rows(idx, process)], pad_id,
                                        max_samples, widths=_group_widths([groups[i] for i in idx], 32),
-                                       pixels=pixels)
+                                       pixels=pixels, blank=blank,
+                                       pictures=pictures("con", [groups[i] for i in idx]),
+                                       left_pad_anchor=cfg.anchor == "generated")
     return batch
 
   return make

@@ -304,6 +304,15 @@ def test_eval_stage_on_the_shipped_scenes_checkpoint(shipped):
   assert p["mean_f1"] == pytest.approx(sum(f1s) / 3)
   vqa = ev["scenes_vqa"]
   assert vqa["questions"] == 16 and 0.0 <= vqa["accuracy"] <= 1.0
+  # The answers file recounts to the accuracy, each verdict against the held-out scene's annotation
+  # (whose reference answer is right for it).
+  with open(w / "eval" / "scenes_vqa_answers.jsonl") as f:
+    answers = [json.loads(line) for line in f]
+  assert len(answers) == 16 and vqa["answers"] == str(w / "eval" / "scenes_vqa_answers.jsonl")
+  for r in answers:
+    assert scenes.check(world[r["image"]], r["question"], r["reference"]).correct is True, r
+    assert r["correct"] == scenes.check(world[r["image"]], r["question"], r["answer"]).correct, r
+  assert vqa["accuracy"] == pytest.approx(sum(r["correct"] is True for r in answers) / 16)
 
   table = (w / "eval" / "table.txt").read_text()
   assert table in proc.stdout

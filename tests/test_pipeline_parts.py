@@ -34,6 +34,22 @@ def test_parse_qa(text, want):
   assert ins.parse_qa(text) == want
 
 
+@pytest.mark.parametrize("text, want", [
+    ("Question 1: what is red? Answer 1: the circle.\nQuestion 2: how many squares? Answer 2: two",
+     [("what is red?", "the circle."), ("how many squares?", "two")]),
+    ("**Q:** is there a cat? **A:** no\n\nQ: where is the car? A: on the left",
+     [("is there a cat?", "no"), ("where is the car?", "on the left")]),
+    ("Here are three.\nQuestion: a? Answer: b\nQuestion: c? Answer:\nQuestion: d? Answer: e",
+     [("a?", "b"), ("d?", "e")]),  # the pair without an answer is skipped, the rest kept
+    ("Question: one? Answer: yes Question: dangling?", [("one?", "yes")]),
+    ("Answer: red. Question: what colour? Answer: red", [("what colour?", "red")]),
+    ("the circle is red", []),
+])
+def test_parse_qa_pairs_keeps_every_pair(text, want):
+  assert ins.parse_qa_pairs(text) == want
+  assert (want[0] if want else None) == ins.parse_qa(text)  # the first pair is what parse_qa reads
+
+
 def test_parse_mix_normalises_and_rejects_bad_specs():
   assert ins.parse_mix("conversation=2,complex_reasoning=2") == {"conversation": 0.5,
                                                                   "complex_reasoning": 0.5}
@@ -310,6 +326,83 @@ def test_ablation_rows_derive_their_configs():
   assert seeded.to_dict() == config.to_dict()
 
 
+def test_scenes_vqa_writes_its_answers_and_they_recount_to_its_accuracy(tmp_path, monkeypatch):
+  """`scenes_vqa` on two hand-made scenes with hand-written questions and answers whose rightness is
+  known by hand (3 of 6 right): the answers file holds every question, answer and verdict, and both
+  the file and the metrics give 3/6 and the per-kind counts."""
+  from c3l_jax import scenes
+  from c3l_jax.scenes import quality
+
+  a = scenes.Scene(image_id=0, file_name="a.png", background="black", theme="none", objects=[
+      scenes.SceneObject("circle", "red", "large", 0.2, 0.2),
+      scenes.SceneObject("square", "blue", "small", 0.8, 0.8)])
+  b = scenes.Scene(image_id=1, file_name="b.png", background="white", theme="none", objects=[
+      scenes.SceneObject("star", "yellow", "large", 0.5, 0.5)])
+  asked = [  # (scene, question, reference, the model's answer, right by hand, kind)
+      (a, "What colour is the circle?", "red", "red", True, "colour"),
+      (a, "What colour is the square?", "blue", "green", False, "colour"),
+      (a, "How many circles are there?", "one", "two", False, "count"),
+      (a, "Where is the square?", "on the right", "on the right", True, "position"),
+      (b, "Is there a circle?", "no", "yes", False, "existence"),
+      (b, "What colour is the star?", "yellow", "yellow", True, "colour"),
+  ]
+  questions = [{"image": s.file_name, "question": q, "reference": r, "scene": s}
+               for s, q, r, _, _, _ in asked]
+  monkeypatch.setattr(quality, "vqa_questions", lambda items, seed: questions)
+  inf = types.SimpleNamespace(
+      source=types.SimpleNamespace(items=lambda limit: ([], []), load=lambda image: image),
+      builder=types.SimpleNamespace(encode_prompt=lambda text, image: ([1, 2], np.zeros(3))),
+      generate=lambda prompts, pixels, keys, max_new: ([x[3] for x in asked], 0))
+  path = str(tmp_path / "scenes_vqa_answers.jsonl")
+  metrics = quality.scenes_vqa(inf, answers_path=path)
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  assert metrics["answers"] == path and metrics["questions"] == len(rows) == 6
+  assert [(r["question"], r["answer"], r["kind"]) for r in rows] == [(x[1], x[3], x[5]) for x in asked]
+  assert [r["correct"] for r in rows] == [x[4] for x in asked]  # the checker agrees with the hand
+  assert metrics["accuracy"] == sum(r["correct"] is True for r in rows) / len(rows) == 3 / 6
+  assert metrics["by_kind"] == {"colour": 2 / 3, "count": 0.0, "existence": 0.0, "position": 1.0}
+  assert [r["hallucinated"] for r in rows][4] == ["circle"] and metrics["hallucination"] == 1 / 6
+
+
+def test_ablation_takes_the_readings_as_rows():
+  from c3l_jax.pipeline import ConfigError, ablation, check_config
+  from configs import scenes_ablation
+
+  config = scenes_ablation.get_config()
+  config.unlock()
+  config.ablation.variants = ("as_generated,anchor_generated,anchor_neutral,negatives,"
+                              "generation.qa_per_prompt=3+generation.initial_temperature=0.7,"
+                              "scoring.length_norm=true")
+  config.lock()
+  check_config(config)
+  rows = ablation.variant_rows(config)
+  derived = {name: ablation.derive(config, row.overrides) for name, row in rows.items()}
+  assert derived["+CRM+CLM as_generated"].train.inputs == "as_generated"
+  assert derived["+CRM+CLM anchor_generated"].train.anchor == "generated"
+  assert derived["+CRM+CLM anchor_neutral"].train.anchor_instruction == "neutral"
+  assert derived["+CRM+CLM negatives"].train.contrastive_denominator == "negatives"
+  for name in ("as_generated", "anchor_generated", "anchor_neutral", "negatives"):
+    row = rows[f"+CRM+CLM {name}"]  # trains again on C3L's selection, from the shared initial data
+    assert row.stages == ("train", "final", "export")
+    assert row.links == {"initial": "initial", "filter": "filter", "score": "score",
+                         "select": "crm_clm/select"}
+    changed = {k for k, v in derived[f"+CRM+CLM {name}"].train.items() if config.train[k] != v}
+    assert len(changed) == 1  # one reading per row, nothing else
+  paper = rows["+CRM+CLM generation.qa_per_prompt=3+generation.initial_temperature=0.7"]
+  assert paper.stages == ablation.GENERATOR_STAGES and paper.links == {}  # its own initial data
+  assert paper.overrides == {"generation.qa_per_prompt": 3, "generation.initial_temperature": 0.7}
+  norm = rows["+CRM+CLM scoring.length_norm=true"]
+  assert norm.overrides == {"scoring.length_norm": True} and norm.stages[0] == "score"
+  assert len({r.dirname for r in rows.values()}) == len(rows)
+  for bad in ("train.nope=1", "train.steps=many", "train=1", "anchor"):
+    config.unlock()
+    config.ablation.variants = bad
+    config.lock()
+    with pytest.raises(ConfigError, match="ablation.variants"):
+      check_config(config)
+
+
 # -------------------------------------------- the generation stages' shards, without a model
 
 class _Picture:
@@ -325,7 +418,7 @@ class _StubInference:
 
   max_len = 64
 
-  def __init__(self, config, checkpoint=None):
+  def __init__(self, config, checkpoint=None, sampling=None):
     self.config = config
     self.builder = types.SimpleNamespace(encode_prompt=self._encode)
     self.source = types.SimpleNamespace(load=self._load)
@@ -388,6 +481,71 @@ def test_generation_quarantines_sequences_over_the_context_and_counts_add_up(mod
   assert counts["tokens"] == 3 * (len(rows) + (4 - 1 if mode == "two_step" else 0))  # + captions
 
 
+class _MultiQAInference(_StubInference):
+  """Answers `Question k: ... Answer k: ...` pairs, 0-3 of them by the row's PRNG key (0: nothing
+  parsable), and records the prompts' texts."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.texts = []
+    self.builder = types.SimpleNamespace(encode_prompt=self._record)
+
+  def _record(self, text, picture):
+    self.texts.append(text)
+    return self._encode(text, picture)
+
+  def generate(self, prompts, pixels, keys, max_new_tokens, expected=None):
+    import jax
+    if self.config.generation.mode == "two_step" and pixels is not None:  # the caption step
+      return ["a red circle"] * len(prompts), 0
+    seeds = np.asarray(jax.random.key_data(keys)).reshape(len(prompts), -1).sum(-1) // 7
+    return [" ".join(f"Question {k}: what is {k}? Answer {k}: it is {k}." for k in range(s % 4))
+            or "no pairs" for s in seeds], 0
+
+
+@pytest.mark.parametrize("mode", ["two_step", "direct"])
+def test_qa_per_prompt_asks_for_n_pairs_and_keeps_every_one(mode):
+  from c3l_jax.pipeline import initial
+  inf = _MultiQAInference(_gen_config(mode))
+  jobs = _jobs(["ok0.png", "ok1.png", "ok2.png"], per_image=3)
+  rows, rejected, counts = initial.generate_jobs(inf, jobs, mode, "initial", 0, qa_per_prompt=3)
+  assert not rejected
+  asked = [t for t in inf.texts if "Write 3 different question-answer pairs" in t]
+  assert len(asked) == len(jobs)  # every QA prompt (not the caption prompts) asks for three
+  by_job = {j.id: [r for r in rows if r["id"].rsplit("_", 1)[0] == j.id] for j in jobs}
+  expected_pairs = []
+  for job in jobs:
+    got = by_job[job.id]
+    n = sum(1 for _ in ins.parse_qa_pairs(got[0]["output"]))  # counted again from the raw answer
+    n_hand = got[0]["output"].count("Answer ")  # and by hand: one "Answer k:" per pair
+    assert n == n_hand
+    assert [r["id"] for r in got] == [f"{job.id}_{k}" for k in range(max(n, 1))]
+    assert [(r["question"], r["answer"]) for r in got] == (
+        [(f"what is {k}?", f"it is {k}.") for k in range(n)] or [("", "")])
+    assert all(r["prompt"] in asked for r in got)
+    expected_pairs.append(max(n, 1))
+  assert max(map(len, by_job.values())) > 1 and 0 in [  # several pairs, and none
+      ins.parse_qa_pairs(v[0]["output"]).__len__() for v in by_job.values()]
+  assert counts["samples"] + counts["extra_pairs"] == len(rows) == sum(expected_pairs)
+  one, _, ones = initial.generate_jobs(_MultiQAInference(_gen_config(mode)), jobs, mode, "initial", 0)
+  assert [r["id"] for r in one] == [j.id for j in jobs] and ones["extra_pairs"] == 0
+
+
+def test_initial_sampling_overrides_the_generation_settings():
+  from c3l_jax.pipeline import common, initial
+  gen = types.SimpleNamespace(temperature=0.0, top_p=1.0, top_k=0, initial_temperature=-1.0,
+                              initial_top_p=-1.0)
+  config = types.SimpleNamespace(generation=gen)
+  assert initial.initial_sampling(config) == {"temperature": 0.0, "top_p": 1.0}  # today's: greedy
+  gen.initial_temperature, gen.initial_top_p = 0.7, 0.9
+  assert initial.initial_sampling(config) == {"temperature": 0.7, "top_p": 0.9}
+  inf = types.SimpleNamespace(config=types.SimpleNamespace(generation=vars(gen)),
+                              sampling=initial.initial_sampling(config),
+                              builder=types.SimpleNamespace(eos_ids=(2,), stop_sequences=(), pad_id=0))
+  cfg = common.Inference.sampling_config(inf, 8)
+  assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (0.7, 0.9, 0, 8)
+
+
 def test_processes_take_disjoint_shards_that_cover_all():
   from c3l_jax import runtime
   for count in (1, 2, 3):
@@ -420,8 +578,8 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path, monkeypatch
   monkeypatch.setattr(common, "Inference", _StubInference)
   generated = []
   real = initial.generate_jobs
-  monkeypatch.setattr(initial, "generate_jobs", lambda inf, jobs, mode, stage, shard: (
-      generated.append((host.rt.index, shard)), real(inf, jobs, mode, stage, shard))[1])
+  monkeypatch.setattr(initial, "generate_jobs", lambda inf, jobs, mode, stage, shard, **kw: (
+      generated.append((host.rt.index, shard)), real(inf, jobs, mode, stage, shard, **kw))[1])
 
   names = ["ok0.png", "bad.png", "wide.png", "chatty.png", "ok1.png", "ok2.png", "bad2.png"]
   chunks = [_jobs(names[i:i + 2], salt=i) for i in range(0, len(names), 2)]

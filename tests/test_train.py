@@ -83,13 +83,14 @@ def _batches(world, cfg, batch=4):
 def test_training_lowers_the_combined_loss_and_respects_frozen_parts(world):
   trainer = _trainer(world, _mesh(), learning_rate=3e-3, steps=8, warmup_steps=0)
   before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param)))  # copies: the step donates
-  first = T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
-                       trainer.cfg)[0]
+  total = nnx.jit(T.total_loss, static_argnames="cfg")  # one program, not an eager op at a time
+  first = total(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
+                cfg=trainer.cfg)[0]
   history = trainer.run(_batches(world, trainer.cfg))
   assert {"ce", "contrastive", "loss"} <= set(history[0])
   after = nnx.to_pure_dict(nnx.state(trainer.model(), nnx.Param))
-  last = T.total_loss(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
-                      trainer.cfg)[0]
+  last = total(trainer.model(), jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)),
+               cfg=trainer.cfg)[0]
   assert float(last) < float(first) - 0.05
   changed = lambda tree: any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
                              for a, b in zip(jax.tree.leaves(tree[0]), jax.tree.leaves(tree[1])))
@@ -106,7 +107,7 @@ def test_contrastive_gradient_reaches_decoder_and_connector(world):
   def loss(params):
     return T.total_loss(nnx.merge(trainer.graphdef, params, trainer.frozen), batch, trainer.cfg)[0]
 
-  grads = nnx.to_pure_dict(jax.grad(loss)(trainer.trainable))
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(trainer.trainable))
   norm = lambda t: float(optax.tree.norm(t))
   assert norm(grads["vlm"]["language_model"]["layers"]) > 0
   assert norm(grads["vlm"]["multi_modal_projector"]) > 0
@@ -281,3 +282,160 @@ def test_each_process_decodes_only_the_pictures_of_its_rows():
   assert len(one) == 8 and len(set(one)) == 8  # 4 CE rows + 4 contrastive anchors, each picture once
   assert all(len(seen) == 4 for seen in two)  # half of each batch per process
   assert sorted(two[0] + two[1]) == sorted(one)
+
+
+class _SpyInference:
+  """The initial stage's model, replaced by canned texts: records every prompt the stage generates
+  from (token ids, and whether the image was given) and answers captions / QA per row."""
+
+  def __init__(self, world, mode):
+    import types
+    self.config = types.SimpleNamespace(seed=0, strict=False, generation=types.SimpleNamespace(
+        mode=mode, max_new_tokens=16, caption_max_new_tokens=8))
+    self.builder, self.max_len = world["builder"], 10_000
+    images = {n: PIL.Image.open(world["root"] / "images" / n).convert("RGB") for n in
+              ("a.png", "b.png", "c.png")}
+    self.source = types.SimpleNamespace(load=images.__getitem__)
+    self.calls = []
+
+  def generate(self, prompts, pixels, keys, max_new_tokens, expected=None):
+    self.calls.append(([list(p) for p in prompts], pixels is not None))
+    if max_new_tokens == self.config.generation.caption_max_new_tokens:
+      return [f"the {c} circle is on the left" for c in ("red", "blue", "green")[:len(prompts)]], 0
+    return [f"Question: what color is the circle {k}? Answer: the circle is red" for k in
+            range(len(prompts))], 0
+
+
+@pytest.mark.parametrize("mode", ["two_step", "direct"])
+def test_as_generated_inputs_are_the_prompts_that_generated_each_sample(world, mode):
+  """`train.inputs=as_generated`: every CE example's and contrastive anchor's prompt equals, token for
+  token, the prompt the initial stage generated that sample from (a spy on its model records them);
+  two-step data adds, once per selected image, the caption prompt -> the caption that QA was written
+  from. `vigc` (today's reading) trains two-step samples on other prompts."""
+  import types
+
+  from c3l_jax.data.sources import ImageItem
+  from c3l_jax.pipeline import initial
+  from c3l_jax.pipeline import train as stage
+  spy = _SpyInference(world, mode)
+  items = [ImageItem(image=n, image_id=n[0]) for n in ("a.png", "b.png", "c.png")]
+  jobs = initial.draw_jobs(items, 3, {"conversation": 0.5, "complex_reasoning": 0.5},
+                           np.random.default_rng(0))
+  rows, _, _ = initial.generate_jobs(spy, jobs, mode, "initial", 0)
+  assert len(rows) == 9
+  generated = spy.calls[-1]  # the QA step: one prompt per row, in row order
+  assert generated[1] == (mode == "direct")
+  for k, r in enumerate(rows):  # roles by hand: the first sample of each image is its positive
+    r.update(i2c=1.0 - 0.1 * k, top_fraction=k < 5, role="positive" if k % 3 == 0 else "negative")
+  builder = world["builder"]
+  prompt = stage.prompt_encoder(builder, spy.source.load("a.png"))
+
+  def examples(inputs, anchor_instruction="positive"):
+    config = types.SimpleNamespace(train=types.SimpleNamespace(
+        inputs=inputs, anchor_instruction=anchor_instruction, max_negatives=4))
+    return stage.c3l_examples(rows, config, builder, prompt)
+
+  ce, groups = examples("as_generated")
+  by_id = {e["id"]: e for e in ce}
+  eos = list(builder.eos_ids)
+  for k, r in enumerate(rows[:5]):
+    assert list(by_id[r["id"]]["prompt"]) == generated[0][k], r["id"]
+    assert (by_id[r["id"]]["image"] is not None) == (mode == "direct")
+    assert list(by_id[r["id"]]["target"]) == builder.encode_answer(
+        f"Question: {r['question']} Answer: {r['answer']}") + eos
+  assert [g["id"] for g in groups] == [rows[0]["id"], rows[3]["id"], rows[6]["id"]]
+  for g, k in zip(groups, (0, 3, 6)):
+    assert list(g["prompt"]) == generated[0][k] and len(g["samples"]) == 3
+  captions = sorted(i for i in by_id if i.endswith(":caption"))
+  if mode == "two_step":
+    caption_call = spy.calls[0]  # the caption step: one prompt per image, with the image
+    assert caption_call[1] and captions == [rows[0]["id"] + ":caption", rows[3]["id"] + ":caption"]
+    for name, k in zip(captions, (0, 1)):
+      assert list(by_id[name]["prompt"]) == caption_call[0][k]
+      assert list(by_id[name]["target"]) == builder.encode_answer(rows[3 * k]["caption"]) + eos
+      assert by_id[name]["image"] == rows[3 * k]["image"]
+    vigc, _ = examples("vigc")
+    assert all(list(e["prompt"]) != generated[0][k] for k, e in enumerate(vigc))
+  else:
+    assert not captions and len(ce) == 5
+  _, neutral = examples("as_generated", "neutral")  # one anchor prompt whatever the positive's type
+  assert len({rows[k]["instruction_type"] for k in (0, 3, 6)}) > 1
+  if mode == "direct":
+    assert len({tuple(g["prompt"]) for g in neutral}) == 1
+  assert all(list(n["prompt"]) != list(g["prompt"]) for n, g in zip(neutral, groups))
+
+
+def test_a_batch_of_text_only_and_image_prompts_equals_its_rows_alone(world):
+  """`arrange_pictures`: in a batch mixing prompts with and without the image (as_generated on
+  two-step data), every image row reads its own picture: each row's input embeddings equal those of
+  the row batched alone."""
+  builder = world["builder"]
+  root = world["root"] / "images"
+  picture = {n: PIL.Image.open(root / n).convert("RGB") for n in ("a.png", "b.png")}
+  answer = builder.encode_answer("the circle is red") + list(builder.eos_ids)
+  rows = []
+  for text, image in (("what is a cat?", None), ("what color is the circle?", "a.png"),
+                      ("describe the image", None), ("where is the square?", "b.png")):
+    ids, px = builder.encode_prompt(text, None if image is None else picture[image])
+    rows.append({"prompt": ids, "target": answer, "image": image, "pixels": px})
+  arranged = T.arrange_pictures(rows)
+  assert [p and p["image"] for p in arranged] == ["a.png", "b.png", None, None]
+  vlm = sharding.load_model(world["model"], _mesh())
+  blank = lambda: np.zeros_like(rows[1]["pixels"])  # noqa: E731
+  mixed = T.ce_batch(rows, builder.pad_id, pictures=arranged, blank=blank)
+  assert np.array_equal(mixed["pixels"][1], rows[3]["pixels"]) and not mixed["pixels"][2].any()
+  alone = [T.ce_batch([r], builder.pad_id, pictures=T.arrange_pictures([r]), blank=blank)
+           for r in rows]
+  # Each row's input embeddings (image features over its placeholders; the decoder then treats rows
+  # independently) are the row's alone, and pictures in row order instead (the blank first) would
+  # give row 1 the blank's features.
+  embed = nnx.jit(lambda vlm, b: vlm.embed_image_and_text(b["tokens"], b["pixels"]))
+  embed = lambda b, embed=embed: np.asarray(embed(vlm, jax.tree.map(jnp.asarray, b)))  # noqa: E731
+  for i in range(4):
+    width = alone[i]["tokens"].shape[1]
+    np.testing.assert_allclose(embed(mixed)[i, :width], embed(alone[i])[0], rtol=1e-6, atol=1e-6)
+  in_row_order = T.ce_batch(rows, builder.pad_id, pictures=[None, rows[1], None, rows[3]],
+                            blank=blank)
+  assert np.abs(embed(in_row_order)[1] - embed(mixed)[1]).max() > 1e-3
+
+
+def test_generated_anchor_is_the_models_own_continuation_and_its_gradient_reaches_the_decoder(world):
+  """`train.anchor=generated` (the paper's anchor data y): y is the greedy continuation of the anchor
+  prompt that `sampling.generate` writes with the current parameters, h_y pools the decoder's hidden
+  states teacher-forced on prompt + y, and the gradient of L_c reaches the decoder's layers through
+  h_y (the samples' side only touches the embedding table), and the connector's through the image."""
+  from c3l_jax import sampling
+  builder = world["builder"]
+  trainer = _trainer(world, _mesh(), ce_weight=0.0, anchor="generated", anchor_max_new_tokens=6,
+                     eos_ids=tuple(builder.eos_ids))
+  con = jax.tree.map(jnp.asarray, _batches(world, trainer.cfg)(0)["con"])
+  assert int(con["anchor_mask"][0, 0]) == 0 or bool(con["anchor_mask"].all())  # left-padded
+  model = trainer.model()
+  y, lengths = sampling.generate(model.vlm, con["anchor_tokens"], con["anchor_mask"],
+                                 con["anchor_pixels"], sampling.SamplingConfig(
+                                     max_new_tokens=6, eos_ids=tuple(builder.eos_ids)))
+  assert lengths.max() > 0
+
+  host = jax.tree.map(np.asarray, con)
+
+  def h_reference(vlm, head, g):  # one row alone, unpadded: prompt + y, pooled over y in numpy
+    prompt = host["anchor_tokens"][g][host["anchor_mask"][g] > 0]
+    seq = np.concatenate([prompt, y[g, :lengths[g]]])[None]
+    x = vlm.embed_image_and_text(jnp.asarray(seq), con["anchor_pixels"][g:g + 1])
+    positions, mask3 = T.positions_and_mask(None, seq.shape)
+    hidden = vlm.language_model.decode_hidden(x, positions, mask3)[0][0, len(prompt):]
+    return jnp.mean(jax.nn.relu(head(hidden)), axis=0)
+
+  got = nnx.jit(T.anchor_representation, static_argnames="cfg")(model, con, cfg=trainer.cfg)
+  assert all(lengths)  # every row has a y (else h_reference would average nothing)
+  want = nnx.jit(lambda m: jnp.stack([h_reference(m.vlm, m.head, g) for g in range(len(y))]))(model)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+  def loss(params):
+    return T.contrastive_term(nnx.merge(trainer.graphdef, params, trainer.frozen), con, trainer.cfg)
+
+  # y is generated under stop_gradient (reverse-mode through the decode loop would not even trace),
+  # so what reaches the decoder's layers comes through the teacher-forced h_y.
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(trainer.trainable))
+  assert float(optax.tree.norm(grads["vlm"]["language_model"]["layers"])) > 0
+  assert float(optax.tree.norm(grads["vlm"]["multi_modal_projector"])) > 0

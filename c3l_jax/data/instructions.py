@@ -44,6 +44,18 @@ QA_FROM_CAPTION = {
     ),
 }
 QA_FORMAT = 'Use the format "Question: ... Answer: ...".'
+# A QA-from-caption instruction that names no instruction type: the contrastive anchor's prompt under
+# `train.anchor_instruction=neutral`, so that matching the positive's type cannot lower the loss.
+QA_FROM_CAPTION_NEUTRAL = "Write an instruction about the image, then respond to it."
+
+
+def ask_for_pairs(instruction: str, n: int) -> str:
+  """`instruction` asking for `n` QA pairs in one answer (`generation.qa_per_prompt`; the paper's
+  instructions ask for several, "Generate five in-depth reasoning questions and then answer them");
+  `n = 1` leaves it as it is."""
+  if n <= 1:
+    return instruction
+  return f'{instruction} Write {n} different question-answer pairs, each as "Question: ... Answer: ...".'
 
 
 def qa_from_caption_prompt(caption: str, instruction: str) -> str:
@@ -111,6 +123,21 @@ def parse_qa(text: str) -> tuple[str, str] | None:
   return question, answer
 
 
+def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
+  """Every "Question: ... Answer: ..." pair in generated text, in order (a multi-QA answer).
+
+  Each pair is parsed as `parse_qa` parses the first: the answer ends at the next question marker,
+  where the next pair starts. A question without an answer, or an empty part, is skipped.
+  """
+  pairs = []
+  starts = [m.start() for m in _Q.finditer(text)]
+  for begin, end in zip(starts, starts[1:] + [len(text)]):
+    pair = parse_qa(text[begin:end])
+    if pair is not None:
+      pairs.append(pair)
+  return pairs
+
+
 def _clean(s: str) -> str:
   s = " ".join(s.split())
   return s.strip(" *\"'`").strip()
@@ -125,5 +152,6 @@ def normalise(text: str) -> str:
   return " ".join(words(text))
 
 
-__all__ = ["CAPTION_INSTRUCTIONS", "INSTRUCTION_TYPES", "QA_FROM_CAPTION", "draw_types",
-           "normalise", "parse_mix", "parse_qa", "qa_from_caption_prompt", "words"]
+__all__ = ["CAPTION_INSTRUCTIONS", "INSTRUCTION_TYPES", "QA_FROM_CAPTION", "QA_FROM_CAPTION_NEUTRAL",
+           "ask_for_pairs", "draw_types", "normalise", "parse_mix", "parse_qa", "parse_qa_pairs",
+           "qa_from_caption_prompt", "words"]

@@ -357,6 +357,9 @@ VIGC_INSTRUCTIONS = {
                          "then answer it.",
 }
 INSTRUCTION_TYPES = tuple(VIGC_INSTRUCTIONS)
+# A VIGC instruction that names no instruction type (the contrastive anchor's prompt under
+# `train.anchor_instruction=neutral`).
+VIGC_NEUTRAL_INSTRUCTION = "Generate an instruction about this image, then respond to it."
 
 
 def vigc_target(question: str, answer: str) -> str:

@@ -34,8 +34,49 @@ MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
 
 CONVERT_HINT = "convert a HF checkpoint with: python -m c3l_jax.convert --hf_path=DIR --out=DIR"
 
-# The ablation's extra C3L rows (`config.ablation.variants`, c3l_jax/pipeline/ablation.py).
-ABLATION_VARIANTS: tuple[str, ...] = ("final_mode", "length_norm")
+# The ablation's extra C3L rows (`config.ablation.variants`, c3l_jax/pipeline/ablation.py): named
+# variants, the readings of the paper by name (docs/pipeline.md, "Readings of the paper"), or
+# `FIELD=VALUE[+FIELD=VALUE...]` (a C3L row with those config overrides).
+READING_VARIANTS: dict[str, dict[str, Any]] = {
+    "as_generated": {"train.inputs": "as_generated"},
+    "anchor_generated": {"train.anchor": "generated"},
+    "anchor_neutral": {"train.anchor_instruction": "neutral"},
+    "negatives": {"train.contrastive_denominator": "negatives"},
+}
+ABLATION_VARIANTS: tuple[str, ...] = ("final_mode", "length_norm") + tuple(READING_VARIANTS)
+
+
+def variant_overrides(config: Any, name: str) -> dict[str, Any] | None:
+  """The config overrides of a C3L variant row: a reading's (`READING_VARIANTS`), or those spelt
+  `FIELD=VALUE[+FIELD=VALUE...]`, each VALUE parsed as its field's type; None for the other named
+  variants. Raises `ConfigError` for an unknown field or a value its type does not parse."""
+  if name in READING_VARIANTS:
+    return dict(READING_VARIANTS[name])
+  if "=" not in name:
+    return None
+  out = {}
+  for part in name.split("+"):
+    path, _, text = part.partition("=")
+    path, text = path.strip(), text.strip()
+    try:
+      current = _get(config, path)
+    except (AttributeError, KeyError):
+      current = None
+    if current is None or isinstance(current, (tuple, list)) or hasattr(current, "keys"):
+      raise ConfigError(f"config.ablation.variants: {part.strip()!r}: {path!r} is not a config field "
+                        "with a single value")
+    try:
+      if isinstance(current, bool):
+        if text.lower() not in ("true", "false"):
+          raise ValueError(text)
+        value: Any = text.lower() == "true"
+      else:
+        value = type(current)(text)
+    except ValueError:
+      raise ConfigError(f"config.ablation.variants: {part.strip()!r}: {text!r} is not of the "
+                        f"field's type, {type(current).__name__}") from None
+    out[path] = value
+  return out
 
 # Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -54,6 +95,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.objective": ("c3l", "vlit", "align"),
     "train.optimizer": ("adamw",),
     "train.contrastive_denominator": ("all", "negatives"),
+    "train.inputs": ("vigc", "as_generated"),
+    "train.anchor": ("prompt", "generated"),
+    "train.anchor_instruction": ("positive", "neutral"),
     "eval.mc_mode": ("loglik", "generate"),
 }
 
@@ -67,8 +111,10 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "generation.num_final": (1, True, math.inf, False),
     "generation.prompt_bucket": (1, True, math.inf, False),
     "generation.per_image": (1, True, math.inf, False),
+    "generation.qa_per_prompt": (1, True, math.inf, False),
     "generation.caption_max_new_tokens": (1, True, math.inf, False),
     "generation.shard_size": (1, True, math.inf, False),
+    "train.anchor_max_new_tokens": (1, True, math.inf, False),
     "ablation.vlit_steps": (1, True, math.inf, False),
     "ablation.seeds": (1, True, math.inf, False),
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
@@ -169,6 +215,13 @@ def check_config(config: Any) -> tuple[str, ...]:
   if dist.enabled and dist.num_processes > 0 and config.train.batch_size % dist.num_processes:
     raise ConfigError(f"config.train.batch_size={config.train.batch_size} (global) does not divide over "
                       f"config.distributed.num_processes={dist.num_processes}")
+  gen = config.generation
+  if not (gen.initial_temperature == -1 or gen.initial_temperature >= 0):
+    raise ConfigError(f"config.generation.initial_temperature={gen.initial_temperature!r} must be >= 0 "
+                      "(0 = greedy), or -1 for generation.temperature")
+  if not (gen.initial_top_p == -1 or 0 < gen.initial_top_p <= 1):
+    raise ConfigError(f"config.generation.initial_top_p={gen.initial_top_p!r} must be in (0, 1], or "
+                      "-1 for generation.top_p")
   from c3l_jax.data import instructions  # jax-free
   try:
     instructions.parse_mix(config.generation.instruction_mix)
@@ -197,9 +250,9 @@ def check_config(config: Any) -> tuple[str, ...]:
 
 def _check_ablation(config: Any) -> None:
   for name in (v.strip() for v in config.ablation.variants.split(",") if v.strip()):
-    if name not in ABLATION_VARIANTS:
+    if name not in ABLATION_VARIANTS and variant_overrides(config, name) is None:
       raise ConfigError(f"config.ablation.variants: unknown variant {name!r} (a comma list of: "
-                        f"{', '.join(ABLATION_VARIANTS)})")
+                        f"{', '.join(ABLATION_VARIANTS)}, or FIELD=VALUE[+FIELD=VALUE...])")
   for key in (k.strip() for k in config.ablation.seed_keys.split(",") if k.strip()):
     try:
       value = _get(config, key)

@@ -17,6 +17,17 @@ and, with `ablation.variants`, more rows:
                    (filtering) and from the C3L generator: two rows
   length_norm      C3L with S(I2C) divided by the answer's length (`scoring.length_norm`): the paper's
                    eq. 1 sums over answer tokens, so long answers fill the top fraction
+  as_generated, anchor_generated, anchor_neutral, negatives
+                   C3L under another reading of the paper (docs/pipeline.md, "Readings of the paper"):
+                   `train.inputs=as_generated`, `train.anchor=generated`,
+                   `train.anchor_instruction=neutral`, `train.contrastive_denominator=negatives`
+  FIELD=VALUE[+FIELD=VALUE...]
+                   C3L with those config overrides, e.g. the paper's initial generation:
+                   `generation.qa_per_prompt=3+generation.initial_temperature=0.7`
+
+A C3L variant row runs the generator stages from the first one its overrides change (a `train.*`
+field: train, final, export; a `generation.*` field: all of them) and links the earlier ones (the
+seed's shared stages, the "+CRM+CLM" row's select and train).
 
 The student itself is evaluated too, as the reference row ("student", or "base model" when the
 student is the base model). Everything runs for `ablation.seeds`
@@ -40,6 +51,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -51,7 +63,7 @@ from scipy import stats
 from c3l_jax import console, registry, runtime
 from c3l_jax.data.records import write_jsonl
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
-from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards
+from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards, variant_overrides
 
 SHARED = ("initial", "filter", "score")
 
@@ -89,12 +101,40 @@ def variant_rows(config: Any) -> dict[str, Row]:
     out[f"+CRM+CLM {other}"] = Row(
         f"crm_clm_{other}", ("final", "export"), {"generation.final_mode": other},
         {**{s: s for s in SHARED}, "select": "crm_clm/select", "train": "crm_clm/train"})
+  for name in names:  # the readings of the paper, and FIELD=VALUE rows: C3L with those overrides
+    overrides = variant_overrides(config, name)
+    if overrides is not None:
+      out[f"+CRM+CLM {name}"] = reading_row(name, overrides)
   if "length_norm" in names and not config.scoring.length_norm:
     # Its own score stage (S(I2C) / answer tokens), then C3L as above.
     out["+CRM+CLM len-norm"] = Row(
         "crm_clm_length_norm", ("score", "select", "train", "final", "export"),
         {"scoring.length_norm": True}, {"initial": "initial", "filter": "filter"})
   return out
+
+
+GENERATOR_STAGES = ("initial", "filter", "score", "select", "train", "final", "export")
+# The first stage a config field changes (by the longest matching prefix); others: "initial".
+FIRST_STAGE = {"generation.": "initial", "generation.final_mode": "final",
+               "generation.num_final": "final", "generation.score_final": "final",
+               "filter.": "filter", "scoring.": "score", "select.": "select", "train.": "train"}
+
+
+def first_stage(path: str) -> str:
+  """The first generator stage whose output the config field `path` can change."""
+  matches = [p for p in FIRST_STAGE if path == p or (p.endswith(".") and path.startswith(p))]
+  return FIRST_STAGE[max(matches, key=len)] if matches else "initial"
+
+
+def reading_row(name: str, overrides: dict[str, Any]) -> Row:
+  """C3L with `overrides`: the generator stages from the first one they change run in the row's own
+  directory; the earlier ones are linked (the seed's shared stages, C3L's select and train)."""
+  start = min(GENERATOR_STAGES.index(first_stage(path)) for path in overrides)
+  earlier = GENERATOR_STAGES[:start]
+  links = {s: s for s in SHARED if s in earlier}
+  links.update({s: f"crm_clm/{s}" for s in ("select", "train") if s in earlier})
+  return Row("crm_clm_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"),
+             GENERATOR_STAGES[start:], overrides, links)
 
 
 def all_rows(config: Any) -> dict[str, Row]:
@@ -341,5 +381,5 @@ def run(config: Any, workdir: str) -> dict:
   return {"seeds": seeds, "rows": means, "ci95": widths, "per_seed": per_seed}
 
 
-__all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "mean_interval", "reference_row",
-           "run", "seeded", "table", "variant_rows"]
+__all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "first_stage", "mean_interval",
+           "reading_row", "reference_row", "run", "seeded", "table", "variant_rows"]

@@ -117,8 +117,10 @@ def model_runtime(config: Any) -> dict[str, Any]:
 class Inference:
   """A model loaded for generation / scoring on this process's devices, with its prompt builder."""
 
-  def __init__(self, config: Any, checkpoint: str | None = None, split: str | None = None):
+  def __init__(self, config: Any, checkpoint: str | None = None, split: str | None = None,
+               sampling: dict[str, float] | None = None):
     self.config = config
+    self.sampling = dict(sampling or {})  # overrides of generation.temperature / top_p / top_k
     self.checkpoint = checkpoint or config.model.checkpoint
     self.mesh = sharding.make_mesh(config.inference.mesh, devices=jax.local_devices())
     self.model = sharding.load_model(self.checkpoint, self.mesh, **model_runtime(config))
@@ -136,9 +138,10 @@ class Inference:
     return tuple(getattr(self.builder, "stop_strings", ()))
 
   def sampling_config(self, max_new_tokens: int) -> sampling.SamplingConfig:
-    gen = self.config.generation
-    return sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=gen.temperature,
-                                   top_k=gen.top_k, top_p=gen.top_p, eos_ids=self.builder.eos_ids,
+    gen = {k: self.config.generation[k] for k in ("temperature", "top_k", "top_p")}
+    gen.update(self.sampling)
+    return sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=gen["temperature"],
+                                   top_k=gen["top_k"], top_p=gen["top_p"], eos_ids=self.builder.eos_ids,
                                    stop_sequences=self.builder.stop_sequences,
                                    pad_id=self.builder.pad_id)
 

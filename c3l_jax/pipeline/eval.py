@@ -22,7 +22,8 @@ Outputs under WORKDIR/eval/: per benchmark a folder of shards (`part-NNNNN.jsonl
 the model's answer; images that cannot be loaded go to `rejected.jsonl`; with `mc_mode=generate` the
 replies of every option rotation are in `<benchmark>_rotations/` and `<benchmark>/` holds one row per
 question with its replies, predictions and targets), the POPE questions in the
-official format (`pope/<source>_pope_<split>.json`), `llava_bench_answers.jsonl`, and `table.txt` (the
+official format (`pope/<source>_pope_<split>.json`), `llava_bench_answers.jsonl`, a registered
+benchmark's own files (the scenes testbed's `scenes_vqa_answers.jsonl`), and `table.txt` (the
 printed table). Work is split in chunks over processes; finished chunks are skipped on a rerun.
 
 Bad input is quarantined with its reason, never dropped: entries of a benchmark file that cannot be

@@ -17,8 +17,9 @@ a model directory the `final` stage loads like any converted checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from etils import epath
@@ -26,8 +27,10 @@ from flax import nnx
 
 from c3l_jax import checkpoint, runtime, sharding
 from c3l_jax import train as trainer_lib
+from c3l_jax.data import instructions as ins
 from c3l_jax.data.images import ImageError
-from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
+from c3l_jax.data.prompts import (VIGC_INSTRUCTIONS, VIGC_NEUTRAL_INSTRUCTION, PromptBuilder,
+                                  load_processor, vigc_target)
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
 from c3l_jax.data.sources import open_source
 from c3l_jax.pipeline import common, select
@@ -54,6 +57,108 @@ def training_records(config: Any, workdir: str, objective: str = "c3l") -> list[
   rows, rejected = read_records(config.data.records, required=required, strict=True)
   del rejected
   return rows
+
+
+def prompt_encoder(builder: PromptBuilder, reference: Any) -> Callable[..., np.ndarray]:
+  """`prompt(text, with_image=True)` -> the prompt's token ids, memoised. Token ids do not depend on
+  the picture (fixed-size image processors), so one `reference` picture stands in for every image."""
+  cache: dict[tuple[str, bool], np.ndarray] = {}
+
+  def prompt(text: str, with_image: bool = True) -> np.ndarray:
+    if (text, with_image) not in cache:
+      cache[text, with_image] = np.asarray(
+          builder.encode_prompt(text, reference if with_image else None)[0], np.int32)
+    return cache[text, with_image]
+
+  return prompt
+
+
+def sample_prompt(rec: dict, inputs: str) -> tuple[str, bool]:
+  """The prompt a C3L sample is trained with: `(the user turn's text, whether the image is in it)`.
+
+  `vigc`: the image + the VIGC instruction of the sample's type (one prompt for data made any way).
+  `as_generated`: the prompt that produced the sample, as the generating stage recorded it (`prompt`,
+  `mode`): two-step's QA-from-caption prompt (text-only: the caption stands in for the image), or
+  direct's image + instruction.
+  """
+  kind = rec.get("instruction_type", "conversation")
+  if kind not in VIGC_INSTRUCTIONS:
+    raise BadInput(f"record {rec.get('id')!r}: unknown instruction_type {kind!r}")
+  if inputs == "vigc":
+    return VIGC_INSTRUCTIONS[kind], True
+  text, mode = rec.get("prompt"), rec.get("mode")
+  if not isinstance(text, str) or not text.strip() or mode not in ("two_step", "direct") or (
+      mode == "two_step" and not str(rec.get("caption_instruction", "")).strip()):
+    raise BadInput(f"train.inputs=as_generated needs the prompt that produced each sample ('prompt', "
+                   f"'mode' and, two-step, 'caption_instruction', written by the initial stage); "
+                   f"record {rec.get('id')!r} lacks them (generate the data again, or use "
+                   f"--config.train.inputs=vigc)")
+  return text, mode == "direct"
+
+
+def anchor_prompt(rec: dict, inputs: str, instruction: str) -> tuple[str, bool]:
+  """The contrastive anchor's prompt for a group whose positive is `rec` (`train.anchor_instruction`):
+  `positive` the positive's own training prompt (`sample_prompt`); `neutral` one that names no
+  instruction type, in the same form (image + instruction, or two-step's caption + instruction)."""
+  text, with_image = sample_prompt(rec, inputs)
+  if instruction == "positive":
+    return text, with_image
+  if with_image:
+    return VIGC_NEUTRAL_INSTRUCTION, True
+  return ins.qa_from_caption_prompt(rec["caption"], ins.QA_FROM_CAPTION_NEUTRAL), False
+
+
+def c3l_examples(rows: list[dict], config: Any, builder: PromptBuilder,
+                 prompt: Callable[[str, bool], np.ndarray], ce: bool = True, contrastive: bool = True
+                 ) -> tuple[list[dict], list[dict]]:
+  """The C3L objective's CE examples (L_r) and contrastive groups (L_c) of selected records.
+
+  CE: the top fraction, best S(I2C) first, each as `sample_prompt` -> "Question: q Answer: a" + EOS;
+  with `train.inputs=as_generated` on two-step data, each image of the top fraction also trains the
+  caption step: its caption instruction + the image -> the caption the selected QA were written from
+  (once per image, after the image's first selected sample). Groups: per image, the positive first,
+  then up to `train.max_negatives` negatives by S(I2C), with the anchor prompt of `anchor_prompt`.
+  An example's `image` is None when its prompt is text-only. `prompt(text, with_image)` encodes.
+  """
+  inputs = config.train.inputs
+  eos = list(builder.eos_ids)
+  as_ids = lambda tokens: np.asarray(tokens, np.int32)  # noqa: E731
+  encoded = {}
+  for rec in rows:
+    text, with_image = sample_prompt(rec, inputs)
+    sample = builder.encode_answer(vigc_target(rec["question"], rec["answer"]))
+    encoded[rec["id"]] = {"prompt": prompt(text, with_image), "target": as_ids(sample + eos),
+                          "sample": as_ids(sample), "image": rec["image"] if with_image else None,
+                          "id": rec["id"]}
+  ce_examples, groups = [], []
+  if ce:  # L_r on the top fraction, best first
+    captioned = set()
+    for r in sorted((r for r in rows if r["top_fraction"]), key=lambda r: -r["i2c"]):
+      ce_examples.append(encoded[r["id"]])
+      if inputs == "as_generated" and r["mode"] == "two_step" and r["image"] not in captioned:
+        captioned.add(r["image"])
+        ce_examples.append({"prompt": prompt(r["caption_instruction"], True),
+                            "target": as_ids(builder.encode_answer(r["caption"]) + eos),
+                            "image": r["image"], "id": f"{r['id']}:caption"})
+  if contrastive:  # L_c per image: its positive first, then its negatives
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+      if r["role"] in ("positive", "negative"):
+        by_image.setdefault(r["image"], []).append(r)
+    for members in by_image.values():
+      positives = [r for r in members if r["role"] == "positive"]
+      negatives = sorted((r for r in members if r["role"] == "negative"), key=lambda r: -r["i2c"])
+      if len(positives) != 1 or not negatives:
+        continue
+      chosen = positives + negatives[:config.train.max_negatives]
+      text, with_image = anchor_prompt(chosen[0], inputs, config.train.anchor_instruction)
+      groups.append({"prompt": prompt(text, with_image), "image": chosen[0]["image"] if with_image
+                     else None, "id": chosen[0]["id"],
+                     "samples": [encoded[r["id"]]["sample"] for r in chosen], "positive": 0})
+    if not groups:
+      raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
+                     "(set --config.train.contrastive_weight=0 to train with CE only)")
+  return ce_examples, groups
 
 
 def export_generator(vlm, base_dir: str, out: str) -> None:
@@ -101,6 +206,7 @@ def run(config: Any, workdir: str) -> dict:
       **common.model_runtime(config))
   builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
                           vlm.cfg.image_seq_length)
+  cfg = dataclasses.replace(cfg, eos_ids=tuple(builder.eos_ids))  # ends a generated anchor
   source = open_source(config, builder)
   if not rows:
     raise BadInput("train: no training records")
@@ -108,12 +214,7 @@ def run(config: Any, workdir: str) -> dict:
     reference = source.load(rows[0]["image"])
   except ImageError as e:
     raise BadInput(f"train: record {rows[0].get('id')!r}: {e}") from None
-  prompts: dict[str, np.ndarray] = {}
-
-  def prompt(text: str) -> np.ndarray:
-    if text not in prompts:
-      prompts[text] = np.asarray(builder.encode_prompt(text, reference)[0], np.int32)
-    return prompts[text]
+  prompt = prompt_encoder(builder, reference)
 
   def ids(tokens) -> np.ndarray:
     return np.asarray(tokens, np.int32)
@@ -136,34 +237,8 @@ def run(config: Any, workdir: str) -> dict:
                           "target": ids(builder.encode_answer(rec["answer"]) + eos),
                           "image": rec["image"], "id": rec["id"]})
   else:
-    encoded = {}
-    for rec in rows:
-      kind = rec.get("instruction_type", "conversation")
-      if kind not in VIGC_INSTRUCTIONS:
-        raise BadInput(f"record {rec.get('id')!r}: unknown instruction_type {kind!r}")
-      sample = builder.encode_answer(vigc_target(rec["question"], rec["answer"]))
-      encoded[rec["id"]] = {"prompt": prompt(VIGC_INSTRUCTIONS[kind]), "target": ids(sample + eos),
-                            "sample": ids(sample), "image": rec["image"], "id": rec["id"]}
-    if cfg.ce_weight:  # L_r on the top fraction, best first
-      top = [r for r in rows if r["top_fraction"]]
-      ce_examples = [encoded[r["id"]] for r in sorted(top, key=lambda r: -r["i2c"])]
-    if cfg.contrastive_weight:  # L_c per image: its positive first, then its negatives
-      by_image: dict[str, list[dict]] = {}
-      for r in rows:
-        if r["role"] in ("positive", "negative"):
-          by_image.setdefault(r["image"], []).append(r)
-      for members in by_image.values():
-        positives = [r for r in members if r["role"] == "positive"]
-        negatives = sorted((r for r in members if r["role"] == "negative"), key=lambda r: -r["i2c"])
-        if len(positives) != 1 or not negatives:
-          continue
-        chosen = positives + negatives[:config.train.max_negatives]
-        first = encoded[chosen[0]["id"]]
-        groups.append({"prompt": first["prompt"], "image": first["image"], "id": first["id"],
-                       "samples": [encoded[r["id"]]["sample"] for r in chosen], "positive": 0})
-      if not groups:
-        raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
-                       "(set --config.train.contrastive_weight=0 to train with CE only)")
+    ce_examples, groups = c3l_examples(rows, config, builder, prompt, ce=bool(cfg.ce_weight),
+                                       contrastive=bool(cfg.contrastive_weight))
 
   def pixels(image: str) -> np.ndarray:
     try:

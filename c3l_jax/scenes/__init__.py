@@ -29,6 +29,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from c3l_jax import registry
@@ -77,7 +78,14 @@ def _check(config: Any) -> str | None:
 def _scenes_vqa(evaluator: Any, eval_config: Any) -> dict:
   from c3l_jax.scenes import quality
 
-  return quality.scenes_vqa(evaluator.inf, eval_config.max_items or 100, evaluator.config.seed)
+  from c3l_jax import runtime
+
+  # The answers go beside the eval's other files (WORKDIR/eval/), written by one process.
+  path = os.path.join(evaluator.dir, "scenes_vqa_answers.jsonl") if runtime.get().is_lead else None
+  if path:
+    os.makedirs(evaluator.dir, exist_ok=True)
+  return quality.scenes_vqa(evaluator.inf, eval_config.max_items or 100, evaluator.config.seed,
+                            answers_path=path)
 
 
 registry.register_source(registry.Source(SOURCE, _elements, quality=_quality,

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from c3l_jax.data.records import write_jsonl
 from c3l_jax.scenes import checker as checker_lib
 from c3l_jax.scenes import text as text_lib
 from c3l_jax.scenes import world as world_lib
@@ -108,11 +109,15 @@ def vqa_questions(items: Sequence, seed: int, per_image: int = 2) -> list[dict]:
   return out
 
 
-def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8) -> dict:
+def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8,
+               answers_path: str | None = None) -> dict:
   """Accuracy of the model's short answers to grounded questions, judged by `scenes.check`.
 
   `inf` is a `c3l_jax.pipeline.common.Inference` whose source is the scenes world (use the `val` split
   for held-out scenes). An answer counts as right when the checker says it is correct for the scene.
+  `answers_path`: where to write one JSON line per question (`image`, `question`, `reference`,
+  `answer`, `kind`, `correct`: true / false / null when the checker cannot decide, `hallucinated`), so
+  the accuracy can be recounted from the file (metrics' `answers`).
   """
   import jax
 
@@ -127,10 +132,17 @@ def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8) ->
   answers, _ = inf.generate(prompts, pixels, keys, max_new_tokens)
   verdicts = [checker_lib.check(q["scene"], q["question"], a) for q, a in zip(questions, answers)]
   by_kind: dict[str, list[bool]] = {}
-  for q, v in zip(questions, verdicts):
-    by_kind.setdefault(checker_lib.check(q["scene"], q["question"], q["reference"]).kind, []).append(
-        v.correct is True)
-  return {"questions": len(questions),
+  kinds = [checker_lib.check(q["scene"], q["question"], q["reference"]).kind for q in questions]
+  for kind, v in zip(kinds, verdicts):
+    by_kind.setdefault(kind, []).append(v.correct is True)
+  extra = {}
+  if answers_path:
+    write_jsonl(answers_path, [
+        {"image": q["image"], "question": q["question"], "reference": q["reference"], "answer": a,
+         "kind": kind, "correct": v.correct, "hallucinated": list(v.hallucinated)}
+        for q, a, kind, v in zip(questions, answers, kinds, verdicts)])
+    extra["answers"] = answers_path
+  return {**extra, "questions": len(questions),
           "accuracy": float(np.mean([v.correct is True for v in verdicts])) if verdicts else None,
           "hallucination": float(np.mean([bool(v.hallucinated) for v in verdicts])) if verdicts else None,
           "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
