@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -172,34 +171,7 @@ def _images():
 def tiny_hf(tmp_path_factory):
   """transformers' LLaVA with the published config.json's spelling (partial text / vision configs, tiny
   sizes added), vocab 32064, CLIP 336 px / patch 14, and every real tokenizer / processor file."""
-  import torch
-  from transformers import LlavaForConditionalGeneration
-
-  root = tmp_path_factory.mktemp("real-tiny")
-  hf = root / "hf"
-  shutil.copytree(real_files.LLAVA_HF_7B, hf, ignore=shutil.ignore_patterns("model.safetensors.index.json"))
-  with open(hf / "config.json") as f:
-    config = json.load(f)
-  config["text_config"].update(TINY_TEXT)
-  config["vision_config"].update(TINY_VISION)
-  (hf / "config.json").write_text(json.dumps(config, indent=2))
-  torch.manual_seed(0)
-  model = LlavaForConditionalGeneration._from_config(
-      LlavaForConditionalGeneration.config_class.from_pretrained(hf), torch_dtype=torch.float32)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.02 * torch.randn_like(p))
-    model.lm_head.weight.mul_(8.0)  # next-token distributions far from uniform
-    model.model.multi_modal_projector.linear_2.weight.mul_(10.0)  # the image moves them
-  model.save_pretrained(root / "saved")
-  for name in os.listdir(root / "saved"):  # the weights only: the published config.json stays
-    if name.endswith(".safetensors") or name.endswith(".index.json"):
-      shutil.copy(root / "saved" / name, hf / name)
-  model = LlavaForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32).eval()
-  assert model.config.text_config.vocab_size == 32064
-  proc = _cli(f"--hf_path={hf}", f"--out={root / 'ours'}")
-  assert proc.returncode == 0, proc.stderr
-  return dict(root=root, hf=str(hf), ours=str(root / "ours"), torch=model)
+  return real_files.tiny_real_llava(tmp_path_factory.mktemp("real-tiny"), TINY_TEXT, TINY_VISION)
 
 
 def _reference_ids(hf_dir: str, question: str, image):

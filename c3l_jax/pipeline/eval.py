@@ -48,7 +48,7 @@ from etils import epath
 
 from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
-from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load_image_bytes
+from c3l_jax.data.images import ImageError, apply_image_aspect, image_path, load_image, load_image_bytes
 from c3l_jax.data.records import BadInput, reject, write_jsonl
 from c3l_jax import registry
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
@@ -105,7 +105,8 @@ class Evaluator:
     if data is not None:
       img = load_image_bytes(data, max_pixels, name=image)
     elif folder is not None:
-      img = load_image(os.path.join(folder, image), max_pixels)
+      path = image_path(folder, image, self.config.data.allow_outside_root) if folder else image
+      img = load_image(path, max_pixels)
     else:
       return self.inf.source.load(image)  # the source applies data.image_aspect itself
     return apply_image_aspect(img, self.config.data.image_aspect, self.inf.builder.processor)

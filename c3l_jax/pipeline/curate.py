@@ -1,0 +1,344 @@
+"""The `curate` stage: S(I2C) of a LLaVA-format dataset you already have, its top entries exported
+verbatim (README, "Curate a dataset you have"; docs/pipeline.md, "Curating a dataset").
+
+`config.data.records` is a LLaVA-format file (`c3l_jax.data.llava_data`: a JSON array or JSONL of
+`{"id", "image"?, "conversations"}`), streamed, never loaded whole. Three steps:
+
+1. **score** (every process, its shards): entries are taken in shards of `curate.shard_size` in file
+   order; each checked entry with an image gets S(I2C) (eq. 1, `c3l_jax.scoring`) for each gpt turn,
+   teacher-forced after the whole conversation before it in the checkpoint's chat template, with and
+   without the image (`PromptBuilder.encode_conversation`); the turns of a conversation share one image
+   prefix (`scoring.prefix_sharing`, equal to scoring them apart). The entry's S(I2C) is the sum over
+   its turns (eq. 1 over all its answer tokens), `i2c_per_token` that sum over its answer tokens.
+   Text-only entries get no score (`text_only` rows). Quarantined (`WORKDIR/curate/rejected.jsonl`,
+   each row `{"raw", "reason", "id", "index"}`): what `llava_data.check_entry` refuses, duplicate ids
+   (the first entry with an id keeps it), missing or unreadable images, and conversations longer than
+   the model's context. Shards are atomic and resumable (`pipeline.shards`).
+2. **select** (the lead): the top `select.top_fraction` of the scored entries (rounded up, as the
+   `select` stage does) or the top `curate.top_count`, ranked by `curate.rank_by` (`sum` | `per_token`),
+   over one global ranking or, with `curate.balance_sources`, within each source (an entry's source is
+   the first directory of its image path), so one source does not crowd out the rest. Ties go to the
+   earlier entry.
+3. **export** (the lead): `WORKDIR/export/selected.json`, the selected entries exactly as the input holds
+   them, in input order (plus the text-only entries unless `curate.keep_text_only=False`), a file
+   LLaVA's training script takes as it is; `export/scores.jsonl` (one line per scored entry: `id`,
+   `turns`, `i2c`, `i2c_per_token`, `source`); `export/stats.json` (per source counts and S(I2C)
+   statistics); `WORKDIR/report.html` (histogram per source, the best and worst conversations).
+
+Counts (metrics.json): `read` entries = `scored` + `text_only` + `rejected`; `written` = the entries in
+selected.json = `selected` + the text-only entries kept; `per_source` the same per source.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from absl import logging
+from etils import epath
+
+from c3l_jax import runtime
+from c3l_jax.data import llava_data
+from c3l_jax.data.images import ImageError
+from c3l_jax.data.records import BadInput, reject, write_jsonl, write_text_atomic
+from c3l_jax.pipeline import shards
+
+COUNT_KEYS = ("written", "rejected", "text_only")
+EXAMPLES = 5  # best and worst conversations in the report
+
+
+# -- step 1: stream, check, shard ---------------------------------------------------------------------
+
+def checked_entries(config: Any) -> Iterator[tuple[llava_data.Raw, str | None, llava_data.Conversation | None]]:
+  """Every entry of `data.records` in order with `(raw, reason to quarantine or None, conversation)`;
+  the duplicate-id check needs every entry before it, so every process runs it over the whole file."""
+  if not config.data.records:
+    raise BadInput("config.data.records is not set: the curate stage reads a LLaVA-format dataset "
+                   "(a JSON array or JSONL of {'id', 'image', 'conversations'})")
+  if not os.path.isfile(config.data.records):
+    raise BadInput(f"{config.data.records}: file not found")
+  ids = llava_data.IdSet()
+  root, outside = config.data.image_root, config.data.allow_outside_root
+  for raw in llava_data.iter_entries(config.data.records, config.curate.format):
+    if raw.problem:
+      yield raw, raw.problem, None
+      continue
+    eid = llava_data.entry_id(raw.value)
+    if eid is not None and not ids.add(eid):
+      yield raw, f"duplicate id {eid!r} (the first entry with this id is kept)", None
+      continue
+    reason, conv = llava_data.check_entry(raw.value, root, outside)
+    yield raw, reason, conv
+
+
+def _reject(raw: llava_data.Raw, reason: str) -> dict:
+  where: dict[str, Any] = {"index": raw.index}
+  eid = llava_data.entry_id(raw.value)
+  if eid is not None:
+    where["id"] = eid
+  if raw.line:
+    where["line"] = raw.line
+  return reject(raw.value if raw.value is not None or not raw.text else raw.text, reason, **where)
+
+
+def _source_of_raw(raw: llava_data.Raw) -> str:
+  image = raw.value.get("image") if isinstance(raw.value, dict) else None
+  return llava_data.source_of(image) if isinstance(image, str) and image.strip() else ""
+
+
+def _shards_of(stream: Iterable, size: int) -> Iterator[tuple[int, list]]:
+  """`(shard index, its items)` of consecutive `size`-item chunks of `stream`."""
+  chunk, index = [], 0
+  for item in stream:
+    chunk.append(item)
+    if len(chunk) == size:
+      yield index, chunk
+      chunk, index = [], index + 1
+  if chunk:
+    yield index, chunk
+
+
+def score_shard(config: Any, chunk: list, inf: Any, scorer: Any) -> tuple[list[dict], list[dict]]:
+  """Score one shard's entries: `(rows, rejected)`; rows are the scored and the text-only entries."""
+  from c3l_jax import scoring
+
+  rows, rejected, jobs, items, pixels = [], [], [], [], {}
+  builder, max_len = inf.builder, inf.max_len
+  for raw, reason, conv in chunk:
+    if reason is None and conv.image is None:
+      rows.append({"index": raw.index, "id": conv.id, "source": "", "text_only": True})
+      continue
+    if reason is None:
+      try:
+        image = inf.source.load(conv.image)
+        enc = builder.encode_conversation(conv.turns, image)
+        empty = next((k for k, e in enumerate(enc) if not e.answer), None)
+        if empty is not None:
+          raise ImageError(f"the answer of gpt turn {empty} tokenizes to nothing")
+        longest = max(len(e.prompt_image) + len(e.answer) for e in enc)
+        if longest > max_len:
+          raise ImageError(f"conversation of {longest} tokens ({len(conv.turns)} gpt turns, image "
+                           f"included) is over the model's context of {max_len}")
+      except ImageError as e:
+        reason = str(e)
+    if reason is not None:
+      if config.strict:
+        raise BadInput(f"{config.data.records}: entry {raw.index}"
+                       f"{f' (id {llava_data.entry_id(raw.value)!r})' if llava_data.entry_id(raw.value) is not None else ''}"
+                       f": {reason}")
+      rejected.append(_reject(raw, reason))
+      continue
+    pixels[conv.image] = enc[0].pixel_values
+    jobs.append((raw, conv, len(items), len(enc)))
+    items += [scoring.ScoreInput(conv.image, e.prompt_image, e.prompt_text, e.answer) for e in enc]
+  results = scorer.score(items, pixels) if items else []
+  for raw, conv, start, n in jobs:
+    turns = results[start:start + n]
+    total = sum(t["i2c"] for t in turns)
+    tokens = sum(t["n_tokens"] for t in turns)
+    rows.append({"index": raw.index, "id": conv.id, "source": conv.source,
+                 "turns": [t["i2c"] for t in turns], "i2c": total, "i2c_per_token": total / tokens,
+                 "n_tokens": tokens, "turn_tokens": [t["n_tokens"] for t in turns],
+                 "logp_image": [t["logp_image"] for t in turns],
+                 "logp_text": [t["logp_text"] for t in turns]})
+  rows.sort(key=lambda r: r["index"])
+  return rows, rejected
+
+
+def make_scorer(config: Any):
+  """The model on this process's devices and a scorer that reports eq. 1 summed (not normalised)."""
+  from c3l_jax import scoring
+  from c3l_jax.pipeline import common
+
+  inf = common.Inference(config)
+  return inf, scoring.Scorer(
+      inf.model, inf.mesh,
+      scoring.ScoringConfig(mode=config.scoring.mode, length_norm=False,
+                            prefix_sharing=config.scoring.prefix_sharing,
+                            batch_rows=config.scoring.batch_size),
+      inf.model.cfg.image_token_id, inf.builder.pad_id)
+
+
+def score_all(config: Any, stage_dir: str) -> tuple[int, dict[str, collections.Counter]]:
+  """Step 1 (every process): score this process's unfinished shards; returns the number of shards and
+  the per-source entry / rejection counts of the whole file (every process streams all of it)."""
+  from c3l_jax.pipeline import common
+
+  rt = runtime.get()
+  size = config.curate.shard_size
+  per_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  inf = scorer = None
+  n_shards = 0
+  progress = common.Progress("curate", 0, "entry")
+  progress.bar.total = None
+  with progress:
+    for index, chunk in _shards_of(checked_entries(config), size):
+      n_shards = index + 1
+      for raw, reason, conv in chunk:
+        source = conv.source if conv is not None else _source_of_raw(raw)
+        per_source[source]["entries"] += 1
+        per_source[source]["rejected"] += reason is not None
+      if not rt.my_shards([index]) or shards.is_done(stage_dir, index):
+        continue
+      if inf is None:
+        inf, scorer = make_scorer(config)
+      rows, rejected = score_shard(config, chunk, inf, scorer)
+      shards.write_shard(stage_dir, index, rows, rejected,
+                         {"text_only": sum(bool(r.get("text_only")) for r in rows)})
+      progress.shard_done(index, len(chunk), tokens=sum(r.get("n_tokens", 0) for r in rows),
+                          scored=sum(not r.get("text_only") for r in rows), rejected=len(rejected))
+  return n_shards, per_source
+
+
+# -- step 2: select -----------------------------------------------------------------------------------
+
+def quota(n: int, fraction: float, count: int) -> int:
+  """How many of `n` entries to take: `count` when set (at most n), else ceil(fraction * n) (at least
+  one when there is any), the `select` stage's rounding."""
+  if n == 0:
+    return 0
+  return min(count, n) if count else max(1, math.ceil(fraction * n))
+
+
+def select(scores: np.ndarray, sources: Sequence[str], fraction: float, count: int = 0,
+           balance: bool = False) -> np.ndarray:
+  """Positions (ascending) of the entries to keep among `scores [N]` (higher is better, ties to the
+  earlier entry).
+
+  Global (default): the top `quota(N, fraction, count)`. Balanced: each source keeps its own top
+  `ceil(fraction * its entries)`; with a `count`, the count is split over the sources in proportion to
+  their sizes (largest remainders first, then the larger source), so every source is represented as it
+  is in the data rather than by how high its scores run.
+  """
+  scores = np.asarray(scores, np.float64)
+  n = len(scores)
+  order = np.lexsort((np.arange(n), -scores))  # best first, ties: the earlier entry
+  if not balance:
+    return np.sort(order[:quota(n, fraction, count)])
+  groups: dict[str, list[int]] = collections.defaultdict(list)
+  for i in order:  # each source's positions, best first
+    groups[sources[i]].append(int(i))
+  if count:
+    total = min(count, n)
+    exact = {s: total * len(g) / n for s, g in groups.items()}
+    take = {s: math.floor(v) for s, v in exact.items()}
+    for s in sorted(groups, key=lambda s: (-(exact[s] - take[s]), -len(groups[s]), s))[:total - sum(take.values())]:
+      take[s] += 1
+  else:
+    take = {s: quota(len(g), fraction, 0) for s, g in groups.items()}
+  return np.sort(np.asarray([i for s, g in groups.items() for i in g[:take[s]]], np.int64))
+
+
+def read_scores(stage_dir: str) -> tuple[list[dict], list[int]]:
+  """The scored rows (without their per-turn log-probs) and the text-only entries' indices, in order."""
+  scored, text_only = [], []
+  for path in shards.part_files(stage_dir):
+    for row in shards.read_part(path):
+      if row.get("text_only"):
+        text_only.append(row["index"])
+      else:
+        scored.append({k: row[k] for k in ("index", "id", "source", "turns", "i2c", "i2c_per_token",
+                                           "n_tokens")})
+  return scored, text_only
+
+
+# -- step 3: export -----------------------------------------------------------------------------------
+
+def write_selected(config: Any, path: epath.Path, keep: set[int], want: set[int]) -> dict[int, Any]:
+  """Stream `data.records` again and write the entries at positions `keep` as one JSON array, each
+  exactly as the input holds it (atomically: a tmp file, then a rename); returns the entries at
+  positions `want` (the report's examples)."""
+  tmp = path.with_name(path.name + ".tmp")
+  found: dict[int, Any] = {}
+  with tmp.open("w", encoding="utf-8") as f:
+    f.write("[")
+    first = True
+    for raw in llava_data.iter_entries(config.data.records, config.curate.format):
+      if raw.index in want:
+        found[raw.index] = raw.value
+      if raw.index not in keep:
+        continue
+      f.write(("\n" if first else ",\n") + json.dumps(raw.value, ensure_ascii=False))
+      first = False
+    f.write("\n]\n")
+  tmp.replace(path)
+  return found
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+  if not len(values):
+    return {}
+  return {"mean": float(values.mean()), "median": float(np.median(values)), "min": float(values.min()),
+          "max": float(values.max())}
+
+
+def run(config: Any, workdir: str) -> dict:
+  stage_dir = os.path.join(workdir, "curate")
+  rt = runtime.get()
+  n_shards, per_source = score_all(config, stage_dir)
+  rt.barrier("curate:shards")
+  counts = shards.sum_counts(stage_dir, range(n_shards), COUNT_KEYS)
+  read = sum(c["entries"] for c in per_source.values())
+  metrics: dict[str, Any] = {"read": read, "scored": counts["written"], "text_only": counts["text_only"],
+                             "rejected": counts["rejected"]}
+  if rt.is_lead:
+    shards.gather_rejected(stage_dir, [])
+    metrics.update(export(config, workdir, stage_dir, per_source))
+  rt.barrier("curate:exported")
+  if not rt.is_lead:
+    metrics["written"] = None  # the lead's metrics.json holds the export's counts
+  return metrics
+
+
+def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, collections.Counter]) -> dict:
+  """Steps 2 and 3 (the lead): select, then write export/ and report.html; returns the metrics."""
+  scored, text_only = read_scores(stage_dir)
+  key = "i2c" if config.curate.rank_by == "sum" else "i2c_per_token"
+  values = np.asarray([r[key] for r in scored], np.float64)
+  sources = [r["source"] for r in scored]
+  chosen = select(values, sources, config.select.top_fraction, config.curate.top_count,
+                  config.curate.balance_sources)
+  selected = {scored[i]["index"] for i in chosen}
+  keep = selected | (set(text_only) if config.curate.keep_text_only else set())
+  order = np.lexsort((np.arange(len(values)), -values))
+  best, worst = [int(i) for i in order[:EXAMPLES]], [int(i) for i in order[::-1][:EXAMPLES]]
+  out = epath.Path(workdir) / "export"
+  out.mkdir(parents=True, exist_ok=True)
+  examples = write_selected(config, out / "selected.json", keep,
+                            {scored[i]["index"] for i in best + worst})
+  write_jsonl(out / "scores.jsonl", [{k: r[k] for k in ("id", "turns", "i2c", "i2c_per_token", "source")}
+                                     for r in scored])
+  for i in chosen:
+    per_source[scored[i]["source"]]["selected"] += 1
+  by_source: dict[str, list[float]] = collections.defaultdict(list)
+  for r in scored:
+    by_source[r["source"]].append(r[key])
+  for r in scored:
+    per_source[r["source"]]["scored"] += 1
+  per_source[""]["text_only"] = len(text_only)
+  stats = {"rank_by": config.curate.rank_by, "balance_sources": config.curate.balance_sources,
+           "top_fraction": config.select.top_fraction, "top_count": config.curate.top_count,
+           "sources": {s or "(text-only)": {**{k: int(c[k]) for k in ("entries", "scored", "text_only",
+                                                                       "rejected", "selected")},
+                                            **{f"{key}_{k}": v for k, v in
+                                               _stats(np.asarray(by_source.get(s, []))).items()}}
+                       for s, c in sorted(per_source.items())}}
+  write_text_atomic(out / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+  from c3l_jax.eval.report import build_curation_report
+  from c3l_jax.data.sources import open_source
+  source = open_source(config)
+  write_text_atomic(epath.Path(workdir) / "report.html", build_curation_report(
+      stats, by_source, key, [(scored[i], examples.get(scored[i]["index"])) for i in best],
+      [(scored[i], examples.get(scored[i]["index"])) for i in worst], source.load))
+  logging.info("curate: selected %d of %d scored entries, %d text-only kept", len(selected), len(scored),
+               len(keep) - len(selected))
+  return {"written": len(keep), "selected": len(selected),
+          "text_only_kept": len(keep) - len(selected),
+          "per_source": stats["sources"]}
+
+
+__all__ = ["checked_entries", "quota", "run", "score_shard", "select"]
