@@ -86,6 +86,14 @@ def published_7b_headers(dst: str, shape_override: dict | None = None) -> int:
              for file, tensors in files.items())
 
 
+# The tiny sizes `tiny_real_llava` gives the published config (image 336 / patch 14 as published: 576
+# image tokens).
+TINY_REAL_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+TINY_REAL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        projection_dim=16)
+
+
 def tiny_real_llava(root, text: dict, vision: dict) -> dict:
   """A tiny transformers LLaVA under `root` with the published llava-1.5-7b-hf files: its config.json's
   spelling (partial text / vision configs, the sizes `text` / `vision` added), vocab 32064, CLIP 336 px /

@@ -153,10 +153,7 @@ def test_library_chat_template_is_the_published_one():
 # --------------------------------------------------------------------------------------------------
 # A tiny llava-hf checkpoint with the real tokenizer, processor and chat template.
 
-TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   projection_dim=16)  # image 336 / patch 14 as published: 576 image tokens
+TINY_TEXT, TINY_VISION = real_files.TINY_REAL_TEXT, real_files.TINY_REAL_VISION
 QA = [("What is in the image?", "A red square on a grey background."),
       ("Describe the picture in detail.", "There is one small object near the top left corner.")]
 

@@ -127,9 +127,9 @@ def score_shard(config: Any, chunk: list, inf: Any, scorer: Any) -> tuple[list[d
         reason = str(e)
     if reason is not None:
       if config.strict:
-        raise BadInput(f"{config.data.records}: entry {raw.index}"
-                       f"{f' (id {llava_data.entry_id(raw.value)!r})' if llava_data.entry_id(raw.value) is not None else ''}"
-                       f": {reason}")
+        eid = llava_data.entry_id(raw.value)
+        named = f" (id {eid!r})" if eid is not None else ""
+        raise BadInput(f"{config.data.records}: entry {raw.index}{named}: {reason}")
       rejected.append(_reject(raw, reason))
       continue
     pixels[conv.image] = enc[0].pixel_values
@@ -150,12 +150,19 @@ def score_shard(config: Any, chunk: list, inf: Any, scorer: Any) -> tuple[list[d
 
 
 def make_scorer(config: Any):
-  """The model on this process's devices and a scorer that reports eq. 1 summed (not normalised)."""
-  from c3l_jax import scoring
+  """The model on this process's devices (`common.Inference`) and its `make_scorer_for`."""
   from c3l_jax.pipeline import common
 
   inf = common.Inference(config)
-  return inf, scoring.Scorer(
+  return inf, make_scorer_for(config, inf)
+
+
+def make_scorer_for(config: Any, inf: Any):
+  """A scorer on `inf`'s model that reports eq. 1 per turn, summed over its tokens (never normalised:
+  the per-token value is computed from the sums)."""
+  from c3l_jax import scoring
+
+  return scoring.Scorer(
       inf.model, inf.mesh,
       scoring.ScoringConfig(mode=config.scoring.mode, length_norm=False,
                             prefix_sharing=config.scoring.prefix_sharing,
@@ -319,10 +326,11 @@ def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, coll
     by_source[r["source"]].append(r[key])
   for r in scored:
     per_source[r["source"]]["scored"] += 1
-  per_source[""]["text_only"] = len(text_only)
+  if text_only:
+    per_source[""]["text_only"] = len(text_only)
   stats = {"rank_by": config.curate.rank_by, "balance_sources": config.curate.balance_sources,
            "top_fraction": config.select.top_fraction, "top_count": config.curate.top_count,
-           "sources": {s or "(text-only)": {**{k: int(c[k]) for k in ("entries", "scored", "text_only",
+           "sources": {s or "(no image)": {**{k: int(c[k]) for k in ("entries", "scored", "text_only",
                                                                        "rejected", "selected")},
                                             **{f"{key}_{k}": v for k, v in
                                                _stats(np.asarray(by_source.get(s, []))).items()}}
@@ -341,4 +349,4 @@ def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, coll
           "per_source": stats["sources"]}
 
 
-__all__ = ["checked_entries", "quota", "run", "score_shard", "select"]
+__all__ = ["checked_entries", "make_scorer", "make_scorer_for", "quota", "run", "score_shard", "select"]
