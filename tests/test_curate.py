@@ -306,7 +306,7 @@ def test_export_is_a_verbatim_subset(curated, tiny):
 def test_records_paths_outside_the_root(tiny, tmp_path):
   from c3l_jax.pipeline import common, score
 
-  outside = tmp_path / "x.png"
+  outside = os.path.join(os.path.dirname(tiny["images"]), "x.png")  # ../x.png from the image root
   PIL.Image.new("RGB", (30, 30)).save(outside)
   link = os.path.join(tiny["images"], "records-link.png")
   if not os.path.islink(link):

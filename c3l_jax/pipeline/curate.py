@@ -172,7 +172,7 @@ def make_scorer_for(config: Any, inf: Any):
 
 def score_all(config: Any, stage_dir: str) -> tuple[int, dict[str, collections.Counter]]:
   """Step 1 (every process): score this process's unfinished shards; returns the number of shards and
-  the per-source entry / rejection counts of the whole file (every process streams all of it)."""
+  the per-source entry counts of the whole file (every process streams all of it)."""
   from c3l_jax.pipeline import common
 
   rt = runtime.get()
@@ -188,7 +188,6 @@ def score_all(config: Any, stage_dir: str) -> tuple[int, dict[str, collections.C
       for raw, reason, conv in chunk:
         source = conv.source if conv is not None else _source_of_raw(raw)
         per_source[source]["entries"] += 1
-        per_source[source]["rejected"] += reason is not None
       if not rt.my_shards([index]) or shards.is_done(stage_dir, index):
         continue
       if inf is None:
@@ -290,7 +289,9 @@ def run(config: Any, workdir: str) -> dict:
   rt.barrier("curate:shards")
   counts = shards.sum_counts(stage_dir, range(n_shards), COUNT_KEYS)
   read = sum(c["entries"] for c in per_source.values())
-  metrics: dict[str, Any] = {"read": read, "scored": counts["written"], "text_only": counts["text_only"],
+  # A shard's `written` rows are its scored and its text-only entries.
+  metrics: dict[str, Any] = {"read": read, "scored": counts["written"] - counts["text_only"],
+                             "text_only": counts["text_only"],
                              "rejected": counts["rejected"]}
   if rt.is_lead:
     shards.gather_rejected(stage_dir, [])
@@ -326,6 +327,10 @@ def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, coll
     by_source[r["source"]].append(r[key])
   for r in scored:
     per_source[r["source"]]["scored"] += 1
+  with (epath.Path(stage_dir) / "rejected.jsonl").open() as f:
+    for line in f:
+      raw = json.loads(line)["raw"]
+      per_source[_source_of_raw(llava_data.Raw(0, raw if isinstance(raw, dict) else None))]["rejected"] += 1
   if text_only:
     per_source[""]["text_only"] = len(text_only)
   stats = {"rank_by": config.curate.rank_by, "balance_sources": config.curate.balance_sources,
