@@ -238,6 +238,12 @@ def main(argv: Sequence[str]) -> None:
       print(plan.table())
     if misfit:
       print(f"warning: {misfit}", file=sys.stderr)
+    if "curate" in stages and not problems:  # the entries, tokens and projected time of the dataset
+      from c3l_jax.pipeline import curate  # pylint: disable=g-import-not-at-top
+      try:
+        print("\n".join(curate.dry_run_lines(config)))
+      except BadInput as e:
+        _fail(str(e))
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {workdir / 'config.json'}")
     return
 

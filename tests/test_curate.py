@@ -335,3 +335,25 @@ def test_records_paths_outside_the_root(tiny, tmp_path):
   scored, rejected = score.score_chunk(config, records, inf, curate.make_scorer_for(config, inf))
   assert sorted(r["id"] for r in scored) == ["link", "ok-1", "ok-2", "up"]
   assert [r["reason"] for r in rejected] == ["missing image file /etc/x.png"]
+
+
+def test_dry_run_counts(curated, tiny):
+  """`--dry_run` counts the hand-made file's entries, gpt turns and answer tokens as the reference does
+  (transformers' tokenizer on the answers of the entries that will be scored)."""
+  from transformers import AutoTokenizer
+
+  args = [a for a in curated["args"] if not a.startswith("--workdir")]
+  proc = subprocess.run(args + [f"--workdir={curated['root'] / 'dry'}", "--dry_run"], cwd=REPO,
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  tokenizer = AutoTokenizer.from_pretrained(tiny["hf"])
+  shape_ok = [e for e in curated["entries"] if e.get("id") in curated["good"] + ["no-file", "corrupt",
+                                                                                  "too-long"]]
+  shape_ok = list({e["id"]: e for e in reversed(shape_ok)}.values())  # the first of a duplicate id
+  answers = [c["value"] for e in shape_ok for c in e["conversations"][1::2]]
+  n_tokens = sum(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
+  n = len(curated["entries"])
+  assert (f"curate: {n} entries in {curated['root'] / 'data.json'}: {len(shape_ok)} with an image "
+          f"({len(answers)} gpt turns, {n_tokens} answer tokens), 2 text-only, {n - 2 - len(shape_ok)} "
+          "to quarantine by their structure") in proc.stdout
+  assert "curate: projected at least " in proc.stdout

@@ -354,4 +354,94 @@ def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, coll
           "per_source": stats["sources"]}
 
 
-__all__ = ["checked_entries", "make_scorer", "make_scorer_for", "quota", "run", "score_shard", "select"]
+# -- --dry_run: what a run would do -------------------------------------------------------------------
+
+def _template_overhead(builder: Any, image_tokens: int) -> tuple[int, int, int, int]:
+  """Tokens the chat template adds to turn 0's prompt and to each later turn, with the image (besides
+  its tokens) and without: measured on a probe conversation."""
+  n = lambda text: len(builder.encode_answer(text))
+  turns = [("What is in the picture?", "A red square."), ("And its colour?", "Red.")]
+  render = lambda k, with_image: builder.processor.apply_chat_template(
+      builder.turn_conversation(turns, k, with_image), add_generation_prompt=True, tokenize=False)
+  v0, v1 = (len(builder._image_prompt_ids(render(k, True))) for k in (0, 1))
+  t0, t1 = (len(builder.encode_rendered(render(k, False), None)[0]) for k in (0, 1))
+  inner = n(turns[0][1]) + n(turns[1][0])
+  return v0 - image_tokens - n(turns[0][0]), v1 - v0 - inner, t0 - n(turns[0][0]), t1 - t0 - inner
+
+
+def dry_run_lines(config: Any) -> list[str]:
+  """`--dry_run`: the entries, the tokens the scorer would run through the model and the projected time
+  on this host's devices. Tokens are counted from each message's own tokenization plus the chat
+  template's overhead per turn (measured once), so they are exact up to merges at the template's seams;
+  the time is the FLOPs (2 x parameters per token for the decoder and the vision tower, the LM head on
+  answer tokens only; attention left out) at the rate of a matmul measured on one device in
+  `model.dtype`, times the devices: a lower bound, real runs reach a fraction of a matmul's rate."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+
+  from c3l_jax import checkpoint, memory
+  from c3l_jax.data.prompts import PromptBuilder, load_processor
+
+  cfg = checkpoint.load_model_config(config.model.checkpoint)
+  image = cfg.image_seq_length
+  builder = PromptBuilder(load_processor(config.model.checkpoint), cfg.image_token_id, image)
+  v0, v1, t0, t1 = _template_overhead(builder, image)
+  counts = collections.Counter()
+  for _, reason, conv in checked_entries(config):
+    counts["entries"] += 1
+    if reason is not None:
+      counts["rejected"] += 1
+      continue
+    if conv.image is None:
+      counts["text_only"] += 1
+      continue
+    counts["scored"] += 1
+    lengths = [(len(builder.encode_answer(q)), len(builder.encode_answer(a))) for q, a in conv.turns]
+    with_image, without = v0, t0  # prompt tokens besides the image's
+    for k, (q, a) in enumerate(lengths):
+      with_image, without = with_image + q + (v1 if k else 0), without + q + (t1 if k else 0)
+      counts["turns"] += 1
+      counts["answer_tokens"] += a
+      counts["image_pass"] += with_image + a  # each turn's suffix after the shared image prefix
+      counts["text_pass"] += without + a
+      with_image, without = with_image + a, without + a
+    counts["image_pass"] += image  # the image prefix, once per conversation
+  sizes = collections.Counter()
+  for path, shape, _ in memory.param_leaves(cfg):
+    part = path.split("/")[1]
+    if "embed_tokens" in path or "lm_head" in path:
+      continue
+    sizes["vision" if part in ("vision_tower", "multi_modal_projector") else "decoder"] += math.prod(shape)
+  decoder_tokens = counts["image_pass"] + counts["text_pass"]
+  flops = (2 * sizes["decoder"] * decoder_tokens + 2 * sizes["vision"] * image * counts["scored"]
+           + 2 * 2 * cfg.text.hidden_size * cfg.text.vocab_size * counts["answer_tokens"])
+  x = jnp.ones((2048, 2048), config.model.dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(3):
+    f(x).block_until_ready()
+  rate = 3 * 2 * 2048 ** 3 / (time.perf_counter() - start)
+  devices = jax.local_devices()
+  seconds = flops / (rate * len(devices))
+  return [f"curate: {counts['entries']} entries in {config.data.records}: {counts['scored']} with an image "
+          f"({counts['turns']} gpt turns, {counts['answer_tokens']} answer tokens), "
+          f"{counts['text_only']} text-only, {counts['rejected']} to quarantine by their structure",
+          f"curate: {decoder_tokens} decoder tokens ({counts['image_pass']} with the image, one prefix per "
+          f"conversation; {counts['text_pass']} without), {flops / 1e12:.1f} TFLOP",
+          f"curate: projected at least {_duration(seconds)} on {len(devices)} {devices[0].device_kind} "
+          f"device(s) (a {config.model.dtype} matmul runs at {rate / 1e12:.2f} TFLOP/s on one; images "
+          "are not read in a dry run)"]
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.1f} s"
+  if seconds < 7200:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+__all__ = ["checked_entries", "dry_run_lines", "make_scorer", "make_scorer_for", "quota", "run", "score_shard", "select"]
