@@ -154,11 +154,12 @@ def test_stream_reads_json_and_jsonl_alike(tmp_path):
 def test_id_set_agrees_with_a_set():
   rng = np.random.default_rng(0)
   ids = [str(x) for x in rng.integers(0, 3000, 5000)] + [int(x) for x in rng.integers(0, 3000, 2000)]
-  seen, ours = set(), llava_data.IdSet(merge_every=97)
+  seen, ours = set(), llava_data.IdSet(capacity=4)
   for i in ids:
     key = (type(i), i)
     assert ours.add(i) == (key not in seen)
     seen.add(key)
+  assert len(ours) == len(seen)
 
 
 def test_select_by_hand():

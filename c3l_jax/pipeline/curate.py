@@ -31,7 +31,9 @@ selected.json = `selected` + the text-only entries kept; `per_source` the same p
 
 from __future__ import annotations
 
+import array
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -239,35 +241,77 @@ def select(scores: np.ndarray, sources: Sequence[str], fraction: float, count: i
   return np.sort(np.asarray([i for s, g in groups.items() for i in g[:take[s]]], np.int64))
 
 
-def read_scores(stage_dir: str) -> tuple[list[dict], list[int]]:
-  """The scored rows (without their per-turn log-probs) and the text-only entries' indices, in order."""
-  scored, text_only = [], []
-  for path in shards.part_files(stage_dir):
-    for row in shards.read_part(path):
-      if row.get("text_only"):
-        text_only.append(row["index"])
-      else:
-        scored.append({k: row[k] for k in ("index", "id", "source", "turns", "i2c", "i2c_per_token",
-                                           "n_tokens")})
-  return scored, text_only
+SCORE_FIELDS = ("id", "turns", "i2c", "i2c_per_token", "source")  # a line of export/scores.jsonl
+
+
+@dataclasses.dataclass
+class Scores:
+  """The scored entries in input order, 8 bytes a number (not a dict per entry): `index` their
+  positions in the input, `value` the ranking key, `source` a code into `sources`; `text_only` the
+  text-only entries' positions."""
+
+  index: np.ndarray
+  value: np.ndarray
+  source: np.ndarray
+  sources: list[str]
+  text_only: np.ndarray
+
+
+def read_scores(stage_dir: str, key: str, scores_path: epath.Path | None = None) -> Scores:
+  """One pass over the stage's shards: the `Scores` (ranked by `key`), writing `scores.jsonl` (one line
+  per scored entry, `SCORE_FIELDS`) on the way when `scores_path` is given."""
+  index, value, source, text_only = array.array("q"), array.array("d"), array.array("q"), array.array("q")
+  codes: dict[str, int] = {}
+  out = None
+  if scores_path is not None:
+    tmp = scores_path.with_name(scores_path.name + ".tmp")
+    out = tmp.open("w", encoding="utf-8")
+  try:
+    for path in shards.part_files(stage_dir):
+      for row in shards.read_part(path):
+        if row.get("text_only"):
+          text_only.append(row["index"])
+          continue
+        index.append(row["index"])
+        value.append(row[key])
+        source.append(codes.setdefault(row["source"], len(codes)))
+        if out is not None:
+          out.write(json.dumps({k: row[k] for k in SCORE_FIELDS}, ensure_ascii=False) + "\n")
+  finally:
+    if out is not None:
+      out.close()
+  if scores_path is not None:
+    tmp.replace(scores_path)
+  as_np = lambda a, t: np.frombuffer(a, t) if len(a) else np.zeros(0, t)
+  return Scores(as_np(index, np.int64), as_np(value, np.float64), as_np(source, np.int64), list(codes),
+                as_np(text_only, np.int64))
+
+
+def score_rows(stage_dir: str, wanted: set[int]) -> dict[int, dict]:
+  """The shard rows of the entries at input positions `wanted` (a few: the report's examples)."""
+  return {row["index"]: row for path in shards.part_files(stage_dir) for row in shards.read_part(path)
+          if row["index"] in wanted}
 
 
 # -- step 3: export -----------------------------------------------------------------------------------
 
-def write_selected(config: Any, path: epath.Path, keep: set[int], want: set[int]) -> dict[int, Any]:
-  """Stream `data.records` again and write the entries at positions `keep` as one JSON array, each
-  exactly as the input holds it (atomically: a tmp file, then a rename); returns the entries at
-  positions `want` (the report's examples)."""
+def write_selected(config: Any, path: epath.Path, keep: np.ndarray, want: set[int]) -> dict[int, Any]:
+  """Stream `data.records` again and write the entries at the input positions `keep` (ascending) as
+  one JSON array, each exactly as the input holds it (atomically: a tmp file, then a rename); returns
+  the entries at positions `want` (the report's examples)."""
   tmp = path.with_name(path.name + ".tmp")
   found: dict[int, Any] = {}
+  keep = np.asarray(keep, np.int64)
+  at = 0  # the next position of `keep` to write
   with tmp.open("w", encoding="utf-8") as f:
     f.write("[")
     first = True
     for raw in llava_data.iter_entries(config.data.records, config.curate.format):
       if raw.index in want:
         found[raw.index] = raw.value
-      if raw.index not in keep:
+      if at >= len(keep) or raw.index != keep[at]:
         continue
+      at += 1
       f.write(("\n" if first else ",\n") + json.dumps(raw.value, ensure_ascii=False))
       first = False
     f.write("\n]\n")
@@ -303,55 +347,51 @@ def run(config: Any, workdir: str) -> dict:
 
 
 def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, collections.Counter]) -> dict:
-  """Steps 2 and 3 (the lead): select, then write export/ and report.html; returns the metrics."""
-  scored, text_only = read_scores(stage_dir)
+  """Steps 2 and 3 (the lead): select, then write export/ and report.html; returns the metrics. Holds
+  8 bytes per scored entry, never the entries (they are streamed from the input again)."""
   key = "i2c" if config.curate.rank_by == "sum" else "i2c_per_token"
-  values = np.asarray([r[key] for r in scored], np.float64)
-  sources = [r["source"] for r in scored]
-  chosen = select(values, sources, config.select.top_fraction, config.curate.top_count,
-                  config.curate.balance_sources)
-  selected = {scored[i]["index"] for i in chosen}
-  keep = selected | (set(text_only) if config.curate.keep_text_only else set())
-  order = np.lexsort((np.arange(len(values)), -values))
-  best, worst = [int(i) for i in order[:EXAMPLES]], [int(i) for i in order[::-1][:EXAMPLES]]
   out = epath.Path(workdir) / "export"
   out.mkdir(parents=True, exist_ok=True)
-  examples = write_selected(config, out / "selected.json", keep,
-                            {scored[i]["index"] for i in best + worst})
-  write_jsonl(out / "scores.jsonl", [{k: r[k] for k in ("id", "turns", "i2c", "i2c_per_token", "source")}
-                                     for r in scored])
-  for i in chosen:
-    per_source[scored[i]["source"]]["selected"] += 1
-  by_source: dict[str, list[float]] = collections.defaultdict(list)
-  for r in scored:
-    by_source[r["source"]].append(r[key])
-  for r in scored:
-    per_source[r["source"]]["scored"] += 1
+  scores = read_scores(stage_dir, key, out / "scores.jsonl")
+  names = np.asarray(scores.sources + [""], object)[scores.source] if len(scores.source) else []
+  chosen = select(scores.value, names, config.select.top_fraction, config.curate.top_count,
+                  config.curate.balance_sources)
+  selected = scores.index[chosen]
+  keep = np.union1d(selected, scores.text_only) if config.curate.keep_text_only else selected
+  order = np.lexsort((np.arange(len(scores.value)), -scores.value))
+  best, worst = order[:EXAMPLES].tolist(), order[::-1][:EXAMPLES].tolist()
+  wanted = {int(scores.index[i]) for i in best + worst}
+  examples = write_selected(config, out / "selected.json", keep, wanted)
+  rows = score_rows(stage_dir, wanted)
+  for code, name in enumerate(scores.sources):
+    mine = scores.source == code
+    per_source[name]["scored"] += int(mine.sum())
+    per_source[name]["selected"] += int(mine[chosen].sum())
   with (epath.Path(stage_dir) / "rejected.jsonl").open() as f:
     for line in f:
       raw = json.loads(line)["raw"]
       per_source[_source_of_raw(llava_data.Raw(0, raw if isinstance(raw, dict) else None))]["rejected"] += 1
-  if text_only:
-    per_source[""]["text_only"] = len(text_only)
+  if len(scores.text_only):
+    per_source[""]["text_only"] = len(scores.text_only)
+  values = {name: scores.value[scores.source == code] for code, name in enumerate(scores.sources)}
   stats = {"rank_by": config.curate.rank_by, "balance_sources": config.curate.balance_sources,
            "top_fraction": config.select.top_fraction, "top_count": config.curate.top_count,
            "sources": {s or "(no image)": {**{k: int(c[k]) for k in ("entries", "scored", "text_only",
-                                                                       "rejected", "selected")},
-                                            **{f"{key}_{k}": v for k, v in
-                                               _stats(np.asarray(by_source.get(s, []))).items()}}
+                                                                      "rejected", "selected")},
+                                           **{f"{key}_{k}": v for k, v in
+                                              _stats(values.get(s, np.zeros(0))).items()}}
                        for s, c in sorted(per_source.items())}}
   write_text_atomic(out / "stats.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
-  from c3l_jax.eval.report import build_curation_report
   from c3l_jax.data.sources import open_source
-  source = open_source(config)
+  from c3l_jax.eval.report import build_curation_report
+  pairs = lambda idx: [(rows[int(scores.index[i])], examples.get(int(scores.index[i]))) for i in idx]
   write_text_atomic(epath.Path(workdir) / "report.html", build_curation_report(
-      stats, by_source, key, [(scored[i], examples.get(scored[i]["index"])) for i in best],
-      [(scored[i], examples.get(scored[i]["index"])) for i in worst], source.load))
-  logging.info("curate: selected %d of %d scored entries, %d text-only kept", len(selected), len(scored),
-               len(keep) - len(selected))
-  return {"written": len(keep), "selected": len(selected),
-          "text_only_kept": len(keep) - len(selected),
-          "per_source": stats["sources"]}
+      stats, {n: v.tolist() for n, v in values.items()}, key, pairs(best), pairs(worst),
+      open_source(config).load))
+  logging.info("curate: selected %d of %d scored entries, %d text-only kept", len(selected),
+               len(scores.value), len(keep) - len(selected))
+  return {"written": int(len(keep)), "selected": int(len(selected)),
+          "text_only_kept": int(len(keep) - len(selected)), "per_source": stats["sources"]}
 
 
 # -- --dry_run: what a run would do -------------------------------------------------------------------
