@@ -341,9 +341,7 @@ def run(config: Any, workdir: str) -> dict:
     shards.gather_rejected(stage_dir, [])
     metrics.update(export(config, workdir, stage_dir, per_source))
   rt.barrier("curate:exported")
-  if not rt.is_lead:
-    metrics["written"] = None  # the lead's metrics.json holds the export's counts
-  return metrics
+  return metrics  # the lead's (DONE.json, metrics.json) include the export's counts
 
 
 def export(config: Any, workdir: str, stage_dir: str, per_source: dict[str, collections.Counter]) -> dict:

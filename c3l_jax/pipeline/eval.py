@@ -135,7 +135,8 @@ class Evaluator:
   def _bad_image(self, rejected: list[dict], what: dict, e: ImageError) -> None:
     if self.config.strict:
       raise BadInput(f"eval: {e}")
-    rejected.append(reject(what, str(e)))
+    where = {"id": what["id"]} if isinstance(what, dict) and "id" in what else {}
+    rejected.append(reject(what, str(e), **where))
 
   def generate(self, name: str, questions: Sequence[dict], max_new: int,
                prompt: Callable[[dict], str], image: Callable[[dict], Any],
@@ -235,7 +236,7 @@ class Evaluator:
       for bad in shards.read_part(os.path.join(self.dir, f"{name}_rotations", "rejected.jsonl")):
         reasons.setdefault(bad["raw"]["item"], bad["reason"])
       rejected = [reject({"id": items[j].id, "image": items[j].image},
-                         reasons.get(j, "a rotation has no reply")) for j in missing]
+                         reasons.get(j, "a rotation has no reply"), id=items[j].id) for j in missing]
       out_dir = os.path.join(self.dir, name)
       shards.write_shard(out_dir, 0, out, rejected)
       shards.gather_rejected(out_dir, upfront)
