@@ -104,7 +104,9 @@ def _reference_turns(tiny, entry):
 
 def test_each_turn_matches_transformers(tiny):
   """Per-turn eq. 1 (and both log-prob sums) of conversations of 1, 3 and 5 turns, `<image>` in front
-  and behind, equal transformers' (fp32, 1e-3), with one image prefix per conversation and without."""
+  and behind, equal transformers' (fp32, 1e-3): scored as one sequence per conversation (the default:
+  `curate.one_sequence`), turn by turn with one image prefix per conversation, and turn by turn with
+  no sharing at all."""
   from c3l_jax.pipeline import common
 
   entries = [e for e in _load(MIX) if e["id"] in PARITY]
@@ -116,15 +118,17 @@ def test_each_turn_matches_transformers(tiny):
            for i, e in enumerate(entries)]
   config = _config(tiny["ours"], tiny["images"])
   inf = common.Inference(config)
-  for sharing in (True, False):
+  image = PIL.Image.open(os.path.join(tiny["images"], entries[-1]["image"])).convert("RGB")
+  assert curate.one_sequence("k", inf.builder.encode_conversation(chunk[-1][2].turns, image)) is not None
+  for whole, sharing in ((True, True), (False, True), (False, False)):
     config.scoring.prefix_sharing = sharing
-    rows, rejected = curate.score_shard(config, chunk, inf, curate.make_scorer_for(config, inf))
+    rows, rejected = curate.score_shard(config, chunk, inf, curate.make_scorer_for(config, inf), whole)
     assert not rejected and [r["id"] for r in rows] == [e["id"] for e in entries]
     for row in rows:
       ref = want[row["id"]]
       assert len(row["turns"]) == len(ref)
       for k, w in enumerate(ref):
-        assert abs(row["turns"][k] - w["i2c"]) <= 1e-3, (sharing, row["id"], k)
+        assert abs(row["turns"][k] - w["i2c"]) <= 1e-3, (whole, sharing, row["id"], k)
         assert abs(row["logp_image"][k] - w["logp_image"]) <= 1e-3 + 1e-4 * abs(w["logp_image"])
         assert abs(row["logp_text"][k] - w["logp_text"]) <= 1e-3 + 1e-4 * abs(w["logp_text"])
         assert row["turn_tokens"][k] == w["n_tokens"]

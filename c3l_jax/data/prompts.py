@@ -477,18 +477,24 @@ class PromptBuilder:
       if k == 0:
         prompt_image, pixels = self.encode_rendered(render(True), image)
       else:
-        prompt_image = self._image_prompt_ids(render(True))
+        prompt_image = self._image_prompt_ids(render(True), image)
       prompt_text, _ = self.encode_rendered(render(False), None)
       out.append(EncodedQA(prompt_image, prompt_text, self.encode_answer(answer), pixels))
     return out
 
-  def _image_prompt_ids(self, text: str) -> list[int]:
-    """A rendered prompt holding the image placeholder, tokenized as the processor does without
-    processing the image again: a spliced processor's own `encode_text`, else the tokenizer with the
-    single `<image>` token expanded to `image_seq_length` (what LLaVA's processor does)."""
+  def _image_prompt_ids(self, text: str, image: Any) -> list[int]:
+    """A rendered prompt holding the image placeholder, tokenized as the processor does, without
+    processing the image again where the image's token count is fixed: a spliced processor's own
+    `encode_text`, else the tokenizer with the single `<image>` token expanded to `image_seq_length`
+    (what LLaVA's processor does). Otherwise (a processor whose image tokens depend on the image) the
+    processor itself, with the image."""
     if hasattr(self.processor, "encode_text"):
       return self._expand_image(self.processor.encode_text(text))
-    return self._expand_image(self.tokenizer(text, add_special_tokens=True).input_ids)
+    if self.image_token_id is not None and self.image_seq_length is not None:
+      ids = self.tokenizer(text, add_special_tokens=True).input_ids
+      if ids.count(self.image_token_id) == 1:
+        return self._expand_image(ids)
+    return self.encode_rendered(text, image)[0]
 
   def encode_answer(self, answer: str) -> list[int]:
     return self.tokenizer(answer, add_special_tokens=False).input_ids
