@@ -11,7 +11,9 @@ Prefix sharing: the QA pairs of one image share the system prompt and the image 
 tokens for LLaVA-1.5). Their KV cache is computed once per image; the image's QA suffixes are packed
 into one row (segment-masked: each attends to the prefix and causally to itself) and scored against it;
 each layer reads the prefix's keys in place, so the prefix cache is never copied. The text-only pass is
-short and batched separately. Both equal the naive two full forwards to float tolerance (tested). Only
+short and batched separately. Both equal the naive two full forwards to float tolerance (tested). An
+item may hold several answers of one sequence (`ScoreInput.parts`: a multi-turn conversation
+teacher-forced once), each summed apart. Only
 the answer tokens go through the LM head (each data shard's, flattened: `_answer_index`), and eq. 1 takes
 each one's logit minus the logsumexp, never writing a log-softmax over the vocabulary.
 """
