@@ -343,14 +343,13 @@ def test_records_paths_outside_the_root(tiny, tmp_path):
 
 
 def test_dry_run_counts(curated, tiny):
-  """`--dry_run` counts the hand-made file's entries, gpt turns and answer tokens as the reference does
-  (transformers' tokenizer on the answers of the entries that will be scored)."""
+  """`--dry_run`'s counts (`curate.dry_run_lines`, which launch.py prints) of the hand-made file's
+  entries, gpt turns and answer tokens equal the reference's (transformers' tokenizer on the answers
+  of the entries that will be scored)."""
   from transformers import AutoTokenizer
 
-  args = [a for a in curated["args"] if not a.startswith("--workdir")]
-  proc = subprocess.run(args + [f"--workdir={curated['root'] / 'dry'}", "--dry_run"], cwd=REPO,
-                        capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  path = curated["root"] / "data.json"
+  lines = curate.dry_run_lines(_config(tiny["ours"], tiny["images"], path))
   tokenizer = AutoTokenizer.from_pretrained(tiny["hf"])
   shape_ok = [e for e in curated["entries"] if e.get("id") in curated["good"] + ["no-file", "corrupt",
                                                                                   "too-long"]]
@@ -358,7 +357,7 @@ def test_dry_run_counts(curated, tiny):
   answers = [c["value"] for e in shape_ok for c in e["conversations"][1::2]]
   n_tokens = sum(len(tokenizer(a, add_special_tokens=False).input_ids) for a in answers)
   n = len(curated["entries"])
-  assert (f"curate: {n} entries in {curated['root'] / 'data.json'}: {len(shape_ok)} with an image "
-          f"({len(answers)} gpt turns, {n_tokens} answer tokens), 2 text-only, {n - 2 - len(shape_ok)} "
-          "to quarantine by their structure") in proc.stdout
-  assert "curate: projected at least " in proc.stdout
+  assert lines[0] == (f"curate: {n} entries in {path}: {len(shape_ok)} with an image ({len(answers)} gpt "
+                      f"turns, {n_tokens} answer tokens), 2 text-only, {n - 2 - len(shape_ok)} to "
+                      "quarantine by their structure")
+  assert lines[2].startswith("curate: projected at least ")
