@@ -360,3 +360,22 @@ def test_dry_run_counts(curated, tiny):
                       f"turns, {n_tokens} answer tokens), 2 text-only, {n - 2 - len(shape_ok)} to "
                       "quarantine by their structure")
   assert lines[2].startswith("curate: projected at least ")
+
+
+def test_export_options(curated, tiny, tmp_path):
+  """`curate.rank_by=per_token`, `curate.top_count` and `curate.keep_text_only=False` on the curated
+  shards: selected.json is the entry with the best per-token score of scores.jsonl, nothing else."""
+  import collections
+  import shutil
+
+  work = tmp_path / "w"
+  shutil.copytree(curated["work"] / "curate", work / "curate")
+  config = _config(tiny["ours"], tiny["images"], curated["root"] / "data.json")
+  with config.unlocked():
+    config.curate.rank_by, config.curate.top_count, config.curate.keep_text_only = "per_token", 1, False
+  metrics = curate.export(config, str(work), str(work / "curate"),
+                          collections.defaultdict(collections.Counter))
+  scores = [json.loads(line) for line in open(work / "export" / "scores.jsonl")]
+  best = max(scores, key=lambda s: s["i2c_per_token"])["id"]
+  assert [e["id"] for e in _load(work / "export" / "selected.json")] == [best]
+  assert metrics["written"] == metrics["selected"] == 1 and metrics["text_only_kept"] == 0
