@@ -238,6 +238,12 @@ def main(argv: Sequence[str]) -> None:
       print(plan.table())
     if misfit:
       print(f"warning: {misfit}", file=sys.stderr)
+    if "curate" in stages and not problems:  # the entries, tokens and projected time of the dataset
+      from c3l_jax.pipeline import curate  # pylint: disable=g-import-not-at-top
+      try:
+        print("\n".join(curate.dry_run_lines(config)))
+      except BadInput as e:
+        _fail(str(e))
     print(f"dry run: config OK; stages {', '.join(stages)}; wrote {workdir / 'config.json'}")
     return
 
@@ -272,8 +278,8 @@ def main(argv: Sequence[str]) -> None:
   if quality:  # the source has ground truth (e.g. the scenes world): end with the initial-vs-final table
     from c3l_jax.pipeline.export import quality_table, quality_title  # pylint: disable=g-import-not-at-top
     console.say(f"\n{quality_title(config)}\n{quality_table(quality)}")
-  outputs = [f for f in ("metrics.json", "export/c3l_vlit.json", "report.html", "eval/table.txt",
-                          "ablation/table.txt") if (workdir / f).exists()]
+  outputs = [f for f in ("metrics.json", "export/c3l_vlit.json", "export/selected.json", "report.html",
+                          "eval/table.txt", "ablation/table.txt") if (workdir / f).exists()]
   console.say(f"workdir: {workdir} ({', '.join(outputs)})")
   logging.info("done: metrics in %s", workdir / "metrics.json")
 

@@ -7,14 +7,20 @@ of the memory plan vs XLA's buffer assignment.
    peak RSS read from `os.wait4`. Run for `--small` and `--large` record counts: the pipeline streams
    (pictures decoded when a batch needs them, a bounded picture cache), so the larger run's peak
    should be within 1.2x of the smaller's.
-2. Device: for the tiny model and a 1B-shaped LLaVA (CLIP ViT-L/336 + a TinyLlama-1.1B-shaped decoder),
+2. Curation stream: a generated LLaVA-format JSON array (mix665k-like: multi-turn, five sources, one
+   entry in 17 text-only, ~1.5 KB an entry) of `--curate_small` and `--curate_large` entries, read the
+   way the curate stage reads it (`curate.checked_entries`: streamed, every entry checked, ids kept as
+   64-bit hashes) and then exported (`curate.write_selected`, one entry in ten) in a child process;
+   its peak RSS should not grow with the file.
+3. Device: for the tiny model and a 1B-shaped LLaVA (CLIP ViT-L/336 + a TinyLlama-1.1B-shaped decoder),
    the plan's bytes per device (`c3l_jax.memory.plan`) vs `memory_analysis()` of the stage's biggest
    compiled program on 8 simulated CPU devices (data=2 x fsdp=4), abstract inputs: nothing allocated.
    In float32: XLA:CPU has no bf16 matmul and converts bf16 weights to float32 copies, which a GPU or
    TPU does not do, so a bf16 comparison on CPU would measure the CPU.
 
-    python bench/memory.py                      # 500 vs 4000 records, then the device table
+    python bench/memory.py                      # 500 vs 4000 records, the curation stream, the devices
     python bench/memory.py --small=50 --large=400 --skip_device   # smoke test
+    python bench/memory.py --skip_host --skip_device             # the curation stream only (20k vs 200k)
 
 Not a test: it prints numbers and ratios, asserts nothing.
 """
@@ -108,6 +114,68 @@ def host(root: str, model: str, counts: list[int], steps: int) -> None:
         "(flat: <= 1.2x; and <= 2048 MiB each)")
 
 
+SOURCES = ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_images", "vg/VG_100K")
+
+
+def build_llava_json(path: str, n: int, seed: int = 0) -> None:
+  """`n` mix665k-like entries written as one JSON array, one entry at a time."""
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    f.write("[")
+    for i in range(n):
+      turns = int(rng.integers(1, 6))
+      conv = []
+      for k in range(turns):
+        q = " ".join(rng.choice(WORDS, int(rng.integers(6, 14)))) + "?"
+        conv += [{"from": "human", "value": q}, {"from": "gpt",
+                                                 "value": " ".join(rng.choice(WORDS, int(rng.integers(10, 60))))}]
+      entry = {"id": f"{i:012d}", "conversations": conv}
+      if i % 17:
+        conv[0]["value"] = "<image>\n" + conv[0]["value"] if i % 2 else conv[0]["value"] + "\n<image>"
+        entry["image"] = f"{SOURCES[i % len(SOURCES)]}/{i:012d}.jpg"
+      f.write(("," if i else "") + "\n" + json.dumps(entry))
+    f.write("\n]\n")
+
+
+_STREAM = """
+import sys
+from etils import epath
+import numpy as np
+import configs.curate
+from c3l_jax.pipeline import curate
+config = configs.curate.get_config()
+with config.unlocked():
+  config.data.records, config.data.image_root = sys.argv[1], sys.argv[2]
+n = bad = 0
+for raw, reason, conv in curate.checked_entries(config):
+  n += 1
+  bad += reason is not None
+curate.write_selected(config, epath.Path(sys.argv[3]), np.arange(0, n, 10), set())
+print(n, bad)
+"""
+
+
+def curate_stream(root: str, counts: list[int]) -> None:
+  rows = []
+  for n in counts:
+    path = os.path.join(root, f"llava-{n}.json")
+    build_llava_json(path, n)
+    start = time.perf_counter()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-c", _STREAM, path, root, os.path.join(root, "selected.json")],
+                            cwd=REPO, stdout=log, stderr=log, env={**os.environ, "PYTHONPATH": REPO})
+    _, status, usage = os.wait4(proc.pid, 0)
+    log.seek(0)
+    out = log.read().decode()
+    rows.append((n, usage.ru_maxrss / 1024))
+    print(f"{n:>7} entries ({os.path.getsize(path) / 2 ** 20:.0f} MiB): stream + check + export peak RSS "
+          f"{usage.ru_maxrss / 1024:7.0f} MiB ({time.perf_counter() - start:.0f} s, exit {status}; "
+          f"read, rejected: {out.strip().splitlines()[-1] if out.strip() else '?'})", flush=True)
+    os.remove(path)
+  (n0, r0), (n1, r1) = rows[0], rows[-1]
+  print(f"curation stream peak RSS, {n1} vs {n0} entries: {r1 / r0:.2f}x (flat: <= 1.2x)")
+
+
 def device() -> None:
   import jax
   jax.config.update("jax_num_cpu_devices", 8)
@@ -152,13 +220,19 @@ def main() -> None:
   parser.add_argument("--small", type=int, default=500)
   parser.add_argument("--large", type=int, default=4000)
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--curate_small", type=int, default=20_000)
+  parser.add_argument("--curate_large", type=int, default=200_000)
   parser.add_argument("--skip_host", action="store_true")
+  parser.add_argument("--skip_curate", action="store_true")
   parser.add_argument("--skip_device", action="store_true")
   args = parser.parse_args()
   if not args.skip_host:
     with tempfile.TemporaryDirectory() as root:
       model = build_model(root)
       host(root, model, [args.small, args.large], args.steps)
+  if not args.skip_curate:
+    with tempfile.TemporaryDirectory() as root:
+      curate_stream(root, [args.curate_small, args.curate_large])
   if not args.skip_device:
     device()
 

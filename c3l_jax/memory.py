@@ -48,7 +48,7 @@ BACKWARD_LAYERS = 2  # the train step's backward pass of one layer, in forward t
 AUTO_HEADROOM = 0.9  # the share of a device's memory the automatic inference mesh plans to fill
 # Stages whose biggest program is generation / scoring / training (`select` only with method=vigc).
 GENERATE_STAGES = ("initial", "final", "eval", "select")
-SCORE_STAGES = ("score",)
+SCORE_STAGES = ("score", "curate")
 TRAIN_STAGES = ("train", "ablation")
 
 # A few known architectures, for plans before a checkpoint is converted (the fields of

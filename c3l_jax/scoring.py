@@ -11,7 +11,9 @@ Prefix sharing: the QA pairs of one image share the system prompt and the image 
 tokens for LLaVA-1.5). Their KV cache is computed once per image; the image's QA suffixes are packed
 into one row (segment-masked: each attends to the prefix and causally to itself) and scored against it;
 each layer reads the prefix's keys in place, so the prefix cache is never copied. The text-only pass is
-short and batched separately. Both equal the naive two full forwards to float tolerance (tested). Only
+short and batched separately. Both equal the naive two full forwards to float tolerance (tested). An
+item may hold several answers of one sequence (`ScoreInput.parts`: a multi-turn conversation
+teacher-forced once), each summed apart. Only
 the answer tokens go through the LM head (each data shard's, flattened: `_answer_index`), and eq. 1 takes
 each one's logit minus the logsumexp, never writing a log-softmax over the vocabulary.
 """
@@ -51,12 +53,21 @@ class ScoringConfig:
 
 @dataclasses.dataclass
 class ScoreInput:
-  """One QA to score: token ids of both prompts, the answer, and which image it belongs to."""
+  """One QA to score: token ids of both prompts, the answer, and which image it belongs to.
+
+  `parts`: several answers in one sequence, `(start, length)` spans of `answer` each scored apart (a
+  multi-turn conversation teacher-forced once: `answer` is everything after turn 0's prompt, the
+  spans are the turns' answers); empty = `answer` is one answer, scored whole.
+  """
 
   image_key: Any
   prompt_image: Sequence[int]
   prompt_text: Sequence[int]
   answer: Sequence[int]
+  parts: Sequence[tuple[int, int]] = ()
+
+  def spans(self) -> Sequence[tuple[int, int]]:
+    return self.parts or ((0, len(self.answer)),)
 
 
 def _gather_answer_logprobs(lm, hidden: jax.Array, tokens: jax.Array, answer_pos: jax.Array,
@@ -188,22 +199,27 @@ class Scorer:
             ) -> list[dict[str, float]]:
     """Score `items`; `pixels[image_key]` is the image's `[C, H, W]` pixel array.
 
-    Returns one dict per item, in order: `i2c`, `logp_image`, `logp_text`, `n_tokens`.
+    Returns one dict per item, in order: `i2c`, `logp_image`, `logp_text`, `n_tokens`; for an item
+    with `parts`, each is a list, one value per part.
     """
     for it in items:
-      if not it.answer:
-        raise ValueError("an item has an empty answer: nothing to score")
-    results: list[dict[str, float] | None] = [None] * len(items)
+      if not it.answer or any(n <= 0 or s < 0 or s + n > len(it.answer) for s, n in it.spans()):
+        raise ValueError("an item has an empty answer (or a part outside it): nothing to score")
+    results: list[dict[str, Any] | None] = [None] * len(items)
     for batch in self._batches(items):
       with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
         lp_v, lp_d, i2c = self._score_batch(items, batch, pixels)
-      for row, idx in enumerate(batch.rows):
+      span = 0  # the outputs list each row's parts in order (one slot for a padding row)
+      for idx in batch.rows:
         if idx is None:
+          span += 1
           continue
-        n = len(items[idx].answer)
-        value = float(i2c[row]) / (n if self.cfg.length_norm else 1)
-        results[idx] = dict(i2c=value, logp_image=float(lp_v[row]), logp_text=float(lp_d[row]),
-                            n_tokens=n)
+        out = []
+        for _, n in items[idx].spans():
+          out.append(dict(i2c=float(i2c[span]) / (n if self.cfg.length_norm else 1),
+                          logp_image=float(lp_v[span]), logp_text=float(lp_d[span]), n_tokens=n))
+          span += 1
+        results[idx] = out[0] if not items[idx].parts else {k: [o[k] for o in out] for k in out[0]}
     return results  # type: ignore[return-value]
 
   def _prefix_len(self, item: ScoreInput) -> int:
@@ -240,39 +256,50 @@ class Scorer:
       yield _Batch(images=images, rows=rows, q=q, prefix_len=plen)
 
   def _full_rows(self, prompts: Sequence[Sequence[int]], rows: Sequence[ScoreInput],
-                 n_ans: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 real: Sequence[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`(tokens, mask, answer_pos, item)` of one right-padded row per QA, prompt then answer (the
-    text-only pass; the with-image pass without prefix sharing); `n_ans[i] = 0` marks a padding row."""
+    text-only pass; the with-image pass without prefix sharing); `real[i] = False` marks a padding
+    row. Items are the rows' answer parts in order (`_spans`)."""
     seqs = [list(pr) + list(r.answer) for pr, r in zip(prompts, rows)]
     width = bucket(max(map(len, seqs)), self.cfg.text_bucket)
     tokens, mask = right_pad(seqs, width, self.pad_id)
-    ans, item = _answer_index([(i, len(pr), n) for i, (pr, n) in enumerate(zip(prompts, n_ans))],
-                              len(rows), width, self.batch_multiple, self.cfg.answer_bucket)
+    spans = self._spans([(i, len(pr)) for i, pr in enumerate(prompts)], rows, real)
+    ans, item = _answer_index(spans, len(rows), width, self.batch_multiple, self.cfg.answer_bucket)
     return tokens, mask, ans, item
+
+  @staticmethod
+  def _spans(starts: Sequence[tuple[int, int]], rows: Sequence[ScoreInput], real: Sequence[bool]
+             ) -> list[tuple[int, int, int]]:
+    """`(row, start, length)` of every answer part, row by row (`starts[i]`: the row and column where
+    row i's answer begins); a padding row gets one empty span, so both passes list the same items."""
+    spans = []
+    for (row, start), r, ok in zip(starts, rows, real):
+      spans += [(row, start + s, n) for s, n in r.spans()] if ok else [(row, start, 0)]
+    return spans
 
   def _score_batch(self, items, batch: "_Batch", pixels):
     cfg, full = self.cfg, self.cfg.mode == "full_kl"
     real = [items[i] for i in batch.rows if i is not None]
     filler = real[0]
     rows = [items[i] if i is not None else filler for i in batch.rows]
-    n_ans = [len(r.answer) if i is not None else 0 for r, i in zip(rows, batch.rows)]
+    real = [i is not None for i in batch.rows]
     first_image = next(k for k in batch.images if k is not None)
     pix = np.stack([pixels[k if k is not None else first_image] for k in batch.images])
 
     if cfg.prefix_sharing:
       p, g = batch.prefix_len, len(batch.images)
       prefixes = [list(rows[j * batch.q].prompt_image[:p]) for j in range(g)]
-      packed_rows, seg_rows, pos_rows, spans = [], [], [], []
+      packed_rows, seg_rows, pos_rows, starts = [], [], [], []
       for j in range(g):
         toks, segs, poss = [], [], []
         for k in range(batch.q):
           row = j * batch.q + k
           r = rows[row]
           if batch.rows[row] is None:
-            spans.append((j, 0, 0))  # a padding row: no answer tokens
+            starts.append((j, 0))  # a padding row: no answer tokens
             continue
           suffix = list(r.prompt_image[p:]) + list(r.answer)
-          spans.append((j, len(toks) + len(r.prompt_image) - p, len(r.answer)))
+          starts.append((j, len(toks) + len(r.prompt_image) - p))
           toks += suffix
           segs += [k + 1] * len(suffix)
           poss += list(range(p, p + len(suffix)))
@@ -283,20 +310,25 @@ class Scorer:
       packed, _ = right_pad(packed_rows, width, self.pad_id)
       segments, _ = right_pad(seg_rows, width, 0)
       positions, _ = right_pad(pos_rows, width, p)
+      spans = self._spans(starts, rows, real)
       ans, item = _answer_index(spans, g, width, self.batch_multiple, cfg.answer_bucket)
       prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
       cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
       logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache,
                                     *self._put(packed, segments, positions, ans), full)
     else:
-      tokens, mask, ans, item = self._full_rows([r.prompt_image for r in rows], rows, n_ans)
+      tokens, mask, ans, item = self._full_rows([r.prompt_image for r in rows], rows, real)
       logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, ans), full)
 
-    tokens, mask, ans_t, item_t = self._full_rows([r.prompt_text for r in rows], rows, n_ans)
+    tokens, mask, ans_t, item_t = self._full_rows([r.prompt_text for r in rows], rows, real)
     assert (item_t == item).all(), "both passes must list the same answer tokens in the same order"
     logp_d, full_d = _full_pass(self.graphdef, self.state, *self._put(tokens, mask), None,
                                 *self._put(ans_t), full)
-    out = _combine(logp_v, logp_d, full_v, full_d, *self._put(item), cfg.mode, len(rows))
+    # Items: every row's answer parts (one for a padding row); a bucketed count keeps `_combine`'s
+    # shapes few (its padding item, the count itself, lands in a slot nobody reads).
+    n_items = sum(len(r.spans()) if ok else 1 for r, ok in zip(rows, real))
+    out = _combine(logp_v, logp_d, full_v, full_d, *self._put(item), cfg.mode,
+                   bucket(n_items + 1, 8))
     return [np.asarray(x) for x in out]
 
 

@@ -98,6 +98,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.records = ""  # JSONL records (see docs/design.md, "Records")
   config.data.image_root = ""  # record `image` paths are relative to this directory
+  # A dataset file's image path that leaves image_root (`../`, absolute, a symlink out of it) is
+  # quarantined with a reason, so a dataset cannot make the tool read arbitrary files; True reads it.
+  config.data.allow_outside_root = False
   config.data.coco_dir = ""  # COCO 2014 root laid out as the official download (tfds manual dir)
   # Where images come from: records (data.records + data.image_root) | coco (data.coco_dir) | a source
   # registered by a plugin (scenes: the synthetic world, data.scenes_*, with plugins="c3l_jax.scenes");
@@ -161,6 +164,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.select = ml_collections.ConfigDict()
   config.select.method = "i2c"  # i2c (the paper's CRM selection)
   config.select.top_fraction = 0.1  # in (0, 1]
+
+  # The curate stage (configs/curate.py): S(I2C) of an existing LLaVA-format dataset (data.records),
+  # its top entries exported verbatim (c3l_jax/pipeline/curate.py). The fraction is select.top_fraction.
+  config.curate = ml_collections.ConfigDict()
+  config.curate.format = "auto"  # auto (from the file's first character) | json (one array) | jsonl
+  config.curate.top_count = 0  # > 0: keep this many entries instead of select.top_fraction of them
+  config.curate.rank_by = "sum"  # sum (eq. 1 over all a conversation's answer tokens) | per_token
+  config.curate.balance_sources = False  # rank within each source (first directory of the image path)
+  config.curate.keep_text_only = True  # text-only entries (no image, no score) go to selected.json
+  config.curate.shard_size = 256  # entries per output shard (the unit of resumption)
 
   config.train = ml_collections.ConfigDict()
   config.train.objective = "c3l"  # c3l | vlit | align

@@ -179,11 +179,10 @@ def torch_answer_logprobs(model, prompt_ids, answer_ids, pixel_values=None):
 
   ids = torch.as_tensor([list(prompt_ids) + list(answer_ids)], dtype=torch.long)
   kwargs = {} if pixel_values is None else {"pixel_values": torch.as_tensor(pixel_values[None])}
-  with torch.no_grad():
-    logits = model(input_ids=ids, **kwargs).logits[0].double()
-  logp = torch.log_softmax(logits, dim=-1)
-  start = len(prompt_ids)
-  rows = logp[start - 1:start - 1 + len(answer_ids)]
+  n = len(answer_ids)
+  with torch.no_grad():  # the LM head on the rows that predict the answer only (the last n + 1 but one)
+    logits = model(input_ids=ids, logits_to_keep=n + 1, **kwargs).logits[0, :n].double()
+  rows = torch.log_softmax(logits, dim=-1)
   token = rows[torch.arange(len(answer_ids)), torch.as_tensor(answer_ids)]
   return token.numpy(), rows.numpy()
 

@@ -84,3 +84,52 @@ def published_7b_headers(dst: str, shape_override: dict | None = None) -> int:
     files.setdefault(file, {})[name] = shapes[hub_to_module(name)]
   return sum(write_sparse_safetensors(os.path.join(dst, file), tensors, shape_override=shape_override)
              for file, tensors in files.items())
+
+
+# The tiny sizes `tiny_real_llava` gives the published config (image 336 / patch 14 as published: 576
+# image tokens).
+TINY_REAL_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+TINY_REAL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        projection_dim=16)
+
+
+def tiny_real_llava(root, text: dict, vision: dict) -> dict:
+  """A tiny transformers LLaVA under `root` with the published llava-1.5-7b-hf files: its config.json's
+  spelling (partial text / vision configs, the sizes `text` / `vision` added), vocab 32064, CLIP 336 px /
+  patch 14 (576 image tokens), and every real tokenizer / processor file; converted to `root/ours`.
+  Returns `{root, hf, ours, torch}` (`torch`: the fp32 transformers model, eval mode)."""
+  import pathlib
+  import subprocess
+  import sys
+
+  import torch
+  from transformers import LlavaForConditionalGeneration
+
+  root = pathlib.Path(root)
+  hf = root / "hf"
+  shutil.copytree(LLAVA_HF_7B, hf, ignore=shutil.ignore_patterns("model.safetensors.index.json"))
+  with open(hf / "config.json") as f:
+    config = json.load(f)
+  config["text_config"].update(text)
+  config["vision_config"].update(vision)
+  (hf / "config.json").write_text(json.dumps(config, indent=2))
+  torch.manual_seed(0)
+  model = LlavaForConditionalGeneration._from_config(
+      LlavaForConditionalGeneration.config_class.from_pretrained(hf), torch_dtype=torch.float32)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+    model.lm_head.weight.mul_(8.0)  # next-token distributions far from uniform
+    model.model.multi_modal_projector.linear_2.weight.mul_(10.0)  # the image moves them
+  model.save_pretrained(root / "saved")
+  for name in os.listdir(root / "saved"):  # the weights only: the published config.json stays
+    if name.endswith(".safetensors") or name.endswith(".index.json"):
+      shutil.copy(root / "saved" / name, hf / name)
+  model = LlavaForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32).eval()
+  assert model.config.text_config.vocab_size == 32064
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "c3l_jax.convert", f"--hf_path={hf}", f"--out={root / 'ours'}"],
+                        cwd=repo, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr
+  return dict(root=root, hf=str(hf), ours=str(root / "ours"), torch=model)

@@ -154,10 +154,7 @@ def test_library_chat_template_is_the_published_one():
 # --------------------------------------------------------------------------------------------------
 # A tiny llava-hf checkpoint with the real tokenizer, processor and chat template.
 
-TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                   projection_dim=16)  # image 336 / patch 14 as published: 576 image tokens
+TINY_TEXT, TINY_VISION = real_files.TINY_REAL_TEXT, real_files.TINY_REAL_VISION
 QA = [("What is in the image?", "A red square on a grey background."),
       ("Describe the picture in detail.", "There is one small object near the top left corner.")]
 
@@ -172,34 +169,7 @@ def _images():
 def tiny_hf(tmp_path_factory):
   """transformers' LLaVA with the published config.json's spelling (partial text / vision configs, tiny
   sizes added), vocab 32064, CLIP 336 px / patch 14, and every real tokenizer / processor file."""
-  import torch
-  from transformers import LlavaForConditionalGeneration
-
-  root = tmp_path_factory.mktemp("real-tiny")
-  hf = root / "hf"
-  shutil.copytree(real_files.LLAVA_HF_7B, hf, ignore=shutil.ignore_patterns("model.safetensors.index.json"))
-  with open(hf / "config.json") as f:
-    config = json.load(f)
-  config["text_config"].update(TINY_TEXT)
-  config["vision_config"].update(TINY_VISION)
-  (hf / "config.json").write_text(json.dumps(config, indent=2))
-  torch.manual_seed(0)
-  model = LlavaForConditionalGeneration._from_config(
-      LlavaForConditionalGeneration.config_class.from_pretrained(hf), torch_dtype=torch.float32)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.02 * torch.randn_like(p))
-    model.lm_head.weight.mul_(8.0)  # next-token distributions far from uniform
-    model.model.multi_modal_projector.linear_2.weight.mul_(10.0)  # the image moves them
-  model.save_pretrained(root / "saved")
-  for name in os.listdir(root / "saved"):  # the weights only: the published config.json stays
-    if name.endswith(".safetensors") or name.endswith(".index.json"):
-      shutil.copy(root / "saved" / name, hf / name)
-  model = LlavaForConditionalGeneration.from_pretrained(hf, torch_dtype=torch.float32).eval()
-  assert model.config.text_config.vocab_size == 32064
-  proc = _cli(f"--hf_path={hf}", f"--out={root / 'ours'}")
-  assert proc.returncode == 0, proc.stderr
-  return dict(root=root, hf=str(hf), ours=str(root / "ours"), torch=model)
+  return real_files.tiny_real_llava(tmp_path_factory.mktemp("real-tiny"), TINY_TEXT, TINY_VISION)
 
 
 def _reference_ids(hf_dir: str, question: str, image):

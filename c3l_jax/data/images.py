@@ -24,6 +24,10 @@ truncated image, over the pixel limit.
 
 LLaVA-1.5's `image_aspect_ratio="pad"` is `expand_to_square(img, pad_background(processor))` before the
 HF image processor (`apply_image_aspect` picks it from `config.data.image_aspect`).
+
+`image_path(root, name)` is where a dataset file's image name may point: under `root` only (no `..`
+out of it, no absolute path, no symlink leading out of it), so a records or LLaVA file cannot make the
+tool read arbitrary files; every reader of a dataset file goes through it.
 """
 
 from __future__ import annotations
@@ -114,6 +118,42 @@ def _decode(source: str | IO[bytes], label: str, max_pixels: int) -> PIL.Image.I
     raise
   except Exception as e:  # OSError (truncated), SyntaxError, ValueError, struct.error, ... from a bad file
     raise ImageError(f"corrupt or truncated image {label}: {e}", kind="corrupt") from None
+
+
+def image_path(root: str, name: str, allow_outside: bool = False) -> str:
+  """The file a dataset's image `name` names under the directory `root` ('' = the working directory).
+
+  Raises `ImageError` (kind "outside-root") when the path leaves `root`: an absolute `name`, `..`
+  components that climb out of it, or a symlink (the file or a directory on the way) that resolves
+  outside it; `allow_outside=True` (`config.data.allow_outside_root`) skips the check. Remote roots
+  (`gs://...`) are checked by their components only (no symlinks there).
+  """
+  full = os.path.join(root, name)
+  if allow_outside:
+    return full
+  hint = "(set data.allow_outside_root=True to read it anyway)"
+  if os.path.isabs(name) or "://" in name:
+    raise ImageError(f"image path {name!r} is absolute: it leaves data.image_root {hint}",
+                     kind="outside-root")
+  if "://" in root:
+    if ".." in name.replace("\\", "/").split("/"):
+      raise ImageError(f"image path {name!r} leaves data.image_root through '..' {hint}",
+                       kind="outside-root")
+    return full
+  base = os.path.abspath(root or os.curdir)
+  if not _inside(os.path.normpath(os.path.join(base, name)), base):
+    raise ImageError(f"image path {name!r} leaves data.image_root through '..' {hint}",
+                     kind="outside-root")
+  real_base = os.path.realpath(base)
+  if not _inside(os.path.realpath(os.path.join(base, name)), real_base):
+    raise ImageError(f"image path {name!r} is a symlink (or under one) that leads out of "
+                     f"data.image_root, to {os.path.realpath(os.path.join(base, name))} {hint}",
+                     kind="outside-root")
+  return full
+
+
+def _inside(path: str, base: str) -> bool:
+  return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image.Image:

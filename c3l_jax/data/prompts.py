@@ -404,7 +404,10 @@ class PromptBuilder:
 
   def encode_prompt(self, question: str, image: Any | None) -> tuple[list[int], np.ndarray | None]:
     """Prompt ids (image tokens expanded by the processor) and pixels `[C, H, W]` (or None)."""
-    text = self.prompt(question, image is not None)
+    return self.encode_rendered(self.prompt(question, image is not None), image)
+
+  def encode_rendered(self, text: str, image: Any | None) -> tuple[list[int], np.ndarray | None]:
+    """Ids of a rendered prompt `text` (image tokens expanded by the processor) and pixels (or None)."""
     if image is None:
       return self.tokenizer(text, add_special_tokens=True).input_ids, None
     out = self.processor(images=image, text=text, return_tensors="np")
@@ -448,6 +451,53 @@ class PromptBuilder:
         if seq and seq not in seqs and stop in self.tokenizer.decode(list(seq)):
           seqs.append(seq)
     return tuple(seqs)
+
+  def turn_conversation(self, turns: Sequence[tuple[str, str]], k: int, with_image: bool) -> list[dict]:
+    """The chat-template messages before answer k of a multi-turn conversation: questions 0..k and
+    answers 0..k-1 (as text), the image (when `with_image`) in front of the first question."""
+    messages = []
+    for j, (question, answer) in enumerate(turns[:k + 1]):
+      messages += self.conversation(question, with_image and j == 0)
+      if j < k:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+  def encode_conversation(self, turns: Sequence[tuple[str, str]], image: Any
+                          ) -> list[EncodedQA]:
+    """Each answer of a multi-turn conversation, teacher-forced after everything before it.
+
+    Turn k's prompt is the checkpoint's chat template applied to `turn_conversation(turns, k)` (with
+    the image in the first user message, and without it for `prompt_text`) and tokenized as a whole;
+    its answer is tokenized alone (`encode_answer`). The image is processed once (turn 0's prompt goes
+    through the processor with it, as `encode_qa` does); later prompts are tokenized as the processor
+    tokenizes them (`_image_prompt_ids`). All turns share `pixel_values`.
+    """
+    out: list[EncodedQA] = []
+    pixels = None
+    for k, (_, answer) in enumerate(turns):
+      render = lambda with_image: self.processor.apply_chat_template(
+          self.turn_conversation(turns, k, with_image), add_generation_prompt=True, tokenize=False)
+      if k == 0:
+        prompt_image, pixels = self.encode_rendered(render(True), image)
+      else:
+        prompt_image = self._image_prompt_ids(render(True), image)
+      prompt_text, _ = self.encode_rendered(render(False), None)
+      out.append(EncodedQA(prompt_image, prompt_text, self.encode_answer(answer), pixels))
+    return out
+
+  def _image_prompt_ids(self, text: str, image: Any) -> list[int]:
+    """A rendered prompt holding the image placeholder, tokenized as the processor does, without
+    processing the image again where the image's token count is fixed: a spliced processor's own
+    `encode_text`, else the tokenizer with the single `<image>` token expanded to `image_seq_length`
+    (what LLaVA's processor does). Otherwise (a processor whose image tokens depend on the image) the
+    processor itself, with the image."""
+    if hasattr(self.processor, "encode_text"):
+      return self._expand_image(self.processor.encode_text(text))
+    if self.image_token_id is not None and self.image_seq_length is not None:
+      ids = self.tokenizer(text, add_special_tokens=True).input_ids
+      if ids.count(self.image_token_id) == 1:
+        return self._expand_image(ids)
+    return self.encode_rendered(text, image)[0]
 
   def encode_answer(self, answer: str) -> list[int]:
     return self.tokenizer(answer, add_special_tokens=False).input_ids

@@ -41,8 +41,9 @@ def read_jsonl(path: str, check: Callable[[dict], str | None] | None = None, str
                ) -> tuple[list[dict], list[dict]]:
   """Read a JSON-lines file: returns `(records, rejected)`.
 
-  Rejected (`{"raw": <line>, "line": N, "reason"}`): non-UTF-8 lines, malformed JSON, non-objects, and
-  records for which `check(record)` returns a reason. Blank lines are skipped. A missing file raises
+  Rejected (`{"raw": <line>, "line": N, "reason"}`, plus the record's `"id"` when it has a string or
+  integer one): non-UTF-8 lines, malformed JSON, non-objects, and records for which `check(record)`
+  returns a reason. Blank lines are skipped. A missing file raises
   `BadInput`.
   """
   if not os.path.isfile(path):
@@ -53,10 +54,16 @@ def read_jsonl(path: str, check: Callable[[dict], str | None] | None = None, str
     if problem is None and check is not None:
       problem = check(rec)
     if problem:
-      bad.add(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"), problem, line=lineno)
+      where = {"line": lineno, **({"id": rec["id"]} if _has_id(rec) else {})}
+      bad.add(raw if isinstance(raw, str) else raw.decode("utf-8", "replace"), problem, **where)
       continue
     records.append(rec)
   return records, bad.rows
+
+
+def _has_id(rec: object) -> bool:
+  return (isinstance(rec, dict) and isinstance(rec.get("id"), (str, int))
+          and not isinstance(rec.get("id"), bool))
 
 
 def read_records(path: str, required: Sequence[str] = REQUIRED, strict: bool = False

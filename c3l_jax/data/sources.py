@@ -9,7 +9,8 @@
 
 Records name their image by `image` (a path under `image_root`, or a tfds element's `file_name`);
 `ImageSource.load(image)` returns the RGB picture (LLaVA's `pad` aspect mode applied when configured)
-or raises `ImageError` with the quarantine reason. Decoded pictures are kept in a bounded LRU cache
+or raises `ImageError` with the quarantine reason (also for a path that leaves `data.image_root`,
+`images.image_path`, unless `data.allow_outside_root`). Decoded pictures are kept in a bounded LRU cache
 (`data.image_cache` pictures), so a process's memory does not grow with the number of images it sees.
 
 Listing reads no image: `count(limit)` and `items(limit, positions)` come from the records file, or for
@@ -35,7 +36,7 @@ from absl import logging
 import PIL.Image
 
 from c3l_jax import registry
-from c3l_jax.data.images import ImageError, load_image
+from c3l_jax.data.images import ImageError, image_path, load_image
 from c3l_jax.data.records import BadInput, read_records, reject
 
 
@@ -212,7 +213,8 @@ class ImageSource:
 
   def _load(self, image: str) -> PIL.Image.Image:
     if self.kind == "records":
-      img = load_image(os.path.join(self.config.data.image_root, image), self.max_pixels)
+      path = image_path(self.config.data.image_root, image, self.config.data.allow_outside_root)
+      img = load_image(path, self.max_pixels)
     else:
       from c3l_jax.data.images import load_image_bytes
       data = self.element(image)["image_bytes"]

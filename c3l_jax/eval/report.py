@@ -152,4 +152,46 @@ def build_report(metrics: dict, scored: Sequence[dict], load: Callable[[str], An
           f"<style>{style}</style></head><body><h1>C3L run report</h1>{''.join(parts)}</body></html>\n")
 
 
-__all__ = ["build_report", "histogram_svg", "verdict_text"]
+def _conversation_card(row: dict, entry: Any, load: Callable[[str], Any], key: str) -> str:
+  image = entry.get("image") if isinstance(entry, dict) else None
+  try:
+    img = f'<img src="{_img_uri(load(image))}" alt="{html.escape(image)}">' if image else ""
+  except Exception as e:  # noqa: BLE001 — a report must render even when an image went missing
+    img = f"<p>(image unavailable: {html.escape(str(e))})</p>"
+  turns = entry.get("conversations", []) if isinstance(entry, dict) else []
+  scores = iter(row["turns"])
+  lines = []
+  for turn in turns:
+    who = "Q" if turn.get("from") == "human" else "A"
+    score = f" <i>[{next(scores, float('nan')):.3f}]</i>" if who == "A" else ""
+    lines.append(f"<p><b>{who}:</b> {html.escape(str(turn.get('value', '')))}{score}</p>")
+  return (f'<div class="card wide">{img}<p><b>{html.escape(str(row["id"]))}</b> '
+          f'({html.escape(row["source"])}): {key} = {row[key]:.4f}, {len(row["turns"])} gpt turns</p>'
+          f'{"".join(lines)}</div>')
+
+
+def build_curation_report(stats: dict, values: dict[str, Sequence[float]], key: str,
+                          best: Sequence[tuple[dict, Any]], worst: Sequence[tuple[dict, Any]],
+                          load: Callable[[str], Any]) -> str:
+  """`report.html` of the curate stage: the per-source counts, the S(I2C) histogram of each source
+  (`key`: `i2c` summed over a conversation's answers, or `i2c_per_token`), and the best and worst
+  conversations `(scores.jsonl row, the input entry)` with their image and every turn's S(I2C)."""
+  names = ("entries", "scored", "text_only", "rejected", "selected")
+  rows = [(s, *(c.get(n) for n in names), c.get(f"{key}_mean")) for s, c in stats["sources"].items()]
+  parts = ["<h2>Sources</h2>", _table(rows, ("source", *names, f"mean {key}"))]
+  for source, vals in sorted(values.items()):
+    parts += [f"<h2>{html.escape(key)} of {html.escape(source)} ({len(vals)} conversations)</h2>",
+              histogram_svg(list(vals))]
+  for title, pairs in (("Best", best), ("Worst", worst)):
+    cards = [_conversation_card(row, entry, load, key) for row, entry in pairs]
+    parts.append(f"<h2>{title} {len(cards)} by {html.escape(key)}</h2><div class='cards'>"
+                 f"{''.join(cards)}</div>")
+  style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+           ".cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ddd;padding:6px;"
+           "font-size:13px}.wide{width:520px}img{width:96px}")
+  return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Curation report</title>"
+          f"<style>{style}</style></head><body><h1>Curation report</h1>{''.join(parts)}</body></html>\n")
+
+
+__all__ = ["build_curation_report", "build_report", "histogram_svg", "verdict_text"]

@@ -28,7 +28,7 @@ from c3l_jax.data.records import write_text_atomic
 from c3l_jax.models.configs import MODEL_CONFIG_FILE
 
 STAGE_ORDER: tuple[str, ...] = (
-    "initial", "filter", "score", "select", "train", "final", "export", "eval", "ablation")
+    "initial", "filter", "score", "select", "train", "final", "export", "eval", "ablation", "curate")
 # Stages that never load the model; every other stage needs `config.model.checkpoint`.
 MODEL_FREE_STAGES: frozenset[str] = frozenset({"filter", "select", "export"})
 
@@ -99,6 +99,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.anchor": ("prompt", "generated"),
     "train.anchor_instruction": ("positive", "neutral"),
     "eval.mc_mode": ("loglik", "generate"),
+    "curate.format": ("auto", "json", "jsonl"),
+    "curate.rank_by": ("sum", "per_token"),
 }
 
 # Numeric fields and the range they must lie in: (low, low_inclusive, high, high_inclusive).
@@ -147,6 +149,8 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "eval.max_new_tokens": (1, True, math.inf, False),
     "eval.long_max_new_tokens": (1, True, math.inf, False),
     "device_memory_gb": (0.0, True, math.inf, False),
+    "curate.top_count": (0, True, math.inf, False),
+    "curate.shard_size": (1, True, math.inf, False),
 }
 
 

@@ -49,7 +49,7 @@ from etils import epath
 
 from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
-from c3l_jax.data.images import ImageError, apply_image_aspect, load_image, load_image_bytes
+from c3l_jax.data.images import ImageError, apply_image_aspect, image_path, load_image, load_image_bytes
 from c3l_jax.data.records import BadInput, reject, write_jsonl
 from c3l_jax import registry
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
@@ -106,7 +106,8 @@ class Evaluator:
     if data is not None:
       img = load_image_bytes(data, max_pixels, name=image)
     elif folder is not None:
-      img = load_image(os.path.join(folder, image), max_pixels)
+      path = image_path(folder, image, self.config.data.allow_outside_root) if folder else image
+      img = load_image(path, max_pixels)
     else:
       return self.inf.source.load(image)  # the source applies data.image_aspect itself
     return apply_image_aspect(img, self.config.data.image_aspect, self.inf.builder.processor)
@@ -135,7 +136,8 @@ class Evaluator:
   def _bad_image(self, rejected: list[dict], what: dict, e: ImageError) -> None:
     if self.config.strict:
       raise BadInput(f"eval: {e}")
-    rejected.append(reject(what, str(e)))
+    where = {"id": what["id"]} if isinstance(what, dict) and "id" in what else {}
+    rejected.append(reject(what, str(e), **where))
 
   def generate(self, name: str, questions: Sequence[dict], max_new: int,
                prompt: Callable[[dict], str], image: Callable[[dict], Any],
@@ -235,7 +237,7 @@ class Evaluator:
       for bad in shards.read_part(os.path.join(self.dir, f"{name}_rotations", "rejected.jsonl")):
         reasons.setdefault(bad["raw"]["item"], bad["reason"])
       rejected = [reject({"id": items[j].id, "image": items[j].image},
-                         reasons.get(j, "a rotation has no reply")) for j in missing]
+                         reasons.get(j, "a rotation has no reply"), id=items[j].id) for j in missing]
       out_dir = os.path.join(self.dir, name)
       shards.write_shard(out_dir, 0, out, rejected)
       shards.gather_rejected(out_dir, upfront)

@@ -111,7 +111,8 @@ def generate_jobs(inf: common.Inference, jobs: Sequence[Job], mode: str, stage: 
         bad.add(job.item.image)
         if job.item.image in counted:
           _fail(config, f"image {job.item.image!r}", str(e))
-          rejected.append(reject(dataclasses.asdict(job.item), str(e), image=job.item.image))
+          rejected.append(reject(dataclasses.asdict(job.item), str(e), id=job.item.image_id,
+                                 image=job.item.image))
       return None
     good.add(job.item.image)
     ids, px = builder.encode_prompt(text, image)
