@@ -77,6 +77,23 @@ def test_bad_override_rejected_by_flags(repo_root, tmp_path, override, needles):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("config_args, override, needles", [
+    # no --config: ml_collections applies the overrides to the default config while the flag is defined
+    ((), "--config.train.lr=abc", ("--config.train.lr=abc", "did you mean train.learning_rate?")),
+    (("--config=configs/llava15.py:tiny",), "--config.train.lr=abc", ("did you mean train.learning_rate?",)),
+    (("--config=configs/llava15.py:tiny",), "--config.train.learning_rat=1", ("train.learning_rate?",)),
+    ((), "--config.train.bs=4", ("did you mean train.batch_size?",)),
+    ((), "--config.scorng.mode=eq1", ("'scorng'", "did you mean scoring?")),
+])
+def test_mistyped_field_names_the_closest_fields(repo_root, tmp_path, config_args, override, needles):
+  """A new user's typo: one `error:` line (exit 2) suggesting the section's closest fields (difflib's
+  close matches, abbreviations), never ml_collections' traceback."""
+  workdir = tmp_path / "w"
+  proc = launch(repo_root, *config_args, override, f"--workdir={workdir}", "--dry_run")
+  assert_one_error(proc, *needles)
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("override, needles", [
     ("--config.scoring.mode=foo", ("scoring.mode", "'foo'", "eq1, full_kl")),
     ("--config.model.dtype=float8", ("model.dtype", "float32, bfloat16, float16")),
