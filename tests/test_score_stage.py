@@ -102,14 +102,34 @@ def test_score_stage_end_to_end(corpus, tmp_path):
   assert metrics == {"read": 15, "written": 5, "rejected": 10}
   assert metrics["read"] == metrics["written"] + metrics["rejected"]
 
+  # A damaged part of a finished stage: the next stage's read refuses it (DONE.json is no proof).
+  score = tmp_path / "w" / "score"
+  cut = max(range(5), key=lambda i: os.path.getsize(score / f"part-{i:05d}.jsonl"))  # has rows
+  whole = (score / f"part-{cut:05d}.jsonl").read_bytes()
+  (score / f"part-{cut:05d}.jsonl").write_bytes(whole[:len(whole) // 2])  # a copy cut short
+  proc = _launch(corpus, tmp_path / "w", "--config.stages=score,select")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr
+  assert f"{score / f'part-{cut:05d}.jsonl'} is {len(whole) // 2} bytes" in errors[0], errors
+  assert f"delete {score / 'DONE.json'}" in errors[0], errors
+  assert not (tmp_path / "w" / "select" / "DONE.json").exists()
+
   # Resumption: a finished stage is skipped; a stage interrupted midway (no DONE.json) redoes only the
-  # shards without a marker, and the output is byte-identical.
-  os.remove(tmp_path / "w" / "score" / "DONE.json")
-  os.remove(tmp_path / "w" / "score" / "part-00001.done")
-  os.remove(tmp_path / "w" / "score" / "part-00001.jsonl")
+  # shards that are not finished and whole -- no marker and no part, the part cut short (above), a part
+  # without its marker, a marker without its part -- and the output is byte-identical.
+  os.remove(score / "DONE.json")
+  others = [i for i in range(5) if i != cut]
+  os.remove(score / f"part-{others[0]:05d}.done")
+  os.remove(score / f"part-{others[0]:05d}.jsonl")
+  os.remove(score / f"part-{others[1]:05d}.done")
+  os.remove(score / f"part-{others[2]:05d}.jsonl")
   proc = _launch(corpus, tmp_path / "w")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _outputs(tmp_path / "w") == (parts, data)
+  redone = sorted(int(line.split("redoing shard ")[1].split()[0]) for line in
+                  (tmp_path / "w" / "logs" / "run.log").read_text().splitlines() if "redoing shard" in line)
+  assert redone == sorted([cut, others[2]]), redone  # the other two had no marker: not finished
 
 
 def test_strict_mode_stops_at_first_bad_input(corpus, tmp_path):
