@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,10 +71,10 @@ def _mesh(n=1):
   return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
 
-def _trainer(world, mesh, **kw):
+def _trainer(world, mesh, checkpoint_dir=None, every=0, **kw):
   cfg = T.TrainConfig(**{"learning_rate": 1e-3, "steps": 4, "warmup_steps": 1, **kw})
   vlm = sharding.load_model(world["model"], mesh)
-  return T.Trainer(T.Generator(vlm, rngs=nnx.Rngs(0)), mesh, cfg)
+  return T.Trainer(T.Generator(vlm, rngs=nnx.Rngs(0)), mesh, cfg, checkpoint_dir, every)
 
 
 def _batches(world, cfg, batch=4):
@@ -167,6 +168,41 @@ def test_non_finite_loss_stops_with_the_step(world):
 
   with pytest.raises(T.NonFiniteError, match="step 1"):
     trainer.run(poisoned)
+
+
+def test_damaged_checkpoint_step_is_refused_then_resumed_from_the_step_before(world, tmp_path):
+  """A checkpoint step cut short after it was saved (a copy of the workdir that died): the resume
+  refuses it with the file's name instead of restoring zeros or garbage; once the step is deleted, as
+  the error says, the resume restores the step before exactly (its weights, step and history; what
+  training then does from a restored step is the SIGKILL-resume tests' business). No training step
+  runs here: the two steps' states are set by hand, so nothing is compiled."""
+  from c3l_jax.data.records import BadInput
+
+  ckpt = tmp_path / "checkpoints"
+  saver = _trainer(world, _mesh(), str(ckpt), 1, steps=2)
+  states = []
+  for step in (1, 2):
+    state = jax.tree.map(lambda x, step=step: np.asarray(x) + step, nnx.to_pure_dict(saver.trainable))
+    nnx.replace_by_pure_dict(saver.trainable, state)
+    saver.step, saver.history = step, [{"step": s, "loss": 10.0 - s} for s in range(1, step + 1)]
+    saver.save()
+    states.append(state)
+  files = json.loads((ckpt / "2" / T.STEP_MANIFEST).read_text())["files"]
+  biggest = max(files, key=files.get)
+  with open(ckpt / "2" / biggest, "r+b") as f:
+    f.truncate(files[biggest] // 2)
+
+  resumed = _trainer(world, _mesh(), str(ckpt), 1, steps=2)
+  with pytest.raises(BadInput) as error:
+    resumed.restore_latest()
+  assert f"{ckpt / '2' / biggest} is {files[biggest] // 2} bytes" in str(error.value)
+  assert f"delete {ckpt / '2'}" in str(error.value) and "resume from step 1" in str(error.value)
+  shutil.rmtree(ckpt / "2")
+  assert resumed.restore_latest() and resumed.step == 1
+  assert resumed.history == [{"step": 1, "loss": 9.0}]
+  got = nnx.to_pure_dict(resumed.trainable)
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, np.asarray(b))
 
 
 def _launch(world, workdir, steps, every):
