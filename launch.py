@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import errno
 import os
 import re
 import sys
@@ -39,7 +40,7 @@ from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from c3l_jax import pipeline, runtime  # noqa: E402
-from c3l_jax.data.records import BadInput  # noqa: E402
+from c3l_jax.data.records import BadInput, disk_error  # noqa: E402
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -207,7 +208,9 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   """One `error:` line; the other processes learn of it and stop too; leave together; exit non-zero.
 
   Exit status: 2 for bad input or config (`BadInput`, `ConfigError`), 143 when SIGTERM ended the run
-  after saving (the rerun resumes), 1 otherwise (the traceback is in the log)."""
+  after saving (the rerun resumes), 1 otherwise (the traceback is in the log). A disk that cannot take
+  a write (ENOSPC, EDQUOT, EROFS) is status 1 with the path and the errno: every write is atomic, so
+  nothing half-written is marked done, and the rerun after freeing space resumes."""
   if isinstance(e, SystemExit) and e.code in (0, None):
     runtime.shutdown()
     raise e
@@ -220,6 +223,12 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
     status, cause = 1, f"another process failed: {e}"
   elif isinstance(e, (BadInput, pipeline.ConfigError)):
     status, cause = 2, str(e)
+  elif disk_error(e) is not None:
+    disk = disk_error(e)
+    where = f"cannot write {disk.filename}" if disk.filename else f"cannot write to {rt.workdir}"
+    status, cause = 1, (f"{where}: [Errno {disk.errno}] {errno.errorcode[disk.errno]} ({disk.strerror}); "
+                        "free space or make it writable, then rerun with the same --workdir to resume")
+    logging.info("the run failed", exc_info=e)
   else:
     status, cause = 1, f"{type(e).__name__}: {_last_line(str(e)) or '(no message)'}"
     logging.info("the run failed", exc_info=e)  # the traceback: to the log only

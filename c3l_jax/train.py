@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from c3l_jax import losses, runtime, sharding
 from c3l_jax.data.batching import right_pad, round_up
-from c3l_jax.data.records import BadInput, write_text_atomic
+from c3l_jax.data.records import BadInput, write_fault, write_text_atomic
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.models.vlm import LlavaVLM
 
@@ -234,6 +234,7 @@ class Trainer:
   def save(self) -> None:
     if self.manager is None or self.manager.latest_step() == self.step:
       return
+    write_fault(self._step_dir(self.step))  # the disk-full test hook (`records.write_fault`)
     self.manager.save(self.step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(self._state_tree()),
         meta=ocp.args.JsonSave({"step": self.step, "history": self.history})), force=True)

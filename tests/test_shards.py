@@ -86,3 +86,26 @@ def test_damage_is_found_by_resume_and_refused_by_readers(stage, damage):
   # The resumed stage rewrites the shard: whole again, the same rows.
   shards.write_shard(str(stage), 1, ROWS[1:], BAD)
   assert shards.read_parts(str(stage)) == ROWS[0:] + ROWS[1:] + ROWS[2:]
+
+
+@pytest.mark.parametrize("code, target", [("EROFS", "part-00001.done"), ("ENOSPC", "part-00001.jsonl"),
+                                          ("EDQUOT", "part-00001.rejected.jsonl")])
+def test_a_write_that_fails_marks_nothing_done(tmp_path, monkeypatch, code, target):
+  """A full or read-only disk (the errno injected at the write site): the error names the path and
+  the errno, the shard is not marked done, and once the disk takes writes again the shard is whole."""
+  import errno
+
+  from c3l_jax.data import records
+
+  monkeypatch.setenv(records.WRITE_FAULT_ENV, f"{code}:*/{target}.tmp")
+  with pytest.raises(OSError) as error:
+    shards.write_shard(str(tmp_path), 1, ROWS, BAD)
+  assert error.value.errno == getattr(errno, code) and error.value.filename == f"{tmp_path}/{target}.tmp"
+  assert records.disk_error(RuntimeError("wrapped")) is None
+  wrapped = RuntimeError("orbax wrapped it")
+  wrapped.__cause__ = error.value
+  assert records.disk_error(wrapped) is error.value
+  assert not (tmp_path / target).exists() and not shards.is_done(str(tmp_path), 1)
+  monkeypatch.delenv(records.WRITE_FAULT_ENV)
+  shards.write_shard(str(tmp_path), 1, ROWS, BAD)
+  assert shards.is_done(str(tmp_path), 1) and shards.read_parts(str(tmp_path)) == ROWS

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -170,12 +171,13 @@ def test_non_finite_loss_stops_with_the_step(world):
     trainer.run(poisoned)
 
 
-def test_damaged_checkpoint_step_is_refused_then_resumed_from_the_step_before(world, tmp_path):
+def test_damaged_checkpoint_step_is_refused_then_resumed_from_the_step_before(world, tmp_path, monkeypatch):
   """A checkpoint step cut short after it was saved (a copy of the workdir that died): the resume
   refuses it with the file's name instead of restoring zeros or garbage; once the step is deleted, as
   the error says, the resume restores the step before exactly (its weights, step and history; what
   training then does from a restored step is the SIGKILL-resume tests' business). No training step
-  runs here: the two steps' states are set by hand, so nothing is compiled."""
+  runs here: the two steps' states are set by hand, so nothing is compiled. On the way, a save on a
+  full disk fails naming the step and leaves no step behind."""
   from c3l_jax.data.records import BadInput
 
   ckpt = tmp_path / "checkpoints"
@@ -187,6 +189,15 @@ def test_damaged_checkpoint_step_is_refused_then_resumed_from_the_step_before(wo
     saver.step, saver.history = step, [{"step": s, "loss": 10.0 - s} for s in range(1, step + 1)]
     saver.save()
     states.append(state)
+  # A full disk at the next save (ENOSPC injected at the write site): the error names the step, and
+  # no step 3 exists to be resumed from.
+  monkeypatch.setenv("C3L_WRITE_FAULT", f"ENOSPC:{ckpt}/3")
+  saver.step = 3
+  with pytest.raises(OSError) as full:
+    saver.save()
+  assert full.value.errno == errno.ENOSPC and full.value.filename == str(ckpt / "3")
+  monkeypatch.delenv("C3L_WRITE_FAULT")
+  assert sorted(p for p in os.listdir(ckpt) if p.isdigit()) == ["1", "2"]
   files = json.loads((ckpt / "2" / T.STEP_MANIFEST).read_text())["files"]
   biggest = max(files, key=files.get)
   with open(ckpt / "2" / biggest, "r+b") as f:

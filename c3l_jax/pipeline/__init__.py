@@ -297,10 +297,10 @@ def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, di
     result = dict(get_stage(name)(config, workdir) or {})
     metrics[name] = result
 
-    def finish(done_path=done_path):
+    def finish(done_path=done_path):  # DONE.json last: a failed write (a full disk) marks nothing done
       done_path.parent.mkdir(parents=True, exist_ok=True)
-      write_json(done_path, result)
       write_json(root / "metrics.json", metrics)
+      write_json(done_path, result)
 
     rt.lead_writes(f"{name}:done", finish)
     counts = console.counts(result)

@@ -29,7 +29,7 @@ from typing import Sequence
 from absl import logging
 from etils import epath
 
-from c3l_jax.data.records import BadInput, write_text_atomic
+from c3l_jax.data.records import BadInput, write_bytes_atomic, write_text_atomic
 
 _PART = re.compile(r"part-(\d{5})(\.rejected)?\.jsonl$")
 
@@ -124,14 +124,6 @@ def write_shard(stage_dir: str, index: int, rows: Sequence[dict], rejected: Sequ
   marker = {"written": len(rows), "rejected": len(rejected), **(counts or {}),
             **_fingerprint(part), **_fingerprint(bad, "rejected_")}
   write_text_atomic(_marker(stage_dir, index), json.dumps(marker) + "\n")
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """`records.write_text_atomic` for bytes: a tmp file beside `path`, then a rename."""
-  path = epath.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
 
 
 def read_counts(stage_dir: str, index: int) -> dict[str, int]:
