@@ -28,6 +28,7 @@ import difflib
 import errno
 import os
 import re
+import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -208,7 +209,8 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   """One `error:` line; the other processes learn of it and stop too; leave together; exit non-zero.
 
   Exit status: 2 for bad input or config (`BadInput`, `ConfigError`), 143 when SIGTERM ended the run
-  after saving (the rerun resumes), 1 otherwise (the traceback is in the log). A disk that cannot take
+  (training: after saving a checkpoint; an inference stage: at a shard boundary, `runtime.Preempted`;
+  the rerun resumes), 1 otherwise (the traceback is in the log). A disk that cannot take
   a write (ENOSPC, EDQUOT, EROFS) is status 1 with the path and the errno: every write is atomic, so
   nothing half-written is marked done, and the rerun after freeing space resumes."""
   if isinstance(e, SystemExit) and e.code in (0, None):
@@ -217,6 +219,9 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   if isinstance(e, SystemExit) and e.code == 143:
     status, cause = 143, ("stopped by SIGTERM after saving a checkpoint (rerun with the same --workdir "
                           "to resume)")
+  elif isinstance(e, runtime.Preempted):
+    status, cause = 143, (f"{e}: every shard written is whole, the one in hand was not written; "
+                          "rerun with the same --workdir to resume")
   elif isinstance(e, SystemExit):
     status, cause = int(e.code) if isinstance(e.code, int) else 1, f"stopped (exit status {e.code})"
   elif isinstance(e, runtime.JobFailed):
@@ -296,6 +301,9 @@ def main(argv: Sequence[str]) -> None:
     workdir = _resolve_workdir(rt.broadcast("workdir", _WORKDIR.value or
                                             (_default_workdir() if rt.is_lead else "")))
     rt.workdir = os.fspath(workdir)
+    rt.grace_s = config.preemption_grace_s
+    if not rt.distributed:  # with several, jax's preemption service takes SIGTERM (runtime.Watchdog)
+      signal.signal(signal.SIGTERM, lambda signum, frame: rt.notice_preemption("SIGTERM"))
     rt.lead_writes("config.json", lambda: _write_config(config, workdir))
     log = console.setup(os.fspath(workdir), process=rt.index)
     import jax  # pylint: disable=g-import-not-at-top  (runtime.init imported it)

@@ -294,6 +294,10 @@ class Trainer:
     """
     multihost = jax.process_count() > 1
     previous = None if multihost else signal.signal(signal.SIGTERM, self._on_sigterm)
+    rt = runtime.get()
+    rt.training = True  # a preemption notice now means: save at the agreed step (not `Preempted`)
+    if rt.preempted_at is not None and not multihost:
+      self._preempted = True  # the notice came before training started: save at once and stop
     bar = tqdm.tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
                     disable=self.step >= self.cfg.steps or jax.process_index() > 0)
     # The next step's host batch (images decoded) is built on a thread while this step runs.
@@ -330,6 +334,7 @@ class Trainer:
     finally:
       prefetch.shutdown(wait=True, cancel_futures=True)
       bar.close()
+      rt.training = False
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
 

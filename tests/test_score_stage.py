@@ -12,8 +12,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.images import load_image
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.pipeline import shards
 from hf_reference import REPO, convert_cli, make_hf_llava, make_tiny_processor, torch_i2c
 
 GOOD = [
@@ -140,18 +141,30 @@ def test_score_stage_end_to_end(corpus, uninterrupted, tmp_path):
   os.remove(score / f"part-{others[0]:05d}.jsonl")
   os.remove(score / f"part-{others[1]:05d}.done")
   os.remove(score / f"part-{others[2]:05d}.jsonl")
-  # On the way, the disk fills up (ENOSPC writing a part), then the quota is hit (EDQUOT writing
-  # DONE.json), injected at the write site (`records.write_fault`): each run ends with exit status 1
-  # and one `error:` line naming the path and the errno, and marks nothing done that is not complete.
+  # On the way, the disk fills up (ENOSPC writing a part), a preemption notice comes, then the quota
+  # is hit (EDQUOT writing DONE.json). The disk errors are injected at the write site
+  # (`records.write_fault`): each run ends with exit status 1 and one `error:` line naming the path and
+  # the errno. The notice is SIGTERM after a shard, the next one taking longer than the grace
+  # (C3L_FAULT `term`, then `sleep`): the run abandons that shard and exits 143. None of them marks
+  # anything done that is not complete.
   for fault, missing in [(f"ENOSPC:{score}/part-{others[0]:05d}.jsonl.tmp", f"part-{others[0]:05d}.done"),
-                         (f"EDQUOT:{score}/DONE.json.tmp", "DONE.json")]:
-    code, path = fault.split(":", 1)
-    proc = _launch(corpus, tmp_path / "w", env={"C3L_WRITE_FAULT": fault})
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(_errors(proc)) == 1 and f"cannot write {path}: " in _errors(proc)[0], proc.stderr
-    assert code in _errors(proc)[0] and "rerun with the same --workdir" in _errors(proc)[0]
+                         ("SIGTERM", "DONE.json"), (f"EDQUOT:{score}/DONE.json.tmp", "DONE.json")]:
+    if fault == "SIGTERM":
+      proc = _launch(corpus, tmp_path / "w", "--config.preemption_grace_s=1",
+                     env={"C3L_FAULT": "0:score:shard:term,0:score:shard:sleep=600"})
+      assert proc.returncode == 143, proc.stderr[-3000:]
+      assert "stopped by SIGTERM (a preemption notice): abandoned the shard in hand" in proc.stderr
+      assert not _errors(proc) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    else:
+      code, path = fault.split(":", 1)
+      proc = _launch(corpus, tmp_path / "w", env={"C3L_WRITE_FAULT": fault})
+      assert proc.returncode == 1, proc.stderr[-3000:]
+      assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+      assert len(_errors(proc)) == 1 and f"cannot write {path}: " in _errors(proc)[0], proc.stderr
+      assert code in _errors(proc)[0] and "rerun with the same --workdir" in _errors(proc)[0]
     assert not (score / missing).exists()
+    assert all(shards.verify(str(score), i) is None for i in range(5)
+               if (score / f"part-{i:05d}.done").exists())
   proc = _launch(corpus, tmp_path / "w")  # space freed
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _outputs(tmp_path / "w") == (parts, data)

@@ -262,23 +262,27 @@ def test_cgvlm_align_objective_trains_connector_and_temperature_only(world):
 
 def test_two_processes_match_one(world, tmp_path):
   """Two jax.distributed processes (4 CPU devices each, gloo collectives) = one 8-device process."""
-  import socket
+  import random
+
+  import ports
 
   data = {"pad_id": world["builder"].pad_id,
           "examples": [dict(e, pixels=e["pixels"].tolist()) for e in world["examples"]],
           "groups": [dict(g, pixels=g["pixels"].tolist(), scores=list(g["scores"]))
                      for g in world["groups"]]}
   (tmp_path / "data.json").write_text(json.dumps(data))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  reservation = ports.reserve(random.Random(os.urandom(8)).sample(range(20000, 60000), 200))
+  port = reservation.port  # held until the workers exit: no other test takes it meanwhile
   worker = os.path.join(REPO, "tests", "dist_train_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), world["model"],
                              str(tmp_path / "data.json"), str(tmp_path / "history.json")],
                             cwd=REPO, stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}) for i in range(2)]
-  for i, p in enumerate(procs):
-    assert p.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+  try:
+    for i, p in enumerate(procs):
+      assert p.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+  finally:
+    reservation.release()
   two = json.loads((tmp_path / "history.json").read_text())
   one = _trainer(world, _mesh(8), steps=3).run(_batches(world, T.TrainConfig(steps=3)))
   assert len(two) == len(one) == 3

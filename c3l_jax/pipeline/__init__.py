@@ -58,6 +58,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Numeric fields and the range they must lie in: (low, low_inclusive, high, high_inclusive).
 _RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "preemption_grace_s": (0.0, False, math.inf, False),
     "select.top_fraction": (0.0, False, 1.0, True),
     "generation.top_p": (0.0, False, 1.0, True),
     "generation.temperature": (0.0, True, math.inf, False),
