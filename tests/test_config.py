@@ -229,6 +229,29 @@ def test_run_stages_merges_metrics(tmp_path, monkeypatch):
       "initial": {"n": 7}, "filter": {"n": 1}, "score": {"n": 2}}
 
 
+def test_a_full_disk_at_done_json_marks_nothing_done(tmp_path, monkeypatch):
+  """EDQUOT writing `score/DONE.json` (injected at the write site): the error names the path, the stage
+  is not marked done, and the rerun (quota freed) runs it again and ends as an uninterrupted run."""
+  import errno
+
+  from c3l_jax.data import records
+
+  calls = []
+  monkeypatch.setattr(pipeline, "get_stage", lambda name: lambda config, workdir: calls.append(name) or
+                      {"n": 3})
+  monkeypatch.setenv(records.WRITE_FAULT_ENV, f"EDQUOT:{tmp_path}/score/DONE.json.tmp")
+  with pytest.raises(OSError) as error:
+    pipeline.run_stages(llava15.get_config("tiny"), str(tmp_path), ("filter", "score"))
+  assert error.value.errno == errno.EDQUOT and error.value.filename == f"{tmp_path}/score/DONE.json.tmp"
+  assert records.disk_error(error.value) is error.value
+  assert (tmp_path / "filter" / "DONE.json").exists() and not (tmp_path / "score" / "DONE.json").exists()
+  monkeypatch.delenv(records.WRITE_FAULT_ENV)
+  pipeline.run_stages(llava15.get_config("tiny"), str(tmp_path), ("filter", "score"))
+  assert calls == ["filter", "score", "score"]  # filter was done; score ran again
+  assert json.loads((tmp_path / "metrics.json").read_text()) == {"filter": {"n": 3}, "score": {"n": 3}}
+  assert json.loads((tmp_path / "score" / "DONE.json").read_text()) == {"n": 3}
+
+
 def test_get_stage_is_lazy_and_checked():
   with pytest.raises(ValueError, match="unknown stage"):
     pipeline.get_stage("nope")
