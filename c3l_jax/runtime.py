@@ -324,7 +324,7 @@ def _lost(index: int, how: str) -> None:
   cause = (f"process {index} stopped responding ({how}); rerun the same command with the same "
            "--workdir to resume")
   try:
-    logging.error("%s", cause)
+    logging.info("%s", cause)  # to the log file; the console gets the one `error:` line below
     rt.fail(cause)
   finally:
     print(f"error: process {rt.index}: {cause}", file=sys.stderr, flush=True)
