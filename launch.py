@@ -24,7 +24,11 @@ the console too). See `c3l_jax.console`.
 from __future__ import annotations
 
 import datetime
+import difflib
+import errno
 import os
+import re
+import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -37,7 +41,7 @@ from etils import epath  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from c3l_jax import pipeline, runtime  # noqa: E402
-from c3l_jax.data.records import BadInput  # noqa: E402
+from c3l_jax.data.records import BadInput, disk_error  # noqa: E402
 
 _REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,13 +71,58 @@ def _aliases(argv: list[str]) -> list[str]:
   return out
 
 
+def _config_overrides(argv: Sequence[str]) -> list[str]:
+  return [a for a in argv if a.startswith(("--config.", "-config."))]
+
+
+def _abbreviates(typo: str, field: str) -> bool:
+  """`lr` for `learning_rate`, `bs` for `batch_size`: the typo's letters are the initials of the
+  field's words, or the field starts with the typo (`learn` for `learning_rate`)."""
+  words = [w for w in field.split("_") if w]
+  return len(typo) >= 2 and (typo == "".join(w[0] for w in words) or field.startswith(typo))
+
+
+def _closest_fields(key: str, fields: Sequence[str]) -> list[str]:
+  """The section's fields a mistyped `key` most likely meant: difflib's close matches (misspellings),
+  then abbreviations (initials or a prefix), at most three."""
+  close = difflib.get_close_matches(key, fields, n=3, cutoff=0.6)
+  return (close + [f for f in sorted(fields) if f not in close and _abbreviates(key, f)])[:3]
+
+
+def _unknown_field(argv: Sequence[str], error: Exception) -> NoReturn:
+  """ml_collections raised for `--config.SECTION.KEY=...` with a KEY the config lacks: one `error:`
+  line naming the override and the SECTION's fields closest to KEY (exit status 2)."""
+  found = re.search(r"[A-Za-z_][A-Za-z_0-9]*", str(error))
+  key = found.group(0) if found else str(error)
+  overrides = _config_overrides(argv)
+  culprits = [a for a in overrides if key in a.split("=", 1)[0].split(".")[1:]] or overrides
+  message = f"the config has no field {key!r}"
+  if culprits:
+    path = culprits[0].split("=", 1)[0].lstrip("-").split(".")[1:]
+    section_path = path[:path.index(key)] if key in path else path[:-1]
+    from configs import common  # pylint: disable=g-import-not-at-top  (only to name the fields)
+    section = common.get_base_config()
+    for name in section_path:
+      section = section.get(name) if hasattr(section, "get") else None
+    if hasattr(section, "keys"):
+      prefix = "".join(f"{name}." for name in section_path)
+      suggestions = [f"{prefix}{f}" for f in _closest_fields(key, list(section.keys()))]
+      if suggestions:
+        message += f"; did you mean {' or '.join(suggestions)}?"
+    message = f"{culprits[0]}: {message}"
+  _fail(f"{message} (see configs/common.py for all fields)")
+
+
 if __name__ == "__main__":  # ml_collections reads the --config.* overrides from sys.argv, on DEFINE too
   sys.argv[1:] = _aliases(sys.argv)[1:]
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", default=os.path.join(_REPO, "configs", "scenes_demo.py"),
-    help_string="Config file, configs/<name>.py[:arg]; override fields with --config.a.b=v.",
-    lock_config=True)
+try:  # with no --config, DEFINE applies the overrides to the default config and raises right here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", default=os.path.join(_REPO, "configs", "scenes_demo.py"),
+      help_string="Config file, configs/<name>.py[:arg]; override fields with --config.a.b=v.",
+      lock_config=True)
+except (AttributeError, KeyError) as _error:
+  _unknown_field(sys.argv, _error)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory; default: a fresh runs/<config>-<UTC timestamp>.")
 _DRY_RUN = flags.DEFINE_bool(
@@ -83,10 +132,6 @@ _DRY_RUN = flags.DEFINE_bool(
 def _last_line(text: str) -> str:
   lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
   return lines[-1] if lines else ""
-
-
-def _config_overrides(argv: Sequence[str]) -> list[str]:
-  return [a for a in argv if a.startswith(("--config.", "-config."))]
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -105,11 +150,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       _fail(f"could not load {config_arg}: {cause}")
     _fail(" ".join(message.split()))
   except (AttributeError, KeyError) as e:  # ml_collections: override of a field the config lacks.
-    key = str(e).strip("'\"")
-    culprits = [a for a in _config_overrides(argv)
-                if key in a.split("=", 1)[0].split(".")[1:]] or _config_overrides(argv)
-    where = f"{culprits[0]}: " if culprits else ""
-    _fail(f"{where}the config has no field {key!r} (see configs/common.py for all fields)")
+    _unknown_field(argv, e)
   except OSError as e:  # the config file itself cannot be loaded.
     _fail(f"could not load the config file: {_last_line(str(e))}")
   except Exception as e:  # pylint: disable=broad-except
@@ -168,19 +209,31 @@ def _end_in_failure(rt: runtime.Runtime, e: BaseException) -> NoReturn:
   """One `error:` line; the other processes learn of it and stop too; leave together; exit non-zero.
 
   Exit status: 2 for bad input or config (`BadInput`, `ConfigError`), 143 when SIGTERM ended the run
-  after saving (the rerun resumes), 1 otherwise (the traceback is in the log)."""
+  (training: after saving a checkpoint; an inference stage: at a shard boundary, `runtime.Preempted`;
+  the rerun resumes), 1 otherwise (the traceback is in the log). A disk that cannot take
+  a write (ENOSPC, EDQUOT, EROFS) is status 1 with the path and the errno: every write is atomic, so
+  nothing half-written is marked done, and the rerun after freeing space resumes."""
   if isinstance(e, SystemExit) and e.code in (0, None):
     runtime.shutdown()
     raise e
   if isinstance(e, SystemExit) and e.code == 143:
     status, cause = 143, ("stopped by SIGTERM after saving a checkpoint (rerun with the same --workdir "
                           "to resume)")
+  elif isinstance(e, runtime.Preempted):
+    status, cause = 143, (f"{e}: every shard written is whole, the one in hand was not written; "
+                          "rerun with the same --workdir to resume")
   elif isinstance(e, SystemExit):
     status, cause = int(e.code) if isinstance(e.code, int) else 1, f"stopped (exit status {e.code})"
   elif isinstance(e, runtime.JobFailed):
     status, cause = 1, f"another process failed: {e}"
   elif isinstance(e, (BadInput, pipeline.ConfigError)):
     status, cause = 2, str(e)
+  elif disk_error(e) is not None:
+    disk = disk_error(e)
+    where = f"cannot write {disk.filename}" if disk.filename else f"cannot write to {rt.workdir}"
+    status, cause = 1, (f"{where}: [Errno {disk.errno}] {errno.errorcode[disk.errno]} ({disk.strerror}); "
+                        "free space or make it writable, then rerun with the same --workdir to resume")
+    logging.info("the run failed", exc_info=e)
   else:
     status, cause = 1, f"{type(e).__name__}: {_last_line(str(e)) or '(no message)'}"
     logging.info("the run failed", exc_info=e)  # the traceback: to the log only
@@ -254,6 +307,9 @@ def main(argv: Sequence[str]) -> None:
     workdir = _resolve_workdir(rt.broadcast("workdir", _WORKDIR.value or
                                             (_default_workdir() if rt.is_lead else "")))
     rt.workdir = os.fspath(workdir)
+    rt.grace_s = config.preemption_grace_s
+    if not rt.distributed:  # with several, jax's preemption service takes SIGTERM (runtime.Watchdog)
+      signal.signal(signal.SIGTERM, lambda signum, frame: rt.notice_preemption("SIGTERM"))
     rt.lead_writes("config.json", lambda: _write_config(config, workdir))
     log = console.setup(os.fspath(workdir), process=rt.index)
     import jax  # pylint: disable=g-import-not-at-top  (runtime.init imported it)

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from c3l_jax.data.records import write_fault
 from c3l_jax.models.configs import MODEL_CONFIG_FILE, ModelConfig, config_from_dict
 
 MODEL_CONFIG = MODEL_CONFIG_FILE
@@ -70,6 +71,7 @@ def _param_dir(path: str, keys: tuple[str, ...]) -> epath.Path:
 
 def save_param(path: str, keys: tuple[str, ...], value: Any) -> None:
   """Save one parameter (numpy or jax array) as `path/params/<keys joined by '.'>`."""
+  write_fault(_param_dir(path, keys))  # the disk-full test hook (`records.write_fault`)
   with ocp.PyTreeCheckpointer() as ckptr:
     ckptr.save(_param_dir(path, keys), {"value": value}, force=True)
 

@@ -20,7 +20,12 @@ WORKDIR/logs/failure.txt for people); every other process sees it at its next ba
 (`check`, which raises `JobFailed`) and ends too. Then all of them leave through `shutdown()` (the
 coordination service's own shutdown barrier, which they all reach), so the job exits non-zero within
 seconds instead of hanging until a timeout aborts it. A process that vanishes without a word (SIGKILL,
-a lost host) is noticed by the coordination service (`heartbeat_timeout_s`), which aborts the others.
+an OOM kill, a lost host) is noticed by the others' watchdogs (`Watchdog`: every process publishes a
+heartbeat once a second in the key-value store and watches the others'): after two thirds of
+`heartbeat_timeout_s` without one, every survivor prints `error: process M: process N stopped
+responding (...)` and exits 1, before the coordination service would abort it (jax's fatal error,
+exit 134 and a crash dump). A watchdog that loses the coordination service itself (process 0 gone)
+says so the same way.
 
 Test hooks (`C3L_FAULT`, see `fault_point`) make a chosen process sleep, raise, or kill itself at a chosen
 point, so the tests can make one process slower or failing deterministically.
@@ -32,6 +37,7 @@ import fnmatch
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -44,8 +50,19 @@ FAULT_ENV = "C3L_FAULT"
 POLL_MS = 1000
 
 
+# The key jax's preemption service (started by `jax.distributed.initialize`, which takes SIGTERM) sets
+# in the coordination service when any process receives SIGTERM.
+PREEMPTION_NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"
+PREEMPTED_STATUS = 143  # 128 + SIGTERM, what a scheduler expects of a process it preempted
+
+
 class JobFailed(RuntimeError):
   """Another process of the job failed; the message is its one-line cause."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM (a preemption notice) reached the job outside training: this process stopped at a shard
+  boundary, with everything it wrote whole; the rerun resumes."""
 
 
 class Runtime:
@@ -55,6 +72,11 @@ class Runtime:
     self.index, self.count, self.client, self.workdir = index, count, client, workdir
     self._barriers = 0
     self._fired: set[str] = set()
+    # Preemption (`notice_preemption`): when the notice came (time.monotonic), how long the shard in
+    # hand may still take, and whether training runs (it saves at a step agreed by jax instead).
+    self.preempted_at: float | None = None
+    self.grace_s = 20.0
+    self.training = False
 
   @property
   def is_lead(self) -> bool:
@@ -126,6 +148,8 @@ class Runtime:
     `point` (e.g. "score:shard") is where the `C3L_FAULT` test hook may act."""
     if point:
       fault_point(self, point)
+    if self.preempted_at is not None and not self.training:
+      raise Preempted(f"stopped by SIGTERM (a preemption notice) at {point or 'a barrier'}")
     if self.count == 1:
       return
     try:
@@ -135,6 +159,19 @@ class Runtime:
         return
       raise JobFailed(f"lost the coordination service: {_first_line(e)}") from None
     raise JobFailed(cause)
+
+  def notice_preemption(self, how: str) -> None:
+    """SIGTERM reached this job (`how`): outside training, `check` raises `Preempted` at the next shard
+    boundary or barrier, and after `grace_s` a shard still in hand is abandoned (`_abandon`: exit 143,
+    nothing of the shard written). In training the trainer saves at a step every process agrees on."""
+    if self.preempted_at is not None:
+      return
+    self.preempted_at = time.monotonic()
+    logging.warning("preemption notice (%s): stopping at the next shard boundary, at most %.0f s from "
+                    "now", how, self.grace_s)
+    timer = threading.Timer(self.grace_s, _abandon, args=(self,))
+    timer.daemon = True
+    timer.start()
 
   def fail(self, cause: str) -> None:
     """Publish this process's failure so that every other process stops at its next `check`."""
@@ -152,6 +189,75 @@ class Runtime:
         self.client.key_value_set(FAILED_KEY, cause)
       except Exception:  # pylint: disable=broad-except  (already set by another process, or gone)
         pass
+
+
+class Watchdog:
+  """Heartbeats between the processes, on a daemon thread: once a second this process writes
+  `c3l/alive/INDEX` (a counter) and reads the others'. A process whose counter has not moved for
+  `limit_s` stopped responding (SIGKILL, OOM kill, lost host): `on_lost(index, how)` is called (it ends
+  this process). A process that finished or failed writes `done` and is not watched any more.
+  The coordination service's own heartbeat timeout stays the backstop; `limit_s` is below it."""
+
+  PREFIX = "c3l/alive/"
+
+  def __init__(self, rt: "Runtime", limit_s: float, on_lost: Callable[[int, str], None],
+               interval_s: float = 1.0):
+    self.rt, self.limit_s, self.on_lost, self.interval_s = rt, limit_s, on_lost, interval_s
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="c3l-watchdog", daemon=True)
+
+  def start(self) -> "Watchdog":
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    """Stop watching and tell the others this process left on purpose."""
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self.rt.client.key_value_set(f"{self.PREFIX}{self.rt.index}", "done", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  (the service may be gone already)
+      pass
+
+  def _run(self) -> None:
+    client, me = self.rt.client, self.rt.index
+    seen = {j: ("", time.monotonic()) for j in range(self.rt.count) if j != me}
+    beat = 0
+    while not self._stop.wait(self.interval_s):
+      beat += 1
+      try:
+        client.key_value_set(f"{self.PREFIX}{me}", str(beat), allow_overwrite=True)
+        values = dict(client.key_value_dir_get(self.PREFIX))
+        if _has_key(client, PREEMPTION_NOTICE_KEY):
+          self.rt.notice_preemption("SIGTERM to a process of the job, from jax's preemption service")
+      except Exception as e:  # pylint: disable=broad-except
+        if self.rt.preempted_at is not None and not self.rt.training:
+          _abandon(self.rt)  # process 0 left first: the job is being preempted anyway
+        elif not self._stop.is_set() and me != 0:
+          self.on_lost(0, f"the coordination service it hosts is gone: {_first_line(e)}")
+        return
+      now = time.monotonic()
+      for j in list(seen):
+        value = values.get(f"{self.PREFIX}{j}", "")
+        if value == "done":
+          del seen[j]
+        elif value != seen[j][0]:
+          seen[j] = (value, now)
+        elif now - seen[j][1] > self.limit_s and not self._stop.is_set():
+          self.on_lost(j, f"no heartbeat for {now - seen[j][1]:.0f} s: killed, out of memory, or its "
+                          "host lost")
+          return
+
+
+def _has_key(client: Any, key: str) -> bool:
+  try:
+    client.key_value_try_get(key)
+    return True
+  except Exception as e:  # pylint: disable=broad-except  (jax's runtime error type is private)
+    if "NOT_FOUND" in str(e):
+      return False
+    raise
 
 
 def _first_line(e: BaseException) -> str:
@@ -196,7 +302,50 @@ def init(dist: Any) -> Runtime:
     jax.distributed.initialize(**kwargs)
   from jax._src import distributed as jax_distributed
   _RUNTIME = Runtime(jax.process_index(), jax.process_count(), jax_distributed.global_state.client)
+  if _RUNTIME.distributed:
+    global _WATCHDOG
+    _WATCHDOG = Watchdog(_RUNTIME, watchdog_limit_s(dist.heartbeat_timeout_s), _lost).start()
   return _RUNTIME
+
+
+_WATCHDOG: Watchdog | None = None
+
+
+def watchdog_limit_s(heartbeat_timeout_s: float) -> float:
+  """How long a silent process is waited for: two thirds of jax's heartbeat timeout (at least 3 s),
+  so the watchdog speaks before the coordination service aborts every process."""
+  return max(3.0, heartbeat_timeout_s * 2 / 3)
+
+
+def _lost(index: int, how: str) -> None:
+  """A process stopped responding: publish and print one `error:` line, and exit 1 at once (not through
+  jax's shutdown barrier, which the lost process would never reach)."""
+  rt = get()
+  cause = (f"process {index} stopped responding ({how}); rerun the same command with the same "
+           "--workdir to resume")
+  try:
+    logging.info("%s", cause)  # to the log file; the console gets the one `error:` line below
+    rt.fail(cause)
+  finally:
+    print(f"error: process {rt.index}: {cause}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _abandon(rt: Runtime) -> None:
+  """The grace after a preemption notice is over and this process is still in a shard (not in
+  training): leave without writing it (every write is atomic: nothing half-done stays) and exit 143,
+  meeting the other processes at jax's shutdown barrier so none is left waiting."""
+  if rt.training:
+    return
+  logging.warning("preemption: abandoning the shard in hand after the %.0f s grace", rt.grace_s)
+  prefix = f"process {rt.index}: " if rt.distributed else ""
+  print(f"{prefix}stopped by SIGTERM (a preemption notice): abandoned the shard in hand after "
+        f"{rt.grace_s:.0f} s, nothing of it written; rerun with the same --workdir to resume",
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  shutdown()
+  os._exit(PREEMPTED_STATUS)  # pylint: disable=protected-access
 
 
 def shutdown() -> None:
@@ -204,6 +353,8 @@ def shutdown() -> None:
   barrier (every process reaches it, on success and on failure), so nobody is left waiting."""
   import jax
   from jax._src import distributed as jax_distributed
+  if _WATCHDOG is not None:
+    _WATCHDOG.stop()
   if jax_distributed.global_state.client is not None:
     try:
       jax.distributed.shutdown()
@@ -224,6 +375,7 @@ def fault_point(rt: Runtime, point: str) -> None:
     if action.startswith("sleep="):
       logging.info("fault injection: sleeping %ss at %s", action[6:], point)
       time.sleep(float(action[6:]))
+      logging.info("fault injection: slept %ss at %s", action[6:], point)
       continue
     if entry in rt._fired:  # pylint: disable=protected-access
       continue
@@ -237,4 +389,4 @@ def fault_point(rt: Runtime, point: str) -> None:
       os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
 
 
-__all__ = ["JobFailed", "Runtime", "fault_point", "get", "init", "shutdown"]
+__all__ = ["JobFailed", "Preempted", "Runtime", "Watchdog", "fault_point", "get", "init", "shutdown"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import os
 import re
 import signal
@@ -34,12 +35,14 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from c3l_jax import losses, runtime, sampling, sharding
 from c3l_jax.data.batching import left_pad, right_pad, round_up
+from c3l_jax.data.records import BadInput, write_fault, write_text_atomic
 from c3l_jax.models.llama import positions_and_mask
 from c3l_jax.models.vlm import LlavaVLM
 
@@ -274,20 +277,46 @@ class Trainer:
   def save(self) -> None:
     if self.manager is None or self.manager.latest_step() == self.step:
       return
+    write_fault(self._step_dir(self.step))  # the disk-full test hook (`records.write_fault`)
     self.manager.save(self.step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(self._state_tree()),
         meta=ocp.args.JsonSave({"step": self.step, "history": self.history})), force=True)
-    self.manager.wait_until_finished()
+    self.manager.wait_until_finished()  # every process's files are in the finalised step directory
+    if jax.process_index() == 0:
+      write_step_manifest(self._step_dir(self.step))
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.manager.directory) / str(step)
 
   def restore_latest(self) -> bool:
-    """Resume from the newest checkpoint, if any; returns whether one was found."""
-    if self.manager is None or self.manager.latest_step() is None:
+    """Resume from the newest checkpoint, if any; returns whether one was found.
+
+    The step's files are checked against the manifest written after it was saved
+    (`check_step_manifest`); a step with a file missing or cut short, or one orbax cannot restore,
+    is refused with a `BadInput` naming the file and the step directory to delete (the rerun then
+    resumes from the step before, or from the start)."""
+    if self.manager is None:
       return False
+    self.manager.reload()  # the steps on disk now (a damaged one may have been deleted)
     step = self.manager.latest_step()
+    if step is None:
+      return False
+    step_dir = self._step_dir(step)
+    earlier = [s for s in self.manager.all_steps() if s < step]
+    remedy = (f"; delete {os.fspath(step_dir)} and rerun with the same --workdir to resume from "
+              f"{f'step {max(earlier)}' if earlier else 'the start'}")
+    problem = check_step_manifest(step_dir)
+    if problem:
+      raise BadInput(f"checkpoint step {step} is incomplete: {problem}{remedy}")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state_tree())
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore raise many kinds)
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      raise BadInput(f"checkpoint {os.fspath(step_dir)} cannot be restored ({type(e).__name__}: "
+                     f"{first}){remedy}") from e
     nnx.replace_by_pure_dict(self.trainable, restored["state"]["trainable"])
     self.opt_state = restored["state"]["opt_state"]
     self.step = int(restored["meta"]["step"])
@@ -308,6 +337,10 @@ class Trainer:
     """
     multihost = jax.process_count() > 1
     previous = None if multihost else signal.signal(signal.SIGTERM, self._on_sigterm)
+    rt = runtime.get()
+    rt.training = True  # a preemption notice now means: save at the agreed step (not `Preempted`)
+    if rt.preempted_at is not None and not multihost:
+      self._preempted = True  # the notice came before training started: save at once and stop
     bar = tqdm.tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step",
                     disable=self.step >= self.cfg.steps or jax.process_index() > 0)
     # The next step's host batch (images decoded) is built on a thread while this step runs.
@@ -344,6 +377,7 @@ class Trainer:
     finally:
       prefetch.shutdown(wait=True, cancel_futures=True)
       bar.close()
+      rt.training = False
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
 
@@ -376,6 +410,46 @@ class Trainer:
 
   def model(self) -> Generator:
     return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+
+# -- checkpoint completeness -------------------------------------------------------------------------
+
+STEP_MANIFEST = "c3l_files.json"
+
+
+def write_step_manifest(step_dir: epath.Path) -> None:
+  """List every file of a finalised orbax step directory with its byte count, in the step directory
+  (`c3l_files.json`, atomically). Byte counts, not checksums: a step of a 7B model is tens of GB, and
+  the damage this finds is a copy or sync cut short (a file missing or shorter), which orbax's own
+  commit marker cannot show once the step has been finalised."""
+  files, folders = {}, [step_dir]
+  while folders:  # epath's rglob refuses `**` (one listing per folder on GCS is fine here)
+    for path in folders.pop().iterdir():
+      if path.is_dir():
+        folders.append(path)
+      elif path.name != STEP_MANIFEST:
+        files[os.fspath(path.relative_to(step_dir))] = path.stat().length
+  files = dict(sorted(files.items()))
+  write_text_atomic(step_dir / STEP_MANIFEST, json.dumps({"files": files}, indent=0) + "\n")
+
+
+def check_step_manifest(step_dir: epath.Path) -> str | None:
+  """Why the step's files differ from its manifest (None: they match, or there is no manifest -- a
+  step saved by an older version, or one whose process died between orbax's finalisation and the
+  manifest: orbax's restore is then the only check)."""
+  try:
+    listed = json.loads((step_dir / STEP_MANIFEST).read_text())["files"]
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError):
+    return f"{os.fspath(step_dir / STEP_MANIFEST)} is damaged"
+  for name, size in listed.items():
+    path = step_dir / name
+    if not path.exists():
+      return f"{os.fspath(path)} is missing"
+    if path.stat().length != size:
+      return f"{os.fspath(path)} is {path.stat().length} bytes, the step's manifest says {size}"
+  return None
 
 
 # -- host-side batches -----------------------------------------------------------------------------

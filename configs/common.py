@@ -54,6 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.stages = "initial,filter,score,select,train,final,export"
   config.seed = 0
   config.strict = False  # True: fail on the first bad input instead of quarantining it.
+  # SIGTERM (a preemption notice: GCE gives 30 s, SLURM --signal) outside training: every process stops
+  # at its next shard boundary, or abandons the shard in hand after this many seconds; exit 143.
+  config.preemption_grace_s = 20.0
   # Several processes (docs/multihost.md). `--config.distributed=True` is short for
   # `--config.distributed.enabled=True`: jax.distributed.initialize() finds the cluster (TPU pod slice,
   # SLURM, Open MPI); the fields below override what it finds.

@@ -77,6 +77,23 @@ def test_bad_override_rejected_by_flags(repo_root, tmp_path, override, needles):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("config_args, override, needles", [
+    # no --config: ml_collections applies the overrides to the default config while the flag is defined
+    ((), "--config.train.lr=abc", ("--config.train.lr=abc", "did you mean train.learning_rate?")),
+    (("--config=configs/llava15.py:tiny",), "--config.train.lr=abc", ("did you mean train.learning_rate?",)),
+    (("--config=configs/llava15.py:tiny",), "--config.train.learning_rat=1", ("train.learning_rate?",)),
+    ((), "--config.train.bs=4", ("did you mean train.batch_size?",)),
+    ((), "--config.scorng.mode=eq1", ("'scorng'", "did you mean scoring?")),
+])
+def test_mistyped_field_names_the_closest_fields(repo_root, tmp_path, config_args, override, needles):
+  """A new user's typo: one `error:` line (exit 2) suggesting the section's closest fields (difflib's
+  close matches, abbreviations), never ml_collections' traceback."""
+  workdir = tmp_path / "w"
+  proc = launch(repo_root, *config_args, override, f"--workdir={workdir}", "--dry_run")
+  assert_one_error(proc, *needles)
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("override, needles", [
     ("--config.scoring.mode=foo", ("scoring.mode", "'foo'", "eq1, full_kl")),
     ("--config.model.dtype=float8", ("model.dtype", "float32, bfloat16, float16")),
@@ -210,6 +227,29 @@ def test_run_stages_merges_metrics(tmp_path, monkeypatch):
   assert calls == ["filter", "score"]
   assert json.loads((tmp_path / "metrics.json").read_text()) == {
       "initial": {"n": 7}, "filter": {"n": 1}, "score": {"n": 2}}
+
+
+def test_a_full_disk_at_done_json_marks_nothing_done(tmp_path, monkeypatch):
+  """EDQUOT writing `score/DONE.json` (injected at the write site): the error names the path, the stage
+  is not marked done, and the rerun (quota freed) runs it again and ends as an uninterrupted run."""
+  import errno
+
+  from c3l_jax.data import records
+
+  calls = []
+  monkeypatch.setattr(pipeline, "get_stage", lambda name: lambda config, workdir: calls.append(name) or
+                      {"n": 3})
+  monkeypatch.setenv(records.WRITE_FAULT_ENV, f"EDQUOT:{tmp_path}/score/DONE.json.tmp")
+  with pytest.raises(OSError) as error:
+    pipeline.run_stages(llava15.get_config("tiny"), str(tmp_path), ("filter", "score"))
+  assert error.value.errno == errno.EDQUOT and error.value.filename == f"{tmp_path}/score/DONE.json.tmp"
+  assert records.disk_error(error.value) is error.value
+  assert (tmp_path / "filter" / "DONE.json").exists() and not (tmp_path / "score" / "DONE.json").exists()
+  monkeypatch.delenv(records.WRITE_FAULT_ENV)
+  pipeline.run_stages(llava15.get_config("tiny"), str(tmp_path), ("filter", "score"))
+  assert calls == ["filter", "score", "score"]  # filter was done; score ran again
+  assert json.loads((tmp_path / "metrics.json").read_text()) == {"filter": {"n": 3}, "score": {"n": 3}}
+  assert json.loads((tmp_path / "score" / "DONE.json").read_text()) == {"n": 3}
 
 
 def test_get_stage_is_lazy_and_checked():

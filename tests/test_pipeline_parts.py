@@ -1,16 +1,19 @@
 """The pipeline's model-free pieces: QA parsing, instruction mixes, the basic filter, selection roles,
-export statistics, and the image sources over COCO / scenes tfds data."""
+export statistics, the image sources over COCO / scenes tfds data, and the runtime's watchdog."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import types
 
 import numpy as np
 import PIL.Image
 import pytest
 
+from c3l_jax import runtime
 from c3l_jax.data import instructions as ins
 from c3l_jax.data.images import ImageError
 from c3l_jax.pipeline import export, filter as filter_stage, select as select_stage
@@ -698,3 +701,45 @@ def test_ablation_frees_compiled_code_before_the_map_limit(monkeypatch):
   monkeypatch.setattr(ablation, "_map_limit", lambda: None)  # no limit (not Linux): never cleared
   f(jnp.ones(3))
   assert not ablation.release("no limit") and f._cache_size() == 1
+
+
+class _KeyValueStore:
+  """The coordination service's key-value store, as the runtime uses it (one dict for every process)."""
+
+  def __init__(self):
+    self.data, self.lock = {}, threading.Lock()
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    with self.lock:
+      assert allow_overwrite or key not in self.data
+      self.data[key] = value
+
+  def key_value_try_get(self, key):
+    with self.lock:
+      if key not in self.data:
+        raise KeyError(f"NOT_FOUND: {key}")
+      return self.data[key]
+
+  def key_value_dir_get(self, prefix):
+    with self.lock:
+      return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
+
+
+def test_watchdog_names_the_process_that_stopped_beating():
+  """Three processes' watchdogs on one store; process 2 never beats (SIGKILLed before its first
+  heartbeat), process 1 leaves on purpose (`stop`: `done`): process 0's watchdog reports process 2, and
+  only it."""
+  store = _KeyValueStore()
+  lost = queue.Queue()
+  rts = [runtime.Runtime(i, 3, store) for i in range(3)]
+  dogs = [runtime.Watchdog(rts[i], 0.5, lambda j, how, i=i: lost.put((i, j, how)), interval_s=0.02)
+          for i in range(2)]
+  for dog in dogs:
+    dog.start()
+  dogs[1].stop()
+  seen, process, how = lost.get(timeout=30)
+  assert (seen, process) == (0, 2) and "no heartbeat" in how
+  assert store.data["c3l/alive/1"] == "done" and "c3l/alive/2" not in store.data
+  dogs[0].stop()
+  assert lost.empty()
+  assert runtime.watchdog_limit_s(100) < 100 and runtime.watchdog_limit_s(15) == 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.images import load_image
+from c3l_jax.data.prompts import PromptBuilder, load_processor
+from c3l_jax.pipeline import shards
 from hf_reference import REPO, convert_cli, make_hf_llava, make_tiny_processor, torch_i2c
 
 GOOD = [
@@ -63,13 +65,13 @@ def corpus(tmp_path_factory):
               model=str(root / "model"), reasons=list(bad.values()))
 
 
-def _launch(corpus, workdir, *extra):
+def _launch(corpus, workdir, *extra, env=None):
   cmd = [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
          "--config.stages=score", f"--config.model.checkpoint={corpus['model']}",
          f"--config.data.records={corpus['records']}", f"--config.data.image_root={corpus['images']}",
          "--config.scoring.shard_size=2", *extra]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
 def _outputs(workdir):
@@ -79,10 +81,25 @@ def _outputs(workdir):
   return parts, data
 
 
-def test_score_stage_end_to_end(corpus, tmp_path):
-  proc = _launch(corpus, tmp_path / "w")
+def _errors(proc):
+  return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus):
+  """The score stage run once without faults: the reference every damaged or failed run's rerun must
+  reproduce byte for byte."""
+  workdir = corpus["root"] / "uninterrupted"
+  proc = _launch(corpus, workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  parts, data = _outputs(tmp_path / "w")
+  return dict(workdir=workdir, outputs=_outputs(workdir))
+
+
+def test_score_stage_end_to_end(corpus, uninterrupted, tmp_path):
+  """Outputs against transformers, the quarantine; then a damaged workdir (refused by the next stage's
+  read, redone on resume) and a full disk: the rerun equals the uninterrupted run byte for byte."""
+  shutil.copytree(uninterrupted["workdir"], tmp_path / "w")  # damaged below
+  parts, data = uninterrupted["outputs"]
   assert len(parts) == 5  # 10 readable records (4 with bad images, 1 too long), shards of 2
   rows = [json.loads(line) for line in data.decode().splitlines()]
   assert [r["id"] for r in rows] == [g[0] for g in GOOD]
@@ -102,14 +119,58 @@ def test_score_stage_end_to_end(corpus, tmp_path):
   assert metrics == {"read": 15, "written": 5, "rejected": 10}
   assert metrics["read"] == metrics["written"] + metrics["rejected"]
 
+  # A damaged part of a finished stage: the next stage's read refuses it (DONE.json is no proof).
+  score = tmp_path / "w" / "score"
+  cut = max(range(5), key=lambda i: os.path.getsize(score / f"part-{i:05d}.jsonl"))  # has rows
+  whole = (score / f"part-{cut:05d}.jsonl").read_bytes()
+  (score / f"part-{cut:05d}.jsonl").write_bytes(whole[:len(whole) // 2])  # a copy cut short
+  proc = _launch(corpus, tmp_path / "w", "--config.stages=score,select")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = _errors(proc)
+  assert len(errors) == 1, proc.stderr
+  assert f"{score / f'part-{cut:05d}.jsonl'} is {len(whole) // 2} bytes" in errors[0], errors
+  assert f"delete {score / 'DONE.json'}" in errors[0], errors
+  assert not (tmp_path / "w" / "select" / "DONE.json").exists()
+
   # Resumption: a finished stage is skipped; a stage interrupted midway (no DONE.json) redoes only the
-  # shards without a marker, and the output is byte-identical.
-  os.remove(tmp_path / "w" / "score" / "DONE.json")
-  os.remove(tmp_path / "w" / "score" / "part-00001.done")
-  os.remove(tmp_path / "w" / "score" / "part-00001.jsonl")
-  proc = _launch(corpus, tmp_path / "w")
+  # shards that are not finished and whole -- no marker and no part, the part cut short (above), a part
+  # without its marker, a marker without its part -- and the output is byte-identical.
+  os.remove(score / "DONE.json")
+  others = [i for i in range(5) if i != cut]
+  os.remove(score / f"part-{others[0]:05d}.done")
+  os.remove(score / f"part-{others[0]:05d}.jsonl")
+  os.remove(score / f"part-{others[1]:05d}.done")
+  os.remove(score / f"part-{others[2]:05d}.jsonl")
+  # On the way, the disk fills up (ENOSPC writing a part, injected at the write site,
+  # `records.write_fault`): the run ends with exit status 1 and one `error:` line naming the path and
+  # the errno. Then a preemption notice: SIGTERM after a shard, the next one taking longer than the
+  # grace (C3L_FAULT `term`, then `sleep`): the run abandons that shard and exits 143. Neither marks
+  # anything done that is not complete. (EROFS at a marker, EDQUOT at DONE.json: tests/test_shards.py,
+  # tests/test_config.py.)
+  for fault, missing in [(f"ENOSPC:{score}/part-{others[0]:05d}.jsonl.tmp", f"part-{others[0]:05d}.done"),
+                         ("SIGTERM", "DONE.json")]:
+    if fault == "SIGTERM":
+      proc = _launch(corpus, tmp_path / "w", "--config.preemption_grace_s=1",
+                     env={"C3L_FAULT": "0:score:shard:term,0:score:shard:sleep=600"})
+      assert proc.returncode == 143, proc.stderr[-3000:]
+      assert "stopped by SIGTERM (a preemption notice): abandoned the shard in hand" in proc.stderr
+      assert not _errors(proc) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    else:
+      code, path = fault.split(":", 1)
+      proc = _launch(corpus, tmp_path / "w", env={"C3L_WRITE_FAULT": fault})
+      assert proc.returncode == 1, proc.stderr[-3000:]
+      assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+      assert len(_errors(proc)) == 1 and f"cannot write {path}: " in _errors(proc)[0], proc.stderr
+      assert code in _errors(proc)[0] and "rerun with the same --workdir" in _errors(proc)[0]
+    assert not (score / missing).exists()
+  proc = _launch(corpus, tmp_path / "w")  # space freed, the job restarted
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _outputs(tmp_path / "w") == (parts, data)
+  assert json.loads((tmp_path / "w" / "metrics.json").read_text()) == json.loads(
+      (uninterrupted["workdir"] / "metrics.json").read_text())
+  redone = sorted({int(line.split("redoing shard ")[1].split()[0]) for line in
+                  (tmp_path / "w" / "logs" / "run.log").read_text().splitlines() if "redoing shard" in line})
+  assert redone == sorted([cut, others[2]]), redone  # the other two had no marker: not finished
 
 
 def test_strict_mode_stops_at_first_bad_input(corpus, tmp_path):

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,10 +72,10 @@ def _mesh(n=1):
   return sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
 
-def _trainer(world, mesh, **kw):
+def _trainer(world, mesh, checkpoint_dir=None, every=0, **kw):
   cfg = T.TrainConfig(**{"learning_rate": 1e-3, "steps": 4, "warmup_steps": 1, **kw})
   vlm = sharding.load_model(world["model"], mesh)
-  return T.Trainer(T.Generator(vlm, rngs=nnx.Rngs(0)), mesh, cfg)
+  return T.Trainer(T.Generator(vlm, rngs=nnx.Rngs(0)), mesh, cfg, checkpoint_dir, every)
 
 
 def _batches(world, cfg, batch=4):
@@ -170,6 +172,51 @@ def test_non_finite_loss_stops_with_the_step(world):
     trainer.run(poisoned)
 
 
+def test_damaged_checkpoint_step_is_refused_then_resumed_from_the_step_before(world, tmp_path, monkeypatch):
+  """A checkpoint step cut short after it was saved (a copy of the workdir that died): the resume
+  refuses it with the file's name instead of restoring zeros or garbage; once the step is deleted, as
+  the error says, the resume restores the step before exactly (its weights, step and history; what
+  training then does from a restored step is the SIGKILL-resume tests' business). No training step
+  runs here: the two steps' states are set by hand, so nothing is compiled. On the way, a save on a
+  full disk fails naming the step and leaves no step behind."""
+  from c3l_jax.data.records import BadInput
+
+  ckpt = tmp_path / "checkpoints"
+  saver = _trainer(world, _mesh(), str(ckpt), 1, steps=2)
+  states = []
+  for step in (1, 2):
+    state = jax.tree.map(lambda x, step=step: np.asarray(x) + step, nnx.to_pure_dict(saver.trainable))
+    nnx.replace_by_pure_dict(saver.trainable, state)
+    saver.step, saver.history = step, [{"step": s, "loss": 10.0 - s} for s in range(1, step + 1)]
+    saver.save()
+    states.append(state)
+  # A full disk at the next save (ENOSPC injected at the write site): the error names the step, and
+  # no step 3 exists to be resumed from.
+  monkeypatch.setenv("C3L_WRITE_FAULT", f"ENOSPC:{ckpt}/3")
+  saver.step = 3
+  with pytest.raises(OSError) as full:
+    saver.save()
+  assert full.value.errno == errno.ENOSPC and full.value.filename == str(ckpt / "3")
+  monkeypatch.delenv("C3L_WRITE_FAULT")
+  assert sorted(p for p in os.listdir(ckpt) if p.isdigit()) == ["1", "2"]
+  files = json.loads((ckpt / "2" / T.STEP_MANIFEST).read_text())["files"]
+  biggest = max(files, key=files.get)
+  with open(ckpt / "2" / biggest, "r+b") as f:
+    f.truncate(files[biggest] // 2)
+
+  resumed = _trainer(world, _mesh(), str(ckpt), 1, steps=2)
+  with pytest.raises(BadInput) as error:
+    resumed.restore_latest()
+  assert f"{ckpt / '2' / biggest} is {files[biggest] // 2} bytes" in str(error.value)
+  assert f"delete {ckpt / '2'}" in str(error.value) and "resume from step 1" in str(error.value)
+  shutil.rmtree(ckpt / "2")
+  assert resumed.restore_latest() and resumed.step == 1
+  assert resumed.history == [{"step": 1, "loss": 9.0}]
+  got = nnx.to_pure_dict(resumed.trainable)
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def _launch(world, workdir, steps, every):
   """Start a training run; its output goes to a file (an unread pipe would fill up and block it)."""
   cmd = [sys.executable, "launch.py", "--config=configs/llava15.py:tiny", f"--workdir={workdir}",
@@ -216,23 +263,27 @@ def test_cgvlm_align_objective_trains_connector_and_temperature_only(world):
 
 def test_two_processes_match_one(world, tmp_path):
   """Two jax.distributed processes (4 CPU devices each, gloo collectives) = one 8-device process."""
-  import socket
+  import random
+
+  import ports
 
   data = {"pad_id": world["builder"].pad_id,
           "examples": [dict(e, pixels=e["pixels"].tolist()) for e in world["examples"]],
           "groups": [dict(g, pixels=g["pixels"].tolist(), scores=list(g["scores"]))
                      for g in world["groups"]]}
   (tmp_path / "data.json").write_text(json.dumps(data))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  reservation = ports.reserve(random.Random(os.urandom(8)).sample(range(20000, 60000), 200))
+  port = reservation.port  # held until the workers exit: no other test takes it meanwhile
   worker = os.path.join(REPO, "tests", "dist_train_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), world["model"],
                              str(tmp_path / "data.json"), str(tmp_path / "history.json")],
                             cwd=REPO, stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}) for i in range(2)]
-  for i, p in enumerate(procs):
-    assert p.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+  try:
+    for i, p in enumerate(procs):
+      assert p.wait(timeout=600) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+  finally:
+    reservation.release()
   two = json.loads((tmp_path / "history.json").read_text())
   one = _trainer(world, _mesh(8), steps=3).run(_batches(world, T.TrainConfig(steps=3)))
   assert len(two) == len(one) == 3

@@ -6,6 +6,8 @@ so nothing is lost silently; with `strict=True` the first bad line raises `BadIn
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import json
 import os
 from typing import Callable, Iterator, Sequence
@@ -125,12 +127,53 @@ def _parse_line(raw: str | bytes) -> tuple[str | None, dict]:
   return None, rec
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Write a file atomically: a tmp file beside it, then a rename (a local path or a gs:// URI)."""
+# A disk that cannot take a write: full, over quota, or read-only. The run stops with one `error:` line
+# naming the path and the errno (launch.py, `disk_error`), exit status 1 on every process.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+WRITE_FAULT_ENV = "C3L_WRITE_FAULT"
+
+
+def write_fault(path: str | os.PathLike) -> None:
+  """Test hook, called at every write site (shards, markers, DONE.json / metrics.json, the export,
+  checkpoints): `C3L_WRITE_FAULT="ENOSPC:GLOB[,EROFS:GLOB...]"` makes a write to a path matching GLOB
+  (fnmatch) raise `OSError(errno.ENOSPC, ..., path)`, every time (a full disk stays full until space
+  is freed), so the tests inject the errors a full or read-only disk gives at each write site."""
+  spec = os.environ.get(WRITE_FAULT_ENV, "")
+  for entry in filter(None, (s.strip() for s in spec.split(","))):
+    name, pattern = entry.split(":", 1)
+    if fnmatch.fnmatch(os.fspath(path), pattern):
+      code = getattr(errno, name)
+      raise OSError(code, os.strerror(code), os.fspath(path))
+
+
+def disk_error(e: BaseException) -> OSError | None:
+  """The disk error (`DISK_ERRNOS`) that caused `e`, following `__cause__` / `__context__` (orbax and
+  tensorstore wrap them), or None."""
+  seen, first = set(), e
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+      return e
+    e = e.__cause__ or e.__context__
+  for code in DISK_ERRNOS:  # a library that kept only the message ("... No space left on device")
+    if os.strerror(code) in str(first):
+      return OSError(code, os.strerror(code))
+  return None
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Write a file atomically: a tmp file beside it, then a rename (a local path or a gs:// URI). A
+  failed write (a full disk) leaves at most the tmp file, never a partial `path`."""
   path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
+  write_fault(tmp)
+  tmp.write_bytes(data)
   tmp.replace(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """`write_bytes_atomic` of `text` in UTF-8."""
+  write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> None:

@@ -105,6 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Numeric fields and the range they must lie in: (low, low_inclusive, high, high_inclusive).
 _RANGES: dict[str, tuple[float, bool, float, bool]] = {
+    "preemption_grace_s": (0.0, False, math.inf, False),
     "select.top_fraction": (0.0, False, 1.0, True),
     "generation.top_p": (0.0, False, 1.0, True),
     "generation.temperature": (0.0, True, math.inf, False),
@@ -355,10 +356,10 @@ def run_stages(config: Any, workdir: str, stages: Sequence[str]) -> dict[str, di
     result = dict(get_stage(name)(config, workdir) or {})
     metrics[name] = result
 
-    def finish(done_path=done_path):
+    def finish(done_path=done_path):  # DONE.json last: a failed write (a full disk) marks nothing done
       done_path.parent.mkdir(parents=True, exist_ok=True)
-      write_json(done_path, result)
       write_json(root / "metrics.json", metrics)
+      write_json(done_path, result)
 
     rt.lead_writes(f"{name}:done", finish)
     counts = console.counts(result)

@@ -50,7 +50,7 @@ from etils import epath
 from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.images import ImageError, apply_image_aspect, image_path, load_image, load_image_bytes
-from c3l_jax.data.records import BadInput, reject, write_jsonl
+from c3l_jax.data.records import BadInput, reject, write_jsonl, write_text_atomic
 from c3l_jax import registry
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
 from c3l_jax.models.configs import MODEL_CONFIG_FILE
@@ -396,7 +396,7 @@ def run(config: Any, workdir: str) -> dict:
                           if k in stats}
   text = table.format_table(ev.model_id, metrics, stats)
   if runtime.get().is_lead:
-    epath.Path(ev.dir, "table.txt").write_text(text)
+    write_text_atomic(epath.Path(ev.dir, "table.txt"), text)
     print(text, flush=True)
   metrics["table"] = table.table_row(metrics)
   return metrics
