@@ -61,7 +61,7 @@ from absl import logging
 from scipy import stats
 
 from c3l_jax import console, registry, runtime
-from c3l_jax.data.records import write_jsonl
+from c3l_jax.data.records import write_jsonl, write_text_atomic
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
 from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards, variant_overrides
 
@@ -375,8 +375,7 @@ def run(config: Any, workdir: str) -> dict:
   means, widths = aggregate(per_seed)
   text = table(means, widths, seeds)
   if runtime.get().is_lead:
-    with open(os.path.join(workdir, "ablation", "table.txt"), "w") as f:
-      f.write(text + "\n")
+    write_text_atomic(os.path.join(workdir, "ablation", "table.txt"), text + "\n")
     print(text, flush=True)
   return {"seeds": seeds, "rows": means, "ci95": widths, "per_seed": per_seed}
 

@@ -46,7 +46,7 @@ from etils import epath
 from c3l_jax import runtime
 from c3l_jax.data import llava_data
 from c3l_jax.data.images import ImageError
-from c3l_jax.data.records import BadInput, reject, write_jsonl, write_text_atomic
+from c3l_jax.data.records import BadInput, reject, write_fault, write_jsonl, write_text_atomic
 from c3l_jax.pipeline import shards
 
 COUNT_KEYS = ("written", "rejected", "text_only")
@@ -300,6 +300,7 @@ def read_scores(stage_dir: str, key: str, scores_path: epath.Path | None = None)
   out = None
   if scores_path is not None:
     tmp = scores_path.with_name(scores_path.name + ".tmp")
+    write_fault(tmp)
     out = tmp.open("w", encoding="utf-8")
   try:
     for path in shards.part_files(stage_dir):
@@ -338,6 +339,7 @@ def write_selected(config: Any, path: epath.Path, keep: np.ndarray, want: set[in
   found: dict[int, Any] = {}
   keep = np.asarray(keep, np.int64)
   at = 0  # the next position of `keep` to write
+  write_fault(tmp)
   with tmp.open("w", encoding="utf-8") as f:
     f.write("[")
     first = True
