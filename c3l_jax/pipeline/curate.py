@@ -46,7 +46,7 @@ from etils import epath
 from c3l_jax import runtime
 from c3l_jax.data import llava_data
 from c3l_jax.data.images import ImageError
-from c3l_jax.data.records import BadInput, reject, write_fault, write_jsonl, write_text_atomic
+from c3l_jax.data.records import BadInput, reject, write_fault, write_text_atomic
 from c3l_jax.pipeline import shards
 
 COUNT_KEYS = ("written", "rejected", "text_only")
