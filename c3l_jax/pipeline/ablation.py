@@ -322,13 +322,14 @@ def table(means: dict[str, dict], widths: dict[str, dict] | None = None, seeds: 
                     for c in cols)
 
   title = f"mean±95 % interval over {seeds} seeds" if seeds > 1 else "one seed"
-  lines = [f"Table 4 ({title}):", f"{'row':18s} " + " ".join(f"{c:>13s}" for c in COLUMNS)]
-  lines += [f"{name:18s} {cells(name, COLUMNS)}" for name in means]
+  w = max([18, *(len(name) for name in means)])  # the row names' column
+  lines = [f"Table 4 ({title}):", f"{'row':{w}s} " + " ".join(f"{c:>13s}" for c in COLUMNS)]
+  lines += [f"{name:{w}s} {cells(name, COLUMNS)}" for name in means]
   if any(c in r for r in means.values() for c in SPLIT_COLUMNS):
     short = {"random": "rand", "popular": "pop", "adversarial": "adv"}
     heads = (f"{short.get(s, s)} {m}" for s in POPE_SPLITS for m in ("acc", "F1", "yes"))
-    lines += ["", "POPE per split:", f"{'row':18s} " + " ".join(f"{h:>13s}" for h in heads)]
-    lines += [f"{name:18s} {cells(name, SPLIT_COLUMNS)}" for name in means]
+    lines += ["", "POPE per split:", f"{'row':{w}s} " + " ".join(f"{h:>13s}" for h in heads)]
+    lines += [f"{name:{w}s} {cells(name, SPLIT_COLUMNS)}" for name in means]
   return "\n".join(lines)
 
 
