@@ -65,7 +65,8 @@ class LlavaVLM(VLM):
 
 
 def build_vlm(cfg: Any, rngs: nnx.Rngs) -> VLM:
-  """The VLM of `cfg.family`: `LlavaVLM` (llava15) or `MiniGPT4VLM` (minigpt4)."""
+  """The VLM of `cfg.family`: `LlavaVLM` (llava15), `MiniGPT4VLM` (minigpt4) or `Qwen25VLVLM`
+  (qwen25vl)."""
   family = getattr(cfg, "family", "llava15")
   if family == "llava15":
     return LlavaVLM(cfg, rngs=rngs)
@@ -73,6 +74,10 @@ def build_vlm(cfg: Any, rngs: nnx.Rngs) -> VLM:
     from c3l_jax.models.minigpt4 import MiniGPT4VLM  # lazily: MiniGPT-4's towers load only when used
 
     return MiniGPT4VLM(cfg, rngs=rngs)
+  if family == "qwen25vl":
+    from c3l_jax.models.qwen25vl import Qwen25VLVLM
+
+    return Qwen25VLVLM(cfg, rngs=rngs)
   raise ValueError(f"unknown model family {family!r}")
 
 
