@@ -243,17 +243,17 @@ class QwenVisionTower(nnx.Module):
     self.scan = scan
     self.remat = remat
 
-  def __call__(self, images: QwenImages, full_attention_everywhere: bool = False) -> jax.Array:
-    """Packed images -> image tokens `[N / 4, D]`, in the order of the image placeholders.
+  # True ignores the windows (every block attends over its whole image): not the model, a switch for
+  # the test that shows the windows matter.
+  full_attention_everywhere: bool = False
 
-    `full_attention_everywhere` ignores the windows (every block attends over its whole image): not the
-    model, a switch for tests that show the windows matter.
-    """
+  def __call__(self, images: QwenImages) -> jax.Array:
+    """Packed images -> image tokens `[N / 4, D]`, in the order of the image placeholders."""
     x = self.patch_embed(jnp.asarray(images.patches).astype(self.dtype))
     cos, sin = vision_rope(self.cfg, jnp.asarray(images.hw))
     window, image = jnp.asarray(images.window), jnp.asarray(images.image)
     full_mask = image[:, None] == image[None, :]
-    window_mask = full_mask if full_attention_everywhere else window[:, None] == window[None, :]
+    window_mask = full_mask if self.full_attention_everywhere else window[:, None] == window[None, :]
     is_full = np.isin(np.arange(self.cfg.depth), self.cfg.fullatt_block_indexes)
 
     def body(block, h, full):
