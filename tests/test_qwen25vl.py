@@ -205,3 +205,40 @@ def test_converter_errors_name_the_tensor(tmp_path, world):
   save_file(tensors, str(bad / file))
   with pytest.raises(convert.ConversionError, match=r"vision.blocks.2.attn.qkv.bias has shape \(5,\)"):
     convert.dry_run_report(convert.prepare_hf(str(bad)), None)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_scorer_matches_transformers(world, prefix_sharing):
+  """The pipeline's path: the converted directory's processor (`PromptBuilder`) encodes each QA, and
+  `scoring.Scorer` scores pictures of different token counts together (prefix sharing: one left-padded
+  prefix per picture, its QA packed as suffixes; the image-free pass drops the vision tokens). S(I2C)
+  equals eq. 1 computed by hand from transformers' logits."""
+  from c3l_jax import scoring
+  from c3l_jax.data.prompts import PromptBuilder, load_processor
+
+  model, rows, hf = world["model"], world["rows"], world["hf"]
+  builder = PromptBuilder(load_processor(str(world["root"] / "ours")))
+  pictures = Q.pictures()
+  items, pixels, want = [], {}, []
+  for name in ("panorama", "tiny", "grey"):
+    r = rows[name]
+    enc = builder.encode_qa(Q.QUESTION, Q.ANSWER, pictures[name])
+    assert enc.prompt_image == r["ids"][:-N_ANSWER] and enc.prompt_text == r["text_ids"][:-N_ANSWER]
+    np.testing.assert_array_equal(enc.pixel_values.pixel_values, r["pixels"])
+    assert enc.pixel_values.grid == tuple(r["grid"])
+    pixels[name] = enc.pixel_values
+    # Two answers per picture as token ids: transformers' greedy one (p_t^v far from 0) and it reversed.
+    greedy = r["ids"][-N_ANSWER:]
+    for answer in (greedy, greedy[::-1][:5]):
+      items.append(scoring.ScoreInput(name, enc.prompt_image, enc.prompt_text, answer))
+      v = Q.torch_forward(hf, enc.prompt_image + answer, r["pixels"], r["grid"])
+      d = Q.torch_forward(hf, enc.prompt_text + answer)
+      want.append(Q.i2c(Q.answer_logprobs(v, enc.prompt_image + answer, len(answer)),
+                        Q.answer_logprobs(d, enc.prompt_text + answer, len(answer))))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  scorer = scoring.Scorer(model, mesh, scoring.ScoringConfig(prefix_sharing=prefix_sharing, batch_rows=6),
+                          model.cfg.image_token_id, builder.pad_id)
+  got = [r["i2c"] for r in scorer.score(items, pixels)]
+  for g, w in zip(got, want):
+    assert abs(g - w) < 1e-3 * abs(w) + 1e-6, (got, want)
+  assert max(abs(w) for w in want) > 0.1

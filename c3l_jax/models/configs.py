@@ -331,6 +331,13 @@ class Qwen25VLConfig(JsonConfig):
   remat: bool = False
   attention: str = "xla"  # c3l_jax.models.attention: auto | xla | cudnn | splash (the decoder's)
 
+  @property
+  def image_seq_length(self) -> int:
+    """The most image tokens one picture can become (`max_pixels` / (28 x 28)): the budget the memory
+    plan sizes for; each picture's own count depends on its size (`image_grid_thw`)."""
+    side = self.vision.patch_size * self.vision.spatial_merge_size
+    return self.max_pixels // (side * side)
+
   def __post_init__(self):
     if 2 * sum(self.text.rope.mrope_section) != self.text.head_dim:
       raise ValueError(f"mrope_section {list(self.text.rope.mrope_section)} does not split head_dim "

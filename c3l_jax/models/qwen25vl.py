@@ -36,6 +36,7 @@ from c3l_jax.models import layers as L
 from c3l_jax.models.base import VLM
 from c3l_jax.models.configs import Qwen25VLConfig, QwenVisionConfig
 from c3l_jax.models.llama import LlamaForCausalLM, positions_and_mask, segments
+from c3l_jax.models.pictures import QwenPicture
 
 
 class QwenImages(NamedTuple):
@@ -110,6 +111,31 @@ def pack_images(pixel_values: np.ndarray, grids: Sequence[Sequence[int]], cfg: Q
   patches = np.zeros((len(image), cfg.patch_dim), pixel_values.dtype)
   patches[:len(pixel_values)] = pixel_values
   return QwenImages(patches, hw, window, image)
+
+
+class QwenImageInputs:
+  """How a batch's pictures enter the model, for a family whose pictures differ in size: their patches
+  packed into one sequence padded to a multiple of `patch_bucket` (a few static shapes), and the
+  prompts' M-RoPE positions computed on the host. `c3l_jax.models.vlm.FixedImageInputs` is the
+  fixed-size families' counterpart (stacked pixels, no positions)."""
+
+  variable = True
+
+  def __init__(self, cfg: Qwen25VLConfig, patch_bucket: int = 256):
+    self.cfg, self.patch_bucket = cfg, patch_bucket
+
+  def batch(self, pictures: Sequence[QwenPicture]) -> QwenImages:
+    from c3l_jax.data.batching import bucket
+
+    total = sum(p.num_patches for p in pictures)
+    return pack_images(np.concatenate([p.pixel_values for p in pictures]), [p.grid for p in pictures],
+                       self.cfg.vision, pad_to=bucket(max(total, 1), self.patch_bucket))
+
+  def rope_positions(self, tokens: np.ndarray, mask: np.ndarray | None,
+                     pictures: Sequence[QwenPicture]) -> np.ndarray:
+    """`[B, T, 3]` positions of left- or right-padded rows whose image runs belong to `pictures`, in
+    order."""
+    return mrope_positions(tokens, mask, [p.grid for p in pictures], self.cfg)[0]
 
 
 def mrope_positions(tokens: np.ndarray, attention_mask: np.ndarray | None,
@@ -294,5 +320,5 @@ class Qwen25VLVLM(VLM):
     return self.language_model.logits(hidden)
 
 
-__all__ = ["Qwen25VLVLM", "QwenImages", "QwenPatchMerger", "QwenVisionTower", "image_tokens",
+__all__ = ["Qwen25VLVLM", "QwenImageInputs", "QwenImages", "QwenPicture", "QwenPatchMerger", "QwenVisionTower", "image_tokens",
            "mrope_positions", "pack_images", "patch_layout", "vision_rope"]

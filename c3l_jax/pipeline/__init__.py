@@ -39,7 +39,7 @@ ABLATION_VARIANTS: tuple[str, ...] = ("final_mode", "length_norm")
 
 # Fields with a closed set of values. Extend a tuple when an issue adds a value (and implements it).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("llava15", "minigpt4"),
+    "model.family": ("llava15", "minigpt4", "qwen25vl"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "train.param_dtype": ("float32", "bfloat16", "float16"),
@@ -73,6 +73,8 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
+    "model.min_pixels": (0, True, math.inf, False),
+    "model.max_pixels": (0, True, math.inf, False),
     "data.image_cache": (0, True, math.inf, False),
     "filter.min_question_words": (0, True, math.inf, False),
     "filter.max_question_words": (1, True, math.inf, False),
