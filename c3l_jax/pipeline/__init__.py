@@ -170,6 +170,14 @@ def check_config(config: Any) -> tuple[str, ...]:
   if dist.enabled and dist.num_processes > 0 and config.train.batch_size % dist.num_processes:
     raise ConfigError(f"config.train.batch_size={config.train.batch_size} (global) does not divide over "
                       f"config.distributed.num_processes={dist.num_processes}")
+  if config.model.family == "qwen25vl":  # what the variable-resolution family does not do (yet)
+    listed = {name.strip() for name in str(config.stages).split(",")}
+    if config.train.objective == "align" and ("train" in listed or "ablation" in listed):
+      raise ConfigError("config.train.objective=align (CG-VLM) is not implemented for qwen25vl "
+                        "(its patch features vary in number per picture): use c3l or vlit")
+    if dist.enabled and ("train" in listed or "ablation" in listed):
+      raise ConfigError("training qwen25vl with several processes (config.distributed) is not "
+                        "implemented: train on one host (the inference stages run distributed)")
   from c3l_jax.data import instructions  # jax-free
   try:
     instructions.parse_mix(config.generation.instruction_mix)

@@ -30,6 +30,7 @@ from c3l_jax.data.images import ImageError
 from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor, vigc_target
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
 from c3l_jax.data.sources import open_source
+from c3l_jax.models.vlm import image_inputs
 from c3l_jax.pipeline import common, select
 
 CAPTION_INSTRUCTION = "Describe the image briefly."
@@ -99,21 +100,26 @@ def run(config: Any, workdir: str) -> dict:
       config.model.checkpoint, mesh,
       param_dtypes=lambda path: config.train.param_dtype if trained(f"vlm/{path}") else None,
       **common.model_runtime(config))
-  builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
-                          vlm.cfg.image_seq_length)
+  builder = PromptBuilder(load_processor(config.model.checkpoint, config.model.get("min_pixels", 0),
+                                         config.model.get("max_pixels", 0)),
+                          vlm.cfg.image_token_id, vlm.cfg.image_seq_length)
+  images = image_inputs(vlm.cfg)
   source = open_source(config, builder)
   if not rows:
     raise BadInput("train: no training records")
-  try:  # token ids do not depend on the picture (fixed-size image processors): one reference picture
-    reference = source.load(rows[0]["image"])
-  except ImageError as e:
-    raise BadInput(f"train: record {rows[0].get('id')!r}: {e}") from None
-  prompts: dict[str, np.ndarray] = {}
+  # Token ids do not depend on the picture for fixed-size image processors (one reference picture);
+  # a variable-resolution family's prompt holds as many image tokens as its own picture makes.
+  prompts: dict[tuple, np.ndarray] = {}
 
-  def prompt(text: str) -> np.ndarray:
-    if text not in prompts:
-      prompts[text] = np.asarray(builder.encode_prompt(text, reference)[0], np.int32)
-    return prompts[text]
+  def prompt(text: str, image: str) -> np.ndarray:
+    key = (text, image if images.variable else None)
+    if key not in prompts:
+      try:
+        picture = source.load(image)
+      except ImageError as e:
+        raise BadInput(f"train: image {image!r}: {e}") from None
+      prompts[key] = np.asarray(builder.encode_prompt(text, picture)[0], np.int32)
+    return prompts[key]
 
   def ids(tokens) -> np.ndarray:
     return np.asarray(tokens, np.int32)
@@ -128,11 +134,11 @@ def run(config: Any, workdir: str) -> dict:
         raise BadInput(f"train.objective=align needs a non-empty 'caption' in every record; "
                        f"record {rec.get('id')!r} has none")
       caption = builder.encode_answer(rec["caption"])
-      ce_examples.append({"prompt": prompt(CAPTION_INSTRUCTION), "target": ids(caption + eos),
+      ce_examples.append({"prompt": prompt(CAPTION_INSTRUCTION, rec["image"]), "target": ids(caption + eos),
                           "caption": ids(caption), "image": rec["image"], "id": rec["id"]})
   elif objective == "vlit":
     for rec in rows:
-      ce_examples.append({"prompt": prompt(rec["question"]),
+      ce_examples.append({"prompt": prompt(rec["question"], rec["image"]),
                           "target": ids(builder.encode_answer(rec["answer"]) + eos),
                           "image": rec["image"], "id": rec["id"]})
   else:
@@ -142,7 +148,7 @@ def run(config: Any, workdir: str) -> dict:
       if kind not in VIGC_INSTRUCTIONS:
         raise BadInput(f"record {rec.get('id')!r}: unknown instruction_type {kind!r}")
       sample = builder.encode_answer(vigc_target(rec["question"], rec["answer"]))
-      encoded[rec["id"]] = {"prompt": prompt(VIGC_INSTRUCTIONS[kind]), "target": ids(sample + eos),
+      encoded[rec["id"]] = {"prompt": prompt(VIGC_INSTRUCTIONS[kind], rec["image"]), "target": ids(sample + eos),
                             "sample": ids(sample), "image": rec["image"], "id": rec["id"]}
     if cfg.ce_weight:  # L_r on the top fraction, best first
       top = [r for r in rows if r["top_fraction"]]
@@ -179,7 +185,7 @@ def run(config: Any, workdir: str) -> dict:
   trainer.restore_latest()
   history = trainer.run(trainer_lib.batch_fn(
       ce_examples, groups, cfg, config.train.batch_size, config.train.batch_size,
-      1 + config.train.max_negatives, builder.pad_id, config.seed, pixels=pixels))
+      1 + config.train.max_negatives, builder.pad_id, config.seed, pixels=pixels, images=images))
   # Every process holds the same history (its metrics are global); one writes it.
   runtime.get().lead_writes("train:history",
                             lambda: write_jsonl(os.path.join(stage_dir, "history.jsonl"), history))
