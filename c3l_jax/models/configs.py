@@ -318,7 +318,8 @@ class Qwen25VLConfig(JsonConfig):
   vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)
   text: LlamaConfig = dataclasses.field(default_factory=lambda: LlamaConfig(
       vocab_size=151936, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-      num_key_value_heads=2, head_dim=128, qkv_bias=True))
+      num_key_value_heads=2, head_dim=128, qkv_bias=True, rms_norm_eps=1e-6, tie_word_embeddings=True,
+      rope=RopeConfig(theta=1e6, mrope_section=(16, 24, 24))))
   image_token_id: int = 151655
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653

@@ -115,7 +115,7 @@ def pack_images(pixel_values: np.ndarray, grids: Sequence[Sequence[int]], cfg: Q
 
 class QwenImageInputs:
   """How a batch's pictures enter the model, for a family whose pictures differ in size: their patches
-  packed into one sequence padded to a multiple of `patch_bucket` (a few static shapes), and the
+  packed into one sequence padded to a bucketed multiple of `patch_bucket` (a few static shapes), and the
   prompts' M-RoPE positions computed on the host. `c3l_jax.models.vlm.FixedImageInputs` is the
   fixed-size families' counterpart (stacked pixels, no positions)."""
 
@@ -125,11 +125,13 @@ class QwenImageInputs:
     self.cfg, self.patch_bucket = cfg, patch_bucket
 
   def batch(self, pictures: Sequence[QwenPicture]) -> QwenImages:
-    from c3l_jax.data.batching import bucket
-
     total = sum(p.num_patches for p in pictures)
+    # A multiple of `patch_bucket`, and at most 8 lengths per octave (as `data.batching.bucket`): a
+    # run compiles a handful of shapes, the padding stays under 1/8.
+    step = max(self.patch_bucket, (1 << max(total.bit_length() - 1, 0)) // 8)
+    pad_to = max(1, -(-total // step)) * step
     return pack_images(np.concatenate([p.pixel_values for p in pictures]), [p.grid for p in pictures],
-                       self.cfg.vision, pad_to=bucket(max(total, 1), self.patch_bucket))
+                       self.cfg.vision, pad_to=pad_to)
 
   def rope_positions(self, tokens: np.ndarray, mask: np.ndarray | None,
                      pictures: Sequence[QwenPicture]) -> np.ndarray:
