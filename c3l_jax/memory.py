@@ -498,7 +498,8 @@ def xla_bytes(stage: str, model_cfg: Any, config: Any, mesh) -> int:
     a = bucket(q * (g // shards) * config.generation.max_new_tokens, scoring.ScoringConfig.answer_bucket)
     i32 = jnp.int32
     with jax.set_mesh(mesh):
-      prefix = scoring._prefix_cache.lower(graphdef, state, batch((g, p), i32), pixels(g)).compile()
+      prefix = scoring._prefix_cache.lower(graphdef, state, batch((g, p), i32), batch((g, p), i32),
+                                           pixels(g)).compile()
     text = cfg.text
     kp = jax.ShapeDtypeStruct((text.num_hidden_layers, g, text.num_key_value_heads, p, text.head_dim),
                               jnp.dtype(cfg.dtype), sharding=jax.sharding.NamedSharding(
@@ -506,7 +507,8 @@ def xla_bytes(stage: str, model_cfg: Any, config: Any, mesh) -> int:
                                                                    "tensor", None, None)))
     from c3l_jax.models.llama import KVCache
     with jax.set_mesh(mesh):
-      suffix = scoring._suffix_pass.lower(graphdef, state, KVCache(kp, kp), batch((g, w), i32),
+      suffix = scoring._suffix_pass.lower(graphdef, state, KVCache(kp, kp), batch((g, p), i32),
+                                          batch((g, w), i32),
                                           batch((g, w), i32), batch((g, w), i32), batch((shards, a), i32),
                                           full=config.scoring.mode == "full_kl").compile()
     return max(_program_bytes(prefix), _program_bytes(suffix))

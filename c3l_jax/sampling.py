@@ -190,7 +190,7 @@ def _decode_until(model: nnx.Module, s: _Slots, need: jax.Array, cfg: SamplingCo
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
               pixel_values: jax.Array | None, keys: jax.Array, cfg: SamplingConfig,
-              rope_positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+              rope_positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   s = _start(model, tokens, mask, pixel_values, keys, jnp.full((b,), cfg.max_new_tokens),
