@@ -35,6 +35,7 @@ empty rows; every row's tokens are compared with transformers' up to its budget.
     python bench/generate.py              # batch 8 x 64 new tokens, the mid-size model
     python bench/generate.py --mix=pipeline   # the initial stage's length mix, batch 8
     python bench/generate.py --small      # smoke test
+    python bench/generate.py --mix=pipeline --family=qwen25vl   # Qwen2.5-VL (bench/qwen.py)
     python bench/generate.py --profile    # also time prefill and decode of each implementation
 """
 
@@ -258,12 +259,20 @@ def main():
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--mix", choices=("fixed", "pipeline"), default="fixed",
                   help="fixed: every row --new_tokens; pipeline: the initial stage's length mix")
+  ap.add_argument("--family", default="llava15", choices=["llava15", "qwen25vl"],
+                  help="qwen25vl (with --mix=pipeline): Qwen2.5-VL against transformers' (bench/qwen.py)")
   ap.add_argument("--prompts", type=int, default=None, help="prompts for --mix=pipeline (default "
                   "4 x batch)")
   args = ap.parse_args()
 
   from c3l_jax import sampling
 
+  if args.family == "qwen25vl":
+    if args.mix != "pipeline":
+      raise SystemExit("--family=qwen25vl runs with --mix=pipeline")
+    from bench import qwen
+
+    return qwen.generate_mix_main(args)
   models, mm = common.setup(args)
   if args.mix == "pipeline":
     return main_mix(args, models)

@@ -28,6 +28,7 @@ printed, never asserted.
     python bench/score.py                 # N=8 images x 5 QA, the mid-size model
     python bench/score.py --small         # smoke test
     python bench/score.py --profile       # also time the pieces of each implementation
+    python bench/score.py --family=qwen25vl   # Qwen2.5-VL, pictures of 8 sizes (bench/qwen.py)
 """
 
 from __future__ import annotations
@@ -270,8 +271,16 @@ def main():
   ap.add_argument("--no_naive_jax", action="store_true", help="skip the prefix_sharing=False run")
   ap.add_argument("--profile", action="store_true", help="time the pieces of each implementation")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--family", default="llava15", choices=["llava15", "qwen25vl"],
+                  help="qwen25vl: Qwen2.5-VL against transformers' (bench/qwen.py)")
   args = ap.parse_args()
   n_images = args.n_images or (4 if args.small else 8)
+  if args.family == "qwen25vl":
+    from bench import qwen
+
+    args.images = n_images
+    qwen.score_main(args)
+    return
 
   from c3l_jax import scoring
 

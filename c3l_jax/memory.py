@@ -64,13 +64,38 @@ KNOWN_ARCHS: dict[str, dict] = {
     "llava15-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                         num_attention_heads=40),
 }
+# Qwen/Qwen2.5-VL-{3B,7B,72B}-Instruct's config.json (the flat schema; one vision tower but for its
+# output width); min / max pixels of their preprocessor_config.json.
+_QWEN_VISION = dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
+                    in_chans=3, patch_size=14, spatial_merge_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], temporal_patch_size=2)
+_QWEN_TEXT = dict(model_type="qwen2_5_vl", hidden_act="silu", max_position_embeddings=128000,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, image_token_id=151655,
+                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+KNOWN_QWEN_ARCHS: dict[str, dict] = {
+    "qwen25vl-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                        tie_word_embeddings=True),
+    "qwen25vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                        tie_word_embeddings=False),
+    "qwen25vl-72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                         num_attention_heads=64, num_key_value_heads=8, vocab_size=152064,
+                         tie_word_embeddings=False),
+}
 
 
 def known_arch(name: str):
-  """The `LlavaConfig` of a `KNOWN_ARCHS` name."""
-  from c3l_jax.models.configs import from_hf_config
+  """The model config of a `KNOWN_ARCHS` / `KNOWN_QWEN_ARCHS` name."""
+  from c3l_jax.models.configs import from_hf_config, qwen25vl_from_hf
+  if name in KNOWN_QWEN_ARCHS:
+    text = {**_QWEN_TEXT, **KNOWN_QWEN_ARCHS[name]}
+    vision = {**_QWEN_VISION, "out_hidden_size": text["hidden_size"]}
+    return qwen25vl_from_hf({**text, "vision_config": vision},
+                            {"min_pixels": 3136, "max_pixels": 12845056})
   if name not in KNOWN_ARCHS:
-    raise ValueError(f"unknown architecture {name!r} (known: {', '.join(KNOWN_ARCHS)})")
+    raise ValueError(f"unknown architecture {name!r} (known: "
+                     f"{', '.join([*KNOWN_ARCHS, *KNOWN_QWEN_ARCHS])})")
   return from_hf_config(dict(model_type="llava", image_token_index=32000, vision_feature_layer=-2,
                              vision_feature_select_strategy="default", projector_hidden_act="gelu",
                              vision_config=_CLIP_L336, text_config={**_LLAMA, **KNOWN_ARCHS[name]}))
@@ -187,10 +212,11 @@ def _decoder_layer(text, b: int, t: int, s: int, cb: int, tp: int) -> int:
   return scores + qkv + mlp + b * t * d * cb * 2
 
 
-def _layer_weights(cfg, mesh, pb: int, tower: str) -> int:
-  """One layer of `tower`'s (`language_model` / `vision_tower`) stacked layers gathered whole over
-  fsdp (still split over `tensor`) while the tower runs, in `pb`-byte parameters; 0 without fsdp."""
-  prefix = f"vlm/{tower}/layers/"
+def _layer_weights(cfg, mesh, pb: int, tower: str, stack: str = "layers") -> int:
+  """One layer of `tower`'s (`language_model` / `vision_tower` / `visual`) stacked layers (`stack`)
+  gathered whole over fsdp (still split over `tensor`) while the tower runs, in `pb`-byte parameters;
+  0 without fsdp."""
+  prefix = f"vlm/{tower}/{stack}/"
   stacked = [(shape, axes) for path, shape, axes in param_leaves(cfg) if path.startswith(prefix)]
   if not stacked or mesh["fsdp"] == 1:
     return 0
@@ -202,6 +228,8 @@ def _vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
   """Transient bytes of the vision tower (+ connector) on `images` images, and (with `mesh`) one of its
   layers gathered whole over fsdp."""
   v = cfg.vision
+  if getattr(cfg, "family", "") == "qwen25vl":
+    return _qwen_vision(cfg, images, cb, tp, mesh, pb)
   n = v.num_patches + 1
   h = v.num_attention_heads
   hp = h // tp if h % tp == 0 else h
@@ -213,6 +241,23 @@ def _vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
   features = images * cfg.image_seq_length * cfg.text.hidden_size * cb * 2
   weights = _layer_weights(cfg, mesh, pb, "vision_tower") if mesh is not None else 0
   return layer + pixels + features + weights
+
+
+def _qwen_vision(cfg, images: int, cb: int, tp: int, mesh=None, pb: int = 4) -> int:
+  """Qwen2.5-VL's tower on `images` pictures at the image-token budget (`max_pixels`), packed into one
+  sequence of N patches: one block's transient (float32 scores per key block, the qkv and MLP), the two
+  N x N window / image masks, the patches, the merged features, and one block gathered over fsdp."""
+  v = cfg.vision
+  n = images * cfg.image_seq_length * v.merge_unit
+  hp = v.num_heads // tp if v.num_heads % tp == 0 else v.num_heads
+  mp = v.intermediate_size // tp if v.intermediate_size % tp == 0 else v.intermediate_size
+  layer = (hp * n * min(n, KV_BLOCK) * (4 + cb) + n * (3 * v.hidden_size * 2 + mp * 3) * cb
+           + n * v.hidden_size * cb * 3)
+  masks = 2 * n * n
+  pixels = n * v.patch_dim * 4
+  features = images * cfg.image_seq_length * cfg.text.hidden_size * cb * 2
+  weights = _layer_weights(cfg, mesh, pb, "visual", "blocks") if mesh is not None else 0
+  return layer + masks + pixels + features + weights
 
 
 def _lm_head(text, rows: int, positions: int, tp: int, copies: int = 2) -> int:
@@ -253,6 +298,8 @@ def plan(model_cfg: Any, config: Any, stages: Sequence[str], mesh: dict[str, int
   m = config.model
   cfg = with_runtime(model_cfg, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
                      remat=m.remat, attention=m.attention)
+  if getattr(cfg, "family", "") == "qwen25vl" and m.get("max_pixels", 0):
+    cfg = dataclasses.replace(cfg, max_pixels=int(m.max_pixels))  # the run's image-token budget
   out = []
   for stage in stages:
     if stage in TRAIN_STAGES:
@@ -451,7 +498,8 @@ def xla_bytes(stage: str, model_cfg: Any, config: Any, mesh) -> int:
     a = bucket(q * (g // shards) * config.generation.max_new_tokens, scoring.ScoringConfig.answer_bucket)
     i32 = jnp.int32
     with jax.set_mesh(mesh):
-      prefix = scoring._prefix_cache.lower(graphdef, state, batch((g, p), i32), pixels(g)).compile()
+      prefix = scoring._prefix_cache.lower(graphdef, state, batch((g, p), i32), batch((g, p), i32),
+                                           pixels(g)).compile()
     text = cfg.text
     kp = jax.ShapeDtypeStruct((text.num_hidden_layers, g, text.num_key_value_heads, p, text.head_dim),
                               jnp.dtype(cfg.dtype), sharding=jax.sharding.NamedSharding(
@@ -459,7 +507,8 @@ def xla_bytes(stage: str, model_cfg: Any, config: Any, mesh) -> int:
                                                                    "tensor", None, None)))
     from c3l_jax.models.llama import KVCache
     with jax.set_mesh(mesh):
-      suffix = scoring._suffix_pass.lower(graphdef, state, KVCache(kp, kp), batch((g, w), i32),
+      suffix = scoring._suffix_pass.lower(graphdef, state, KVCache(kp, kp), batch((g, p), i32),
+                                          batch((g, w), i32),
                                           batch((g, w), i32), batch((g, w), i32), batch((shards, a), i32),
                                           full=config.scoring.mode == "full_kl").compile()
     return max(_program_bytes(prefix), _program_bytes(suffix))
@@ -680,7 +729,8 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=False)
-  flags.DEFINE_string("arch", "", f"a known architecture instead of a checkpoint: {', '.join(KNOWN_ARCHS)}")
+  flags.DEFINE_string("arch", "", "a known architecture instead of a checkpoint: "
+                      f"{', '.join([*KNOWN_ARCHS, *KNOWN_QWEN_ARCHS])}")
   flags.DEFINE_integer("devices", 0, "devices of the mesh (0: jax's)")
   flags.DEFINE_float("device_memory_gb", 0.0, "memory per device (0: the config's / the backend's)")
   flags.DEFINE_string("stages", "", "stages to plan (default: the config's)")

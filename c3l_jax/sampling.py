@@ -108,32 +108,42 @@ def _stopped(tokens: jax.Array, step: jax.Array, cfg: SamplingConfig) -> jax.Arr
 
 
 def _prefill(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
-             prompt_slots: int, slots: int) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+             prompt_slots: int, slots: int, rope_positions: jax.Array | None = None
+             ) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
   """Prompts `[b, t]` (left-padded, `t <= prompt_slots`) written to cache slots `[P - t, P)` of fresh
-  cache rows of `slots` slots: `(cache, key_valid [b, slots], positions [b], logits [b, V])`."""
+  cache rows of `slots` slots: `(cache, key_valid [b, slots], positions [b], logits [b, V])`.
+
+  `rope_positions` `[b, t, 3]`: the prompts' multimodal RoPE positions (Qwen2.5-VL, computed on the
+  host); the generated tokens then continue from each row's largest position + 1, the same in all three
+  streams (a `[B, 1]` position is exactly that). None: positions count the real tokens."""
   lm = model.language_model
   b, t = tokens.shape
   start = prompt_slots - t
   valid = mask.astype(jnp.bool_)
   key_valid = jnp.concatenate([jnp.zeros((b, start), jnp.bool_), valid,
                                jnp.zeros((b, slots - prompt_slots), jnp.bool_)], axis=1)
-  positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+  if rope_positions is None:
+    positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+    next_position = jnp.sum(valid, axis=-1).astype(jnp.int32)
+  else:
+    positions = rope_positions
+    next_position = jnp.max(jnp.where(valid[..., None], rope_positions, -1), axis=(1, 2)) + 1
   prefill_mask = L.causal_mask(jnp.broadcast_to(start + jnp.arange(t), (b, t)),
                                jnp.broadcast_to(jnp.arange(slots), (b, slots)), key_valid)
   cache = KVCache.zeros(lm.cfg, b, slots, lm.dtype)
   x = model.embed_image_and_text(tokens, pixel_values)
   hidden, cache = lm.decode_hidden(x, positions, prefill_mask, cache, start)
-  return cache, key_valid, jnp.sum(valid, axis=-1).astype(jnp.int32), lm.logits(hidden[:, -1])
+  return cache, key_valid, next_position.astype(jnp.int32), lm.logits(hidden[:, -1])
 
 
 def _start(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
            keys: jax.Array, limits: jax.Array, active: jax.Array, cfg: SamplingConfig,
-           prompt_slots: int) -> _Slots:
+           prompt_slots: int, rope_positions: jax.Array | None = None) -> _Slots:
   """Prefill every slot; rows with `active` False start done (empty slots)."""
   b = tokens.shape[0]
   n = cfg.max_new_tokens
   cache, key_valid, positions, logits = _prefill(model, tokens, mask, pixel_values, prompt_slots,
-                                                 prompt_slots + n)
+                                                 prompt_slots + n, rope_positions)
   return _Slots(cache=cache, key_valid=key_valid, positions=positions, logits=logits,
                 tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), step=jnp.zeros((b,), jnp.int32),
                 limit=limits.astype(jnp.int32), done=~active, keys=keys,
@@ -178,21 +188,22 @@ def _decode_until(model: nnx.Module, s: _Slots, need: jax.Array, cfg: SamplingCo
 
 
 def decode(model: nnx.Module, tokens: jax.Array, mask: jax.Array, pixel_values: jax.Array | None,
-           keys: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+           keys: jax.Array, cfg: SamplingConfig, rope_positions: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array]:
   """`generate`'s computation, traceable inside another jitted function (e.g. a train step that
   generates): `(tokens [B, max_new_tokens], lengths [B])` for left-padded prompts."""
   b, t = tokens.shape
   s = _start(model, tokens, mask, pixel_values, keys, jnp.full((b,), cfg.max_new_tokens),
-             jnp.ones((b,), jnp.bool_), cfg, t)
+             jnp.ones((b,), jnp.bool_), cfg, t, rope_positions)
   s = _decode_until(model, s, jnp.asarray(b + 1), cfg, t)
   return s.tokens, _lengths(s.tokens, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
-              pixel_values: jax.Array | None, keys: jax.Array, cfg: SamplingConfig
-              ) -> tuple[jax.Array, jax.Array]:
-  return decode(nnx.merge(graphdef, state), tokens, mask, pixel_values, keys, cfg)
+              pixel_values: jax.Array | None, keys: jax.Array, cfg: SamplingConfig,
+              rope_positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  return decode(nnx.merge(graphdef, state), tokens, mask, pixel_values, keys, cfg, rope_positions)
 
 
 def _lengths(tokens: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -206,14 +217,17 @@ def _lengths(tokens: jax.Array, cfg: SamplingConfig) -> jax.Array:
 
 def generate(model: nnx.Module, tokens: jax.Array | np.ndarray, mask: jax.Array | np.ndarray,
              pixel_values: jax.Array | np.ndarray | None, cfg: SamplingConfig,
-             keys: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+             keys: jax.Array | None = None, rope_positions: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Generate continuations of left-padded prompts.
 
   Args:
     model: a `LlavaVLM` (possibly sharded: inputs placed with `sharding.shard_batch` stay sharded).
     tokens, mask: `[B, T]` left-padded prompts with `<image>` runs expanded (`pad_prompts`).
-    pixel_values: `[B, C, H, W]`, one image per row, or None for text-only prompts.
+    pixel_values: `[B, C, H, W]`, one image per row (a family's packed image input, e.g.
+      `QwenImages`), or None for text-only prompts.
     keys: per-row PRNG keys `[B]` (required when `cfg.temperature > 0`).
+    rope_positions: `[B, T, 3]` multimodal RoPE positions of the prompts (Qwen2.5-VL), or None.
   Returns:
     `tokens [B, max_new_tokens]` (pad after a row stops) and `lengths [B]` (tokens before EOS).
   """
@@ -222,14 +236,15 @@ def generate(model: nnx.Module, tokens: jax.Array | np.ndarray, mask: jax.Array 
       raise ValueError("sampling with temperature > 0 needs explicit per-row PRNG keys")
     keys = jax.random.split(jax.random.key(0), tokens.shape[0])
   graphdef, state = nnx.split(model)
-  out, lengths = _generate(graphdef, state, tokens, mask, pixel_values, keys, cfg)
+  out, lengths = _generate(graphdef, state, tokens, mask, pixel_values, keys, cfg, rope_positions)
   return np.asarray(out), np.asarray(lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "prompt_slots"))
-def _start_jit(graphdef, state, tokens, mask, pixel_values, keys, limits, active, cfg, prompt_slots):
+def _start_jit(graphdef, state, tokens, mask, pixel_values, keys, limits, active, cfg, prompt_slots,
+               rope_positions=None):
   return _start(nnx.merge(graphdef, state), tokens, mask, pixel_values, keys, limits, active, cfg,
-                prompt_slots)
+                prompt_slots, rope_positions)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "prompt_slots"), donate_argnums=(2,))
@@ -239,11 +254,11 @@ def _decode_jit(graphdef, state, s, need, cfg, prompt_slots):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "prompt_slots"), donate_argnums=(2,))
 def _admit_jit(graphdef, state, s: _Slots, rows, tokens, mask, pixel_values, keys, limits, cfg,
-               prompt_slots):
+               prompt_slots, rope_positions=None):
   """Prefill new prompts into slots `rows` (finished ones), resetting those slots' state."""
   model = nnx.merge(graphdef, state)
   cache, key_valid, positions, logits = _prefill(model, tokens, mask, pixel_values, prompt_slots,
-                                                 s.key_valid.shape[1])
+                                                 s.key_valid.shape[1], rope_positions)
   return s.replace(
       cache=KVCache(s.cache.k.at[:, rows].set(cache.k), s.cache.v.at[:, rows].set(cache.v)),
       key_valid=s.key_valid.at[rows].set(key_valid), positions=s.positions.at[rows].set(positions),
@@ -290,7 +305,7 @@ def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]],
                   pixels: Sequence[np.ndarray] | np.ndarray | None, cfg: SamplingConfig,
                   keys: jax.Array | None = None, *, slots: int, bucket: int,
                   limits: Sequence[int] | None = None, order: Sequence[int] | None = None,
-                  place=None) -> tuple[np.ndarray, np.ndarray, Occupancy]:
+                  place=None, images=None) -> tuple[np.ndarray, np.ndarray, Occupancy]:
   """Generate for any number of prompts with continuous batching over `slots` decode slots.
 
   The first `slots` prompts are prefilled together; whenever a row finishes (EOS, stop sequence or its
@@ -313,6 +328,9 @@ def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]],
       long row admitted late runs on alone; the outputs do not depend on the order.
     place: optional function placing the first fill's numpy batch dict (`tokens`, `mask`, `pixels`) on
       devices (e.g. `sharding.shard_batch` on a mesh); the slots' state stays laid out that way.
+    images: for a family whose images vary in size (Qwen2.5-VL), a function `(indices, tokens, mask) ->
+      (pixel input, rope positions [b, T, 3])` building a batch's packed images and multimodal RoPE
+      positions from the prompts' own images; `pixels` is then ignored.
   Returns:
     `tokens [M, N]` (pad after a row stops), `lengths [M]` (tokens before EOS, at most the row's
     budget) and the `Occupancy`.
@@ -330,12 +348,15 @@ def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]],
     return out, np.zeros(0, np.int32), Occupancy(slots, 0, 0, 0)
   graphdef, state = nnx.split(model)
   prompt_slots = round_up(max(len(p) for p in prompts), bucket)
-  pix = None if pixels is None else np.asarray(pixels)
+  pix = None if pixels is None or images is not None else np.asarray(pixels)
 
   def batch(idx: Sequence[int]) -> dict:
     tokens, mask = pad_prompts([prompts[i] for i in idx], bucket, cfg.pad_id)
-    return {"tokens": tokens, "mask": mask, "pixels": None if pix is None else pix[list(idx)],
-            "keys": keys[np.asarray(idx)], "limits": limits[list(idx)]}
+    out = {"tokens": tokens, "mask": mask, "pixels": None if pix is None else pix[list(idx)],
+           "keys": keys[np.asarray(idx)], "limits": limits[list(idx)], "rope": None}
+    if images is not None:
+      out["pixels"], out["rope"] = images(list(idx), tokens, mask)
+    return out
 
   queue = list(range(m)) if order is None else [int(i) for i in order]
   if sorted(queue) != list(range(m)):
@@ -344,9 +365,10 @@ def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]],
   fill = batch(first + [first[0]] * (slots - len(first)))
   fill["active"] = np.arange(slots) < len(first)
   if place is not None:
-    fill.update(place({k: fill[k] for k in ("tokens", "mask", "pixels") if fill[k] is not None}))
+    placed = ("tokens", "mask") if images is not None else ("tokens", "mask", "pixels")
+    fill.update(place({k: fill[k] for k in placed if fill[k] is not None}))
   s = _start_jit(graphdef, state, fill["tokens"], fill["mask"], fill["pixels"], fill["keys"],
-                 fill["limits"], fill["active"], cfg, prompt_slots)
+                 fill["limits"], fill["active"], cfg, prompt_slots, fill["rope"])
   owner = first + [-1] * (slots - len(first))  # the prompt in each slot, -1 when empty
   waiting = queue[len(first):]
   prefills, useful = 1, 0
@@ -372,7 +394,7 @@ def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]],
       idx, waiting = waiting[:size], waiting[size:]
       new = batch(idx)
       s = _admit_jit(graphdef, state, s, jnp.asarray(rows, jnp.int32), new["tokens"], new["mask"],
-                     new["pixels"], new["keys"], new["limits"], cfg, prompt_slots)
+                     new["pixels"], new["keys"], new["limits"], cfg, prompt_slots, new["rope"])
       prefills += 1
       for r, i in zip(rows, idx):
         owner[r] = i

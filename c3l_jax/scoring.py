@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from c3l_jax import sharding
-from c3l_jax.data.batching import bucket, right_pad, round_up
+from c3l_jax.data.batching import bucket, left_pad, right_pad, round_up
 from c3l_jax.models.llama import KVCache, positions_and_mask, segments
 
 
@@ -89,37 +89,41 @@ def _gather_answer_logprobs(lm, hidden: jax.Array, tokens: jax.Array, answer_pos
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "full"))
-def _full_pass(graphdef, state, tokens, mask, pixel_values, answer_pos, full: bool):
-  """Naive teacher forcing over whole sequences `[B, T]` (right-padded)."""
+def _full_pass(graphdef, state, tokens, mask, pixel_values, answer_pos, full: bool, rope=None):
+  """Naive teacher forcing over whole sequences `[B, T]` (right-padded); `rope` `[B, T, 3]`: the
+  multimodal RoPE positions of a variable-resolution family (else positions count the tokens)."""
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   x = model.embed_image_and_text(tokens, pixel_values)
   positions, mask3 = positions_and_mask(mask, tokens.shape)
+  positions = positions if rope is None else rope
   hidden, _ = lm.decode_hidden(x, positions, mask3, segment_ids=segments(mask, tokens.shape))
   return _gather_answer_logprobs(lm, hidden, tokens, answer_pos, full)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefix_cache(graphdef, state, prefix, pixel_values) -> KVCache:
-  """KV cache `[L, G, K, P, Dh]` of the shared prefixes `[G, P]` (image tokens included)."""
+def _prefix_cache(graphdef, state, prefix, prefix_mask, pixel_values, rope=None) -> KVCache:
+  """KV cache `[L, G, K, P, Dh]` of the shared prefixes `[G, P]` (image tokens included), left-padded
+  (`prefix_mask`) when their images differ in token count; `rope` `[G, P, 3]` as in `_full_pass`."""
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   x = model.embed_image_and_text(prefix, pixel_values)
-  positions, mask3 = positions_and_mask(None, prefix.shape)
-  _, cache = lm.decode_hidden(x, positions, mask3, segment_ids=segments(None, prefix.shape))
+  positions, mask3 = positions_and_mask(prefix_mask, prefix.shape)
+  positions = positions if rope is None else rope
+  _, cache = lm.decode_hidden(x, positions, mask3, segment_ids=segments(prefix_mask, prefix.shape))
   return cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "full"))
-def _suffix_pass(graphdef, state, cache: KVCache, packed, segments, positions, answer_pos,
+def _suffix_pass(graphdef, state, cache: KVCache, prefix_mask, packed, segments, positions, answer_pos,
                  full: bool):
   """Teacher forcing of each image's QA suffixes, packed into one row, against the image's prefix.
 
   Args:
-    cache: prefix KV cache `[L, G, K, P, Dh]`, read-only.
+    cache: prefix KV cache `[L, G, K, P, Dh]`, read-only; `prefix_mask [G, P]` its real slots.
     packed: `[G, W]` the Q suffixes of image g concatenated (then padding).
     segments: `[G, W]` which suffix (1..Q) a token belongs to; 0 = padding.
-    positions: `[G, W]` RoPE positions, each suffix starting at P.
+    positions: `[G, W]` RoPE positions, each suffix starting where its prefix's positions end.
     answer_pos: `[S, M]` every suffix's answer tokens (`_answer_index` over the rows of `packed`).
   A token attends to the whole prefix and causally to its own suffix only, so the result equals
   scoring each suffix in its own row, without copying the prefix cache per QA (or at all: each layer
@@ -128,10 +132,9 @@ def _suffix_pass(graphdef, state, cache: KVCache, packed, segments, positions, a
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   g, w = packed.shape
-  p = cache.k.shape[KVCache.SLOT_AXIS]
   same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
   own = same & (jnp.arange(w)[None, :] <= jnp.arange(w)[:, None])[None]
-  to_prefix = jnp.broadcast_to((segments > 0)[:, :, None], (g, w, p))
+  to_prefix = (segments > 0)[:, :, None] & prefix_mask.astype(jnp.bool_)[:, None, :]
   mask3 = jnp.concatenate([to_prefix, own], axis=-1)
   hidden, _ = lm.decode_hidden(lm.embed(packed), positions, mask3, prefix=cache)
   return _gather_answer_logprobs(lm, hidden, packed, answer_pos, full)
@@ -186,7 +189,11 @@ class Scorer:
   """
 
   def __init__(self, model: nnx.Module, mesh: jax.sharding.Mesh, cfg: ScoringConfig,
-               image_token_id: int, pad_id: int):
+               image_token_id: int, pad_id: int, images: Any = None):
+    from c3l_jax.models.vlm import image_inputs
+
+    # How pictures enter the model (`models.vlm.image_inputs`): stacked, or packed with M-RoPE positions.
+    self.images = images if images is not None else image_inputs(model.cfg)
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.cfg = mesh, cfg
     self.image_token_id, self.pad_id = image_token_id, pad_id
@@ -197,7 +204,7 @@ class Scorer:
 
   def score(self, items: Sequence[ScoreInput], pixels: dict[Any, np.ndarray]
             ) -> list[dict[str, float]]:
-    """Score `items`; `pixels[image_key]` is the image's `[C, H, W]` pixel array.
+    """Score `items`; `pixels[image_key]` is the image's picture (`[C, H, W]`, or a `QwenPicture`).
 
     Returns one dict per item, in order: `i2c`, `logp_image`, `logp_text`, `n_tokens`; for an item
     with `parts`, each is a list, one value per part.
@@ -242,13 +249,18 @@ class Scorer:
     # turn 5 QA per image into 8 rows). Without prefix sharing every row is its own group (q = 1).
     q = max(len(v) for v in groups.values())
     g = round_up(max(1, self.cfg.batch_rows // q), self.batch_multiple)
-    # Split groups larger than q, then order by prefix length so a batch shares one length.
+    # Split groups larger than q, then order by prefix length so a batch shares one length (pictures
+    # of one size). A variable-resolution family's prefixes differ with their pictures: a batch takes
+    # neighbours in that order, left-padded to one bucketed length.
     chunks = [(key, idx[s:s + q]) for key, idx in groups.items() for s in range(0, len(idx), q)]
     chunks.sort(key=lambda c: len(c[0][1]) if self.cfg.prefix_sharing else 0)
     while chunks:
       head = chunks[:g]
-      plen = len(head[0][0][1]) if self.cfg.prefix_sharing else 0
-      head = [c for c in head if not self.cfg.prefix_sharing or len(c[0][1]) == plen]
+      plen = max(len(c[0][1]) for c in head) if self.cfg.prefix_sharing else 0
+      if self.cfg.prefix_sharing and self.images.variable:
+        plen = bucket(plen, self.cfg.suffix_bucket)
+      else:
+        head = [c for c in head if not self.cfg.prefix_sharing or len(c[0][1]) == len(head[0][0][1])]
       chunks = chunks[len(head):]
       images = [c[0][0] for c in head] + [None] * (g - len(head))
       rows = [c[1][j] if j < len(c[1]) else None for c in head for j in range(q)]
@@ -284,11 +296,18 @@ class Scorer:
     rows = [items[i] if i is not None else filler for i in batch.rows]
     real = [i is not None for i in batch.rows]
     first_image = next(k for k in batch.images if k is not None)
-    pix = np.stack([pixels[k if k is not None else first_image] for k in batch.images])
+    pictures = [pixels[k if k is not None else first_image] for k in batch.images]
+    pix = self.images.batch(pictures)
 
     if cfg.prefix_sharing:
       p, g = batch.prefix_len, len(batch.images)
-      prefixes = [list(rows[j * batch.q].prompt_image[:p]) for j in range(g)]
+      own = [self._prefix_len(rows[j * batch.q]) for j in range(g)]  # each image's own prefix length
+      prefixes = [list(rows[j * batch.q].prompt_image[:own[j]]) for j in range(g)]
+      prefix_tokens, prefix_mask = left_pad(prefixes, p, self.pad_id)
+      rope = self.images.rope_positions(prefix_tokens, prefix_mask, pictures)
+      # Where each image's suffixes start: after its prefix's last position (its token count, or one
+      # past the largest M-RoPE position).
+      pos0 = [own[j] if rope is None else int(rope[j].max()) + 1 for j in range(g)]
       packed_rows, seg_rows, pos_rows, starts = [], [], [], []
       for j in range(g):
         toks, segs, poss = [], [], []
@@ -298,11 +317,11 @@ class Scorer:
           if batch.rows[row] is None:
             starts.append((j, 0))  # a padding row: no answer tokens
             continue
-          suffix = list(r.prompt_image[p:]) + list(r.answer)
-          starts.append((j, len(toks) + len(r.prompt_image) - p))
+          suffix = list(r.prompt_image[own[j]:]) + list(r.answer)
+          starts.append((j, len(toks) + len(r.prompt_image) - own[j]))
           toks += suffix
           segs += [k + 1] * len(suffix)
-          poss += list(range(p, p + len(suffix)))
+          poss += list(range(pos0[j], pos0[j] + len(suffix)))
         packed_rows.append(toks)
         seg_rows.append(segs)
         pos_rows.append(poss)
@@ -312,13 +331,23 @@ class Scorer:
       positions, _ = right_pad(pos_rows, width, p)
       spans = self._spans(starts, rows, real)
       ans, item = _answer_index(spans, g, width, self.batch_multiple, cfg.answer_bucket)
-      prefix, pix_d = self._put(np.asarray(prefixes, np.int32), pix)
-      cache = _prefix_cache(self.graphdef, self.state, prefix, pix_d)
-      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache,
+      prefix, prefix_mask_d = self._put(prefix_tokens, prefix_mask)
+      pix_d = pix if self.images.variable else self._put(pix)[0]  # packed patches stay whole
+      rope_d = None if rope is None else self._put(rope)[0]
+      cache = _prefix_cache(self.graphdef, self.state, prefix, prefix_mask_d, pix_d, rope_d)
+      logp_v, full_v = _suffix_pass(self.graphdef, self.state, cache, prefix_mask_d,
                                     *self._put(packed, segments, positions, ans), full)
     else:
       tokens, mask, ans, item = self._full_rows([r.prompt_image for r in rows], rows, real)
-      logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, ans), full)
+      # One picture per row: a row repeats its image's picture (padding rows: the first's).
+      row_pictures = [pixels[r.image_key] for r in rows]
+      if self.images.variable:
+        rope = self.images.rope_positions(tokens, mask, row_pictures)
+        logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask),
+                                    self.images.batch(row_pictures), *self._put(ans), full,
+                                    self._put(rope)[0])
+      else:
+        logp_v, full_v = _full_pass(self.graphdef, self.state, *self._put(tokens, mask, pix, ans), full)
 
     tokens, mask, ans_t, item_t = self._full_rows([r.prompt_text for r in rows], rows, real)
     assert (item_t == item).all(), "both passes must list the same answer tokens in the same order"

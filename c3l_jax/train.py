@@ -44,14 +44,16 @@ from c3l_jax import losses, runtime, sampling, sharding
 from c3l_jax.data.batching import left_pad, right_pad, round_up
 from c3l_jax.data.records import BadInput, write_fault, write_text_atomic
 from c3l_jax.models.llama import positions_and_mask
-from c3l_jax.models.vlm import LlavaVLM
+from c3l_jax.models.vlm import FixedImageInputs, LlavaVLM
 
 # Shorthands accepted in `train.trainable` (any other entry is a regex searched in the parameter path,
 # e.g. "language_model/layers/(q|v)_proj").
 TRAINABLE_ALIASES = {
-    "connector": r"^vlm/(multi_modal_projector|llama_proj)/",  # LLaVA's projector / MiniGPT-4's
+    # LLaVA's projector / MiniGPT-4's / Qwen2.5-VL's patch merger
+    "connector": r"^vlm/(multi_modal_projector|llama_proj|visual/merger)/",
     "decoder": r"^vlm/language_model/",
-    "vision": r"^vlm/(vision_tower|qformer)/",  # MiniGPT-4's visual encoder is ViT + Q-Former
+    # MiniGPT-4's visual encoder is ViT + Q-Former; Qwen2.5-VL's blocks (its merger is the connector)
+    "vision": r"^vlm/(vision_tower|qformer|visual/(patch_embed|blocks))/",
     "head": r"^head/",
     "temperature": r"^temperature/",
 }
@@ -141,6 +143,7 @@ def ce_loss(vlm: LlavaVLM, batch: dict) -> jax.Array:
   """
   x = vlm.embed_image_and_text(batch["tokens"], batch.get("pixels"))
   positions, mask3 = positions_and_mask(batch["mask"], batch["tokens"].shape)
+  positions = batch.get("rope", positions)  # M-RoPE positions of a variable-resolution family
   hidden, _ = vlm.language_model.decode_hidden(x, positions, mask3)
   if "head_positions" in batch:
     where = batch["head_positions"]
@@ -184,7 +187,8 @@ def anchor_representation(model: Generator, batch: dict, cfg: "TrainConfig") -> 
     mask = jnp.concatenate([mask.astype(jnp.int32), y_mask], axis=1)
   x = vlm.embed_image_and_text(tokens, batch["anchor_pixels"])
   positions, mask3 = positions_and_mask(mask, tokens.shape)
-  hidden, _ = lm.decode_hidden(x, positions, mask3)
+  # A variable-resolution family's prompt anchors carry their M-RoPE positions (`anchor_rope`).
+  hidden, _ = lm.decode_hidden(x, batch.get("anchor_rope", positions), mask3)
   if cfg.anchor == "generated":
     return losses.pooled_representation(model.head, hidden[:, prompt_width:], y_mask)
   return losses.pooled_representation(model.head, hidden, mask)
@@ -504,13 +508,15 @@ def _stack_pictures(pictures: Sequence[dict | None], pixels: PixelFn | None,
 def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int = 0,
              pixels: PixelFn | None = None, head_width: int = 0,
              pictures: Sequence[dict | None] | None = None,
-             blank: Callable[[], np.ndarray] | None = None) -> dict:
+             blank: Callable[[], np.ndarray] | None = None, images: Any = None) -> dict:
   """Right-padded prompt+target sequences; `weights` = 1 on target tokens (prompt/padding masked);
   `head_positions [B, W]` the positions predicting a target (`W` a multiple of `HEAD_BUCKET`),
   `head_weights [B, W]` 1 where such a position is real. `width` / `head_width`: the padded lengths
   (default: the longest in `examples`, rounded up to `bucket` / `HEAD_BUCKET`). `pictures`: the
   batch's pixel rows (`arrange_pictures`, None entries filled by `blank()`) when some examples are
-  text-only; default: every example's own picture, or none when the first example has none."""
+  text-only; default: every example's own picture, or none when the first example has none.
+  `images`: how pictures enter the model (`models.vlm.image_inputs`; default stacked); a
+  variable-resolution family's batch also holds `rope`, the M-RoPE positions `[B, T, 3]`."""
   seqs = [list(e["prompt"]) + list(e["target"]) for e in examples]
   tokens, mask = right_pad(seqs, width or round_up(max(map(len, seqs)), bucket), pad_id)
   weights = np.zeros_like(mask, dtype=np.float32)
@@ -528,15 +534,19 @@ def ce_batch(examples: Sequence[dict], pad_id: int, bucket: int = 32, width: int
   if pictures is not None:
     out["pixels"] = _stack_pictures(pictures, pixels, blank)
   elif _has_image(examples[0]):
-    out["pixels"] = np.stack([_pixels(e, pixels) for e in examples])
+    images = images or FixedImageInputs()
+    own = [_pixels(e, pixels) for e in examples]
+    out["pixels"] = images.batch(own)
+    if images.variable:
+      out["rope"] = images.rope_positions(tokens, mask, own)
   return out
 
 
 def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, bucket: int = 32,
                       widths: tuple[int, int] | None = None, pixels: PixelFn | None = None,
                       pictures: Sequence[dict | None] | None = None,
-                      blank: Callable[[], np.ndarray] | None = None, left_pad_anchor: bool = False
-                      ) -> dict:
+                      blank: Callable[[], np.ndarray] | None = None, left_pad_anchor: bool = False,
+                      images: Any = None) -> dict:
   """Image groups -> anchors `[G, Ta]` + pixels, samples `[G, N, Ts]`, positive index, validity.
   `widths`: the padded (anchor, sample) lengths (default: the longest, rounded up to `bucket`).
   `pictures` / `blank`: as in `ce_batch`, for groups whose anchor prompt is text-only.
@@ -551,9 +561,16 @@ def contrastive_batch(groups: Sequence[dict], pad_id: int, max_samples: int, buc
     for si, s in enumerate(g["samples"][:max_samples]):
       sample_tokens[gi, si, :len(s)], sample_mask[gi, si, :len(s)] = s, 1
       sample_valid[gi, si] = True
-  anchor_pixels = (_stack_pictures(pictures, pixels, blank) if pictures is not None
-                   else np.stack([_pixels(g, pixels) for g in groups]))
-  return {"anchor_tokens": anchor_tokens, "anchor_mask": anchor_mask,
+  extra = {}
+  if pictures is not None:
+    anchor_pixels = _stack_pictures(pictures, pixels, blank)
+  else:
+    images = images or FixedImageInputs()
+    own = [_pixels(g, pixels) for g in groups]
+    anchor_pixels = images.batch(own)
+    if images.variable:
+      extra["anchor_rope"] = images.rope_positions(anchor_tokens, anchor_mask, own)
+  return {"anchor_tokens": anchor_tokens, "anchor_mask": anchor_mask, **extra,
           "anchor_pixels": anchor_pixels,
           "sample_tokens": sample_tokens, "sample_mask": sample_mask, "sample_valid": sample_valid,
           "positive": np.asarray([g["positive"] for g in groups], np.int32),
@@ -577,8 +594,8 @@ def _my_rows(idx: np.ndarray, process: tuple[int, int]) -> np.ndarray:
 
 def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConfig, batch_size: int,
              group_batch: int, max_samples: int, pad_id: int, seed: int,
-             process: tuple[int, int] | None = None, pixels: PixelFn | None = None
-             ) -> Callable[[int], dict]:
+             process: tuple[int, int] | None = None, pixels: PixelFn | None = None,
+             images: Any = None) -> Callable[[int], dict]:
   """`step -> this process's rows of the global batch`, deterministic in (seed, step).
 
   `batch_size` / `group_batch` are global; process `index` of `count` (default: jax's) builds only its
@@ -619,7 +636,7 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
       # Every process pads its rows to the global batch's widths: the same shapes everywhere.
       head_width = round_up(max(max(len(ce_examples[i]["target"]) for i in idx), 1), HEAD_BUCKET)
       batch["ce"] = ce_batch([ce_examples[i] for i in mine], pad_id, width=width, pixels=pixels,
-                             head_width=head_width, blank=blank,
+                             head_width=head_width, blank=blank, images=images,
                              pictures=pictures("ce", [ce_examples[i] for i in idx]))
     if cfg.contrastive_weight and cfg.objective == "align":  # captions of the same images
       tokens, mask = right_pad([ce_examples[i]["caption"] for i in mine],
@@ -630,7 +647,7 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
       idx = epoch_order(len(groups), step, group_batch, seed + 1)
       batch["con"] = contrastive_batch([groups[i] for i in _my_rows(idx, process)], pad_id,
                                        max_samples, widths=_group_widths([groups[i] for i in idx], 32),
-                                       pixels=pixels, blank=blank,
+                                       pixels=pixels, blank=blank, images=images,
                                        pictures=pictures("con", [groups[i] for i in idx]),
                                        left_pad_anchor=cfg.anchor == "generated")
     return batch

@@ -73,13 +73,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.plugins = ""
 
   config.model = ml_collections.ConfigDict()
-  config.model.family = "llava15"  # llava15
+  config.model.family = "llava15"  # llava15 | minigpt4 | qwen25vl
   config.model.checkpoint = ""  # project model directory (c3l_model.json + params/); '' = none
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
   config.model.param_dtype = "float32"  # float32 | bfloat16 | float16
   config.model.scan_layers = True
   config.model.remat = False
   config.model.attention = "xla"  # auto | xla | cudnn | splash (c3l_jax/models/attention.py)
+  # Variable-resolution families (qwen25vl): each picture is resized to an area between these (in
+  # pixels; 28 x 28 pixels make one image token), which bounds its image tokens; 0 = the checkpoint's
+  # preprocessor_config.json values (3,136 and 12,845,056 for Qwen2.5-VL). Not `data.max_pixels`, the
+  # quarantine limit on decoded pictures.
+  config.model.min_pixels = 0
+  config.model.max_pixels = 0
 
   # Device meshes: axis sizes, -1 = the rest of the devices (at most one axis per mesh).
   # Inference stages (initial, score, final, eval, ...) load one model replica per process on a mesh of

@@ -84,6 +84,7 @@ def teach_qa_format(model_dir: str, images_dir: str, steps: int = 40) -> None:
   from c3l_jax.data import instructions as ins
   from c3l_jax.data.images import load_image
   from c3l_jax.data.prompts import VIGC_INSTRUCTIONS, PromptBuilder, load_processor
+  from c3l_jax.models.vlm import image_inputs
 
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   vlm = sharding.load_model(model_dir, mesh)
@@ -107,7 +108,8 @@ def teach_qa_format(model_dir: str, images_dir: str, steps: int = 40) -> None:
   def batch(step: int) -> dict:
     pool = with_image if step % 2 == 0 else text_only
     rng = np.random.default_rng(step)
-    return {"ce": T.ce_batch([pool[i] for i in rng.choice(len(pool), 8)], builder.pad_id)}
+    return {"ce": T.ce_batch([pool[i] for i in rng.choice(len(pool), 8)], builder.pad_id,
+                             images=image_inputs(vlm.cfg))}
 
   trainer.run(batch)
   params = nnx.to_pure_dict(nnx.state(trainer.model().vlm, nnx.Param))

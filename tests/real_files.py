@@ -16,6 +16,7 @@ import struct
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LLAVA_HF_7B = os.path.join(FIXTURES, "llava-1.5-7b-hf")
 LLAVA_ORIGINAL_7B = os.path.join(FIXTURES, "llava-v1.5-7b-original")
+QWEN25VL_3B = os.path.join(FIXTURES, "qwen2.5-vl-3b-instruct")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json",
@@ -133,3 +134,31 @@ def tiny_real_llava(root, text: dict, vision: dict) -> dict:
                         cwd=repo, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr
   return dict(root=root, hf=str(hf), ours=str(root / "ours"), torch=model)
+
+def qwen_hub_to_module(name: str) -> str:
+  """Published Qwen2.5-VL name (`visual.*`, `model.*`) -> transformers 5's module name."""
+  if name.startswith("visual."):
+    return "model." + name
+  if name.startswith("model."):
+    return "model.language_model." + name[len("model."):]
+  return name
+
+
+def published_qwen25vl_3b_headers(dst: str) -> int:
+  """The real Qwen2.5-VL-3B-Instruct small files with its two shard files as sparse safetensors (bf16),
+  every shape taken from transformers' `Qwen2_5_VLForConditionalGeneration` built from the real
+  `config.json` on the meta device; returns the total data bytes."""
+  import torch
+  from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+  shutil.copytree(QWEN25VL_3B, dst)
+  with open(os.path.join(dst, "model.safetensors.index.json")) as f:
+    weight_map = json.load(f)["weight_map"]
+  with torch.device("meta"):
+    model = Qwen2_5_VLForConditionalGeneration(AutoConfig.from_pretrained(dst))
+  shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  files: dict[str, dict[str, tuple[int, ...]]] = {}
+  for name, file in weight_map.items():
+    files.setdefault(file, {})[name] = shapes[qwen_hub_to_module(name)]
+  return sum(write_sparse_safetensors(os.path.join(dst, file), tensors, dtype="BF16")
+             for file, tensors in files.items())

@@ -14,7 +14,6 @@ import pytest
 
 from c3l_jax.data.images import load_image
 from c3l_jax.data.prompts import PromptBuilder, load_processor
-from c3l_jax.pipeline import shards
 from hf_reference import REPO, convert_cli, make_hf_llava, make_tiny_processor, torch_i2c
 
 GOOD = [

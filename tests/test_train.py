@@ -379,7 +379,7 @@ def test_as_generated_inputs_are_the_prompts_that_generated_each_sample(world, m
   for k, r in enumerate(rows):  # roles by hand: the first sample of each image is its positive
     r.update(i2c=1.0 - 0.1 * k, top_fraction=k < 5, role="positive" if k % 3 == 0 else "negative")
   builder = world["builder"]
-  prompt = stage.prompt_encoder(builder, spy.source.load("a.png"))
+  prompt = stage.prompt_encoder(builder, spy.source.load)
 
   def examples(inputs, anchor_instruction="positive"):
     config = types.SimpleNamespace(train=types.SimpleNamespace(

@@ -9,11 +9,12 @@ import sys
 from absl import app, flags
 
 from c3l_jax import checkpoint
-from c3l_jax.convert import ConversionError, dry_run_report, minigpt4, prepare_llava, write_model
+from c3l_jax.convert import ConversionError, dry_run_report, minigpt4, prepare_hf, write_model
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("hf_path", None, "LLaVA-1.5 checkpoint directory: transformers' format "
-                    "(llava-hf/llava-1.5-7b-hf) or the LLaVA repository's (liuhaotian/llava-v1.5-7b)")
+flags.DEFINE_string("hf_path", None, "checkpoint directory: LLaVA-1.5 in transformers' format "
+                    "(llava-hf/llava-1.5-7b-hf) or the LLaVA repository's (liuhaotian/llava-v1.5-7b), "
+                    "or Qwen2.5-VL (Qwen/Qwen2.5-VL-7B-Instruct; found by its config's model_type)")
 flags.DEFINE_string("clip_path", None, "original LLaVA format: the CLIP vision tower's transformers "
                     "directory (openai/clip-vit-large-patch14-336), named by the config's mm_vision_tower")
 flags.DEFINE_enum("conv_mode", "vicuna_v1", ["vicuna_v1", "llava_v1"],
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> None:
     else:
       if not FLAGS.hf_path:
         raise app.UsageError("--hf_path is required (or --family=minigpt4 with its three paths)")
-      conv = prepare_llava(FLAGS.hf_path, FLAGS.clip_path, FLAGS.conv_mode)
+      conv = prepare_hf(FLAGS.hf_path, FLAGS.clip_path, FLAGS.conv_mode)
     if FLAGS.dry_run:
       for line in dry_run_report(conv, FLAGS.dtype):
         print(line)
@@ -59,8 +60,10 @@ def main(argv: list[str]) -> None:
   except (ConversionError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  vision = conv.cfg.vision
+  depth = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth")
   print(f"wrote {os.path.abspath(FLAGS.out)} ({conv.cfg.family}, {conv.cfg.text.num_hidden_layers} "
-        f"text layers, {conv.cfg.vision.num_hidden_layers} vision layers)")
+        f"text layers, {depth} vision layers)")
 
 
 if __name__ == "__main__":

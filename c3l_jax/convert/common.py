@@ -181,6 +181,18 @@ def describe_architecture(cfg: ModelConfig) -> list[str]:
   t = cfg.text
   v = cfg.vision
   lines = [f"family: {cfg.family}"]
+  if cfg.family == "qwen25vl":
+    lines.append(f"vision: Qwen2.5-VL ViT, {v.depth} blocks, width {v.hidden_size}, {v.num_heads} heads, "
+                 f"patch {v.patch_size}, windows of {v.window_size} px, full attention in blocks "
+                 f"{list(v.fullatt_block_indexes)}")
+    lines.append(f"connector: {v.spatial_merge_size}x{v.spatial_merge_size} patch merger (MLP), one "
+                 f"image token per {v.spatial_merge_size * v.patch_size} px square "
+                 f"({cfg.min_pixels:,} .. {cfg.max_pixels:,} pixels per image)")
+    lines.append(f"language model: Qwen2, {t.num_hidden_layers} layers, width {t.hidden_size}, "
+                 f"{t.num_attention_heads} heads ({t.num_key_value_heads} kv), mlp {t.intermediate_size}, "
+                 f"vocab {t.vocab_size}, M-RoPE {list(t.rope.mrope_section)} theta {t.rope.theta:g}, "
+                 f"{'tied' if t.tie_word_embeddings else 'untied'} head")
+    return lines
   vision_kind = "CLIP ViT" if cfg.family == "llava15" else "EVA ViT"
   lines.append(f"vision: {vision_kind}, {v.num_hidden_layers} layers, width {v.hidden_size}, "
                f"{v.num_attention_heads} heads, {v.image_size} px / patch {v.patch_size}")

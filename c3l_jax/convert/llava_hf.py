@@ -59,11 +59,12 @@ def text_plan(t: LlamaConfig) -> Plan:
   plan["text.norm.weight"] = (lm + ("norm", "weight"), None, ID)
   if not t.tie_word_embeddings:
     plan["lm_head.weight"] = (lm + ("lm_head", "kernel"), None, T)
+  qkv_bias = t.attention_bias or t.qkv_bias
   for i in range(t.num_hidden_layers):
     src = f"text.layers.{i}."
     for hf, ours, has_bias in (
-        ("self_attn.q_proj", "q_proj", t.attention_bias), ("self_attn.k_proj", "k_proj", t.attention_bias),
-        ("self_attn.v_proj", "v_proj", t.attention_bias), ("self_attn.o_proj", "o_proj", t.attention_bias),
+        ("self_attn.q_proj", "q_proj", qkv_bias), ("self_attn.k_proj", "k_proj", qkv_bias),
+        ("self_attn.v_proj", "v_proj", qkv_bias), ("self_attn.o_proj", "o_proj", t.attention_bias),
         ("mlp.gate_proj", "gate_proj", t.mlp_bias), ("mlp.up_proj", "up_proj", t.mlp_bias),
         ("mlp.down_proj", "down_proj", t.mlp_bias)):
       plan[src + hf + ".weight"] = (lm + ("layers", ours, "kernel"), i, T)

@@ -1,4 +1,5 @@
-"""Prompts of every model family, in one place: LLaVA-1.5's chat template and MiniGPT-4's templates.
+"""Prompts of every model family, in one place: LLaVA-1.5's and Qwen2.5-VL's chat templates and
+MiniGPT-4's templates.
 
 "With image" is the user turn `[image, text]`; "no image" is the same conversation with the image part
 removed (no image placeholder, no image tokens), as the I2C score needs:
@@ -14,6 +15,12 @@ removed (no image placeholder, no image tokens), as the I2C score needs:
   The prompt is tokenized as MiniGPT-4's `get_context_emb` does: split at `<ImageHere>`, the first segment
   with BOS, the others without, and the image features in between (here: `image_seq_length` placeholder
   ids, which the model overwrites).
+- Qwen2.5-VL (`QwenVLProcessor`): the checkpoint's own chat template, which adds Qwen's default system
+  line (`<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>
+  <|image_pad|><|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n`); the image processor sets each
+  picture's size (between `min_pixels` and `max_pixels`) and so its number of image tokens, to which the
+  `<|image_pad|>` is expanded; "no image" drops `<|vision_start|><|image_pad|><|vision_end|>`. Generation
+  stops at the ids of the checkpoint's `generation_config.json` (its sampling settings are not used).
 
 The answer's tokens are the tokenizer's encoding of the answer text alone (no BOS / EOS), i.e. the
 tokens the model emits after the generation prompt.
@@ -31,6 +38,7 @@ from absl import logging
 
 from c3l_jax.data.images import expand_to_square, pad_background
 from c3l_jax.models.configs import MODEL_CONFIG_FILE
+from c3l_jax.models.pictures import QwenPicture
 
 IMAGE_HERE = "<ImageHere>"
 
@@ -257,6 +265,90 @@ class LlavaV1Processor(SplicedPromptProcessor):
     return image
 
 
+class QwenVLProcessor:
+  """Qwen2.5-VL's prompts and images behind the processor interface `PromptBuilder` uses, without
+  transformers' `AutoProcessor` (which needs torchvision for the video processor): the tokenizer
+  (`vocab.json` + `merges.txt` + `tokenizer_config.json` are enough), the chat template, and the image
+  processor's PIL backend (`Qwen2VLImageProcessorPil`, what `AutoImageProcessor` gives without
+  torchvision). `__call__` returns `pixel_values [patches, C*T*p*p]` and `image_grid_thw [N, 3]`, and
+  the ids with each `<|image_pad|>` expanded to its picture's tokens."""
+
+  stop_strings: tuple[str, ...] = ()
+
+  def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str, image_token_id: int,
+               merge_size: int, eos_ids: tuple[int, ...]):
+    self.tokenizer, self.image_processor = tokenizer, image_processor
+    self.chat_template, self.image_token_id, self.merge_size = chat_template, image_token_id, merge_size
+    self.eos_ids = eos_ids
+
+  @classmethod
+  def from_pretrained(cls, model_dir: str, model_config: dict, min_pixels: int = 0, max_pixels: int = 0
+                      ) -> "QwenVLProcessor":
+    """From a converted Qwen2.5-VL directory; `min_pixels` / `max_pixels` (0 = the model config's,
+    which the converter took from `preprocessor_config.json`) bound each picture's resized area."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    pixels = dict(min_pixels=min_pixels or model_config.get("min_pixels", 3136),
+                  max_pixels=max_pixels or model_config.get("max_pixels", 12845056))
+    image_processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True, **pixels)
+    template = _chat_template(model_dir, tokenizer)
+    eos: list[int] = []
+    gen_file = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(gen_file):
+      with open(gen_file) as f:
+        value = json.load(f).get("eos_token_id")
+      eos = list(value) if isinstance(value, list) else ([value] if value is not None else [])
+    if not eos and tokenizer.eos_token_id is not None:
+      eos = [tokenizer.eos_token_id]
+    return cls(tokenizer, image_processor, template, model_config["image_token_id"],
+               model_config["vision"]["spatial_merge_size"], tuple(int(e) for e in eos))
+
+  def apply_chat_template(self, conversation: Sequence[dict], add_generation_prompt: bool = True,
+                          tokenize: bool = False) -> str:
+    if tokenize:
+      raise NotImplementedError("QwenVLProcessor.apply_chat_template renders text only")
+    return self.tokenizer.apply_chat_template(list(conversation), chat_template=self.chat_template,
+                                              tokenize=False, add_generation_prompt=add_generation_prompt)
+
+  def __call__(self, images: Any = None, text: str | None = None, return_tensors: str = "np",
+               **kwargs: Any) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    grids = np.zeros((0, 3), np.int64)
+    if images is not None:
+      if not isinstance(images, (list, tuple)):
+        images = [images]
+      processed = self.image_processor(images=list(images), return_tensors="np")
+      out["pixel_values"] = np.asarray(processed["pixel_values"], np.float32)
+      grids = out["image_grid_thw"] = np.asarray(processed["image_grid_thw"], np.int64)
+    if text is not None:
+      ids = self.tokenizer(text, add_special_tokens=False).input_ids
+      expanded: list[int] = []
+      k = 0
+      for tok in ids:
+        if tok != self.image_token_id:
+          expanded.append(tok)
+          continue
+        if k >= len(grids):
+          raise ValueError("the prompt has more <|image_pad|> than pictures")
+        expanded += [tok] * (int(np.prod(grids[k])) // self.merge_size ** 2)
+        k += 1
+      out["input_ids"] = np.asarray([expanded], np.int64)
+    return out
+
+
+def _chat_template(model_dir: str, tokenizer: Any) -> str:
+  for name in ("chat_template.jinja", "chat_template.json"):
+    path = os.path.join(model_dir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        return f.read() if name.endswith(".jinja") else json.load(f)["chat_template"]
+  if getattr(tokenizer, "chat_template", None):
+    return tokenizer.chat_template
+  raise FileNotFoundError(f"{model_dir!r} has no chat template (chat_template.jinja, chat_template.json "
+                          "or tokenizer_config.json)")
+
+
 def read_model_config(model_dir: str) -> dict | None:
   """The `c3l_model.json` dict of a model directory, or None when it has none."""
   path = os.path.join(model_dir, MODEL_CONFIG_FILE)
@@ -286,10 +378,11 @@ def _local_files(model_dir: str) -> str:
   return local
 
 
-def load_processor(model_dir: str) -> Any:
+def load_processor(model_dir: str, min_pixels: int = 0, max_pixels: int = 0) -> Any:
   """The processor saved next to a converted model (local files only, never the hub).
 
-  By `c3l_model.json`: MiniGPT-4 -> `MiniGPT4Processor`; LLaVA converted from the original format
+  By `c3l_model.json`: MiniGPT-4 -> `MiniGPT4Processor`; Qwen2.5-VL -> `QwenVLProcessor` (its
+  `min_pixels` / `max_pixels`: these when non-zero, else the model config's); LLaVA converted from the original format
   (`prompt_format` vicuna_v1 / llava_v1) -> `LlavaV1Processor`; llava-hf -> transformers' processor
   (`AutoProcessor`), made to match the model where published snapshots differ:
   - the chat template may sit in `chat_template.jinja`, `chat_template.json` or only in
@@ -309,6 +402,8 @@ def load_processor(model_dir: str) -> Any:
   family = (model_config or {}).get("family", "llava15")
   if family == "minigpt4":
     return MiniGPT4Processor.from_pretrained(model_dir, model_config)
+  if family == "qwen25vl":
+    return QwenVLProcessor.from_pretrained(model_dir, model_config, min_pixels, max_pixels)
   if (model_config or {}).get("prompt_format", "chat_template") != "chat_template":
     return LlavaV1Processor.from_pretrained(model_dir, model_config)
   processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
@@ -373,7 +468,7 @@ class EncodedQA:
   prompt_image: list[int]  # generation prompt with the image tokens expanded
   prompt_text: list[int]  # the same prompt without the image part
   answer: list[int]
-  pixel_values: np.ndarray | None  # [C, H, W]
+  pixel_values: Any  # the picture: [C, H, W], or a `QwenPicture` (patches + grid) for Qwen2.5-VL
 
 
 class PromptBuilder:
@@ -411,6 +506,9 @@ class PromptBuilder:
     if image is None:
       return self.tokenizer(text, add_special_tokens=True).input_ids, None
     out = self.processor(images=image, text=text, return_tensors="np")
+    if "image_grid_thw" in out:  # variable resolution: the picture is its patches and their grid
+      grid = tuple(int(g) for g in out["image_grid_thw"][0])
+      return out["input_ids"][0].tolist(), QwenPicture(out["pixel_values"], grid)
     return self._expand_image(out["input_ids"][0].tolist()), out["pixel_values"][0]
 
   def _expand_image(self, ids: list[int]) -> list[int]:
@@ -523,6 +621,8 @@ class PromptBuilder:
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
+    if getattr(self.processor, "eos_ids", None):
+      return tuple(self.processor.eos_ids)
     eos = self.tokenizer.eos_token_id
     return () if eos is None else (int(eos),)
 

@@ -75,6 +75,10 @@ class RopeConfig(JsonConfig):
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 0
+  # Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): positions are `[B, T, 3]` (time, height, width) and the
+  # `head_dim / 2` frequencies are split into these consecutive sections, section i rotated by stream
+  # i % 3. Empty: ordinary 1-D RoPE over `[B, T]` positions.
+  mrope_section: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,7 @@ class LlamaConfig(JsonConfig):
   max_position_embeddings: int = 4096
   rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
   attention_bias: bool = False
+  qkv_bias: bool = False  # biases on q/k/v only (Qwen2); `attention_bias` also puts one on o_proj
   mlp_bias: bool = False
   hidden_act: str = "silu"
   tie_word_embeddings: bool = False
@@ -258,8 +263,96 @@ class MiniGPT4Config(JsonConfig):
     return self.vision.hidden_size * self.merge_patches
 
 
-ModelConfig = LlavaConfig | MiniGPT4Config
-FAMILIES = ("llava15", "minigpt4")
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig(JsonConfig):
+  """Qwen2.5-VL's vision tower (transformers' `Qwen2_5_VLVisionConfig`; defaults = the 3B / 7B one).
+
+  Patches are `temporal_patch_size x patch_size x patch_size` (an image is its own frame twice);
+  `spatial_merge_size**2` neighbouring patches become one decoder token. Blocks attend inside windows of
+  `window_size` pixels, except those in `fullatt_block_indexes`, which attend over the whole image.
+  """
+
+  hidden_size: int = 1280
+  intermediate_size: int = 3420
+  depth: int = 32
+  num_heads: int = 16
+  out_hidden_size: int = 2048
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  window_size: int = 112
+  fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+  in_channels: int = 3
+  hidden_act: str = "silu"
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened patch, `(C, T, p, p)` (what the image processor returns per row)."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+  @property
+  def merge_unit(self) -> int:
+    return self.spatial_merge_size ** 2
+
+  @property
+  def window_tokens(self) -> int:
+    """Side of an attention window in merged tokens (112 px / 14 px / 2 = 4)."""
+    return self.window_size // self.spatial_merge_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig(JsonConfig):
+  """Qwen2.5-VL: dynamic-resolution ViT with windowed attention + 2x2 patch merger + Qwen2 decoder
+  (q/k/v biases, M-RoPE). `text` is the shared decoder config (`qkv_bias`, `rope.mrope_section`).
+
+  `min_pixels` / `max_pixels` bound the resized picture (and so its number of image tokens); the
+  converter takes them from the checkpoint's `preprocessor_config.json`, a run may override them.
+  """
+
+  vision: QwenVisionConfig = dataclasses.field(default_factory=QwenVisionConfig)
+  text: LlamaConfig = dataclasses.field(default_factory=lambda: LlamaConfig(
+      vocab_size=151936, hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+      num_key_value_heads=2, head_dim=128, qkv_bias=True, rms_norm_eps=1e-6, tie_word_embeddings=True,
+      rope=RopeConfig(theta=1e6, mrope_section=(16, 24, 24))))
+  image_token_id: int = 151655
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  min_pixels: int = 3136
+  max_pixels: int = 12845056
+  family: str = "qwen25vl"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: bool = False
+  attention: str = "xla"  # c3l_jax.models.attention: auto | xla | cudnn | splash (the decoder's)
+
+  @property
+  def image_seq_length(self) -> int:
+    """The most image tokens one picture can become (`max_pixels` / (28 x 28)): the budget the memory
+    plan sizes for; each picture's own count depends on its size (`image_grid_thw`)."""
+    side = self.vision.patch_size * self.vision.spatial_merge_size
+    return self.max_pixels // (side * side)
+
+  def __post_init__(self):
+    if 2 * sum(self.text.rope.mrope_section) != self.text.head_dim:
+      raise ValueError(f"mrope_section {list(self.text.rope.mrope_section)} does not split head_dim "
+                       f"{self.text.head_dim} (its sum must be head_dim / 2)")
+    if self.vision.out_hidden_size != self.text.hidden_size:
+      raise ValueError(f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size "
+                       f"{self.text.hidden_size}")
+    bad = [i for i in self.vision.fullatt_block_indexes if not 0 <= i < self.vision.depth]
+    if bad:
+      raise ValueError(f"fullatt_block_indexes {bad} outside the {self.vision.depth} vision blocks")
+
+
+ModelConfig = LlavaConfig | MiniGPT4Config | Qwen25VLConfig
+FAMILIES = ("llava15", "minigpt4", "qwen25vl")
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
@@ -269,6 +362,8 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return LlavaConfig.from_dict(d)
   if family == "minigpt4":
     return MiniGPT4Config.from_dict(d)
+  if family == "qwen25vl":
+    return Qwen25VLConfig.from_dict(d)
   raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
 
 
@@ -286,6 +381,9 @@ def rope_from_hf(text_cfg: Any) -> RopeConfig:
     params.setdefault("rope_theta", _get(text_cfg, "rope_theta", 10000.0))
   params = dict(params)
   rope_type = params.get("rope_type", params.get("type", "default"))
+  mrope = params.get("mrope_section") or ()
+  if rope_type == "mrope":  # the transformers-4 spelling of Qwen2-VL's M-RoPE (default frequencies)
+    rope_type = "default"
   if rope_type not in ("default", "linear", "dynamic", "llama3"):
     raise ValueError(
         f"unsupported RoPE type {rope_type!r}: supported are default, linear, dynamic, llama3")
@@ -296,6 +394,7 @@ def rope_from_hf(text_cfg: Any) -> RopeConfig:
       low_freq_factor=float(params.get("low_freq_factor", 1.0)),
       high_freq_factor=float(params.get("high_freq_factor", 4.0)),
       original_max_position_embeddings=int(params.get("original_max_position_embeddings") or 0),
+      mrope_section=tuple(int(m) for m in mrope),
   )
 
 
@@ -451,6 +550,61 @@ def minigpt4_from_hf(blip2: Any, llm: Any, variant: str = "vicuna0",
   text = llama_from_hf(llm)
   return MiniGPT4Config(vision=vision, qformer=qformer, text=text, image_token_id=text.vocab_size,
                         variant=variant)
+
+
+def qwen25vl_from_hf(hf: Any, preprocessor: dict | None = None) -> Qwen25VLConfig:
+  """A `Qwen25VLConfig` from transformers' `Qwen2_5_VLConfig` (object or `config.json` dict: the flat
+  4.41-era schema with text fields at the top level, or the nested 5.x one), and the image processor's
+  `min_pixels` / `max_pixels` from `preprocessor_config.json` (dict) when given.
+
+  Raises:
+    ValueError: not a Qwen2.5-VL config, or a feature this implementation does not have.
+  """
+  model_type = _get(hf, "model_type")
+  if model_type != "qwen2_5_vl":
+    raise ValueError(f"not a Qwen2.5-VL config: model_type={model_type!r} (expected 'qwen2_5_vl')")
+  text = _get(hf, "text_config") or hf
+  if bool(_get(text, "use_sliding_window", False)):
+    raise ValueError("use_sliding_window=true is not supported (no published Qwen2.5-VL uses it)")
+  text_cfg = llama_from_hf(text)
+  tie = bool(_get(hf, "tie_word_embeddings", False)) or text_cfg.tie_word_embeddings
+  head_dim = text_cfg.hidden_size // text_cfg.num_attention_heads  # Qwen2 ignores a `head_dim` field
+  text_cfg = dataclasses.replace(text_cfg, tie_word_embeddings=tie, qkv_bias=True, attention_bias=False,
+                                 head_dim=head_dim)
+  if not text_cfg.rope.mrope_section:
+    raise ValueError("the config has no rope mrope_section (Qwen2.5-VL's multimodal RoPE)")
+  v = _get(hf, "vision_config") or {}
+  if _get(v, "hidden_act", "silu") not in ACTIVATIONS_KNOWN:
+    raise ValueError(f"unsupported vision hidden_act {_get(v, 'hidden_act')!r}")
+  rope = _get(v, "rope_parameters") or {}
+  vision = QwenVisionConfig(
+      hidden_size=int(_get(v, "hidden_size", 1280)),
+      intermediate_size=int(_get(v, "intermediate_size", 3420)),
+      depth=int(_get(v, "depth", 32)),
+      num_heads=int(_get(v, "num_heads", 16)),
+      out_hidden_size=int(_get(v, "out_hidden_size", text_cfg.hidden_size)),
+      patch_size=int(_get(v, "patch_size", 14)),
+      temporal_patch_size=int(_get(v, "temporal_patch_size", 2)),
+      spatial_merge_size=int(_get(v, "spatial_merge_size", 2)),
+      window_size=int(_get(v, "window_size", 112)),
+      fullatt_block_indexes=tuple(int(i) for i in _get(v, "fullatt_block_indexes", (7, 15, 23, 31))),
+      in_channels=int(_get(v, "in_channels", None) or _get(v, "in_chans", 3)),
+      hidden_act=_get(v, "hidden_act", "silu"),
+      rope_theta=float(_get(rope, "rope_theta", 10000.0)),
+  )
+  pre = preprocessor or {}
+  size = pre.get("size") or {}
+  return Qwen25VLConfig(
+      vision=vision, text=text_cfg,
+      image_token_id=int(_get(hf, "image_token_id", 151655)),
+      vision_start_token_id=int(_get(hf, "vision_start_token_id", 151652)),
+      vision_end_token_id=int(_get(hf, "vision_end_token_id", 151653)),
+      min_pixels=int(pre.get("min_pixels") or size.get("shortest_edge") or 3136),
+      max_pixels=int(pre.get("max_pixels") or size.get("longest_edge") or 12845056),
+  )
+
+
+ACTIVATIONS_KNOWN = ("silu", "gelu", "quick_gelu", "gelu_pytorch_tanh", "relu")
 
 
 def with_runtime(cfg: ModelConfig, **kwargs: Any) -> ModelConfig:

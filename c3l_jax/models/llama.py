@@ -54,8 +54,15 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
   return inv.astype(np.float32)
 
 
+def mrope_streams(mrope_section: tuple[int, ...]) -> np.ndarray:
+  """For each of the `head_dim / 2` frequencies, the position stream (0 time, 1 height, 2 width) that
+  rotates it: consecutive sections of `mrope_section`, section i taking stream i % 3 (Qwen2-VL's M-RoPE)."""
+  return np.concatenate([np.full(n, i % 3, np.int32) for i, n in enumerate(mrope_section)])
+
+
 def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`cos, sin` `[B, T, head_dim]` (float32) for integer positions `[B, T]`.
+  """`cos, sin` `[B, T, head_dim]` (float32) for integer positions `[B, T]`, or `[B, T, 3]` (time,
+  height, width) with multimodal RoPE (`rope.mrope_section`).
 
   `dynamic` (NTK) RoPE rescales the base when the longest position exceeds `max_position_embeddings`,
   as transformers' `dynamic_rope_update` does for a forward over those positions.
@@ -67,7 +74,13 @@ def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax
     seq_len = jnp.maximum(jnp.max(positions) + 1, max_pos).astype(jnp.float32)
     base = rope.theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (dim / (dim - 2))
     inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv
+  if positions.ndim == 3:  # M-RoPE: frequency j turns with its section's position stream
+    if not rope.mrope_section:
+      raise ValueError("3-stream positions need rope.mrope_section")
+    streams = jnp.asarray(mrope_streams(rope.mrope_section))
+    freqs = jnp.take(positions, streams, axis=-1).astype(jnp.float32) * inv
+  else:
+    freqs = positions.astype(jnp.float32)[..., None] * inv
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -88,9 +101,10 @@ class LlamaBlock(nnx.Module):
     h, k = cfg.num_attention_heads, cfg.num_key_value_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = L.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.q_proj = L.dense(d, h * hd, ("embed", "heads"), bias=cfg.attention_bias, **kw)
-    self.k_proj = L.dense(d, k * hd, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
-    self.v_proj = L.dense(d, k * hd, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
+    qkv_bias = cfg.attention_bias or cfg.qkv_bias
+    self.q_proj = L.dense(d, h * hd, ("embed", "heads"), bias=qkv_bias, **kw)
+    self.k_proj = L.dense(d, k * hd, ("embed", "kv_heads"), bias=qkv_bias, **kw)
+    self.v_proj = L.dense(d, k * hd, ("embed", "kv_heads"), bias=qkv_bias, **kw)
     self.o_proj = L.dense(h * hd, d, ("heads", "embed"), bias=cfg.attention_bias, **kw)
     self.post_attention_layernorm = L.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.gate_proj = L.dense(d, m, ("embed", "mlp"), bias=cfg.mlp_bias, **kw)
@@ -183,7 +197,7 @@ class LlamaForCausalLM(nnx.Module):
     """Run the blocks and the final norm.
 
     Args:
-      x: input embeddings `[B, T, D]`.  positions: RoPE positions `[B, T]`.
+      x: input embeddings `[B, T, D]`.  positions: RoPE positions `[B, T]` (`[B, T, 3]` with M-RoPE).
       mask: boolean `[B, T, S]`; S = T without a cache, S = cache slots with one.
       cache: optional fixed-size `KVCache`; this call's keys/values are written at `write_index` (a
         scalar, or `[B]` per-row slots for one-token steps).

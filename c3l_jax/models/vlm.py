@@ -64,8 +64,37 @@ class LlavaVLM(VLM):
     return self.multi_modal_projector(jnp.concatenate(states, axis=-1))
 
 
+class FixedImageInputs:
+  """How a batch's pictures enter a fixed-resolution family's model (LLaVA-1.5, MiniGPT-4): each picture
+  is `[C, H, W]` and becomes the same number of image tokens, so a batch is their stack and RoPE
+  positions count the tokens (no host-side positions). The seam a stage uses for every family:
+  `batch(pictures)` -> the model's pixel input, `rope_positions(tokens, mask, pictures)` -> None or
+  `[B, T, 3]`; `variable` says whether pictures differ in token count (`QwenImageInputs`)."""
+
+  variable = False
+
+  def batch(self, pictures):
+    import numpy as np
+
+    return np.stack(pictures)
+
+  def rope_positions(self, tokens, mask, pictures):
+    del tokens, mask, pictures
+    return None
+
+
+def image_inputs(cfg: Any, patch_bucket: int = 256):
+  """The image-input seam of `cfg.family` (see `FixedImageInputs`)."""
+  if getattr(cfg, "family", "llava15") == "qwen25vl":
+    from c3l_jax.models.qwen25vl import QwenImageInputs
+
+    return QwenImageInputs(cfg, patch_bucket)
+  return FixedImageInputs()
+
+
 def build_vlm(cfg: Any, rngs: nnx.Rngs) -> VLM:
-  """The VLM of `cfg.family`: `LlavaVLM` (llava15) or `MiniGPT4VLM` (minigpt4)."""
+  """The VLM of `cfg.family`: `LlavaVLM` (llava15), `MiniGPT4VLM` (minigpt4) or `Qwen25VLVLM`
+  (qwen25vl)."""
   family = getattr(cfg, "family", "llava15")
   if family == "llava15":
     return LlavaVLM(cfg, rngs=rngs)
@@ -73,7 +102,12 @@ def build_vlm(cfg: Any, rngs: nnx.Rngs) -> VLM:
     from c3l_jax.models.minigpt4 import MiniGPT4VLM  # lazily: MiniGPT-4's towers load only when used
 
     return MiniGPT4VLM(cfg, rngs=rngs)
+  if family == "qwen25vl":
+    from c3l_jax.models.qwen25vl import Qwen25VLVLM
+
+    return Qwen25VLVLM(cfg, rngs=rngs)
   raise ValueError(f"unknown model family {family!r}")
 
 
-__all__ = ["KVCache", "LlavaVLM", "MultiModalProjector", "VLM", "build_vlm"]
+__all__ = ["FixedImageInputs", "KVCache", "LlavaVLM", "MultiModalProjector", "VLM", "build_vlm",
+           "image_inputs"]

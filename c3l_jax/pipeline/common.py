@@ -26,6 +26,7 @@ from c3l_jax.data.batching import round_up
 from c3l_jax.data.prompts import PromptBuilder, load_processor
 from c3l_jax.data.records import BadInput, read_records
 from c3l_jax.data.sources import ImageSource, open_source
+from c3l_jax.models.vlm import image_inputs
 from c3l_jax.pipeline import shards
 
 # Salts that keep the stages' random streams apart.
@@ -124,8 +125,12 @@ class Inference:
     self.checkpoint = checkpoint or config.model.checkpoint
     self.mesh = sharding.make_mesh(config.inference.mesh, devices=jax.local_devices())
     self.model = sharding.load_model(self.checkpoint, self.mesh, **model_runtime(config))
-    self.builder = PromptBuilder(load_processor(self.checkpoint), self.model.cfg.image_token_id,
-                                 self.model.cfg.image_seq_length)
+    self.builder = PromptBuilder(
+        load_processor(self.checkpoint, config.model.get("min_pixels", 0), config.model.get("max_pixels", 0)),
+        self.model.cfg.image_token_id, self.model.cfg.image_seq_length)
+    # How pictures enter the model: stacked (fixed-size families) or packed with host-computed M-RoPE
+    # positions (Qwen2.5-VL); `c3l_jax.models.vlm.image_inputs`.
+    self.images = image_inputs(self.model.cfg)
     self.source: ImageSource = open_source(config, self.builder, split)
     shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
     self.batch_rows = round_up(config.data.batch_size, shards)
@@ -161,11 +166,18 @@ class Inference:
     """
     cfg = self.sampling_config(max_new_tokens)
     bucket = self.config.generation.prompt_bucket
+    variable = pixels is not None and self.images.variable
+
+    def images(idx, tokens, mask):
+      pictures = [pixels[i] for i in idx]
+      return self.images.batch(pictures), self.images.rope_positions(tokens, mask, pictures)
+
     if self.config.generation.get("batching", "continuous") == "continuous":
       out, lengths, occupancy = sampling.generate_many(
           self.model, prompts, pixels, cfg, keys, slots=self.batch_rows, bucket=bucket,
           order=None if expected is None else sampling.longest_first(expected),
-          place=lambda batch: sharding.shard_batch(batch, self.mesh))
+          place=lambda batch: sharding.shard_batch(batch, self.mesh),
+          images=images if variable else None)
       logging.info("generated %d rows in %d slots: %d decode steps, %.0f%% of slot-steps idle, "
                    "%d prefills", len(prompts), self.batch_rows, occupancy.decode_steps,
                    100 * occupancy.wasted, occupancy.prefills)
@@ -180,16 +192,22 @@ class Inference:
       chunk += [chunk[0]] * (b - real)
       tokens, mask = sampling.pad_prompts(chunk, bucket, self.builder.pad_id)
       batch = {"tokens": tokens, "mask": mask}
+      rope = None
       if pixels is not None:
         px = list(pixels[start:start + b])
-        batch["pixels"] = np.stack(px + [px[0]] * (b - real))
+        px += [px[0]] * (b - real)
+        if not variable:
+          batch["pixels"] = self.images.batch(px)
       k = keys[start:start + b]
       if real < b:
         k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (b - real,) + k.shape[1:])])
       batch = sharding.shard_batch(batch, self.mesh)
+      if variable:  # packed patches are not split by rows: they stay whole on every device
+        batch["pixels"] = self.images.batch(px)
+        rope = self.images.rope_positions(tokens, mask, px)
       with jax.set_mesh(self.mesh):  # activations stay row-sharded (`layers.batch_sharded`)
         out, lengths = sampling.generate(self.model, batch["tokens"], batch["mask"],
-                                         batch.get("pixels"), cfg, k)
+                                         batch.get("pixels"), cfg, k, rope)
       texts += sampling.decode_texts(self.builder.tokenizer, out[:real], lengths[:real],
                                      self.stop_strings)
       n_tokens += int(lengths[:real].sum())

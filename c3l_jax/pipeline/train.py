@@ -33,6 +33,7 @@ from c3l_jax.data.prompts import (VIGC_INSTRUCTIONS, VIGC_NEUTRAL_INSTRUCTION, P
                                   load_processor, vigc_target)
 from c3l_jax.data.records import BadInput, read_records, write_jsonl
 from c3l_jax.data.sources import open_source
+from c3l_jax.models.vlm import image_inputs
 from c3l_jax.pipeline import common, select
 
 CAPTION_INSTRUCTION = "Describe the image briefly."
@@ -59,16 +60,33 @@ def training_records(config: Any, workdir: str, objective: str = "c3l") -> list[
   return rows
 
 
-def prompt_encoder(builder: PromptBuilder, reference: Any) -> Callable[..., np.ndarray]:
-  """`prompt(text, with_image=True)` -> the prompt's token ids, memoised. Token ids do not depend on
-  the picture (fixed-size image processors), so one `reference` picture stands in for every image."""
-  cache: dict[tuple[str, bool], np.ndarray] = {}
+def prompt_encoder(builder: PromptBuilder, load: Callable[[str], Any], variable: bool = False
+                   ) -> Callable[[str, str | None], np.ndarray]:
+  """`prompt(text, image)` -> the prompt's token ids (`image` None: a text-only prompt), memoised.
 
-  def prompt(text: str, with_image: bool = True) -> np.ndarray:
-    if (text, with_image) not in cache:
-      cache[text, with_image] = np.asarray(
-          builder.encode_prompt(text, reference if with_image else None)[0], np.int32)
-    return cache[text, with_image]
+  For fixed-size image processors token ids do not depend on the picture, so the first picture
+  `load`ed stands in for every image; a variable-resolution family (`variable`, e.g. Qwen2.5-VL)
+  holds as many image tokens as each picture makes, so its prompts are encoded per image.
+  """
+  cache: dict[tuple[str, str | bool | None], np.ndarray] = {}
+  reference: list[Any] = []
+
+  def picture(image: str) -> Any:
+    try:
+      if variable:
+        return load(image)
+      if not reference:
+        reference.append(load(image))
+      return reference[0]
+    except ImageError as e:
+      raise BadInput(f"train: image {image!r}: {e}") from None
+
+  def prompt(text: str, image: str | None) -> np.ndarray:
+    key = (text, image if variable else image is not None)
+    if key not in cache:
+      cache[key] = np.asarray(
+          builder.encode_prompt(text, None if image is None else picture(image))[0], np.int32)
+    return cache[key]
 
   return prompt
 
@@ -109,7 +127,7 @@ def anchor_prompt(rec: dict, inputs: str, instruction: str) -> tuple[str, bool]:
 
 
 def c3l_examples(rows: list[dict], config: Any, builder: PromptBuilder,
-                 prompt: Callable[[str, bool], np.ndarray], ce: bool = True, contrastive: bool = True
+                 prompt: Callable[[str, str | None], np.ndarray], ce: bool = True, contrastive: bool = True
                  ) -> tuple[list[dict], list[dict]]:
   """The C3L objective's CE examples (L_r) and contrastive groups (L_c) of selected records.
 
@@ -118,7 +136,7 @@ def c3l_examples(rows: list[dict], config: Any, builder: PromptBuilder,
   caption step: its caption instruction + the image -> the caption the selected QA were written from
   (once per image, after the image's first selected sample). Groups: per image, the positive first,
   then up to `train.max_negatives` negatives by S(I2C), with the anchor prompt of `anchor_prompt`.
-  An example's `image` is None when its prompt is text-only. `prompt(text, with_image)` encodes.
+  An example's `image` is None when its prompt is text-only. `prompt(text, image or None)` encodes.
   """
   inputs = config.train.inputs
   eos = list(builder.eos_ids)
@@ -127,7 +145,8 @@ def c3l_examples(rows: list[dict], config: Any, builder: PromptBuilder,
   for rec in rows:
     text, with_image = sample_prompt(rec, inputs)
     sample = builder.encode_answer(vigc_target(rec["question"], rec["answer"]))
-    encoded[rec["id"]] = {"prompt": prompt(text, with_image), "target": as_ids(sample + eos),
+    encoded[rec["id"]] = {"prompt": prompt(text, rec["image"] if with_image else None),
+                          "target": as_ids(sample + eos),
                           "sample": as_ids(sample), "image": rec["image"] if with_image else None,
                           "id": rec["id"]}
   ce_examples, groups = [], []
@@ -137,7 +156,7 @@ def c3l_examples(rows: list[dict], config: Any, builder: PromptBuilder,
       ce_examples.append(encoded[r["id"]])
       if inputs == "as_generated" and r["mode"] == "two_step" and r["image"] not in captioned:
         captioned.add(r["image"])
-        ce_examples.append({"prompt": prompt(r["caption_instruction"], True),
+        ce_examples.append({"prompt": prompt(r["caption_instruction"], r["image"]),
                             "target": as_ids(builder.encode_answer(r["caption"]) + eos),
                             "image": r["image"], "id": f"{r['id']}:caption"})
   if contrastive:  # L_c per image: its positive first, then its negatives
@@ -152,8 +171,8 @@ def c3l_examples(rows: list[dict], config: Any, builder: PromptBuilder,
         continue
       chosen = positives + negatives[:config.train.max_negatives]
       text, with_image = anchor_prompt(chosen[0], inputs, config.train.anchor_instruction)
-      groups.append({"prompt": prompt(text, with_image), "image": chosen[0]["image"] if with_image
-                     else None, "id": chosen[0]["id"],
+      image = chosen[0]["image"] if with_image else None
+      groups.append({"prompt": prompt(text, image), "image": image, "id": chosen[0]["id"],
                      "samples": [encoded[r["id"]]["sample"] for r in chosen], "positive": 0})
     if not groups:
       raise BadInput("no image has two or more scored samples: the contrastive loss needs them "
@@ -204,17 +223,15 @@ def run(config: Any, workdir: str) -> dict:
       config.model.checkpoint, mesh,
       param_dtypes=lambda path: config.train.param_dtype if trained(f"vlm/{path}") else None,
       **common.model_runtime(config))
-  builder = PromptBuilder(load_processor(config.model.checkpoint), vlm.cfg.image_token_id,
-                          vlm.cfg.image_seq_length)
+  builder = PromptBuilder(load_processor(config.model.checkpoint, config.model.get("min_pixels", 0),
+                                         config.model.get("max_pixels", 0)),
+                          vlm.cfg.image_token_id, vlm.cfg.image_seq_length)
   cfg = dataclasses.replace(cfg, eos_ids=tuple(builder.eos_ids))  # ends a generated anchor
+  images = image_inputs(vlm.cfg)
   source = open_source(config, builder)
   if not rows:
     raise BadInput("train: no training records")
-  try:  # token ids do not depend on the picture (fixed-size image processors): one reference picture
-    reference = source.load(rows[0]["image"])
-  except ImageError as e:
-    raise BadInput(f"train: record {rows[0].get('id')!r}: {e}") from None
-  prompt = prompt_encoder(builder, reference)
+  prompt = prompt_encoder(builder, source.load, images.variable)
 
   def ids(tokens) -> np.ndarray:
     return np.asarray(tokens, np.int32)
@@ -229,11 +246,11 @@ def run(config: Any, workdir: str) -> dict:
         raise BadInput(f"train.objective=align needs a non-empty 'caption' in every record; "
                        f"record {rec.get('id')!r} has none")
       caption = builder.encode_answer(rec["caption"])
-      ce_examples.append({"prompt": prompt(CAPTION_INSTRUCTION), "target": ids(caption + eos),
+      ce_examples.append({"prompt": prompt(CAPTION_INSTRUCTION, rec["image"]), "target": ids(caption + eos),
                           "caption": ids(caption), "image": rec["image"], "id": rec["id"]})
   elif objective == "vlit":
     for rec in rows:
-      ce_examples.append({"prompt": prompt(rec["question"]),
+      ce_examples.append({"prompt": prompt(rec["question"], rec["image"]),
                           "target": ids(builder.encode_answer(rec["answer"]) + eos),
                           "image": rec["image"], "id": rec["id"]})
   else:
@@ -254,7 +271,7 @@ def run(config: Any, workdir: str) -> dict:
   trainer.restore_latest()
   history = trainer.run(trainer_lib.batch_fn(
       ce_examples, groups, cfg, config.train.batch_size, config.train.batch_size,
-      1 + config.train.max_negatives, builder.pad_id, config.seed, pixels=pixels))
+      1 + config.train.max_negatives, builder.pad_id, config.seed, pixels=pixels, images=images))
   # Every process holds the same history (its metrics are global); one writes it.
   runtime.get().lead_writes("train:history",
                             lambda: write_jsonl(os.path.join(stage_dir, "history.jsonl"), history))

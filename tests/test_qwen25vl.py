@@ -1,0 +1,244 @@
+"""Qwen2.5-VL against transformers' `Qwen2_5_VLForConditionalGeneration` (float32), on a tiny model made
+from the real 3B files (real tokenizer, chat template and image processor, the published key layout,
+bf16 shards, tied head), converted with `c3l_jax.convert`."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwen_reference as Q
+from c3l_jax import convert, sharding
+from c3l_jax.data.batching import left_pad
+from c3l_jax.models import qwen25vl as M
+from hf_reference import REPO
+from real_files import published_qwen25vl_3b_headers
+
+NAMES = ("panorama", "tall", "tiny", "grey", "rgba", "photo")
+N_ANSWER = 8  # answer tokens: transformers' own greedy continuation, so p_t^v is far from 0
+WIDTH, TEXT_WIDTH, PATCHES = 96, 40, 448  # one static shape for all rows, one for all text-only rows
+
+
+def _load(path):
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  return sharding.load_model(path, mesh)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """The tiny checkpoint, our converted model, the processor and, per picture, the QA rows and
+  transformers' logits with and without the image."""
+  root = tmp_path_factory.mktemp("qwen")
+  hf = Q.make_tiny_qwen(str(root / "hf"))
+  convert.convert(str(root / "hf"), str(root / "ours"))
+  proc = Q.Processor(str(root / "hf"))
+  rows = {}
+  for name, picture in Q.pictures().items():
+    pixels, grid = proc.image(picture)
+    prompt = proc.expand(proc.prompt(Q.QUESTION, True), M.image_tokens(grid))
+    answer = Q.torch_greedy(hf, prompt, pixels, grid, N_ANSWER)
+    ids, text_ids = prompt + answer, proc.prompt(Q.QUESTION, False) + answer
+    rows[name] = dict(pixels=pixels, grid=grid, ids=ids, text_ids=text_ids,
+                      want=Q.torch_forward(hf, ids, pixels, grid),
+                      want_text=Q.torch_forward(hf, text_ids))
+  return dict(root=root, hf=hf, model=_load(str(root / "ours")), proc=proc, rows=rows)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _logits(graphdef, state, tokens, images, mask, positions):
+  return nnx.merge(graphdef, state)(tokens, images, mask, positions)
+
+
+def _forward(model, rows, names, positions="mrope", full_attention=False):
+  """Our logits for `names` in one left-padded batch: `{name: [T, V]}` (each row's real tokens)."""
+  ids = [rows[n]["ids"] for n in names]
+  tokens, mask = left_pad(ids, WIDTH, 151643)
+  grids = [rows[n]["grid"] for n in names]
+  images = M.pack_images(np.concatenate([rows[n]["pixels"] for n in names]), grids, model.cfg.vision,
+                         pad_to=PATCHES)
+  pos = M.mrope_positions(tokens, mask, grids, model.cfg)[0] if positions == "mrope" else None
+  model.visual.full_attention_everywhere = full_attention
+  try:
+    logits = np.asarray(_logits(*nnx.split(model), tokens, images, mask, pos))
+  finally:
+    model.visual.full_attention_everywhere = False
+  return {n: logits[i, WIDTH - len(ids[i]):] for i, n in enumerate(names)}
+
+
+def _text_forward(model, ids):
+  tokens, mask = left_pad([ids], TEXT_WIDTH, 151643)
+  return np.asarray(_logits(*nnx.split(model), tokens, None, mask, None))[0, TEXT_WIDTH - len(ids):]
+
+
+def _rel(got, want):
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_token_counts_differ(world):
+  counts = {n: M.image_tokens(r["grid"]) for n, r in world["rows"].items()}
+  assert len(set(counts.values())) == len(counts), counts
+  # The panorama's merged grid is 2 x 16: four 4 x 4-token windows side by side; the tall one 11 x 2.
+  assert list(world["rows"]["panorama"]["grid"]) == [1, 4, 32]
+  assert list(world["rows"]["tall"]["grid"]) == [1, 22, 4]
+
+
+def test_logits_and_i2c_match_transformers_batched_and_alone(world):
+  model, rows, n = world["model"], world["rows"], N_ANSWER
+  batched = _forward(model, rows, NAMES)
+  for name in NAMES:
+    r = rows[name]
+    assert _rel(batched[name], r["want"]) < 1e-3, name
+    alone = _forward(model, rows, [name])[name]
+    np.testing.assert_allclose(alone, batched[name], rtol=0, atol=1e-4 * np.abs(alone).max())
+    # S(I2C), eq. 1, from the answer tokens' log-probs with and without the image.
+    text = _text_forward(model, r["text_ids"])
+    assert _rel(text, r["want_text"]) < 1e-3
+    got = Q.i2c(Q.answer_logprobs(batched[name], r["ids"], n), Q.answer_logprobs(text, r["text_ids"], n))
+    got_alone = Q.i2c(Q.answer_logprobs(alone, r["ids"], n), Q.answer_logprobs(text, r["text_ids"], n))
+    want = Q.i2c(Q.answer_logprobs(r["want"], r["ids"], n),
+                 Q.answer_logprobs(r["want_text"], r["text_ids"], n))
+    assert abs(want) > 1e-4, (name, want)  # the image changes the answer's probabilities
+    assert abs(got - want) < 1e-3 * abs(want), (name, got, want)
+    # Alone vs batched: another padding and batch shape, the same values to float32 rounding, measured
+    # against the size of eq. 1's terms (S is their signed sum and can nearly cancel: rgba's is -5e-4).
+    lp_v = Q.answer_logprobs(batched[name], r["ids"], n)
+    scale = float(np.sum(np.exp(lp_v) * np.abs(lp_v - Q.answer_logprobs(text, r["text_ids"], n))))
+    assert abs(got_alone - got) < 1e-4 * scale, (name, got_alone, got, scale)
+
+
+def test_windows_matter(world):
+  """The panorama spans four attention windows: attending over the whole image instead changes the
+  logits far beyond the tolerance (so the parity test would fail if the windows were ignored)."""
+  model, rows = world["model"], world["rows"]
+  want = rows["panorama"]["want"]
+  assert _rel(_forward(model, rows, ["panorama"])["panorama"], want) < 1e-3
+  assert _rel(_forward(model, rows, ["panorama"], full_attention=True)["panorama"], want) > 1e-2
+
+
+def test_mrope_matters(world):
+  """1-D positions (what transformers silently uses without `mm_token_type_ids`) change the logits of
+  the text after the image far beyond the tolerance; M-RoPE's text after the image starts at
+  start + max(rows, columns) of the merged grid (hand count for the 2 x 16 panorama)."""
+  model, rows = world["model"], world["rows"]
+  r = rows["panorama"]
+  assert _rel(_forward(model, rows, ["panorama"], positions="1d")["panorama"], r["want"]) > 1e-2
+  pos, offset = M.mrope_positions(np.asarray([r["ids"]]), None, [r["grid"]], model.cfg)
+  start = r["ids"].index(151655)
+  assert pos[0, start].tolist() == [start] * 3
+  assert pos[0, start + 31].tolist() == [start, start + 1, start + 15]
+  assert pos[0, start + 32].tolist() == [start + 16] * 3  # <|vision_end|>
+  assert offset[0] == 16 - 32
+
+
+def test_greedy_generation_matches_transformers(world):
+  """32 greedy tokens, batched with left padding, token for token as transformers (do_sample=False,
+  repetition_penalty=1.0): decode positions continue after each row's image."""
+  from c3l_jax import sampling
+
+  model, rows, proc = world["model"], world["rows"], world["proc"]
+  names = ("panorama", "rgba")
+  prompts = [proc.expand(proc.prompt(Q.QUESTION, True), M.image_tokens(rows[n]["grid"])) for n in names]
+  tokens, mask = sampling.pad_prompts(prompts, 8, 151643)
+  grids = [rows[n]["grid"] for n in names]
+  images = M.pack_images(np.concatenate([rows[n]["pixels"] for n in names]), grids, model.cfg.vision,
+                         pad_to=256)
+  pos = M.mrope_positions(tokens, mask, grids, model.cfg)[0]
+  cfg = sampling.SamplingConfig(max_new_tokens=32, pad_id=151643)
+  out, lengths = sampling.generate(model, tokens, mask, images, cfg, rope_positions=pos)
+  for i, name in enumerate(names):
+    want = Q.torch_greedy(world["hf"], prompts[i], rows[name]["pixels"], rows[name]["grid"], 32)
+    assert out[i].tolist() == want, name
+  assert len({tuple(o) for o in out.tolist()}) == len(names)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "c3l_jax.convert", *args], capture_output=True, text=True,
+                        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": REPO})
+
+
+def test_dry_run_on_the_real_3b_files(tmp_path):
+  published_qwen25vl_3b_headers(str(tmp_path / "q"))
+  proc = _cli(f"--hf_path={tmp_path / 'q'}", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  assert "parameters: 3,754,622,976" in proc.stdout
+  assert "tied" in proc.stdout and "M-RoPE [16, 24, 24]" in proc.stdout
+
+
+def test_untied_head_and_transformers5_layout(tmp_path):
+  """A 7B-like checkpoint (own lm_head, another vocabulary size) saved with transformers 5's names."""
+  hf = Q.make_tiny_qwen(str(tmp_path / "hf"), tied=False, layout="v5", seed=1, vocab_size=152064)
+  convert.convert(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  model = _load(str(tmp_path / "ours"))
+  assert not model.cfg.text.tie_word_embeddings and model.cfg.text.vocab_size == 152064
+  proc = Q.Processor(str(tmp_path / "hf"))
+  pixels, grid = proc.image(Q.pictures()["grey"])
+  ids = proc.expand(proc.prompt(Q.QUESTION, True), M.image_tokens(grid))
+  pos = M.mrope_positions(np.asarray([ids]), None, [grid], model.cfg)[0]
+  got = np.asarray(model(np.asarray([ids]), M.pack_images(pixels, [grid], model.cfg.vision), None, pos))
+  assert _rel(got[0], Q.torch_forward(hf, ids, pixels, grid)) < 1e-3
+
+
+def test_converter_errors_name_the_tensor(tmp_path, world):
+  """A missing tensor and a wrong shape: one `ConversionError` naming it (the CLI prints it as one
+  `error:` line with exit status 2, as for every family)."""
+  import json
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  bad = tmp_path / "bad"
+  shutil.copytree(world["root"] / "hf", bad)
+  index = json.loads((bad / "model.safetensors.index.json").read_text())
+  file = index["weight_map"]["visual.blocks.2.attn.qkv.bias"]
+  tensors = load_file(str(bad / file))
+  del tensors["visual.blocks.2.attn.qkv.bias"]
+  save_file(tensors, str(bad / file))
+  with pytest.raises(convert.ConversionError, match=r"missing tensors \(1\): vision.blocks.2.attn.qkv.bias"):
+    convert.prepare_hf(str(bad))
+  tensors["visual.blocks.2.attn.qkv.bias"] = np.zeros(5, np.float32)
+  save_file(tensors, str(bad / file))
+  with pytest.raises(convert.ConversionError, match=r"vision.blocks.2.attn.qkv.bias has shape \(5,\)"):
+    convert.dry_run_report(convert.prepare_hf(str(bad)), None)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_scorer_matches_transformers(world, prefix_sharing):
+  """The pipeline's path: the converted directory's processor (`PromptBuilder`) encodes each QA, and
+  `scoring.Scorer` scores pictures of different token counts together (prefix sharing: one left-padded
+  prefix per picture, its QA packed as suffixes; the image-free pass drops the vision tokens). S(I2C)
+  equals eq. 1 computed by hand from transformers' logits."""
+  from c3l_jax import scoring
+  from c3l_jax.data.prompts import PromptBuilder, load_processor
+
+  model, rows, hf = world["model"], world["rows"], world["hf"]
+  builder = PromptBuilder(load_processor(str(world["root"] / "ours")))
+  pictures = Q.pictures()
+  items, pixels, want = [], {}, []
+  for name in ("panorama", "tiny", "grey"):
+    r = rows[name]
+    enc = builder.encode_qa(Q.QUESTION, Q.ANSWER, pictures[name])
+    assert enc.prompt_image == r["ids"][:-N_ANSWER] and enc.prompt_text == r["text_ids"][:-N_ANSWER]
+    np.testing.assert_array_equal(enc.pixel_values.pixel_values, r["pixels"])
+    assert enc.pixel_values.grid == tuple(r["grid"])
+    pixels[name] = enc.pixel_values
+    # Two answers per picture as token ids: transformers' greedy one (p_t^v far from 0) and it reversed.
+    greedy = r["ids"][-N_ANSWER:]
+    for answer in (greedy, greedy[::-1][:5]):
+      items.append(scoring.ScoreInput(name, enc.prompt_image, enc.prompt_text, answer))
+      v = Q.torch_forward(hf, enc.prompt_image + answer, r["pixels"], r["grid"])
+      d = Q.torch_forward(hf, enc.prompt_text + answer)
+      want.append(Q.i2c(Q.answer_logprobs(v, enc.prompt_image + answer, len(answer)),
+                        Q.answer_logprobs(d, enc.prompt_text + answer, len(answer))))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  scorer = scoring.Scorer(model, mesh, scoring.ScoringConfig(prefix_sharing=prefix_sharing, batch_rows=6),
+                          model.cfg.image_token_id, builder.pad_id)
+  got = [r["i2c"] for r in scorer.score(items, pixels)]
+  for g, w in zip(got, want):
+    assert abs(g - w) < 1e-3 * abs(w) + 1e-6, (got, want)
+  assert max(abs(w) for w in want) > 0.1
