@@ -242,3 +242,54 @@ def test_scorer_matches_transformers(world, prefix_sharing):
   for g, w in zip(got, want):
     assert abs(g - w) < 1e-3 * abs(w) + 1e-6, (got, want)
   assert max(abs(w) for w in want) > 0.1
+
+
+def test_curate_scores_each_turn_as_transformers(world, tmp_path):
+  """The curate stage on a Qwen2.5-VL: a real 3-turn mix665k conversation (the image tag behind the
+  first question), each gpt turn's S(I2C) against transformers' fp32 forward of the chat template
+  over the conversation before it, with the picture's own number of image tokens in every turn."""
+  import json
+  import os
+
+  fixture = os.path.join(REPO, "tests", "fixtures", "llava-data", "llava_v1_5_mix665k_entries_31-100.json")
+  with open(fixture) as f:
+    entry = next(e for e in json.load(f) if len(e["conversations"]) == 6
+                 and e["conversations"][0]["value"].endswith("<image>"))
+  picture = Q.pictures()["photo"]
+  os.makedirs(tmp_path / "images" / os.path.dirname(entry["image"]), exist_ok=True)
+  picture.save(tmp_path / "images" / entry["image"], format="PNG")
+  (tmp_path / "data.json").write_text(json.dumps([entry]))
+  proc = subprocess.run(
+      [sys.executable, "launch.py", "--config=configs/curate.py", f"--workdir={tmp_path / 'w'}",
+       f"--config.model.checkpoint={world['root'] / 'ours'}", f"--config.data.records={tmp_path / 'data.json'}",
+       f"--config.data.image_root={tmp_path / 'images'}", "--config.model.dtype=float32",
+       "--config.model.param_dtype=float32"], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "w" / "export" / "scores.jsonl") as f:
+    (row,) = [json.loads(line) for line in f]
+
+  p = world["proc"]
+  pixels, grid = p.image(picture)
+  values = [c["value"] for c in entry["conversations"]]
+  values[0] = values[0].replace("<image>", "").strip()  # LLaVA moves the image to the front
+  want = []
+  for k in range(3):
+    def ids(with_image):
+      msgs = []
+      for j in range(k + 1):
+        content = ([{"type": "image"}] if with_image and j == 0 else []) + [{"type": "text", "text": values[2 * j]}]
+        msgs.append({"role": "user", "content": content})
+        if j < k:
+          msgs.append({"role": "assistant", "content": [{"type": "text", "text": values[2 * j + 1]}]})
+      text = p.tokenizer.apply_chat_template(msgs, chat_template=p.template, tokenize=False,
+                                             add_generation_prompt=True)
+      out = p.tokenizer(text, add_special_tokens=False)["input_ids"]
+      return p.expand(out, M.image_tokens(grid)) if with_image else out
+    answer = p.tokenizer(values[2 * k + 1], add_special_tokens=False)["input_ids"]
+    v, d = ids(True) + answer, ids(False) + answer
+    want.append(Q.i2c(Q.answer_logprobs(Q.torch_forward(world["hf"], v, pixels, grid), v, len(answer)),
+                      Q.answer_logprobs(Q.torch_forward(world["hf"], d), d, len(answer))))
+  assert len(row["turns"]) == 3
+  for got, w in zip(row["turns"], want):
+    assert got == pytest.approx(w, rel=1e-3, abs=1e-5)
+  assert row["i2c"] == pytest.approx(sum(want), rel=1e-3, abs=1e-5)

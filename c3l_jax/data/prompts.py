@@ -577,6 +577,8 @@ class PromptBuilder:
           self.turn_conversation(turns, k, with_image), add_generation_prompt=True, tokenize=False)
       if k == 0:
         prompt_image, pixels = self.encode_rendered(render(True), image)
+      elif isinstance(pixels, QwenPicture):  # the picture's token count is its own: the processor expands it
+        prompt_image = self.encode_rendered(render(True), image)[0]
       else:
         prompt_image = self._image_prompt_ids(render(True), image)
       prompt_text, _ = self.encode_rendered(render(False), None)
