@@ -17,8 +17,7 @@ import re
 from absl import logging
 
 from c3l_jax.convert import hf_dir, tensors
-from c3l_jax.convert.common import (ID, T, Conversion, ConversionError, Plan, add_layer_norm, add_linear,
-                                   check_complete)
+from c3l_jax.convert.common import ID, T, Conversion, ConversionError, Plan, add_layer_norm, add_linear
 from c3l_jax.models.configs import LlamaConfig, LlavaConfig, from_hf_config
 
 IGNORED = (
@@ -109,14 +108,8 @@ def prepare(hf_path: str) -> Conversion:
   """Read the config and every tensor header of `hf_path`; check every name (nothing read yet)."""
   cfg = read_hf_config(hf_path)
   plan = conversion_plan(cfg)
-  refs, unexpected = {}, []
-  for key, ref in tensors.read_all(hf_path):
-    name = canonical_name(key)
-    if name in plan:
-      refs[name] = ref
-    elif name is None or not any(p.fullmatch(name) for p in IGNORED):
-      unexpected.append(key)
-  check_complete(hf_path, plan, refs, unexpected)
+  refs = tensors.plan_refs(hf_path, plan, canonical_name,
+                           lambda name: name is not None and any(p.fullmatch(name) for p in IGNORED))
   template = hf_dir.chat_template_source(hf_path)
   notes = [f"prompt: the checkpoint's chat template ({template or 'none found: the LLaVA-1.5 template llava-hf publishes will be written'})"]
 

@@ -16,7 +16,7 @@ import json
 import os
 
 from c3l_jax.convert import hf_dir, tensors
-from c3l_jax.convert.common import ID, Conversion, ConversionError, Plan, add_linear, check_complete
+from c3l_jax.convert.common import ID, Conversion, ConversionError, Plan, add_linear
 from c3l_jax.convert.llava_hf import text_plan
 from c3l_jax.models.configs import Qwen25VLConfig, qwen25vl_from_hf
 
@@ -85,14 +85,8 @@ def prepare(hf_path: str) -> Conversion:
   """Read the config and every tensor header of `hf_path`; check every name (nothing read yet)."""
   cfg = read_hf_config(hf_path)
   plan = conversion_plan(cfg)
-  refs, unexpected = {}, []
-  for key, ref in tensors.read_all(hf_path):
-    name = canonical_name(key)
-    if name in plan:
-      refs[name] = ref
-    elif not (name == "lm_head.weight" and cfg.text.tie_word_embeddings):
-      unexpected.append(key)
-  check_complete(hf_path, plan, refs, unexpected)
+  tied = cfg.text.tie_word_embeddings  # a tied checkpoint may still ship the head's copy
+  refs = tensors.plan_refs(hf_path, plan, canonical_name, lambda name: tied and name == "lm_head.weight")
   head = "tied to the embedding" if cfg.text.tie_word_embeddings else "its own lm_head"
   notes = [f"prompt: the checkpoint's chat template ({hf_dir.chat_template_source(hf_path) or 'none found'})",
            f"head: {head}; image pixels {cfg.min_pixels:,} .. {cfg.max_pixels:,}"]

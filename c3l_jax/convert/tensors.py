@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
-from c3l_jax.convert.common import ConversionError
+from c3l_jax.convert.common import ConversionError, Plan, check_complete
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -189,3 +189,19 @@ def read_all(path: str, flag: str = "--hf_path") -> Iterator[tuple[str, object]]
   """`(name, ref)` for every tensor of every weight file of a directory."""
   for file in weight_files(path, flag):
     yield from read_index(file).items()
+
+
+def plan_refs(path: str, plan: Plan, canonical_name: Callable[[str], str | None],
+              ignored: Callable[[str | None], bool]) -> dict[str, object]:
+  """canonical name -> ref of every tensor of `path` the conversion `plan` takes; a tensor whose
+  canonical name is neither in `plan` nor `ignored` is unexpected. One `ConversionError` lists every
+  missing and every unexpected tensor (`check_complete`)."""
+  refs, unexpected = {}, []
+  for key, ref in read_all(path):
+    name = canonical_name(key)
+    if name in plan:
+      refs[name] = ref
+    elif not ignored(name):
+      unexpected.append(key)
+  check_complete(path, plan, refs, unexpected)
+  return refs
