@@ -77,6 +77,9 @@ class Generator(nnx.Module):
 class TrainConfig:
   learning_rate: float = 2e-5
   weight_decay: float = 1e-5
+  # Whether AdamW's decay also applies to biases and normalisation weights (LLaVA's trainer, i.e.
+  # transformers' `Trainer.get_decay_parameter_names`, exempts them; `decay_mask`).
+  decay_norms_and_biases: bool = True
   warmup_steps: int = 0
   steps: int = 100
   grad_clip: float = 1.0
@@ -98,6 +101,7 @@ class TrainConfig:
   def from_config(cls, train: Any) -> "TrainConfig":
     aux = ("temperature",) if train.objective == "align" else ("head",)
     return cls(learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+               decay_norms_and_biases=train.decay_norms_and_biases,
                warmup_steps=train.warmup_steps, steps=train.steps, grad_clip=train.grad_clip,
                grad_accum=train.grad_accum, ce_weight=train.ce_weight,
                contrastive_weight=train.contrastive_weight, tau=train.tau,
@@ -124,13 +128,37 @@ def trainable_filter(patterns: Sequence[str]) -> Callable[[tuple, Any], bool]:
   return match
 
 
+def _is_norm_or_bias(path: str) -> bool:
+  """Whether a '/'-joined parameter path is a bias or a normalisation layer's weight.
+
+  transformers' rule (`Trainer.get_decay_parameter_names`: "bias" in the name, a `LayerNorm` module,
+  or a module named like a norm) read on this project's module names: the leaf `bias`, `nnx.LayerNorm`'s
+  `scale`, and any parameter under a module whose name holds "norm" (`input_layernorm`, `norm`,
+  `norm1`, CLIP's `pre_layrnorm`, the Q-Former's `LayerNorm`) or starts with "ln_" (Qwen2.5-VL's
+  merger `ln_q`, MiniGPT-4's `ln_vision`).
+  """
+  parts = path.split("/")
+  return parts[-1] in ("bias", "scale") or any(
+      "norm" in p.lower() or p.startswith("ln_") for p in parts[:-1])
+
+
+def decay_mask(params: Any) -> Any:
+  """The pytree of `params` with True where AdamW's weight decay applies (not on `_is_norm_or_bias`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not _is_norm_or_bias("/".join(str(getattr(k, "key", k)) for k in path)), params)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay and global-norm clipping; MultiSteps accumulation."""
+  """AdamW with linear warmup + cosine decay and global-norm clipping; MultiSteps accumulation.
+
+  Weight decay applies to every trained parameter, or (`decay_norms_and_biases=False`) to all but
+  biases and normalisation weights, as LLaVA's trainer does."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1))
   opt = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-      optax.adamw(schedule, weight_decay=cfg.weight_decay))
+      optax.adamw(schedule, weight_decay=cfg.weight_decay,
+                  mask=None if cfg.decay_norms_and_biases else decay_mask))
   return optax.MultiSteps(opt, cfg.grad_accum) if cfg.grad_accum > 1 else opt
 
 
@@ -656,5 +684,5 @@ def batch_fn(ce_examples: Sequence[dict], groups: Sequence[dict], cfg: TrainConf
 
 
 __all__ = ["Generator", "NonFiniteError", "TrainConfig", "Trainer", "batch_fn", "ce_batch",
-           "contrastive_batch", "epoch_order", "make_optimizer", "train_step", "trainable_filter",
-           "trainable_paths"]
+           "contrastive_batch", "decay_mask", "epoch_order", "make_optimizer", "train_step",
+           "trainable_filter", "trainable_paths"]

@@ -189,6 +189,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.optimizer = "adamw"  # adamw
   config.train.learning_rate = 2e-5
   config.train.weight_decay = 1e-5
+  # Decay biases and norm weights too (True) or exempt them, as LLaVA's trainer does (False).
+  config.train.decay_norms_and_biases = True
   config.train.batch_size = 2  # global: split over the processes (and the mesh's data x fsdp devices)
   config.train.steps = 1000
   config.train.warmup_steps = 0

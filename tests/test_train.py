@@ -490,3 +490,31 @@ def test_generated_anchor_is_the_models_own_continuation_and_its_gradient_reache
   grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(trainer.trainable))
   assert float(optax.tree.norm(grads["vlm"]["language_model"]["layers"])) > 0
   assert float(optax.tree.norm(grads["vlm"]["multi_modal_projector"])) > 0
+
+
+def test_decay_mask_exempts_what_transformers_trainer_exempts(world):
+  """`train.decay_norms_and_biases=False`: the parameters left out of weight decay are transformers'
+  `Trainer.get_decay_parameter_names` complement (LLaVA's trainer), counted over the whole model."""
+  import torch
+  import transformers
+
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(world["root"] / "hf"))
+  decayed = set(transformers.Trainer.get_decay_parameter_names(None, hf))
+  hf_sizes = {n: p.numel() for n, p in hf.named_parameters()}
+  hf_exempt = sum(s for n, s in hf_sizes.items() if n not in decayed)
+  assert 0 < hf_exempt < sum(hf_sizes.values())
+  state = nnx.to_pure_dict(nnx.state(sharding.load_model(world["model"], _mesh()), nnx.Param))
+  mask, sizes = jax.tree.leaves(T.decay_mask(state)), [np.size(x) for x in jax.tree.leaves(state)]
+  assert sum(sizes) == sum(hf_sizes.values())
+  assert sum(s for m, s in zip(mask, sizes) if not m) == hf_exempt
+  del torch
+
+  # The optimizer applies it: with zero gradients only the decayed leaves move.
+  params = {"norm": {"weight": jnp.ones(3)}, "proj": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for exempt in (False, True):
+    opt = T.make_optimizer(T.TrainConfig(learning_rate=0.1, weight_decay=0.5, warmup_steps=0, steps=10,
+                                         decay_norms_and_biases=not exempt))
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    moved = {k: {n: bool(np.any(np.asarray(u) != 0)) for n, u in v.items()} for k, v in updates.items()}
+    assert moved == {"norm": {"weight": not exempt}, "proj": {"kernel": True, "bias": not exempt}}
