@@ -29,7 +29,8 @@ does: `bytes_limit` of `jax.Device.memory_stats()`) into one line naming the sta
 
 The inference mesh chooses itself (`config.inference.auto_mesh`, default on) when the device memory is
 known: one data-parallel replica per device when a replica with its KV cache and activations fits,
-else the smallest `fsdp` over the host's devices that fits (`choose_inference_mesh`).
+else the smallest `fsdp` over the host's devices that fits, else the smallest `fsdp x tensor` replica
+that does (`choose_inference_mesh`).
 """
 
 from __future__ import annotations
@@ -627,34 +628,58 @@ def misfit(plan_: Plan, config: Any) -> str | None:
   return None
 
 
+def _mesh_candidates(model_cfg: Any, devices: int) -> list[dict[str, int]]:
+  """Inference meshes over `devices`, in the order `choose_inference_mesh` tries them: `fsdp` alone,
+  replicas of fewer devices first (more replicas, more throughput; fsdp needs no fast interconnect),
+  then, for a model no fsdp replica holds, `fsdp x tensor` replicas, again the smallest first and the
+  smaller `tensor` first (tensor sizes that divide the decoder's attention and key/value heads)."""
+  text = model_cfg.text
+  divisors = [n for n in range(1, devices + 1) if devices % n == 0]
+  out = [dict(data=devices // f, fsdp=f, tensor=1) for f in divisors]
+  for size in divisors:
+    for tensor in divisors[1:]:
+      if size % tensor == 0 and text.num_attention_heads % tensor == 0 \
+          and text.num_key_value_heads % tensor == 0:
+        out.append(dict(data=devices // size, fsdp=size // tensor, tensor=tensor))
+  return out
+
+
 def choose_inference_mesh(model_cfg: Any, config: Any, stages: Sequence[str], local_devices: int,
                           device_bytes: int) -> tuple[dict[str, int], str]:
-  """The inference stages' mesh over a host's `local_devices`: `data` replicas of `fsdp` devices each,
-  the smallest `fsdp` (a divisor of the devices) at which every inference stage of `stages` fits
-  `AUTO_HEADROOM` of `device_bytes` (the plan is an estimate: about +-20 %; a slower sharded replica
-  beats running out of memory mid-run); the largest when none does (the plan's check then says whether
-  it fits at all and what to change). Rows per device do not depend on the choice (the batch splits
-  over data x fsdp = every device): only the parameters' share and the gathered embedding / LM head
-  change. Returns the mesh and one line saying what was chosen and why."""
+  """The inference stages' mesh over a host's `local_devices`: `data` replicas of `fsdp x tensor`
+  devices each, the first of `_mesh_candidates` (fsdp alone, smallest replica first) at which
+  every inference stage of `stages` fits `AUTO_HEADROOM` of `device_bytes` (the plan is an estimate:
+  about +-20 %; a slower sharded replica beats running out of memory mid-run); the largest `fsdp`
+  when none does (the plan's check then says whether it fits at all and what to change). Rows per
+  device do not depend on `fsdp` (the batch splits over data x fsdp = every device): only the
+  parameters' share and the gathered embedding / LM head change; a `tensor` split also splits each
+  layer's activations, the KV cache and the gathered tables (a 72B model on 16 GB chips needs it).
+  Returns the mesh and one line saying what was chosen and why."""
   inference = [s for s in stages if s not in TRAIN_STAGES]
-  fsdps = [f for f in range(1, local_devices + 1) if local_devices % f == 0]
   budget = int(AUTO_HEADROOM * device_bytes)
-  first = None
-  for fsdp in fsdps:
-    mesh = dict(data=local_devices // fsdp, fsdp=fsdp, tensor=1)
+  first = fitting = None
+  for mesh in _mesh_candidates(model_cfg, local_devices):
     worst = max(plan(model_cfg, config, inference, mesh).stages, key=lambda s: s.total)
     first = first or worst
     if worst.total <= budget:
+      fitting = (mesh, worst)
       break
-  name = f"data={mesh['data']} fsdp={mesh['fsdp']} tensor=1"
+  if fitting is None:
+    mesh = dict(data=1, fsdp=local_devices, tensor=1)
+    worst = max(plan(model_cfg, config, inference, mesh).stages, key=lambda s: s.total)
+  else:
+    mesh, worst = fitting
+  name = f"data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}"
   have = f"{AUTO_HEADROOM:.0%} of a device's {_size(device_bytes)} is {_size(budget)}"
-  if worst.total > budget:
-    why = f"no mesh fits: {worst.stage} needs {_size(worst.total)} even at fsdp={mesh['fsdp']}; {have}"
-  elif mesh["fsdp"] == 1:
+  if fitting is None:
+    why = (f"no mesh fits: {worst.stage} needs {_size(worst.total)} even at fsdp={mesh['fsdp']} "
+           f"(and with any tensor split); {have}")
+  elif mesh["fsdp"] * mesh["tensor"] == 1:
     why = f"one replica per device fits: {worst.stage} needs {_size(worst.total)}, {have}"
   else:
+    how = f"fsdp={mesh['fsdp']}" + (f", tensor={mesh['tensor']}" if mesh["tensor"] > 1 else "")
     why = (f"one replica per device does not fit ({first.stage} needs {_size(first.total)}, {have}); "
-           f"sharded over fsdp={mesh['fsdp']}: {worst.stage} needs {_size(worst.total)}")
+           f"sharded over {how}: {worst.stage} needs {_size(worst.total)}")
   return mesh, f"inference mesh {name} (chosen from the memory plan): {why}"
 
 

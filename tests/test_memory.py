@@ -169,13 +169,15 @@ def test_auto_inference_mesh_keeps_replicas_until_they_do_not_fit():
     assert all(s.mesh == planned.inference_mesh for s in planned.stages)
     return planned
 
-  for fraction, (data, fsdp) in ((1.5, (8, 1)), (0.8, (4, 2)), (0.5, (2, 4)), (0.26, (1, 8))):
+  for fraction, (data, fsdp) in ((1.5, (8, 1)), (0.8, (4, 2)), (0.5, (2, 4)), (0.3, (1, 8))):
     planned = chosen(fraction)
     assert planned.inference_mesh == dict(data=data, fsdp=fsdp, tensor=1), fraction
     assert planned.mesh_choice.startswith(f"inference mesh data={data} fsdp={fsdp} tensor=1 (chosen")
     assert memory.misfit(planned, config) is None
   assert "one replica per device fits" in chosen(1.5).mesh_choice
   assert "one replica per device does not fit" in chosen(0.5).mesh_choice
+  # At 0.26 P fsdp=8 misses by the gathered embedding and LM head; a tensor split halves those.
+  assert chosen(0.26).inference_mesh == dict(data=1, fsdp=4, tensor=2)
   # Nothing fits: the most sharded mesh, and the check's one line says so.
   planned = chosen(0.1)
   assert planned.inference_mesh == dict(data=1, fsdp=8, tensor=1)
@@ -192,6 +194,38 @@ def test_auto_inference_mesh_keeps_replicas_until_they_do_not_fit():
   config.inference.auto_mesh, config.device_memory_gb = True, 0.0
   planned = memory.run_plan(config, stages, model_cfg=arch, devices=8)
   assert planned.inference_mesh == {} and planned.stages[0].mesh == dict(data=8, fsdp=1, tensor=1)
+
+
+def test_auto_inference_mesh_splits_heads_when_no_fsdp_replica_fits():
+  """Qwen2.5-VL-72B on sixteen 16 GB chips (a v5e-16): fsdp alone gathers the 152,064 x 8192 embedding
+  and LM head whole on every device (2 x 2.49 GB in bf16), so no fsdp-only replica fits 90 % of a chip;
+  a `tensor` split divides the gathered tables, the KV cache and each layer's activations, and the
+  chooser takes the smallest such replica that fits (tensor dividing the 64 heads and 8 KV heads)."""
+  from configs import qwen25vl
+
+  arch = memory.known_arch("qwen25vl-72b")
+  assert (arch.text.vocab_size, arch.text.hidden_size) == (152064, 8192)
+  config = qwen25vl.get_config("7b")
+  config.unlock()
+  config.model.max_pixels = 1003520
+  config.device_memory_gb = 16.0
+  stages = ("initial", "score", "final")
+  budget = 0.9 * 16 * memory.GiB
+
+  def worst(mesh):
+    return max(s.total for s in memory.plan(arch, config, stages, mesh).stages)
+
+  assert all(worst(dict(data=16 // f, fsdp=f, tensor=1)) > budget for f in (1, 2, 4, 8, 16))
+  planned = memory.run_plan(config, stages, model_cfg=arch, devices=16)
+  mesh = planned.inference_mesh
+  assert mesh["tensor"] > 1 and mesh["data"] * mesh["fsdp"] * mesh["tensor"] == 16, mesh
+  assert worst(mesh) <= budget and memory.misfit(planned, config) is None
+  # It is the smallest fitting split: every mesh with a smaller replica or tensor does not fit.
+  for size in (2, 4, 8, 16):
+    for tensor in (2, 4, 8):
+      if size % tensor == 0 and (size, tensor) < (mesh["fsdp"] * mesh["tensor"], mesh["tensor"]):
+        assert worst(dict(data=16 // size, fsdp=size // tensor, tensor=tensor)) > budget
+  assert f"tensor={mesh['tensor']} (chosen from the memory plan)" in planned.mesh_choice
 
 
 def test_launch_says_which_mesh_it_chose_and_keeps_a_mesh_given_on_the_command_line(repo_root,
