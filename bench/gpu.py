@@ -40,8 +40,10 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -51,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The CPU benches this borrows from default JAX to the CPU; here JAX picks its platform itself ("").
 os.environ.setdefault("JAX_PLATFORMS", "")
 
-FIGURES = ("score", "generate", "train")
+FIGURES = ("check", "score", "generate", "train")
 
 # LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf config.json), and a tiny stand-in.
 SIZES = {
@@ -61,14 +63,16 @@ SIZES = {
         text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                   rms_norm_eps=1e-5),
-        image_token=32000, images=16, gen_batch=64, new_tokens=128, train_batch=8, train_layers=16),
+        image_token=32000, images=16, gen_batch=64, new_tokens=128, train_batch=8, train_layers=16,
+        check=dict(images=2, qa=4, new_tokens=32)),
     "small": dict(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
         text=dict(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                   rms_norm_eps=1e-6),
-        image_token=999, images=2, gen_batch=4, new_tokens=8, train_batch=2, train_layers=2),
+        image_token=999, images=2, gen_batch=4, new_tokens=8, train_batch=2, train_layers=2,
+        check=dict(images=2, qa=2, new_tokens=8)),
 }
 
 # Dense bf16 peak FLOP/s and HBM bytes/s by device kind (vendor data sheets, SXM parts).
@@ -389,7 +393,16 @@ def run_side(args) -> None:
   for figure in args.figures:
     t0 = time.perf_counter()
     try:
-      if figure == "score":
+      if figure == "check":  # results go to files in --check_dir (bench/gpu_check.py)
+        from bench import gpu_check
+
+        dtype = None if args.check_dtype == "auto" else args.check_dtype
+        if side == "torch":
+          gpu_check.torch_reference(cfg, size["check"], args.check_dir, args.seed, dtype)
+        else:
+          gpu_check.ours_results(cfg, size["check"], args.check_dir, args.seed, dtype, SCORE_ROWS)
+        emit(figure, seconds=time.perf_counter() - t0)
+      elif figure == "score":
         items, pixels = bscore.make_data(stand_in(cfg), size["images"], QA_PER_IMAGE, args.seed)
         t, executed = impl.score(items, pixels, args.repeats)
         tokens = sum(len(it.prompt_image) + len(it.prompt_text) + 2 * len(it.answer) for it in items)
@@ -431,6 +444,10 @@ def main():
   ap.add_argument("--peak_tflops", type=float, default=None, help="override the device's bf16 peak")
   ap.add_argument("--peak_hbm_gbs", type=float, default=None, help="override its HBM bandwidth")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--check_dir", default=None, help="where the check keeps the shared model and both "
+                  "sides' results (default: a temporary directory, removed afterwards)")
+  ap.add_argument("--check_dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                  help="the check's compute dtype (auto: bf16 on an accelerator, fp32 on CPU)")
   ap.add_argument("--side", choices=("ours", "torch"), default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
@@ -444,17 +461,36 @@ def main():
   sides = {}
   env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
       "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9"), TQDM_DISABLE="1")
-  for side in ("ours", "torch"):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}"] + [
-        a for a in sys.argv[1:] if not a.startswith("--side")]
+  passed, skip = [], False  # the command line for the sides, less what the parent sets
+  for a in sys.argv[1:]:
+    if not skip and not a.startswith(("--side", "--check_dir")):
+      passed.append(a)
+    skip = a in ("--side", "--check_dir")
+  work = args.check_dir or tempfile.mkdtemp(prefix="c3l_gpu_check_")
+  os.makedirs(work, exist_ok=True)
+  for side in ("torch", "ours"):  # torch first: it writes the check's shared model and reference
+    cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--check_dir={work}"] + passed
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=env, text=True)
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
     sides[side] = {l.pop("figure"): l for l in lines}
     if proc.returncode:
       print(f"# {side} exited with {proc.returncode}", file=sys.stderr)
+  failed = False
+  if "check" in args.figures:
+    from bench import gpu_check
+
+    text = SIZES[args.size]["text"]
+    errors = {s: sides[s].get("check", {}).get("error", "no result") for s in sides}
+    for line in gpu_check.lines(work, text["num_hidden_layers"], text["vocab_size"], errors):
+      failed |= line.get("pass") is False
+      print(json.dumps(line), flush=True)
+  if not args.check_dir:
+    shutil.rmtree(work, ignore_errors=True)
   speed = {"score": ("tokens_per_s", True), "generate": ("tokens_per_s", True),
            "train": ("seconds", False)}
   for figure in args.figures:
+    if figure == "check":
+      continue
     ours, ref = sides["ours"].get(figure, {"error": "no result"}), sides["torch"].get(figure, {"error": "no result"})
     for d in (ours, ref):
       d.pop("side", None)
@@ -467,6 +503,8 @@ def main():
   print(json.dumps({"figure": "device", **device, "size": args.size,
                     "wall_seconds": time.perf_counter() - start,
                     "date": time.strftime("%Y-%m-%d", time.gmtime())}), flush=True)
+  if failed:
+    sys.exit(1)
 
 
 if __name__ == "__main__":
