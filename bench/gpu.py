@@ -1,18 +1,41 @@
-r"""The accelerator suite: scoring, greedy generation and a training step, c3l_jax vs transformers + torch.
+r"""The accelerator suite: c3l_jax vs transformers + torch, checked first, then timed (scoring, greedy
+generation, a training step).
 
 One command, nothing downloaded (it needs jax[cuda], torch and transformers):
 
-    python bench/gpu.py                 # LLaVA-1.5-7B widths, bf16, on the first GPU
+    python bench/gpu.py                 # LLaVA-1.5-7B widths, bf16, on the first GPU (or a TPU)
+    python bench/gpu.py --figures=check # the check alone
     python bench/gpu.py --size=small    # a tiny model: runs anywhere (CPU included), for the test
 
-The model is random (no checkpoint): CLIP ViT-L/14-336 (24 layers, 576 image tokens) + a 2-layer GELU
-projector + a Llama decoder of Vicuna-7B's widths (4096 wide, 11008 MLP, 32 heads, vocabulary 32064),
-all 32 decoder layers for inference and `--train_layers` (default 16: with float32 master weights and
-AdamW moments, 16 bytes a parameter, that is ~3.7B parameters, ~60 GB, plus activations, inside an
-H200's 141 GB for both sides) for training. Each side builds its own random model of the same shape
-(c3l_jax: `sharding.init_model`; transformers: `LlavaForConditionalGeneration` built on the device with
-`attn_implementation="sdpa"`), in its own subprocess, one after the other, so neither framework's
-memory pool sees the other. Figures (each side warmed up / compiled once, then best of `--repeats`):
+`check` (run first; bench/gpu_check.py holds it and the reasoning behind its tolerances): both sides
+load ONE random model, transformers' `LlavaForConditionalGeneration` built with a fixed seed, its LM
+head rescaled so the logits' std is 2 sqrt(2 ln V) (a random init's logits are nearly uniform, which
+leaves S(I2C) ~0 and greedy decoding among ties), saved and converted with `c3l_jax.convert` (torch
+runs first and writes it, with its results, to `--check_dir`, a temporary directory by default). For
+every attention implementation the platform has (`xla`; `cudnn` on an NVIDIA GPU in bf16 / fp16, what
+`auto` picks there; `splash` on a TPU), c3l_jax's `scoring.Scorer` and `sampling.generate` are compared
+with transformers on the same device, in its natural dtype (bf16 on a GPU; fp32 on CPU; on a TPU
+torch runs on the host CPU in fp32): per-QA S(I2C) and both log-prob sums of `images x qa` answers
+(each the reference's own greedy continuation of its prompt) within tolerances propagated from a
+per-logit bound (fp32: 1e-4 nats; bf16: 4 standard deviations of a random walk of bf16 roundings,
+1.08 nats at 7B), and greedy generation token for token, where a row may leave the reference only at
+a near-tie (the reference's margin to ours' token within the bf16 bound). Sizes: 2 images x 4 QA and
+32 new tokens at 7B (2 x 2 and 8 for `--size=small`). At 7B the model is ~14 GB a side in bf16 and
+`--check_dir` holds it twice (transformers' and c3l_jax's format, ~28 GB). One line per implementation:
+`{"figure": "check", "attention", "auto" (whether `auto` picks it), "pass", "i2c_max_abs_diff",
+"i2c_max_rel_diff", "logp_max_abs_diff", "worst_error_over_tolerance", "tokens_agree_to_first_divergence",
+"tokens_agree_overall", "divergences", "failures" (when failing), ...}`, and `{"figure": "check",
+"attention", "skipped": reason}` for each the platform lacks. The command exits 1 when a check fails.
+
+The timed figures' model is random (no checkpoint): CLIP ViT-L/14-336 (24 layers, 576 image tokens) + a
+2-layer GELU projector + a Llama decoder of Vicuna-7B's widths (4096 wide, 11008 MLP, 32 heads,
+vocabulary 32064), all 32 decoder layers for inference and `--train_layers` (default 16: with float32
+master weights and AdamW moments, 16 bytes a parameter, that is ~3.7B parameters, ~60 GB, plus
+activations, inside an H200's 141 GB for both sides) for training. Each side builds its own random model
+of the same shape (c3l_jax: `sharding.init_model`; transformers: `LlavaForConditionalGeneration` built
+on the device with `attn_implementation="sdpa"`), in its own subprocess, one after the other, so neither
+framework's memory pool sees the other. Figures (each side warmed up / compiled once, then best of
+`--repeats`):
 
   score     S(I2C) of `--images` images x 5 QA (prompt = bos + 4 + <image> x 576 + ~20 question
             tokens, answer ~24): c3l_jax's `scoring.Scorer` (prefix sharing) vs transformers' natural
@@ -27,11 +50,11 @@ memory pool sees the other. Figures (each side warmed up / compiled once, then b
             AdamW, grad clip 1.0) with float32 master weights and bf16 compute (transformers under
             `torch.autocast(bfloat16)`): MFU = the step's matmul FLOPs / time / peak.
 
-Output: one JSON line per figure, `{"figure": ..., "ours": {...}, "torch": {...}, "ratio": ...}`
-(ratio = ours' speed over torch's), then the device. The peak FLOP/s and HBM bandwidth come from a table
-of device kinds (H200, H100, A100, ...; `--peak_tflops` / `--peak_hbm_gbs` override); elsewhere (CPU)
-MFU is against a bf16 matmul measured in JAX and the bandwidth fraction is null. Not a test: timings
-are printed, never asserted.
+Output: the check's lines, then one JSON line per timed figure, `{"figure": ..., "ours": {...}, "torch":
+{...}, "ratio": ...}` (ratio = ours' speed over torch's), then the device. The peak FLOP/s and HBM
+bandwidth come from a table of device kinds (H200, H100, A100, ...; `--peak_tflops` / `--peak_hbm_gbs`
+override); elsewhere (CPU) MFU is against a bf16 matmul measured in JAX and the bandwidth fraction is
+null. Not a test: timings are printed, never asserted.
 """
 
 from __future__ import annotations
