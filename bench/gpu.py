@@ -468,9 +468,11 @@ def main():
   ap.add_argument("--peak_hbm_gbs", type=float, default=None, help="override its HBM bandwidth")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--check_dir", default=None, help="where the check keeps the shared model and both "
-                  "sides' results (default: a temporary directory, removed afterwards)")
+                  "sides' results, replacing its hf/, ours/ and *_check.json (default: a temporary "
+                  "directory, removed afterwards)")
   ap.add_argument("--check_dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                  help="the check's compute dtype (auto: bf16 on an accelerator, fp32 on CPU)")
+                  help="the check's compute dtype (auto: bf16 on an accelerator, fp32 on CPU; fp32 on a "
+                  "GPU is judged with TF32's tolerance, on a TPU with bf16's)")
   ap.add_argument("--side", choices=("ours", "torch"), default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
@@ -490,7 +492,10 @@ def main():
       passed.append(a)
     skip = a in ("--side", "--check_dir")
   work = args.check_dir or tempfile.mkdtemp(prefix="c3l_gpu_check_")
-  os.makedirs(work, exist_ok=True)
+  try:
+    os.makedirs(work, exist_ok=True)
+  except OSError as e:
+    ap.error(f"--check_dir {work}: {e}")
   for side in ("torch", "ours"):  # torch first: it writes the check's shared model and reference
     cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--check_dir={work}"] + passed
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=env, text=True)

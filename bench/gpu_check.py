@@ -37,6 +37,8 @@ rather than "every token equal".
 Tolerances. DELTA (`logprob_tolerance`) bounds the difference between the two frameworks' values of
 one logit, in nats:
 - fp32 (CPU): 1e-4, the project's fp32 parity tolerance on logits (tests/test_llava_parity.py).
+  fp32 on an accelerator (`--check_dtype=float32`) is not that: a GPU multiplies fp32 in TF32 (11
+  significant bits; the formula below with 2^-11) and a TPU in one bf16 pass (bf16's bound).
 - bf16: one rounding to bf16 (8 significant bits) has relative error uniform within +-2^-8, std
   2^-8 / sqrt 3. A token's hidden state is rounded at each residual add (2 per decoder layer), at the
   embedding and the final norm, and the logit once more at its own size, up to sqrt(2 ln V) SIGMA;
@@ -72,6 +74,7 @@ import numpy as np
 PAD = 0
 TOPK = 8  # reference logits kept per generation step (to judge a divergence)
 U_BF16 = 2.0 ** -8  # bf16 unit roundoff (8 significant bits)
+U_TF32 = 2.0 ** -11  # TF32's (11 significant bits): fp32 matmuls on a GPU by default
 FP32_LOGPROB_TOL = 1e-4
 FLOOR = 1e-6  # float32 resolution of a log-prob, relative to 1 + |log p|
 SIGMAS = 4.0  # tolerance = this many standard deviations of the predicted bf16 difference
@@ -83,12 +86,14 @@ def logit_sigma(vocab: int) -> float:
   return 2.0 * math.sqrt(2.0 * math.log(vocab))
 
 
-def logprob_tolerance(dtype: str, layers: int, vocab: int) -> float:
-  """DELTA (nats) for one answer token's log-prob when the lower-precision side computes in `dtype`."""
-  if dtype == "float32":
+def logprob_tolerance(arith: str, layers: int, vocab: int) -> float:
+  """DELTA (nats), the bound on one logit's difference between the frameworks, when the coarser side
+  computes in `arith` (`arithmetic`): float32 (CPU), tf32 or bfloat16."""
+  if arith == "float32":
     return FP32_LOGPROB_TOL
+  unit = {"bfloat16": U_BF16, "tf32": U_TF32}[arith]
   roundings = 2 * layers + 2 + 2.0 * math.log(vocab)  # the residual stream's, then the logit's own
-  return SIGMAS * math.sqrt(2.0) * U_BF16 * math.sqrt(roundings / 3.0) * logit_sigma(vocab)
+  return SIGMAS * math.sqrt(2.0) * unit * math.sqrt(roundings / 3.0) * logit_sigma(vocab)
 
 
 def implementations(platform: str, dtype: str) -> tuple[list[str], dict[str, str]]:
@@ -138,6 +143,18 @@ def sharpen(hf) -> float:
   return sigma
 
 
+def fresh(work: str, *names: str) -> None:
+  """Remove what an earlier run left under `work` (a kept `--check_dir`) before this side writes."""
+  import shutil
+
+  for name in names:
+    path = os.path.join(work, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.lexists(path):
+      os.remove(path)
+
+
 def _dump(path: str, obj: Any) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump(obj, f)
@@ -161,6 +178,7 @@ def torch_reference(cfg, spec: dict, work: str, seed: int, dtype: str | None = N
   from bench import generate as bgen
   from bench import score as bscore
 
+  fresh(work, HF_DIR, TORCH_FILE)
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
   tdtype = getattr(torch, dtype)
@@ -169,6 +187,8 @@ def torch_reference(cfg, spec: dict, work: str, seed: int, dtype: str | None = N
     hf = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=tdtype)
   sigma = sharpen(hf)
   hf.save_pretrained(os.path.join(work, HF_DIR))
+  if not os.path.isfile(os.path.join(work, HF_DIR, "config.json")):  # it logs, and returns
+    raise RuntimeError(f"save_pretrained wrote nothing to {os.path.join(work, HF_DIR)}")
   hf.eval()
 
   items, pixels = check_data(cfg, spec, seed)
@@ -243,6 +263,7 @@ def ours_results(cfg, spec: dict, work: str, seed: int, dtype: str | None = None
   from c3l_jax.models import attention as A
   from c3l_jax.models import configs
 
+  fresh(work, OURS_DIR, OURS_FILE)
   platform = jax.default_backend()
   dtype = dtype or ("float32" if platform == "cpu" else "bfloat16")
   ref = load(os.path.join(work, TORCH_FILE))
@@ -279,6 +300,8 @@ def ours_results(cfg, spec: dict, work: str, seed: int, dtype: str | None = None
   out = dict(device=jax.devices()[0].device_kind, platform=platform, dtype=dtype, results=results,
              skipped=skipped)
   _dump(os.path.join(work, OURS_FILE), out)
+  base = state = model = scorer = None  # the device memory goes back before the timed figures
+  gc_collect(None)
   return out
 
 
@@ -345,13 +368,27 @@ def compare_generation(ref: dict, ours_tokens, delta: float) -> dict:
               generation_failures=failures)
 
 
+def arithmetic(ref: dict, ours: dict) -> str:
+  """The coarser arithmetic of the two sides, which sets the tolerance: `float32` only when both
+  compute in fp32 on a CPU. fp32 on a GPU multiplies in TF32 (JAX's default matmul precision there,
+  and torch's convolutions), on a TPU in one bf16 pass (JAX's default)."""
+  if ref["dtype"] != "float32" or ours["dtype"] != "float32":
+    return "bfloat16"
+  if ours.get("platform") == "tpu":
+    return "bfloat16"
+  if ours.get("platform") == "cpu" and ref["device"] == "cpu":
+    return "float32"
+  return "tf32"
+
+
 def compare(ref: dict, ours: dict, impl: str, layers: int, vocab: int) -> dict:
   """The `check` line of one implementation: its figures and `pass`."""
   got = ours["results"][impl]
-  dtype = "float32" if ref["dtype"] == ours["dtype"] == "float32" else "bfloat16"
-  delta = logprob_tolerance(dtype, layers, vocab)
+  arith = arithmetic(ref, ours)
+  delta = logprob_tolerance(arith, layers, vocab)
   line = dict(figure="check", attention=impl, auto=got.get("auto"), device=ours["device"],
-              dtype=dict(ours=ours["dtype"], torch=ref["dtype"]), logprob_tolerance=delta)
+              dtype=dict(ours=ours["dtype"], torch=ref["dtype"]), arithmetic=arith,
+              logprob_tolerance=delta)
   if "error" in got:
     return dict(line, error=got["error"], **{"pass": False})
   line.update(compare_scores(ref, got, delta))

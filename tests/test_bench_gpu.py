@@ -36,7 +36,8 @@ def test_gpu_suite_small_runs_on_cpu(tmp_path):
   assert check["pass"] is True and check["dtype"] == {"ours": "float32", "torch": "float32"}, check
   assert "NVIDIA GPU" in lines[1]["skipped"] and "TPU" in lines[2]["skipped"]
   ref = json.loads((tmp_path / gpu_check.TORCH_FILE).read_text())
-  ours = json.loads((tmp_path / gpu_check.OURS_FILE).read_text())["results"]["xla"]
+  results = json.loads((tmp_path / gpu_check.OURS_FILE).read_text())
+  ours = results["results"]["xla"]
   # S(I2C) by eq. 1, by hand, from transformers' per-token log-probs; the sharpened model makes it
   # far from 0 (a near-uniform random model gives ~0 whatever is computed).
   want = [sum(np.exp(v) * (v - d) for v, d in zip(lv, ld))
@@ -50,8 +51,8 @@ def test_gpu_suite_small_runs_on_cpu(tmp_path):
   assert check["tokens_agree_overall"] == check["tokens_agree_to_first_divergence"] == 1.0
 
   # A broken implementation is caught: ours' results perturbed as a wrong kernel would perturb them.
-  results = {"results": {"xla": ours}, "skipped": {}, "device": "cpu", "dtype": "float32"}
   vocab, layers = 1000, 2
+  assert gpu_check.compare(ref, results, "xla", layers, vocab)["arithmetic"] == "float32"
   assert gpu_check.compare(ref, results, "xla", layers, vocab)["pass"] is True
   bad = copy.deepcopy(results)
   bad["results"]["xla"]["i2c"][2] += 1e-2
@@ -101,3 +102,12 @@ def test_check_implementations_by_platform():
   run, skipped = gpu_check.implementations("tpu", "bfloat16")
   assert run == ["xla", "splash"] and list(skipped) == ["cudnn"]
   assert gpu_check.implementations("cpu", "float32")[0] == ["xla"]
+  # The tolerance's arithmetic is the coarser side's: fp32 is fp32 on a CPU only.
+  side = lambda dtype, where: {"dtype": dtype, "device": where, "platform": where}
+  assert gpu_check.arithmetic(side("float32", "cpu"), side("float32", "cpu")) == "float32"
+  assert gpu_check.arithmetic(side("float32", "NVIDIA H100"), side("float32", "gpu")) == "tf32"
+  assert gpu_check.arithmetic(side("float32", "cpu"), side("float32", "tpu")) == "bfloat16"
+  assert gpu_check.arithmetic(side("bfloat16", "NVIDIA H100"), side("bfloat16", "gpu")) == "bfloat16"
+  # The bounds docs/performance.md states (LLaVA-1.5-7B's 32 layers and 32,064 tokens; the small model).
+  assert round(gpu_check.logprob_tolerance("bfloat16", 32, 32064), 2) == 1.08
+  assert round(gpu_check.logprob_tolerance("bfloat16", 2, 1000), 2) == 0.42
