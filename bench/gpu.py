@@ -1,18 +1,41 @@
-r"""The accelerator suite: scoring, greedy generation and a training step, c3l_jax vs transformers + torch.
+r"""The accelerator suite: c3l_jax vs transformers + torch, checked first, then timed (scoring, greedy
+generation, a training step).
 
 One command, nothing downloaded (it needs jax[cuda], torch and transformers):
 
-    python bench/gpu.py                 # LLaVA-1.5-7B widths, bf16, on the first GPU
+    python bench/gpu.py                 # LLaVA-1.5-7B widths, bf16, on the first GPU (or a TPU)
+    python bench/gpu.py --figures=check # the check alone
     python bench/gpu.py --size=small    # a tiny model: runs anywhere (CPU included), for the test
 
-The model is random (no checkpoint): CLIP ViT-L/14-336 (24 layers, 576 image tokens) + a 2-layer GELU
-projector + a Llama decoder of Vicuna-7B's widths (4096 wide, 11008 MLP, 32 heads, vocabulary 32064),
-all 32 decoder layers for inference and `--train_layers` (default 16: with float32 master weights and
-AdamW moments, 16 bytes a parameter, that is ~3.7B parameters, ~60 GB, plus activations, inside an
-H200's 141 GB for both sides) for training. Each side builds its own random model of the same shape
-(c3l_jax: `sharding.init_model`; transformers: `LlavaForConditionalGeneration` built on the device with
-`attn_implementation="sdpa"`), in its own subprocess, one after the other, so neither framework's
-memory pool sees the other. Figures (each side warmed up / compiled once, then best of `--repeats`):
+`check` (run first; bench/gpu_check.py holds it and the reasoning behind its tolerances): both sides
+load ONE random model, transformers' `LlavaForConditionalGeneration` built with a fixed seed, its LM
+head rescaled so the logits' std is 2 sqrt(2 ln V) (a random init's logits are nearly uniform, which
+leaves S(I2C) ~0 and greedy decoding among ties), saved and converted with `c3l_jax.convert` (torch
+runs first and writes it, with its results, to `--check_dir`, a temporary directory by default). For
+every attention implementation the platform has (`xla`; `cudnn` on an NVIDIA GPU in bf16 / fp16, what
+`auto` picks there; `splash` on a TPU), c3l_jax's `scoring.Scorer` and `sampling.generate` are compared
+with transformers on the same device, in its natural dtype (bf16 on a GPU; fp32 on CPU; on a TPU
+torch runs on the host CPU in fp32): per-QA S(I2C) and both log-prob sums of `images x qa` answers
+(each the reference's own greedy continuation of its prompt) within tolerances propagated from a
+per-logit bound (fp32: 1e-4 nats; bf16: 4 standard deviations of a random walk of bf16 roundings,
+1.08 nats at 7B), and greedy generation token for token, where a row may leave the reference only at
+a near-tie (the reference's margin to ours' token within the bf16 bound). Sizes: 2 images x 4 QA and
+32 new tokens at 7B (2 x 2 and 8 for `--size=small`). At 7B the model is ~14 GB a side in bf16 and
+`--check_dir` holds it twice (transformers' and c3l_jax's format, ~28 GB). One line per implementation:
+`{"figure": "check", "attention", "auto" (whether `auto` picks it), "pass", "i2c_max_abs_diff",
+"i2c_max_rel_diff", "logp_max_abs_diff", "worst_error_over_tolerance", "tokens_agree_to_first_divergence",
+"tokens_agree_overall", "divergences", "failures" (when failing), ...}`, and `{"figure": "check",
+"attention", "skipped": reason}` for each the platform lacks. The command exits 1 when a check fails.
+
+The timed figures' model is random (no checkpoint): CLIP ViT-L/14-336 (24 layers, 576 image tokens) + a
+2-layer GELU projector + a Llama decoder of Vicuna-7B's widths (4096 wide, 11008 MLP, 32 heads,
+vocabulary 32064), all 32 decoder layers for inference and `--train_layers` (default 16: with float32
+master weights and AdamW moments, 16 bytes a parameter, that is ~3.7B parameters, ~60 GB, plus
+activations, inside an H200's 141 GB for both sides) for training. Each side builds its own random model
+of the same shape (c3l_jax: `sharding.init_model`; transformers: `LlavaForConditionalGeneration` built
+on the device with `attn_implementation="sdpa"`), in its own subprocess, one after the other, so neither
+framework's memory pool sees the other. Figures (each side warmed up / compiled once, then best of
+`--repeats`):
 
   score     S(I2C) of `--images` images x 5 QA (prompt = bos + 4 + <image> x 576 + ~20 question
             tokens, answer ~24): c3l_jax's `scoring.Scorer` (prefix sharing) vs transformers' natural
@@ -27,11 +50,11 @@ memory pool sees the other. Figures (each side warmed up / compiled once, then b
             AdamW, grad clip 1.0) with float32 master weights and bf16 compute (transformers under
             `torch.autocast(bfloat16)`): MFU = the step's matmul FLOPs / time / peak.
 
-Output: one JSON line per figure, `{"figure": ..., "ours": {...}, "torch": {...}, "ratio": ...}`
-(ratio = ours' speed over torch's), then the device. The peak FLOP/s and HBM bandwidth come from a table
-of device kinds (H200, H100, A100, ...; `--peak_tflops` / `--peak_hbm_gbs` override); elsewhere (CPU)
-MFU is against a bf16 matmul measured in JAX and the bandwidth fraction is null. Not a test: timings
-are printed, never asserted.
+Output: the check's lines, then one JSON line per timed figure, `{"figure": ..., "ours": {...}, "torch":
+{...}, "ratio": ...}` (ratio = ours' speed over torch's), then the device. The peak FLOP/s and HBM
+bandwidth come from a table of device kinds (H200, H100, A100, ...; `--peak_tflops` / `--peak_hbm_gbs`
+override); elsewhere (CPU) MFU is against a bf16 matmul measured in JAX and the bandwidth fraction is
+null. Not a test: timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -40,8 +63,10 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -51,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The CPU benches this borrows from default JAX to the CPU; here JAX picks its platform itself ("").
 os.environ.setdefault("JAX_PLATFORMS", "")
 
-FIGURES = ("score", "generate", "train")
+FIGURES = ("check", "score", "generate", "train")
 
 # LLaVA-1.5-7B's shapes (llava-hf/llava-1.5-7b-hf config.json), and a tiny stand-in.
 SIZES = {
@@ -61,14 +86,16 @@ SIZES = {
         text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                   rms_norm_eps=1e-5),
-        image_token=32000, images=16, gen_batch=64, new_tokens=128, train_batch=8, train_layers=16),
+        image_token=32000, images=16, gen_batch=64, new_tokens=128, train_batch=8, train_layers=16,
+        check=dict(images=2, qa=4, new_tokens=32)),
     "small": dict(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, image_size=28, patch_size=14, projection_dim=32),
         text=dict(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                   rms_norm_eps=1e-6),
-        image_token=999, images=2, gen_batch=4, new_tokens=8, train_batch=2, train_layers=2),
+        image_token=999, images=2, gen_batch=4, new_tokens=8, train_batch=2, train_layers=2,
+        check=dict(images=2, qa=2, new_tokens=8)),
 }
 
 # Dense bf16 peak FLOP/s and HBM bytes/s by device kind (vendor data sheets, SXM parts).
@@ -389,7 +416,16 @@ def run_side(args) -> None:
   for figure in args.figures:
     t0 = time.perf_counter()
     try:
-      if figure == "score":
+      if figure == "check":  # results go to files in --check_dir (bench/gpu_check.py)
+        from bench import gpu_check
+
+        dtype = None if args.check_dtype == "auto" else args.check_dtype
+        if side == "torch":
+          gpu_check.torch_reference(cfg, size["check"], args.check_dir, args.seed, dtype)
+        else:
+          gpu_check.ours_results(cfg, size["check"], args.check_dir, args.seed, dtype, SCORE_ROWS)
+        emit(figure, seconds=time.perf_counter() - t0)
+      elif figure == "score":
         items, pixels = bscore.make_data(stand_in(cfg), size["images"], QA_PER_IMAGE, args.seed)
         t, executed = impl.score(items, pixels, args.repeats)
         tokens = sum(len(it.prompt_image) + len(it.prompt_text) + 2 * len(it.answer) for it in items)
@@ -431,6 +467,12 @@ def main():
   ap.add_argument("--peak_tflops", type=float, default=None, help="override the device's bf16 peak")
   ap.add_argument("--peak_hbm_gbs", type=float, default=None, help="override its HBM bandwidth")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--check_dir", default=None, help="where the check keeps the shared model and both "
+                  "sides' results, replacing its hf/, ours/ and *_check.json (default: a temporary "
+                  "directory, removed afterwards)")
+  ap.add_argument("--check_dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                  help="the check's compute dtype (auto: bf16 on an accelerator, fp32 on CPU; fp32 on a "
+                  "GPU is judged with TF32's tolerance, on a TPU with bf16's)")
   ap.add_argument("--side", choices=("ours", "torch"), default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
@@ -444,17 +486,39 @@ def main():
   sides = {}
   env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
       "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9"), TQDM_DISABLE="1")
-  for side in ("ours", "torch"):
-    cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}"] + [
-        a for a in sys.argv[1:] if not a.startswith("--side")]
+  passed, skip = [], False  # the command line for the sides, less what the parent sets
+  for a in sys.argv[1:]:
+    if not skip and not a.startswith(("--side", "--check_dir")):
+      passed.append(a)
+    skip = a in ("--side", "--check_dir")
+  work = args.check_dir or tempfile.mkdtemp(prefix="c3l_gpu_check_")
+  try:
+    os.makedirs(work, exist_ok=True)
+  except OSError as e:
+    ap.error(f"--check_dir {work}: {e}")
+  for side in ("torch", "ours"):  # torch first: it writes the check's shared model and reference
+    cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--check_dir={work}"] + passed
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, env=env, text=True)
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
     sides[side] = {l.pop("figure"): l for l in lines}
     if proc.returncode:
       print(f"# {side} exited with {proc.returncode}", file=sys.stderr)
+  failed = False
+  if "check" in args.figures:
+    from bench import gpu_check
+
+    text = SIZES[args.size]["text"]
+    errors = {s: sides[s].get("check", {}).get("error", "no result") for s in sides}
+    for line in gpu_check.lines(work, text["num_hidden_layers"], text["vocab_size"], errors):
+      failed |= line.get("pass") is False
+      print(json.dumps(line), flush=True)
+  if not args.check_dir:
+    shutil.rmtree(work, ignore_errors=True)
   speed = {"score": ("tokens_per_s", True), "generate": ("tokens_per_s", True),
            "train": ("seconds", False)}
   for figure in args.figures:
+    if figure == "check":
+      continue
     ours, ref = sides["ours"].get(figure, {"error": "no result"}), sides["torch"].get(figure, {"error": "no result"})
     for d in (ours, ref):
       d.pop("side", None)
@@ -467,6 +531,8 @@ def main():
   print(json.dumps({"figure": "device", **device, "size": args.size,
                     "wall_seconds": time.perf_counter() - start,
                     "date": time.strftime("%Y-%m-%d", time.gmtime())}), flush=True)
+  if failed:
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,24 @@ def test_splash_kernel_in_interpret_mode():
   np.testing.assert_allclose(got[valid], _numpy_attention(q, k, v, mask)[valid], atol=2e-6)
 
 
+def test_cudnn_branch_arguments(monkeypatch):
+  """The `cudnn` branch's layout (keys / values to `[B, S, K, D]`, the mask broadcast over heads), GQA
+  and a left-padded row included, with jax's XLA implementation of the same call standing in for the
+  kernel (which has no CPU mode; `bench/gpu.py`'s check compares the kernel itself on a GPU)."""
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def stand_in(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  q, k, v, valid, mask = _inputs()
+  got = np.asarray(A.attention(q, k, v, mask, impl="cudnn"))
+  assert calls == ["cudnn"]
+  np.testing.assert_allclose(got[valid], _numpy_attention(q, k, v, mask)[valid], atol=2e-6)
+
+
 def test_decode_and_unstructured_masks_take_xla():
   """One query token, or a mask without segment ids, never reaches a fused kernel (which would fail on
   CPU): splash falls back to the XLA path and gives its values."""
