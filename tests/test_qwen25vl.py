@@ -5,8 +5,6 @@ bf16 shards, tied head), converted with `c3l_jax.convert`."""
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -157,17 +155,23 @@ def test_greedy_generation_matches_transformers(world):
   assert len({tuple(o) for o in out.tolist()}) == len(names)
 
 
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "c3l_jax.convert", *args], capture_output=True, text=True,
-                        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": REPO})
+def test_dry_run_on_the_real_3b_files(tmp_path, capsys):
+  """`python -m c3l_jax.convert --hf_path=... --dry_run` on the published 3B headers, its `main` called
+  in this process (no second interpreter): what it prints."""
+  from absl import flags
 
+  from c3l_jax.convert import __main__ as cli
 
-def test_dry_run_on_the_real_3b_files(tmp_path):
   published_qwen25vl_3b_headers(str(tmp_path / "q"))
-  proc = _cli(f"--hf_path={tmp_path / 'q'}", "--dry_run")
-  assert proc.returncode == 0, proc.stderr
-  assert "parameters: 3,754,622,976" in proc.stdout
-  assert "tied" in proc.stdout and "M-RoPE [16, 24, 24]" in proc.stdout
+  flags.FLAGS(["convert", f"--hf_path={tmp_path / 'q'}", "--dry_run"])
+  try:
+    cli.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert "parameters: 3,754,622,976" in out
+  assert "tied" in out and "M-RoPE [16, 24, 24]" in out
+  assert out.strip().splitlines()[-1] == "dry run: the conversion would succeed; nothing was written"
 
 
 def test_untied_head_and_transformers5_layout(tmp_path):
@@ -245,7 +249,7 @@ def test_scorer_matches_transformers(world, prefix_sharing):
 
 
 def test_curate_scores_each_turn_as_transformers(world, tmp_path):
-  """The curate stage on a Qwen2.5-VL: a real 3-turn mix665k conversation (the image tag behind the
+  """The curate stage (its config's stages, run in this process) on a Qwen2.5-VL: a real 3-turn mix665k conversation (the image tag behind the
   first question), each gpt turn's S(I2C) against transformers' fp32 forward of the chat template
   over the conversation before it, with the picture's own number of image tokens in every turn."""
   import json
@@ -259,12 +263,16 @@ def test_curate_scores_each_turn_as_transformers(world, tmp_path):
   os.makedirs(tmp_path / "images" / os.path.dirname(entry["image"]), exist_ok=True)
   picture.save(tmp_path / "images" / entry["image"], format="PNG")
   (tmp_path / "data.json").write_text(json.dumps([entry]))
-  proc = subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/curate.py", f"--workdir={tmp_path / 'w'}",
-       f"--config.model.checkpoint={world['root'] / 'ours'}", f"--config.data.records={tmp_path / 'data.json'}",
-       f"--config.data.image_root={tmp_path / 'images'}", "--config.model.dtype=float32",
-       "--config.model.param_dtype=float32"], cwd=REPO, capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  import configs.curate
+  from c3l_jax import pipeline
+
+  config = configs.curate.get_config()  # launch.py --config=configs/curate.py, in this process
+  with config.unlocked():
+    config.model.checkpoint = str(world["root"] / "ours")
+    config.data.records = str(tmp_path / "data.json")
+    config.data.image_root = str(tmp_path / "images")
+    config.model.dtype = config.model.param_dtype = "float32"
+  pipeline.run_stages(config, str(tmp_path / "w"), pipeline.check_config(config))
   with open(tmp_path / "w" / "export" / "scores.jsonl") as f:
     (row,) = [json.loads(line) for line in f]
 
@@ -301,8 +309,8 @@ POPE_OBJECTS = {"panorama.png": ["dog", "car", "tree"], "tall.png": ["cat", "car
                 "photo.png": ["bird", "boat", "tree"]}
 SEED_QS = [("how many objects are there?", ("one", "two", "three", "four"), "B", "grey.png"),
            ("what color is the circle?", ("red", "blue", "green", "yellow"), "A", "panorama.png")]
-MMB_ROWS = [("1", "which colour is most common?", "Look at the whole picture.", ("red", "blue", "green", "grey"),
-             "B", "photo"),
+MMB_ROWS = [("1", "which colour is most common?", "Look at the whole picture.",
+             ("red", "blue", "green", "grey"), "B", "photo"),
             ("2", "is it a photo?", "", ("yes", "no"), "A", "tiny")]
 
 

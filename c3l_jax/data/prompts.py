@@ -449,6 +449,7 @@ class EvalPrompts:
 
   - `yes_no`: POPE (`{question}` is "Is there a dog in the image?");
   - `open_ended`: LLaVA-Bench (`{question}` as the benchmark file has it);
+  - `short_answer`: a question wanting a word or a phrase (the scenes testbed's grounded VQA);
   - multiple choice (SEED-Bench, MMBench with `eval.mc_mode=generate`): `choice_hint` (only when the
     question has a hint) + `choice_question` + `choice_header` + one `"A. option\n"` line per option +
     `choice_suffix` (`choice_suffix_cjk` instead when the text holds CJK characters and it is set),
@@ -460,6 +461,7 @@ class EvalPrompts:
   source: str  # where the prompts come from
   yes_no: str
   open_ended: str
+  short_answer: str
   choice_hint: str
   choice_question: str
   choice_header: str
@@ -471,6 +473,9 @@ class EvalPrompts:
 
   def ask_open(self, question: str) -> str:
     return self.open_ended.format(question=question)
+
+  def ask_short(self, question: str) -> str:
+    return self.short_answer.format(question=question)
 
   def ask_choice(self, question: str, options: Sequence[str], hint: str = "") -> str:
     import re
@@ -489,6 +494,7 @@ LLAVA15_EVAL_PROMPTS = EvalPrompts(
     source="LLaVA-1.5 (llava/eval: POPE / SEED / MMBench question files, model_vqa_mmbench.py)",
     yes_no="{question}\nAnswer the question using a single word or phrase.",
     open_ended="{question}",
+    short_answer="{question}\nAnswer the question using a single word or phrase.",
     choice_hint="{hint}\n", choice_question="{question}\n", choice_header="",
     choice_suffix="Answer with the option's letter from the given choices directly.")
 
@@ -501,6 +507,7 @@ QWEN25VL_EVAL_PROMPTS = EvalPrompts(
     source="Qwen2-VL / Qwen2.5-VL (VLMEvalKit vlmeval/vlm/qwen2_vl/prompt.py)",
     yes_no="{question} Please answer yes or no.",
     open_ended="{question}\nPlease try to answer the question with short words or phrases if possible.",
+    short_answer="{question}\nPlease try to answer the question with short words or phrases if possible.",
     choice_hint="Hint: {hint}\n", choice_question="Question: {question}\n", choice_header="Options:\n",
     choice_suffix="Please select the correct answer from the options above.",
     choice_suffix_cjk="请直接回答选项字母。")
