@@ -15,10 +15,11 @@ The model is `eval.checkpoint`, else the model the train stage exported to `WORK
 
 Questions are asked in the model family's words (`c3l_jax.data.prompts.EVAL_PROMPTS`: LLaVA-1.5's
 evaluation prompts for LLaVA-1.5 and MiniGPT-4, VLMEvalKit's Qwen2-VL prompts for Qwen2.5-VL), inside
-the checkpoint's chat template. Decoding is greedy (LLaVA-1.5's evaluation), whatever `generation.temperature` says; POPE and generated
-multiple-choice letters get `eval.max_new_tokens`, LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice
-answers are chosen by option log-likelihood or by a generated letter (`eval.mc_mode`). `eval.max_items`
-caps the questions per benchmark (per POPE split).
+the checkpoint's chat template. Decoding is greedy (LLaVA-1.5's evaluation), whatever
+`generation.temperature` says; POPE and generated multiple-choice letters get `eval.max_new_tokens`,
+LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice answers are chosen by option log-likelihood or
+by a generated letter (`eval.mc_mode`). `eval.max_items` caps the questions per benchmark (per POPE
+split).
 
 Outputs under WORKDIR/eval/: per benchmark a folder of shards (`part-NNNNN.jsonl`: every question with
 the model's answer; images that cannot be loaded go to `rejected.jsonl`; with `mc_mode=generate` the
@@ -51,8 +52,8 @@ from etils import epath
 
 from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
-from c3l_jax.data.prompts import eval_prompts
 from c3l_jax.data.images import ImageError, apply_image_aspect, image_path, load_image, load_image_bytes
+from c3l_jax.data.prompts import eval_prompts
 from c3l_jax.data.records import BadInput, reject, write_jsonl, write_text_atomic
 from c3l_jax import registry
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
