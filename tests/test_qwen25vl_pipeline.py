@@ -1,6 +1,6 @@
 """Every generator stage on a tiny Qwen2.5-VL through `launch.py`, in one run, with pictures of different
-sizes (so different image-token counts) and one of every bad input; that run killed mid-score and
-resumed; and the inference stages (score, final) of two processes against it, byte for byte.
+sizes (so different image-token counts) and one of every bad input; then the inference stages (score,
+and final resumed after a kill) as two processes against it, byte for byte.
 
 A random tiny Qwen never writes "Question: ... Answer: ..." (the filter would drop everything), and
 teaching it would take minutes with Qwen's 151,936-token vocabulary: so the tiny model's weights are set
@@ -43,7 +43,8 @@ STAGES = "initial,filter,score,select,train,final,export"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("qwen_pipeline"))
-  Q.make_tiny_qwen(os.path.join(root, "hf"), tied=False, reply=REPLY)
+  # 7B-like: its own lm_head, the 7B's vocabulary size, saved with transformers 5's key names.
+  hf = Q.make_tiny_qwen(os.path.join(root, "hf"), tied=False, layout="v5", vocab_size=152064, reply=REPLY)
   model = os.path.join(root, "model")
   convert.convert(os.path.join(root, "hf"), model)
   records = pw.make_images(root)
@@ -53,8 +54,28 @@ def world(tmp_path_factory):
     for name, (w, h) in EXTRA.items():
       PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(images, name))
       f.write(json.dumps({"id": name[:-4], "image": name}) + "\n")
-  return {"root": root, "model": model, "records": records, "images": images,
+  return {"root": root, "hf": hf, "model": model, "records": records, "images": images,
           "good": {f"im{i}.png" for i in range(pw.GOOD_IMAGES)} | set(EXTRA)}
+
+
+def test_untied_head_and_transformers5_layout(world):
+  """The converted 7B-like checkpoint's logits are transformers' (fp32), its own head included."""
+  import jax
+
+  from c3l_jax import sharding
+  from c3l_jax.models import qwen25vl as M
+
+  model = sharding.load_model(world["model"], sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                                                 jax.devices()[:1]))
+  assert not model.cfg.text.tie_word_embeddings and model.cfg.text.vocab_size == 152064
+  proc = Q.Processor(os.path.join(world["root"], "hf"))
+  pixels, grid = proc.image(Q.pictures()["grey"])
+  ids = proc.expand(proc.prompt(Q.QUESTION, True), M.image_tokens(grid))
+  pos = M.mrope_positions(np.asarray([ids]), None, [grid], model.cfg)[0]
+  got = np.asarray(model(np.asarray([ids]), M.pack_images(pixels, [grid], model.cfg.vision), None, pos))[0]
+  want = Q.torch_forward(world["hf"], ids, pixels, grid)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+  assert np.abs(want).max() > 30  # the reply's bigram logits
 
 
 def _cmd(world, workdir, *extra):
@@ -100,30 +121,29 @@ def _two_processes(world, workdir, stages):
 
 @pytest.fixture(scope="module")
 def runs(world):
-  """One run of every stage, SIGKILLed right after score's first shard is written (tests/kill_at.py)
-  and rerun; then score and final again as two processes, from copies of that run's initial, filter
-  and train outputs."""
+  """One run of every stage; then score and final again as two processes in a workdir holding that
+  run's initial, filter and train outputs and what a run killed right after final's first shard leaves
+  (that shard's files, renamed into place, nothing else: tests/kill_at.py's kill point), so the two
+  processes score from scratch and resume final."""
   root = world["root"]
   one = os.path.join(root, "one", "w")
-  marker = os.path.join(one, "score", "part-00000.done")
-  killed = subprocess.run([sys.executable, os.path.join(REPO, "tests", "kill_at.py"), marker]
-                          + _cmd(world, one, f"--config.stages={STAGES}"),
-                          cwd=REPO, capture_output=True, text=True, env=_env())
-  kept = {name: os.stat(os.path.join(one, "score", name)).st_mtime_ns
-          for name in os.listdir(os.path.join(one, "score")) if name.startswith("part-")}
-  rerun = subprocess.run([sys.executable] + _cmd(world, one, f"--config.stages={STAGES}"), cwd=REPO,
-                         capture_output=True, text=True, env=_env())
-  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  proc = subprocess.run([sys.executable] + _cmd(world, one, f"--config.stages={STAGES}"), cwd=REPO,
+                        capture_output=True, text=True, env=_env())
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  metrics = json.load(open(os.path.join(one, "metrics.json")))
   two = os.path.join(root, "two", "w")
-  os.makedirs(two)
+  os.makedirs(os.path.join(two, "final"))
   for stage in ("initial", "filter", "train"):  # train: its DONE.json and generator (not its checkpoints)
     shutil.copytree(os.path.join(one, stage), os.path.join(two, stage),
                     ignore=shutil.ignore_patterns("checkpoints"))
-  metrics = json.load(open(os.path.join(one, "metrics.json")))
+  shard = [name for name in os.listdir(os.path.join(one, "final")) if name.startswith("part-00000.")]
+  for name in shard:
+    shutil.copy2(os.path.join(one, "final", name), os.path.join(two, "final", name))
+  kept = {name: os.stat(os.path.join(two, "final", name)).st_mtime_ns for name in shard}
   with open(os.path.join(two, "metrics.json"), "w") as f:
     json.dump({s: metrics[s] for s in ("initial", "filter", "train")}, f)
   _two_processes(world, two, "score,final")
-  return {"one": one, "two": two, "killed": killed, "kept": kept, "metrics": metrics}
+  return {"one": one, "two": two, "kept": kept, "metrics": metrics}
 
 
 def _rows(path):
@@ -189,16 +209,16 @@ def _tree(directory, workdir):
   return out
 
 
-def test_killed_score_resumes_and_two_processes_write_the_same_bytes(runs):
-  """The run killed after score's first shard kept that shard (not redone on the rerun); the resumed
-  run's score and final outputs equal, file for file and byte for byte, those of two processes (which
-  split the score and final shards between them, pictures of different token counts in each)."""
-  assert runs["killed"].returncode == -9, runs["killed"].stderr[-2000:]
-  assert sorted(runs["kept"]) == ["part-00000.done", "part-00000.jsonl", "part-00000.rejected.jsonl"]
+def test_two_processes_resume_final_and_write_the_same_bytes(runs):
+  """Two processes (which split the score and final shards between them, pictures of different token
+  counts in each) kept the killed run's final shard (not redone) and wrote the rest; their score and
+  final outputs equal the one-process run's, file for file and byte for byte, and so do the counts."""
+  assert {"part-00000.done", "part-00000.jsonl"} <= set(runs["kept"])
   for name, mtime in runs["kept"].items():
-    assert os.stat(os.path.join(runs["one"], "score", name)).st_mtime_ns == mtime, name
+    assert os.stat(os.path.join(runs["two"], "final", name)).st_mtime_ns == mtime, name
   one, two = runs["one"], runs["two"]
-  assert len([p for p in os.listdir(os.path.join(one, "score")) if p.endswith(".done")]) >= 3
+  for stage in ("score", "final"):  # shards for both processes
+    assert len([p for p in os.listdir(os.path.join(one, stage)) if p.endswith(".done")]) >= 2, stage
   for stage in ("score", "final"):
     got, want = _tree(os.path.join(two, stage), two), _tree(os.path.join(one, stage), one)
     assert sorted(got) == sorted(want), stage
