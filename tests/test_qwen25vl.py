@@ -310,7 +310,8 @@ def _eval_files(root):
           "eval.pope_images": str(images), "eval.seed_bench_json": str(root / "seed.json"),
           "eval.seed_bench_images": str(images), "eval.mmbench_tsv": str(root / "mmb.tsv"),
           "eval.llava_bench_dir": str(images), "eval.max_new_tokens": 6, "eval.long_max_new_tokens": 6,
-          "eval.max_items": 2, "data.eval_batch_size": 4, "scoring.prefix_sharing": False,
+          "eval.max_items": 2, "data.eval_batch_size": 8, "scoring.prefix_sharing": False,
+          "generation.prompt_bucket": 128,
           "model.dtype": "float32", "model.param_dtype": "float32"}
 
 
