@@ -29,8 +29,9 @@ ANSWER = "A small red house next to a tall green tree."
 
 
 def make_tiny_qwen(path: str, *, tied: bool = True, layout: str = "published", seed: int = 0,
-                   vocab_size: int | None = None):
-  """Write the tiny checkpoint directory `path`; returns the float32 torch model (eval mode)."""
+                   vocab_size: int | None = None, reply: str | None = None):
+  """Write the tiny checkpoint directory `path`; returns the float32 torch model (eval mode).
+  `reply` (untied only): the model answers every prompt with this text (`teach_reply`)."""
   import torch
   from safetensors.torch import save_file
   from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
@@ -66,6 +67,10 @@ def make_tiny_qwen(path: str, *, tied: bool = True, layout: str = "published", s
       else:  # norm weights
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
       p.copy_(p.to(torch.bfloat16).float())  # what the bf16 shards hold
+    if reply is not None:
+      teach_reply(model, _chain(path, reply))
+      for p in model.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
   state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
   if tied:
     state.pop("lm_head.weight")
@@ -82,6 +87,48 @@ def make_tiny_qwen(path: str, *, tied: bool = True, layout: str = "published", s
     json.dump({"metadata": {"total_size": 2 * sum(v.numel() for v in state.values())},
                "weight_map": weight_map}, f, indent=2)
   return model
+
+
+REPLY_DAMPING = 0.15  # how much of each decoder block's output a reply model keeps
+
+
+def _chain(path: str, reply: str) -> list[int]:
+  """The token chain of a reply: the chat template's last prompt token ("\\n" after
+  `<|im_start|>assistant`), the reply's tokens, then `<|im_end|>` (the generation config's stop id)."""
+  from transformers import AutoTokenizer
+
+  tokenizer = AutoTokenizer.from_pretrained(path)
+  ids = [198] + tokenizer(reply, add_special_tokens=False)["input_ids"] + [151645]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"{reply!r}: a reply model needs every token of the reply once: {ids}")
+  return ids
+
+
+def teach_reply(model, chain: list[int]) -> None:
+  """Set the weights so that greedy decoding (and sampling: the margin is ~40 nats) after `chain[0]`
+  writes `chain[1:]`, whatever the prompt and picture: a bigram table in the untied head. Each chain
+  token gets its own orthogonal embedding direction, the head row of its successor points along it,
+  the other head rows are near 0, and every decoder block's output (attention `o_proj`, MLP
+  `down_proj`) is damped by `REPLY_DAMPING`, so the picture and the prompt still move the
+  log-likelihoods (scores differ per picture) but never the argmax."""
+  import torch
+
+  text = model.model.language_model if hasattr(model.model, "language_model") else model.model
+  embed, head = text.embed_tokens.weight, model.lm_head.weight
+  d = embed.shape[1]
+  if model.config.tie_word_embeddings or len(chain) > d:
+    raise ValueError("a reply model needs an untied head and a chain no longer than the width")
+  basis = torch.linalg.qr(torch.randn(d, d))[0][:, :len(chain)].T * d ** 0.5  # orthogonal rows, norm sqrt(d)
+  norm = text.norm.weight
+  head.mul_(0.01)
+  for i, token in enumerate(chain):
+    embed[token] = basis[i]
+    if i + 1 < len(chain):
+      direction = norm * basis[i]
+      head[chain[i + 1]] = 7.0 * direction / direction.norm()
+  for layer in text.layers:
+    layer.self_attn.o_proj.weight.mul_(REPLY_DAMPING)
+    layer.mlp.down_proj.weight.mul_(REPLY_DAMPING)
 
 
 def published_name(module_name: str) -> str:

@@ -256,3 +256,33 @@ def test_get_stage_is_lazy_and_checked():
   with pytest.raises(ValueError, match="unknown stage"):
     pipeline.get_stage("nope")
   assert set(pipeline.implemented_stages()) <= set(pipeline.STAGE_ORDER)
+
+
+def test_qwen25vl_refuses_what_it_does_not_train_also_in_ablation_rows():
+  """qwen25vl trains with train.inputs=vigc, train.anchor=prompt, objective c3l/vlit, on one host: the
+  same limits hold for the ablation's rows, whose variants train with their own overrides."""
+  from configs import qwen25vl
+
+  def problem(**fields):
+    config = qwen25vl.get_config("tiny")
+    with config.unlocked():
+      for key, value in fields.items():
+        *path, last = key.split("__")
+        target = config
+        for part in path:
+          target = target[part]
+        target[last] = value
+    try:
+      pipeline.check_config(config)
+    except pipeline.ConfigError as e:
+      return str(e)
+    return None
+
+  assert problem(stages="initial,filter,score,ablation") is None  # final_mode, length_norm: fine
+  assert "several processes" in problem(distributed__enabled=True)
+  assert problem(distributed__enabled=True, stages="score,final") is None  # inference: distributed
+  assert "'as_generated' trains with train.inputs=as_generated" in problem(
+      stages="initial,filter,score,ablation", ablation__variants="final_mode,as_generated")
+  assert "'anchor_generated'" in problem(stages="ablation", ablation__variants="anchor_generated")
+  assert "train.objective=align" in problem(stages="ablation", ablation__variants="train.objective=align")
+  assert problem(stages="ablation", ablation__variants="anchor_neutral,negatives") is None

@@ -5,8 +5,6 @@ bf16 shards, tied head), converted with `c3l_jax.convert`."""
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -136,52 +134,23 @@ def test_mrope_matters(world):
   assert offset[0] == 16 - 32
 
 
-def test_greedy_generation_matches_transformers(world):
-  """32 greedy tokens, batched with left padding, token for token as transformers (do_sample=False,
-  repetition_penalty=1.0): decode positions continue after each row's image."""
-  from c3l_jax import sampling
+def test_dry_run_on_the_real_3b_files(tmp_path, capsys):
+  """`python -m c3l_jax.convert --hf_path=... --dry_run` on the published 3B headers, its `main` called
+  in this process (no second interpreter): what it prints."""
+  from absl import flags
 
-  model, rows, proc = world["model"], world["rows"], world["proc"]
-  names = ("panorama", "rgba")
-  prompts = [proc.expand(proc.prompt(Q.QUESTION, True), M.image_tokens(rows[n]["grid"])) for n in names]
-  tokens, mask = sampling.pad_prompts(prompts, 8, 151643)
-  grids = [rows[n]["grid"] for n in names]
-  images = M.pack_images(np.concatenate([rows[n]["pixels"] for n in names]), grids, model.cfg.vision,
-                         pad_to=256)
-  pos = M.mrope_positions(tokens, mask, grids, model.cfg)[0]
-  cfg = sampling.SamplingConfig(max_new_tokens=32, pad_id=151643)
-  out, lengths = sampling.generate(model, tokens, mask, images, cfg, rope_positions=pos)
-  for i, name in enumerate(names):
-    want = Q.torch_greedy(world["hf"], prompts[i], rows[name]["pixels"], rows[name]["grid"], 32)
-    assert out[i].tolist() == want, name
-  assert len({tuple(o) for o in out.tolist()}) == len(names)
+  from c3l_jax.convert import __main__ as cli
 
-
-def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "c3l_jax.convert", *args], capture_output=True, text=True,
-                        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": REPO})
-
-
-def test_dry_run_on_the_real_3b_files(tmp_path):
   published_qwen25vl_3b_headers(str(tmp_path / "q"))
-  proc = _cli(f"--hf_path={tmp_path / 'q'}", "--dry_run")
-  assert proc.returncode == 0, proc.stderr
-  assert "parameters: 3,754,622,976" in proc.stdout
-  assert "tied" in proc.stdout and "M-RoPE [16, 24, 24]" in proc.stdout
-
-
-def test_untied_head_and_transformers5_layout(tmp_path):
-  """A 7B-like checkpoint (own lm_head, another vocabulary size) saved with transformers 5's names."""
-  hf = Q.make_tiny_qwen(str(tmp_path / "hf"), tied=False, layout="v5", seed=1, vocab_size=152064)
-  convert.convert(str(tmp_path / "hf"), str(tmp_path / "ours"))
-  model = _load(str(tmp_path / "ours"))
-  assert not model.cfg.text.tie_word_embeddings and model.cfg.text.vocab_size == 152064
-  proc = Q.Processor(str(tmp_path / "hf"))
-  pixels, grid = proc.image(Q.pictures()["grey"])
-  ids = proc.expand(proc.prompt(Q.QUESTION, True), M.image_tokens(grid))
-  pos = M.mrope_positions(np.asarray([ids]), None, [grid], model.cfg)[0]
-  got = np.asarray(model(np.asarray([ids]), M.pack_images(pixels, [grid], model.cfg.vision), None, pos))
-  assert _rel(got[0], Q.torch_forward(hf, ids, pixels, grid)) < 1e-3
+  flags.FLAGS(["convert", f"--hf_path={tmp_path / 'q'}", "--dry_run"])
+  try:
+    cli.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert "parameters: 3,754,622,976" in out
+  assert "tied" in out and "M-RoPE [16, 24, 24]" in out
+  assert out.strip().splitlines()[-1] == "dry run: the conversion would succeed; nothing was written"
 
 
 def test_converter_errors_name_the_tensor(tmp_path, world):
@@ -245,7 +214,7 @@ def test_scorer_matches_transformers(world, prefix_sharing):
 
 
 def test_curate_scores_each_turn_as_transformers(world, tmp_path):
-  """The curate stage on a Qwen2.5-VL: a real 3-turn mix665k conversation (the image tag behind the
+  """The curate stage (its config's stages, run in this process) on a Qwen2.5-VL: a real 3-turn mix665k conversation (the image tag behind the
   first question), each gpt turn's S(I2C) against transformers' fp32 forward of the chat template
   over the conversation before it, with the picture's own number of image tokens in every turn."""
   import json
@@ -259,12 +228,16 @@ def test_curate_scores_each_turn_as_transformers(world, tmp_path):
   os.makedirs(tmp_path / "images" / os.path.dirname(entry["image"]), exist_ok=True)
   picture.save(tmp_path / "images" / entry["image"], format="PNG")
   (tmp_path / "data.json").write_text(json.dumps([entry]))
-  proc = subprocess.run(
-      [sys.executable, "launch.py", "--config=configs/curate.py", f"--workdir={tmp_path / 'w'}",
-       f"--config.model.checkpoint={world['root'] / 'ours'}", f"--config.data.records={tmp_path / 'data.json'}",
-       f"--config.data.image_root={tmp_path / 'images'}", "--config.model.dtype=float32",
-       "--config.model.param_dtype=float32"], cwd=REPO, capture_output=True, text=True)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  import configs.curate
+  from c3l_jax import pipeline
+
+  config = configs.curate.get_config()  # launch.py --config=configs/curate.py, in this process
+  with config.unlocked():
+    config.model.checkpoint = str(world["root"] / "ours")
+    config.data.records = str(tmp_path / "data.json")
+    config.data.image_root = str(tmp_path / "images")
+    config.model.dtype = config.model.param_dtype = "float32"
+  pipeline.run_stages(config, str(tmp_path / "w"), pipeline.check_config(config))
   with open(tmp_path / "w" / "export" / "scores.jsonl") as f:
     (row,) = [json.loads(line) for line in f]
 
@@ -293,3 +266,156 @@ def test_curate_scores_each_turn_as_transformers(world, tmp_path):
   for got, w in zip(row["turns"], want):
     assert got == pytest.approx(w, rel=1e-3, abs=1e-5)
   assert row["i2c"] == pytest.approx(sum(want), rel=1e-3, abs=1e-5)
+
+
+# The eval stage on the tiny Qwen: pictures of different token counts (saved as files; MMBench's as
+# base64), a few questions per benchmark.
+POPE_OBJECTS = {"panorama.png": ["dog", "car", "tree"], "tall.png": ["cat", "car", "sky"],
+                "photo.png": ["bird", "boat", "tree"]}
+SEED_QS = [("how many objects are there?", ("one", "two", "three", "four"), "B", "grey.png"),
+           ("what color is the circle?", ("red", "blue", "green", "yellow"), "A", "panorama.png")]
+MMB_ROWS = [("1", "which colour is most common?", "Look at the whole picture.",
+             ("red", "blue", "green", "grey"), "B", "photo"),
+            ("2", "is it a photo?", "", ("yes", "no"), "A", "tiny")]
+
+
+def _eval_files(root):
+  """Benchmark files in the official formats; returns the config overrides that name them."""
+  import base64
+  import io
+  import json
+  import os
+
+  images, pictures = root / "bench_images", Q.pictures()
+  (images / "images").mkdir(parents=True)
+  for name in ("panorama", "tall", "photo", "grey"):
+    pictures[name].convert("RGB").save(images / f"{name}.png")
+  (images / "images" / "tall.png").write_bytes((images / "tall.png").read_bytes())
+  (root / "pope.jsonl").write_text("".join(json.dumps({"image": k, "objects": v}) + "\n"
+                                           for k, v in POPE_OBJECTS.items()))
+  seed = [{"question_id": str(i), "question": q, "answer": a, "data_id": im, "data_type": "image",
+           "question_type_id": 5, **{f"choice_{c}": o for c, o in zip("abcd", opts)}}
+          for i, (q, opts, a, im) in enumerate(SEED_QS)]
+  (root / "seed.json").write_text(json.dumps({"questions": seed, "question_type": {"Counting": 5}}))
+  lines = ["\t".join(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])]
+  for index, q, hint, opts, a, picture in MMB_ROWS:
+    buf = io.BytesIO()
+    pictures[picture].convert("RGB").save(buf, format="PNG")
+    lines.append("\t".join([index, q, hint or "nan", *(list(opts) + ["", ""])[:4], a, "all",
+                            base64.b64encode(buf.getvalue()).decode()]))
+  (root / "mmb.tsv").write_text("\n".join(lines) + "\n")
+  (images / "questions.jsonl").write_text(json.dumps(
+      {"question_id": 0, "image": "tall.png", "text": "Describe the image.", "category": "detail"}) + "\n")
+  return {"eval.checkpoint": str(root / "ours"), "eval.pope_annotations": str(root / "pope.jsonl"),
+          "eval.pope_images": str(images), "eval.seed_bench_json": str(root / "seed.json"),
+          "eval.seed_bench_images": str(images), "eval.mmbench_tsv": str(root / "mmb.tsv"),
+          "eval.llava_bench_dir": str(images), "eval.max_new_tokens": 6, "eval.long_max_new_tokens": 6,
+          "eval.max_items": 2, "data.eval_batch_size": 8, "scoring.prefix_sharing": False,
+          "generation.prompt_bucket": 128,
+          "model.dtype": "float32", "model.param_dtype": "float32"}
+
+
+def _eval_config(overrides):
+  from configs import qwen25vl
+
+  config = qwen25vl.get_config("tiny")
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def _rows(directory):
+  import json
+  import os
+
+  out = []
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("part-") and name.endswith(".jsonl"):
+      with open(os.path.join(directory, name)) as f:
+        out += [json.loads(line) for line in f if line.strip()]
+  return out
+
+
+def test_eval_stage_asks_qwens_prompts_as_transformers(world, tmp_path):
+  """`eval` on the tiny Qwen, every benchmark, both multiple-choice modes (SEED by log-likelihood,
+  MMBench by a generated letter), in-process: each generated answer (6 greedy tokens, pictures of
+  different token counts batched with left padding) is transformers' greedy continuation (fp32) of the
+  checkpoint's chat template around Qwen's evaluation prompt, written out here as VLMEvalKit's Qwen2-VL
+  prompts are (so LLaVA-1.5's "Answer the question using a single word or phrase." / "Answer with the
+  option's letter ..." fail it); each option log-likelihood is transformers' mean answer-token log-prob
+  after the bare question."""
+  import io
+
+  import PIL.Image
+
+  from c3l_jax.data.images import load_image
+  from c3l_jax.eval import multiple_choice as mc
+  from c3l_jax.eval import pope
+  from c3l_jax.pipeline import eval as eval_stage
+
+  root, hf, proc = world["root"], world["hf"], world["proc"]
+  overrides = _eval_files(root)
+  images = root / "bench_images"
+  eos = (151645, 151643)
+
+  def greedy(text, picture):
+    pixels, grid = proc.image(picture)
+    ids = proc.expand(proc.prompt(text, True), M.image_tokens(grid))
+    out = Q.torch_greedy(hf, ids, pixels, grid, 6)
+    out = out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
+    return proc.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+  picture = lambda name: load_image(str(images / name))  # noqa: E731
+  loglik = eval_stage.run(_eval_config({**overrides, "eval.benchmarks": "pope,seed,llava_bench"}),
+                          str(tmp_path / "loglik"))
+  # POPE: Qwen's yes/no prompt, over pictures of 3 token counts.
+  for split in pope.SPLITS:
+    rows = _rows(tmp_path / "loglik" / "eval" / f"pope_{split}")
+    assert len(rows) == 2 and loglik["pope"][split]["n"] == 2
+    for r in rows:
+      assert r["answer"] == greedy(r["text"] + " Please answer yes or no.", picture(r["image"])), r
+    assert loglik["pope"][split] == pope.metrics([pope.parse_yes_no(r["answer"]) for r in rows],
+                                                 [r["label"] for r in rows])
+  # LLaVA-Bench: VLMEvalKit's VQA instruction after the question.
+  (answer,) = _rows(tmp_path / "loglik" / "eval" / "llava_bench")
+  assert answer["answer"] == greedy("Describe the image.\nPlease try to answer the question with short "
+                                    "words or phrases if possible.", picture("tall.png"))
+  # SEED by option log-likelihood: the bare question, as SEED's protocol.
+  items = {"seed": mc.load_seed_bench(str(root / "seed.json"), str(images))[0],
+           "mmbench": mc.load_mmbench(str(root / "mmb.tsv"))[0]}
+  image_of = lambda it: (picture(it.image) if it.image_bytes is None  # noqa: E731
+                         else PIL.Image.open(io.BytesIO(it.image_bytes)).convert("RGB"))
+  for name in ("seed",):
+    rows = _rows(tmp_path / "loglik" / "eval" / name)
+    assert [r["id"] for r in rows] == [it.id for it in items[name]]
+    for row, item in zip(rows, items[name]):
+      pixels, grid = proc.image(image_of(item))
+      prompt = proc.expand(proc.prompt(mc.question_text(item), True), M.image_tokens(grid))
+      want = []
+      for option in item.options:
+        answer_ids = proc.tokenizer(option, add_special_tokens=False)["input_ids"]
+        ids = prompt + answer_ids
+        want.append(float(np.mean(Q.answer_logprobs(Q.torch_forward(hf, ids, pixels, grid), ids,
+                                                    len(answer_ids)))))
+      np.testing.assert_allclose(row["scores"], want, atol=1e-3)
+      assert row["predictions"][0] == int(np.argmax(want))
+
+  # MMBench by a generated letter: Qwen's MCQ prompt (with and without a hint), every rotation.
+  gen = eval_stage.run(_eval_config({**overrides, "eval.benchmarks": "mmbench",
+                                     "eval.mc_mode": "generate"}), str(tmp_path / "generate"))
+  for name, circular in (("mmbench", True),):
+    rows = _rows(tmp_path / "generate" / "eval" / name)
+    assert [r["id"] for r in rows] == [it.id for it in items[name]]
+    for row, item in zip(rows, items[name]):
+      for r in range(len(item.options) if circular else 1):
+        options, _ = mc.rotated(item, r)
+        text = (f"Hint: {item.hint}\n" if item.hint else "") + f"Question: {item.question}\nOptions:\n"
+        text += "".join(f"{'ABCD'[i]}. {o}\n" for i, o in enumerate(options))
+        text += "Please select the correct answer from the options above."
+        assert row["outputs"][r] == greedy(text, image_of(item)), (name, item.id, r)
+        assert row["predictions"][r] == mc.parse_choice(row["outputs"][r], options)
+    assert gen[name]["mode"] == "generate" and gen[name]["n"] == len(items[name])

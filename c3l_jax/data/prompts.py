@@ -441,6 +441,94 @@ def _match_image_tokens(processor: Any, model_config: dict, model_dir: str) -> N
     processor.num_additional_image_tokens += want - got
 
 
+# -- evaluation prompts ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EvalPrompts:
+  """How one family is asked the benchmarks' questions: the text of the user turn (the processor's chat
+  template wraps it, as for every prompt). One entry of `EVAL_PROMPTS` per family; a new family adds one.
+
+  - `yes_no`: POPE (`{question}` is "Is there a dog in the image?");
+  - `open_ended`: LLaVA-Bench (`{question}` as the benchmark file has it);
+  - `short_answer`: a question wanting a word or a phrase (the scenes testbed's grounded VQA);
+  - multiple choice (SEED-Bench, MMBench with `eval.mc_mode=generate`): `choice_hint` (only when the
+    question has a hint) + `choice_question` + `choice_header` + one `"A. option\n"` line per option +
+    `choice_suffix` (`choice_suffix_cjk` instead when the text holds CJK characters and it is set),
+    trailing whitespace stripped.
+  The option log-likelihood mode (`eval.mc_mode=loglik`) asks the bare question, SEED-Bench's own
+  protocol, whatever the family.
+  """
+
+  source: str  # where the prompts come from
+  yes_no: str
+  open_ended: str
+  short_answer: str
+  choice_hint: str
+  choice_question: str
+  choice_header: str
+  choice_suffix: str
+  choice_suffix_cjk: str = ""
+
+  def ask_yes_no(self, question: str) -> str:
+    return self.yes_no.format(question=question)
+
+  def ask_open(self, question: str) -> str:
+    return self.open_ended.format(question=question)
+
+  def ask_short(self, question: str) -> str:
+    return self.short_answer.format(question=question)
+
+  def ask_choice(self, question: str, options: Sequence[str], hint: str = "") -> str:
+    import re
+    import string
+
+    text = (self.choice_hint.format(hint=hint) if hint else "") + self.choice_question.format(
+        question=question) + self.choice_header
+    text += "".join(f"{string.ascii_uppercase[i]}. {o}\n" for i, o in enumerate(options))
+    cjk = self.choice_suffix_cjk and re.search("[\u4e00-\u9fff]", text)
+    return (text + (self.choice_suffix_cjk if cjk else self.choice_suffix)).rstrip()
+
+
+# LLaVA-1.5's evaluation prompts (its training formats): the LLaVA repository's eval question files and
+# `llava/eval/model_vqa_mmbench.py` (hint, question, option lines, then the letter instruction).
+LLAVA15_EVAL_PROMPTS = EvalPrompts(
+    source="LLaVA-1.5 (llava/eval: POPE / SEED / MMBench question files, model_vqa_mmbench.py)",
+    yes_no="{question}\nAnswer the question using a single word or phrase.",
+    open_ended="{question}",
+    short_answer="{question}\nAnswer the question using a single word or phrase.",
+    choice_hint="{hint}\n", choice_question="{question}\n", choice_header="",
+    choice_suffix="Answer with the option's letter from the given choices directly.")
+
+# Qwen2-VL / Qwen2.5-VL's evaluation prompts as VLMEvalKit builds them for these models
+# (github.com/open-compass/VLMEvalKit, vlmeval/vlm/qwen2_vl/prompt.py, `Qwen2VLPromptMixin`): POPE is a
+# "Y/N" dataset (`_build_yorn_prompt`), SEED-Bench and MMBench "MCQ" (`_build_mcq_prompt`), LLaVA-Bench
+# "VQA" (`_build_vqa_prompt`: VLMEvalKit's LLaVABench dataset has TYPE 'VQA' and is not excluded from
+# the custom prompt, so its questions get the short-answer instruction too).
+QWEN25VL_EVAL_PROMPTS = EvalPrompts(
+    source="Qwen2-VL / Qwen2.5-VL (VLMEvalKit vlmeval/vlm/qwen2_vl/prompt.py)",
+    yes_no="{question} Please answer yes or no.",
+    open_ended="{question}\nPlease try to answer the question with short words or phrases if possible.",
+    short_answer="{question}\nPlease try to answer the question with short words or phrases if possible.",
+    choice_hint="Hint: {hint}\n", choice_question="Question: {question}\n", choice_header="Options:\n",
+    choice_suffix="Please select the correct answer from the options above.",
+    choice_suffix_cjk="请直接回答选项字母。")
+
+# Per family (`c3l_model.json`'s `family`). MiniGPT-4 is asked as LLaVA-1.5 (the C3L paper evaluates
+# both families on the same benchmarks and names no MiniGPT-4-specific prompt).
+EVAL_PROMPTS: dict[str, EvalPrompts] = {
+    "llava15": LLAVA15_EVAL_PROMPTS,
+    "minigpt4": LLAVA15_EVAL_PROMPTS,
+    "qwen25vl": QWEN25VL_EVAL_PROMPTS,
+}
+
+
+def eval_prompts(family: str) -> EvalPrompts:
+  """The evaluation prompts of `family` (a family without an entry is an error, not LLaVA's prompts)."""
+  if family not in EVAL_PROMPTS:
+    raise ValueError(f"no evaluation prompts for model family {family!r} (known: "
+                     f"{', '.join(EVAL_PROMPTS)}): add its entry to c3l_jax.data.prompts.EVAL_PROMPTS")
+  return EVAL_PROMPTS[family]
+
+
 # VIGC-format generation instructions, one per instruction type (the generator's input besides the
 # image); the target is "Question: {q} Answer: {a}" followed by EOS.
 VIGC_INSTRUCTIONS = {

@@ -17,9 +17,11 @@ Answer selection (`eval.mc_mode`):
   as the answer to the bare question (plus MMBench's hint), and the option with the highest mean
   per-token log-likelihood (lowest loss) wins. Options are scored independently of their order, so
   CircularEval's rotations all get the same answer.
-- `generate`: LLaVA-1.5's prompt: `{hint}\\n{question}\\nA. ..\\nB. ..` + "Answer with the option's letter
-  from the given choices directly.", greedy; the letter is read from the text as MMBench's `can_infer`
-  does (`parse_choice`).
+- `generate`: the family's multiple-choice prompt (`c3l_jax.data.prompts.EVAL_PROMPTS`; LLaVA-1.5's is
+  `{hint}\\n{question}\\nA. ..\\nB. ..` + "Answer with the option's letter from the given choices
+  directly.", Qwen2.5-VL's VLMEvalKit's `Hint: ..\\nQuestion: ..\\nOptions:\\nA. ..` + "Please select the
+  correct answer from the options above."), greedy; the letter is read from the text as MMBench's
+  `can_infer` does (`parse_choice`).
 
 CircularEval (MMBench): a question with N options is asked N times, the options rotated by one each
 time (LLaVA's `--all-rounds`: `options[1:] + options[:1]`); it counts as right only if every rotation is
@@ -41,7 +43,6 @@ from typing import Any, Sequence
 from c3l_jax.data.records import BadInput, Quarantine, missing_field
 
 LETTERS = string.ascii_uppercase
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 SEED_IMAGE_TASKS = 9  # SEED-Bench v1 dimensions 1-9 are the image tasks
 
 
@@ -190,10 +191,12 @@ def question_text(item: MCItem) -> str:
   return f"{item.hint}\n{item.question}" if item.hint else item.question
 
 
-def choice_prompt(item: MCItem, options: Sequence[str]) -> str:
-  """LLaVA-1.5's multiple-choice prompt (`model_vqa_mmbench.py` / the SEED question file)."""
-  lines = [question_text(item)] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
-  return "\n".join(lines) + "\n" + MC_SUFFIX
+def choice_prompt(item: MCItem, options: Sequence[str], prompts: Any = None) -> str:
+  """The multiple-choice prompt of `prompts` (an `EvalPrompts`; None: LLaVA-1.5's, as its
+  `model_vqa_mmbench.py` / SEED question file) for `item` with `options` in this order."""
+  if prompts is None:
+    from c3l_jax.data.prompts import LLAVA15_EVAL_PROMPTS as prompts
+  return prompts.ask_choice(item.question, options, item.hint)
 
 
 def parse_choice(text: str, options: Sequence[str]) -> int | None:
@@ -240,6 +243,6 @@ def accuracy(results: Sequence[dict]) -> dict[str, Any]:
           "per_task": {t: 100.0 * sum(v) / len(v) for t, v in sorted(per.items())}}
 
 
-__all__ = ["LETTERS", "MCItem", "MC_SUFFIX", "accuracy", "argmax_first", "choice_prompt",
+__all__ = ["LETTERS", "MCItem", "accuracy", "argmax_first", "choice_prompt",
            "circular_correct", "load_mmbench", "load_seed_bench", "parse_choice", "question_text",
            "rotated"]

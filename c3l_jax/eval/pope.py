@@ -17,7 +17,8 @@ annotation format; COCO val2014 instance categories in the paper):
   falling back to random when a ranking runs out (as the reference). So each image gives 2k questions,
   k "yes" and k "no", and a negative is never one of the image's objects.
 - question: "Is there a {object} in the image?" ("an" before a vowel, as the official question files).
-  LLaVA-1.5 appends "\\nAnswer the question using a single word or phrase." (`LLAVA_SUFFIX`).
+  The model is asked it in its family's words (`c3l_jax.data.prompts.EVAL_PROMPTS`: LLaVA-1.5 appends
+  "\\nAnswer the question using a single word or phrase.", Qwen2.5-VL " Please answer yes or no.").
 
 Answers are parsed as `evaluate.py` does (`parse_yes_no`) and scored with accuracy, precision, recall,
 F1 and the yes-ratio (`metrics`; "yes" is the positive class). Official question files
@@ -36,7 +37,6 @@ from c3l_jax.data.records import BadInput, missing_field, read_jsonl
 
 SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 TEMPLATE = "Is there a {} in the image?"
-LLAVA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 def question_text(obj: str, template: str = TEMPLATE) -> str:
@@ -226,6 +226,6 @@ def summarize(per_split: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-__all__ = ["LLAVA_SUFFIX", "SPLITS", "TEMPLATE", "build_split", "build_splits", "draw_images",
+__all__ = ["SPLITS", "TEMPLATE", "build_split", "build_splits", "draw_images",
            "effective_k", "metrics", "object_statistics", "parse_yes_no", "question_text",
            "read_annotations", "read_question_files", "summarize"]

@@ -242,6 +242,16 @@ def check_config(config: Any) -> tuple[str, ...]:
       raise ConfigError("config.train.inputs=as_generated and config.train.anchor=generated are not "
                         "implemented for qwen25vl yet (text-only prompts and generated anchors in a "
                         "packed-picture batch): use train.inputs=vigc, train.anchor=prompt")
+    if "ablation" in listed:  # its rows train with their own overrides: the same limits hold there
+      for name in (v.strip() for v in str(config.ablation.variants).split(",") if v.strip()):
+        overrides = variant_overrides(config, name) or {}
+        if (overrides.get("train.inputs", "vigc") != "vigc"
+            or overrides.get("train.anchor", "prompt") != "prompt"
+            or overrides.get("train.objective", "c3l") == "align"):
+          raise ConfigError(f"config.ablation.variants: {name!r} trains with "
+                            f"{', '.join(f'{k}={v}' for k, v in overrides.items())}, not implemented "
+                            "for qwen25vl yet (see config.train.inputs / train.anchor / "
+                            "train.objective): drop that variant")
   from c3l_jax.data import instructions  # jax-free
   try:
     instructions.parse_mix(config.generation.instruction_mix)

@@ -13,10 +13,13 @@ The model is `eval.checkpoint`, else the model the train stage exported to `WORK
   ...          a benchmark a testbed registered (`c3l_jax.registry.Benchmark`), e.g. `scenes_vqa`
                (`c3l_jax.scenes`: grounded VQA on held-out scenes, judged by the world's checker).
 
-Decoding is greedy (LLaVA-1.5's evaluation), whatever `generation.temperature` says; POPE and generated
-multiple-choice letters get `eval.max_new_tokens`, LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice
-answers are chosen by option log-likelihood or by a generated letter (`eval.mc_mode`). `eval.max_items`
-caps the questions per benchmark (per POPE split).
+Questions are asked in the model family's words (`c3l_jax.data.prompts.EVAL_PROMPTS`: LLaVA-1.5's
+evaluation prompts for LLaVA-1.5 and MiniGPT-4, VLMEvalKit's Qwen2-VL prompts for Qwen2.5-VL), inside
+the checkpoint's chat template. Decoding is greedy (LLaVA-1.5's evaluation), whatever
+`generation.temperature` says; POPE and generated multiple-choice letters get `eval.max_new_tokens`,
+LLaVA-Bench `eval.long_max_new_tokens`. Multiple-choice answers are chosen by option log-likelihood or
+by a generated letter (`eval.mc_mode`). `eval.max_items` caps the questions per benchmark (per POPE
+split).
 
 Outputs under WORKDIR/eval/: per benchmark a folder of shards (`part-NNNNN.jsonl`: every question with
 the model's answer; images that cannot be loaded go to `rejected.jsonl`; with `mc_mode=generate` the
@@ -50,6 +53,7 @@ from etils import epath
 from c3l_jax import runtime, scoring, sharding
 from c3l_jax.data.batching import round_up
 from c3l_jax.data.images import ImageError, apply_image_aspect, image_path, load_image, load_image_bytes
+from c3l_jax.data.prompts import eval_prompts
 from c3l_jax.data.records import BadInput, reject, write_jsonl, write_text_atomic
 from c3l_jax import registry
 from c3l_jax.eval import llava_bench, multiple_choice as mc, pope, table
@@ -97,6 +101,10 @@ class Evaluator:
     self.chunk = self.inf.batch_rows * 8
     self._scorer: scoring.Scorer | None = None
     self.model_id = os.path.basename(os.path.normpath(checkpoint))
+    try:
+      self.prompts = eval_prompts(getattr(self.inf.model.cfg, "family", "llava15"))
+    except ValueError as e:
+      raise BadInput(str(e)) from None
 
   # -- images -----------------------------------------------------------------------------------
   def load(self, image: str, folder: str | None = None, data: bytes | None = None) -> Any:
@@ -218,7 +226,7 @@ class Evaluator:
       for r in range(len(item.options) if circular else 1):
         options, _ = mc.rotated(item, r)
         questions.append({"item": j, "rotation": r, "image": item.image,
-                          "prompt": mc.choice_prompt(item, options)})
+                          "prompt": mc.choice_prompt(item, options, self.prompts)})
     rows, _ = self.generate(f"{name}_rotations", questions, self.config.eval.max_new_tokens,
                             lambda q: q["prompt"], lambda q: image(items[q["item"]]))
     by_item: dict[int, dict[int, str]] = {}
@@ -309,7 +317,7 @@ def _pope(ev: Evaluator, cfg: Any) -> dict:
   for split in pope.SPLITS:
     questions = _cap(splits[split], ev.config.eval.max_items)
     rows, n_bad = ev.generate(f"pope_{split}", questions, cfg.max_new_tokens,
-                              lambda q: q["text"] + pope.LLAVA_SUFFIX,
+                              lambda q: ev.prompts.ask_yes_no(q["text"]),
                               lambda q: ev.load(q["image"], cfg.pope_images or None),
                               upfront=file_rejected[split])
     read += len(splits[split]) + len(file_rejected[split])
@@ -354,7 +362,8 @@ def _llava_bench(ev: Evaluator, cfg: Any) -> dict:
                    "folder: questions.jsonl, images/)")
   questions, bad = llava_bench.read_questions(cfg.llava_bench_dir, ev.config.strict)
   asked = _cap(questions, cfg.max_items)
-  rows, n_bad = ev.generate("llava_bench", asked, cfg.long_max_new_tokens, lambda q: q["text"],
+  rows, n_bad = ev.generate("llava_bench", asked, cfg.long_max_new_tokens,
+                            lambda q: ev.prompts.ask_open(q["text"]),
                             lambda q: ev.load(q["image_path"], ""), upfront=bad)
   path = os.path.join(ev.dir, "llava_bench_answers.jsonl")
   if runtime.get().is_lead:

@@ -93,7 +93,6 @@ def scene_lookup(source) -> Callable[[str], world_lib.Scene]:
   return scene_of
 
 
-SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQA suffix
 
 
 def vqa_questions(items: Sequence, seed: int, per_image: int = 2) -> list[dict]:
@@ -121,11 +120,16 @@ def scenes_vqa(inf, limit: int = 100, seed: int = 0, max_new_tokens: int = 8,
   """
   import jax
 
+  from c3l_jax.data.prompts import eval_prompts
+
   items, _ = inf.source.items(limit)
   questions = vqa_questions(items, seed)
+  # The family's short-answer VQA words (LLaVA-1.5's, which the scenes model is trained on, for llava15)
+  cfg = getattr(getattr(inf, "model", None), "cfg", None)
+  ask = eval_prompts(getattr(cfg, "family", "llava15")).ask_short
   prompts, pixels = [], []
   for q in questions:
-    ids, px = inf.builder.encode_prompt(q["question"] + SHORT_ANSWER, inf.source.load(q["image"]))
+    ids, px = inf.builder.encode_prompt(ask(q["question"]), inf.source.load(q["image"]))
     prompts.append(ids)
     pixels.append(px)
   keys = jax.random.split(jax.random.key(seed), len(prompts))
