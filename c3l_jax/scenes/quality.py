@@ -93,8 +93,6 @@ def scene_lookup(source) -> Callable[[str], world_lib.Scene]:
   return scene_of
 
 
-
-
 def vqa_questions(items: Sequence, seed: int, per_image: int = 2) -> list[dict]:
   """Grounded VQA over held-out scenes: `per_image` questions per `ImageItem` (kinds cycle), seeded."""
   rng = np.random.default_rng(seed)
