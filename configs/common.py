@@ -268,5 +268,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # student_data is set): a row with N generated records trains on them plus round(N * share /
   # (1 - share)) records of a seeded order of the student's data (c3l_jax/pipeline/ablation.py: mix).
   config.ablation.student_data_share = 0.5
+  # Steps of instruction tuning the student gets on all of `student_data` (VLIT, at
+  # `student_learning_rate`) before the seed's fine-tunes start from it (once per seed, in
+  # WORKDIR/ablation/seed<k>/student/): a student that has never answered a question does not learn to
+  # within a short fine-tune, however its records are mixed. 0 = none (the fine-tunes start from
+  # `ablation.student` itself).
+  config.ablation.student_steps = 0
+  config.ablation.student_learning_rate = 1e-3
 
   return config

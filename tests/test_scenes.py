@@ -346,3 +346,48 @@ print('OK')
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                      cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
   assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_the_students_own_data_is_ground_truth_on_training_scenes():
+  """The ablation's student data (`ablation.student_data=scenes`, seed 1 of configs/scenes_ablation.py):
+  three records per training scene of the seed's world, none on a held-out (eval) scene; the yes / no
+  object questions are half "Yes", half "No", each recounted from the scene's objects by hand; the
+  checker passes every short VQA answer and description."""
+  from c3l_jax import registry
+  from c3l_jax.pipeline import ablation
+  from c3l_jax.scenes import dataset
+  from configs import scenes_ablation
+
+  config = ablation.seeded(scenes_ablation.get_config(), 1)
+  n, world_seed = config.data.scenes_images, config.data.scenes_seed
+  assert world_seed == 1
+  records = registry.SOURCES["scenes"].instruction_data(config)
+  world = S.generate_world(n, world_seed)  # the training split: scenes 0 .. n-1 of the seed's world
+  held_out = {S.file_name_for(i) for i in range(n, n + dataset.default_num_val(n))}  # the eval's `val`
+  assert len(records) == 3 * n and len({r["id"] for r in records}) == len(records)
+  assert {r["image"] for r in records} == {s.file_name for s in world} and not held_out & {
+      r["image"] for r in records}
+  by_kind = {k: [r for r in records if r["kind"] == k] for k in ("vqa", "yes_no", "description")}
+  assert all(len(v) == n for v in by_kind.values())
+  suffix = "\nAnswer the question using a single word or phrase."
+  yes = 0
+  for r in by_kind["yes_no"]:
+    scene = world[r["scene"]]
+    assert r["image"] == scene.file_name and r["question"].endswith("?" + suffix)
+    named = [w for w in S.tokenize_words(r["question"][:-len(suffix)]) if w in S.SHAPES]
+    assert len(named) == 1, r
+    shape = named[0]
+    truth = any(o.shape == shape for o in scene.objects)
+    assert r["answer"] == ("Yes" if truth else "No"), r
+    yes += truth
+  assert yes == n // 2 == len(by_kind["yes_no"]) - yes  # balanced
+  for r in by_kind["vqa"] + by_kind["description"]:
+    scene = world[r["scene"]]
+    question = r["question"][:-len(suffix)] if r["kind"] == "vqa" else r["question"]
+    assert (r["kind"] == "vqa") == r["question"].endswith(suffix)
+    assert S.check(scene, question, r["answer"]).correct is True, r
+  assert max(len(r["answer"].split()) for r in by_kind["vqa"]) <= 5  # a word or phrase
+  # Another seed is another world: its records are of other scenes.
+  other = registry.SOURCES["scenes"].instruction_data(ablation.seeded(scenes_ablation.get_config(), 2))
+  assert [r["answer"] for r in other if r["kind"] == "description"] != \
+      [r["answer"] for r in by_kind["description"]]

@@ -122,6 +122,8 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "ablation.seeds": (1, True, math.inf, False),
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
     "ablation.student_data_share": (0.0, True, 1.0, False),
+    "ablation.student_steps": (0, True, math.inf, False),
+    "ablation.student_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
     "model.min_pixels": (0, True, math.inf, False),
@@ -294,6 +296,9 @@ def _check_student_data(config: Any) -> None:
   `ablation.student_data_share`."""
   data, share = config.ablation.student_data, config.ablation.student_data_share
   if not data:
+    if config.ablation.student_steps:
+      raise ConfigError(f"config.ablation.student_steps={config.ablation.student_steps} needs "
+                        "config.ablation.student_data (what the student is instruction-tuned on)")
     return
   if not share > 0:
     raise ConfigError(f"config.ablation.student_data_share={share!r} must be > 0 with "

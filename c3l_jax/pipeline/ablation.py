@@ -237,6 +237,35 @@ def student_part(own: Sequence[dict], count: int, seed: int) -> list[dict]:
   return [own[int(i)] for i in order[:count]]
 
 
+def instruct_student(config: Any, seed_dir: str, own: Sequence[dict]) -> str:
+  """The student instruction-tuned on all of its own data `own` (VLIT, `ablation.student_steps` at
+  `ablation.student_learning_rate`) in `seed_dir/student/`; returns the tuned model's directory, from
+  which the seed's fine-tunes start. A rerun in the same workdir finds it done."""
+  from c3l_jax import pipeline
+
+  out = os.path.join(seed_dir, "student")
+  os.makedirs(out, exist_ok=True)
+  data = os.path.join(out, "records.jsonl")
+
+  def write() -> None:
+    if not os.path.exists(data):
+      write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in own])
+
+  runtime.get().lead_writes("ablation:student_records", write)
+  steps = config.ablation.student_steps
+  cfg = derive(config, {
+      "model.checkpoint": config.ablation.get("student") or config.model.checkpoint,
+      "stages": "train", "train.objective": "vlit", "data.records": data, "train.steps": steps,
+      "train.learning_rate": config.ablation.student_learning_rate, "train.checkpoint_every": steps})
+  with console.captured_stdout("ablation student instruction tuning"):
+    metrics = pipeline.run_stages(cfg, out, ("train",))
+  release("student instruction tuning")
+  console.say(f"ablation: the student instruction-tuned on its {len(own)} own records for {steps} steps "
+              f"(loss {metrics['train'].get('first_loss') or float('nan'):.3f} -> "
+              f"{metrics['train'].get('last_loss') or float('nan'):.3f})")
+  return os.path.join(out, "train", "generator")
+
+
 def mix(generated: Sequence[dict], own: Sequence[dict], share: float, seed: int) -> list[dict]:
   """A fine-tune's records: the `generated` ones, then `student_count(len(generated), share)` of the
   student's own (`student_part`), so that they are `share` of the whole."""
@@ -396,6 +425,9 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
   reference: list[dict] = []
   if own:  # the student fine-tuned on its own part alone (that of generation.num_final records)
     reference = student_part(own, student_count(cfg.generation.num_final, share), cfg.seed)
+  if own and config.ablation.get("student_steps", 0):
+    # The paper's student already follows instructions: tuned on its own data first, once per seed.
+    cfg = derive(cfg, {"ablation.student": instruct_student(cfg, seed_dir, own)})
   if k == 0:
     missing = [s for s in SHARED if not common.stage_done(workdir, s)]
     if missing:
@@ -406,7 +438,7 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
   release(f"seed {k} shared stages")
   results: dict[str, dict] = {}
   if own:
-    console.say(f"ablation seed {k} {ref} data: student_records {len(reference)} of {len(own)}")
+    console.say(f"ablation seed {k} {ref}: {len(reference)} of the student's {len(own)} own records")
   results[ref] = _downstream(cfg, os.path.join(seed_dir, "base"), reference, f"seed {k} {ref}")
   if own:
     results[ref]["student_records"] = len(reference)

@@ -30,7 +30,7 @@ from c3l_jax.scenes import world as world_lib
 
 KINDS = ("vqa", "yes_no", "description")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # as the eval's prompts end
-# Yes / no object questions (the shape word ends each; `{a}` is its article).
+# Yes / no object questions about one shape (`{a}` is its article).
 YES_NO_TEMPLATES = ("is there {a} {s} in the image ?", "is there {a} {s} ?", "do you see {a} {s} ?",
                     "does the image contain {a} {s} ?")
 _SALT = 29
