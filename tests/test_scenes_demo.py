@@ -291,7 +291,7 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
     shutil.copytree(demo_dir / stage, workdir / stage)
   cmd = [sys.executable, "launch.py", "--config=configs/scenes_ablation.py", f"--workdir={workdir}",
          f"--config.data.tfds_dir={tfds_dir}", *SHRINK,  # the config's stages: initial..score are done
-         "--config.ablation.vlit_steps=2", "--config.ablation.seeds=1",
+         "--config.ablation.vlit_steps=2", "--config.ablation.seeds=1", "--config.ablation.student_steps=3",
          "--config.generation.num_final=8", "--config.eval.max_items=4"]  # 14 rows: kept small
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -309,6 +309,10 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
     # The student's own data: the seed's training scenes (the 40 of world k), three records each.
     own = {r["id"]: r for r in _rows(seed_dir / "student_data.jsonl")}
     assert len(own) == 3 * 40 and {r["image"] for r in own.values()} == set(world)
+    # The student, instruction-tuned on all of them first, is where every fine-tune starts.
+    assert {r["id"] for r in _rows(seed_dir / "student" / "records.jsonl")} == set(own)
+    tuned = json.load(open(seed_dir / "student" / "train" / "DONE.json"))
+    assert tuned["steps"] == 3 and tuned["checkpoint"] == "checkpoints/scenes_student"
     reference = _rows(seed_dir / "base" / "downstream" / "records.jsonl")
     assert len(reference) == 8 and all(r["id"] in own for r in reference)  # num_final 8 * 0.5 / 0.5
     asked: set = set()  # every image the seed's evals asked about
@@ -319,7 +323,8 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
           [(own[r["id"]]["image"], own[r["id"]]["question"], own[r["id"]]["answer"]) for r in trained
            if r["id"] in own]
       mine = [r for r in trained if r["id"] in own]
-      assert json.load(open(down / "train" / "DONE.json"))["steps"] == 2
+      fine_tune = json.load(open(down / "train" / "DONE.json"))
+      assert fine_tune["steps"] == 2 and fine_tune["checkpoint"] == str(seed_dir / "student" / "train" / "generator")
       evaluated = json.load(open(down / "metrics.json"))["eval"]["checkpoint"]  # the fine-tuned copy
       assert os.path.realpath(evaluated) == os.path.realpath(down / "train" / "generator")
       if name != "student + own data":

@@ -4,15 +4,15 @@ The paper's student (LLaVA-7B) already follows instructions when the generated d
 own instruction mix (LLaVA-1.5's 665k: short-answer VQA, yes / no questions, conversations and
 descriptions) taught it to. The scenes world's student (`checkpoints/scenes_student`) learnt captions
 only, so the ablation mixes this data into every fine-tune (`config.ablation.student_data="scenes"`,
-`c3l_jax/pipeline/ablation.py`). Built from the world's ground truth, three records per scene of the
+`c3l_jax/pipeline/ablation.py`). Built from the world's ground truth, on each scene of the
 *training* split (scenes `0 .. data.scenes_images - 1` of world `data.scenes_seed`: the images the
 generator writes its data for; the eval's held-out `val` scenes come after them and are never used):
 
   vqa          a grounded question (`scenes.grounded_qa`, kinds cycling over the scenes) with LLaVA's
                short-answer suffix, answered in a word or phrase (`processor.short_answer`)
-  yes_no       "is there a <shape> ...?" with the suffix, answered "Yes" / "No": exactly half of the
-               scenes (rounded down) are asked about an absent shape, the others about a present one
-               (a scene showing every shape always gets a present one)
+  yes_no       "is there a <shape> ...?" with the suffix, answered "Yes" / "No": per scene as many
+               questions on absent shapes as on present ones (min(present, absent) of each, shapes
+               drawn at random), so an answer depends on the shape asked, not on the image alone
   description  a detailed-description request -> `scenes.detailed_description(scene)`
 
 Every record is a function of (`seed`, the scene): `student_data(world, seed)`.
@@ -48,12 +48,8 @@ def _short_vqa(scene: world_lib.Scene, rng: np.random.Generator, kind: str) -> t
 
 
 def student_data(world: Sequence[world_lib.Scene], seed: int) -> list[dict]:
-  """Three records per scene of `world` (see the module docstring): `id`, `image`, `question`,
-  `answer`, `kind`, `scene` (the image id), in scene order."""
-  present = [world_lib.object_names(s) for s in world]
-  can_be_absent = [i for i, p in enumerate(present) if len(p) < len(world_lib.SHAPES)]
-  order = np.random.default_rng([seed, _SALT]).permutation(len(can_be_absent))
-  absent_scenes = {can_be_absent[int(j)] for j in order[:len(world) // 2]}
+  """The records of `world` (see the module docstring): `id`, `image`, `question`, `answer`, `kind`,
+  `scene` (the image id), in scene order."""
   out = []
   for i, scene in enumerate(world):
     rng = np.random.default_rng([seed, _SALT, scene.image_id])
@@ -61,13 +57,17 @@ def student_data(world: Sequence[world_lib.Scene], seed: int) -> list[dict]:
     q, a = _short_vqa(scene, rng, text_lib.QA_KINDS[i % len(text_lib.QA_KINDS)])
     out.append({"id": f"student-{scene.image_id:06d}-vqa", **base, "question": q, "answer": a,
                 "kind": "vqa"})
-    exists = i not in absent_scenes
-    choices = present[i] if exists else [s for s in world_lib.SHAPES if s not in present[i]]
-    shape = choices[int(rng.integers(len(choices)))]
-    template = YES_NO_TEMPLATES[int(rng.integers(len(YES_NO_TEMPLATES)))]
-    q = text_lib.detokenize_words(template.format(a=text_lib._article(shape), s=shape).split())  # noqa: SLF001
-    out.append({"id": f"student-{scene.image_id:06d}-yes_no", **base, "question": q + SHORT_ANSWER,
-                "answer": "Yes" if exists else "No", "kind": "yes_no"})
+    present = world_lib.object_names(scene)
+    absent = [s for s in world_lib.SHAPES if s not in present]
+    pairs = min(len(present), len(absent))
+    asked = [(str(s), "Yes") for s in rng.permutation(present)[:pairs]]
+    asked += [(str(s), "No") for s in rng.permutation(absent)[:pairs]]
+    for j in rng.permutation(len(asked)):
+      shape, answer = asked[int(j)]
+      template = YES_NO_TEMPLATES[int(rng.integers(len(YES_NO_TEMPLATES)))]
+      q = text_lib.detokenize_words(template.format(a=text_lib._article(shape), s=shape).split())  # noqa: SLF001
+      out.append({"id": f"student-{scene.image_id:06d}-yes_no-{shape}", **base,
+                  "question": q + SHORT_ANSWER, "answer": answer, "kind": "yes_no"})
     request = sm.DESCRIPTION_REQUESTS[int(rng.integers(len(sm.DESCRIPTION_REQUESTS)))]
     out.append({"id": f"student-{scene.image_id:06d}-description", **base, "question": request,
                 "answer": text_lib.detailed_description(scene), "kind": "description"})
