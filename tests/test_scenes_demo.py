@@ -306,9 +306,11 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
     world = {s.file_name: s for s in scenes.generate_world(40, k)}  # seed k is world k
     scored = _parts(seed_dir / "score")
     assert all(world.get(r["image"]) for r in scored)
-    # The student's own data: the seed's training scenes (the 40 of world k), three records each.
+    # The student's own data: the seed's training scenes (the 40 of world k).
     own = {r["id"]: r for r in _rows(seed_dir / "student_data.jsonl")}
-    assert len(own) == 3 * 40 and {r["image"] for r in own.values()} == set(world)
+    assert {r["image"] for r in own.values()} == set(world)
+    assert all(scenes.check(world[r["image"]], r["question"].split("\n")[0], r["answer"]).correct is True
+               for r in own.values())
     # The student, instruction-tuned on all of them first, is where every fine-tune starts.
     assert {r["id"] for r in _rows(seed_dir / "student" / "records.jsonl")} == set(own)
     tuned = json.load(open(seed_dir / "student" / "train" / "DONE.json"))
@@ -324,7 +326,8 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
            if r["id"] in own]
       mine = [r for r in trained if r["id"] in own]
       fine_tune = json.load(open(down / "train" / "DONE.json"))
-      assert fine_tune["steps"] == 2 and fine_tune["checkpoint"] == str(seed_dir / "student" / "train" / "generator")
+      assert fine_tune["steps"] == 2
+      assert fine_tune["checkpoint"] == str(seed_dir / "student" / "train" / "generator")  # the tuned student
       evaluated = json.load(open(down / "metrics.json"))["eval"]["checkpoint"]  # the fine-tuned copy
       assert os.path.realpath(evaluated) == os.path.realpath(down / "train" / "generator")
       if name != "student + own data":
@@ -347,7 +350,6 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
         assert trained == mine == reference and result["student_records"] == 8
       asked |= {r["image"] for split in pope.SPLITS for r in _parts(down / "eval" / f"pope_{split}")}
       asked |= {r["image"] for r in _rows(down / "eval" / "scenes_vqa_answers.jsonl")}
-    assert asked and not asked & {r["image"] for r in own.values()}  # never an eval scene
       # POPE per split and VQA, recounted from the downstream model's written answers.
       for split in pope.SPLITS:
         answers = _parts(down / "eval" / f"pope_{split}")
@@ -358,6 +360,7 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
         assert result[f"pope_{split}_yes"] == pytest.approx(np.mean([s == "yes" for s in said]))
       assert result["pope_acc"] == pytest.approx(np.mean([result[f"pope_{s}_acc"] for s in pope.SPLITS]))
       assert 0.0 <= result["vqa_acc"] <= 1.0
+    assert asked and not asked & {r["image"] for r in own.values()}  # never an eval scene
 
     # Which generator each row trained: +CRM has no contrastive term, +CLM picked its roles at random.
     history = lambda d: _rows(seed_dir / d / "train" / "history.jsonl")  # noqa: E731
