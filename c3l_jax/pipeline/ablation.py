@@ -42,14 +42,19 @@ rounding). The reference row ("student + own data") is then the student fine-tun
 alone, round(`generation.num_final` s / (1 - s)) records, for the same steps, so each row differs from
 it only by the generated data. `student_data` is a records file or the name of a source that builds
 the data from its ground truth (`scenes`: `c3l_jax.scenes.student`), written per seed to
-`WORKDIR/ablation/seed<k>/student_data.jsonl`. Everything runs for `ablation.seeds`
+`WORKDIR/ablation/seed<k>/student_data.jsonl`. With `ablation.student_steps`, the student is first
+instruction-tuned on all of that data (once per seed, `WORKDIR/ablation/seed<k>/student/`,
+`instruct_student`) and the seed's fine-tunes start from the tuned model: a student that has never
+answered a question does not learn to within a short fine-tune. Everything runs for `ablation.seeds`
 seeds: seed k adds k to every config field named in `ablation.seed_keys` (the pipeline's `seed`, which
 draws the generation and fine-tuning randomness, and e.g. the scenes world's `data.scenes_seed`), and
 the table reports each metric's mean and the half-width of its 95 % interval (Student's t over the
 seeds; none for one seed).
 
 Layout: `WORKDIR/ablation/seed<k>/` holds seed k's shared stages (`initial`, `filter`, `score`; seed 0
-links this workdir's own, run first if missing) and one directory per row (the generator's stages,
+links this workdir's own, run first if missing), with `ablation.student_data` the student's data
+(`student_data.jsonl`) and instruction-tuned model (`student/`), and one directory per row (the
+reference row's is `base/`; the generator's stages,
 then `downstream/` with the VLIT fine-tune and its `eval`). Metrics per row: the data's size and,
 where the source has ground truth, its quality (e.g. the scenes world's checker); POPE (random /
 popular / adversarial: accuracy, F1, yes-ratio) and the columns of registered benchmarks (e.g. the
@@ -477,5 +482,5 @@ def run(config: Any, workdir: str) -> dict:
 
 
 __all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "first_stage", "mean_interval",
-           "mix", "reading_row", "reference_row", "run", "seeded", "student_data", "student_part", "table",
+           "instruct_student", "mix", "reading_row", "reference_row", "run", "seeded", "student_data", "student_part", "table",
            "variant_rows"]
