@@ -719,7 +719,8 @@ def test_ablation_student_data_config_errors(tmp_path):
   enough = ablation.derive(config, {"ablation.student_data": str(few), "generation.num_final": 3})
   check_config(enough)  # 3 generated records need 3 of the student's at 0.5
   for overrides, message in (
-      ({"ablation.student_data_share": 1.0}, r"student_data_share=1.0 is out of range \(must be in \[0.0, 1.0\)\)"),
+      ({"ablation.student_data_share": 1.0},
+       r"student_data_share=1.0 is out of range \(must be in \[0.0, 1.0\)\)"),
       ({"ablation.student_data_share": -0.1}, "student_data_share=-0.1 is out of range"),
       ({"ablation.student_data_share": 0.0}, "student_data_share=0.0 must be > 0"),
       ({"ablation.student_data": str(tmp_path / "none.jsonl")}, "is neither a records file nor a source"),

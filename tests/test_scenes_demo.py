@@ -278,7 +278,9 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   the student's own instruction records (`ablation.student_data=scenes`, share 0.5), fine-tunes a fresh
   copy of the student (VLIT) that is evaluated on scenes POPE (random / popular / adversarial) and
   held-out VQA; the reference row is the student fine-tuned on its own records alone. The own records
-  are of the seed's training scenes, never of a scene the eval asks about. One seed: the interval arithmetic over seeds is `test_mean_interval_by_hand`'s, and
+  are of the seed's training scenes, never of a scene the eval asks about; every fine-tune starts from
+  the student instruction-tuned on all of them. One seed: the interval arithmetic over seeds is
+  `test_mean_interval_by_hand`'s, and
   what a second seed changes (the world and every seeded field) is `test_ablation_rows_derive_their_configs`'."""
   import shutil
 

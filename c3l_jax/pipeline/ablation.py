@@ -482,5 +482,5 @@ def run(config: Any, workdir: str) -> dict:
 
 
 __all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "first_stage", "mean_interval",
-           "instruct_student", "mix", "reading_row", "reference_row", "run", "seeded", "student_data", "student_part", "table",
-           "variant_rows"]
+           "instruct_student", "mix", "reading_row", "reference_row", "run", "seeded", "student_data",
+           "student_part", "table", "variant_rows"]

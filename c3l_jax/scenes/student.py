@@ -65,7 +65,8 @@ def student_data(world: Sequence[world_lib.Scene], seed: int) -> list[dict]:
     for j in rng.permutation(len(asked)):
       shape, answer = asked[int(j)]
       template = YES_NO_TEMPLATES[int(rng.integers(len(YES_NO_TEMPLATES)))]
-      q = text_lib.detokenize_words(template.format(a=text_lib._article(shape), s=shape).split())  # noqa: SLF001
+      article = text_lib._article(shape)  # noqa: SLF001
+      q = text_lib.detokenize_words(template.format(a=article, s=shape).split())
       out.append({"id": f"student-{scene.image_id:06d}-yes_no-{shape}", **base,
                   "question": q + SHORT_ANSWER, "answer": answer, "kind": "yes_no"})
     request = sm.DESCRIPTION_REQUESTS[int(rng.integers(len(sm.DESCRIPTION_REQUESTS)))]
