@@ -38,6 +38,11 @@ class Source:
                                                or None), `hallucinated` (bool); the export stage's
                                                selection composition and report.html show them
   check(config) -> str | None                  a config problem (one line), checked with the config
+  instruction_data(config) -> list[dict]       instruction data built from the source's ground truth
+                                               on its training split (optional): QA records `id`,
+                                               `image`, `question`, `answer` (+ `kind`), a function
+                                               of the config's world and `seed`; the ablation's
+                                               `ablation.student_data=<source name>` mixes them in
   """
 
   name: str
@@ -46,6 +51,7 @@ class Source:
   quality_title: str = ""
   verdicts: Callable[[Any, Any, Sequence[dict]], list[dict]] | None = None
   check: Callable[[Any], str | None] | None = None
+  instruction_data: Callable[[Any], list[dict]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -258,5 +258,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The model each row's data fine-tunes (the paper fine-tunes LLaVA-7B on the generated data): a
   # model directory, e.g. a student that has not seen instruction data; "" = `model.checkpoint`.
   config.ablation.student = ""
+  # The student's own instruction data, mixed into every fine-tune as LLaVA's fine-tunes keep their
+  # own instruction mix (the paper's student, LLaVA-7B, already follows instructions): "" = none (each
+  # row fine-tunes on its generated data alone; the reference row is the student as it is); a records
+  # file (JSON lines `id`, `image`, `question`, `answer`; images from the data source, as
+  # `data.records`); or the name of a data source that builds it from its ground truth (`scenes`:
+  # `c3l_jax/scenes/student.py`, written per seed to WORKDIR/ablation/seed<k>/student_data.jsonl).
+  # With it the reference row is the student fine-tuned on its own data alone for the same steps.
+  config.ablation.student_data = ""
+  # The fraction of every fine-tune's records drawn from `student_data` (in [0, 1); 0 < share when
+  # student_data is set): a row with N generated records trains on them plus round(N * share /
+  # (1 - share)) records of a seeded order of the student's data (c3l_jax/pipeline/ablation.py: mix).
+  config.ablation.student_data_share = 0.5
+  # Steps of instruction tuning the student gets on all of `student_data` (VLIT, at
+  # `student_learning_rate`) before the seed's fine-tunes start from it (once per seed, in
+  # WORKDIR/ablation/seed<k>/student/): a student that has never answered a question does not learn to
+  # within a short fine-tune, however its records are mixed. 0 = none (the fine-tunes start from
+  # `ablation.student` itself).
+  config.ablation.student_steps = 0
+  config.ablation.student_learning_rate = 1e-3
 
   return config

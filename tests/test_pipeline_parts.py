@@ -658,8 +658,10 @@ def test_ablation_fine_tunes_the_student(tmp_path, monkeypatch):
   config = scenes_ablation.get_config()
   assert config.ablation.student == "checkpoints/scenes_student"  # the shipped student (captions only)
   pipeline.check_config(config)  # no ConfigError: it exists (relative to the repository, as the demo runs)
-  config = ablation.derive(config, {"ablation.student": ""})
+  config = ablation.derive(config, {"ablation.student": "", "ablation.student_data": ""})
   assert ablation.reference_row(config) == "base model"
+  assert ablation.reference_row(ablation.derive(config, {"ablation.student_data": "scenes"})) == \
+      "base model + own data"
   seen = []
   monkeypatch.setattr(pipeline, "run_stages",
                       lambda cfg, workdir, stages: seen.append((cfg, tuple(stages))) or {"eval": {}})
@@ -676,6 +678,65 @@ def test_ablation_fine_tunes_the_student(tmp_path, monkeypatch):
   assert seen[0][0].model.checkpoint == config.model.checkpoint
   with pytest.raises(pipeline.ConfigError, match="ablation.student"):
     pipeline.check_config(student)  # its stages include `ablation`
+
+
+def test_ablation_mixes_the_students_own_data_at_its_share():
+  """`mix`: a row's N generated records plus round(N s / (1 - s)) of the student's own, counted by hand
+  for three shares; the own part is the same for a seed (and a prefix of a larger one's), another
+  order for another seed; a mix the data cannot fill is bad input."""
+  from c3l_jax.data.records import BadInput
+  from c3l_jax.pipeline import ablation
+
+  generated = [{"id": f"gen{i}"} for i in range(12)]
+  own = [{"id": f"own{i}"} for i in range(40)]
+  for share, mine in ((0.5, 12), (0.2, 3), (0.75, 36)):  # 12 * 0.5/0.5, 12 * 0.2/0.8, 12 * 0.75/0.25
+    records = ablation.mix(generated, own, share, seed=3)
+    assert records[:12] == generated and len(records) == 12 + mine
+    assert sum(r["id"].startswith("own") for r in records) == mine
+    assert mine / len(records) == pytest.approx(share)
+    assert len({r["id"] for r in records}) == len(records)  # drawn without repeats
+  part = ablation.mix(generated, own, 0.5, seed=3)[12:]
+  assert ablation.mix(generated, own, 0.5, seed=3)[12:] == part  # deterministic per seed
+  assert ablation.mix(generated[:5], own, 0.5, seed=3)[5:] == part[:5]  # nested: a prefix
+  assert ablation.mix(generated, own, 0.5, seed=4)[12:] != part  # another seed, another part
+  assert ablation.student_part(own, 12, 3) == part  # the reference row trains on the same records
+  with pytest.raises(BadInput, match="holds 40 records, the mix needs 48"):
+    ablation.mix(generated, own, 0.8, seed=3)
+
+
+def test_ablation_student_data_config_errors(tmp_path):
+  """`ablation.student_data` / `student_data_share`: each bad value is a one-line ConfigError."""
+  from c3l_jax.pipeline import ConfigError, ablation, check_config
+  from configs import scenes_ablation
+
+  config = scenes_ablation.get_config()
+  assert (config.ablation.student_data, config.ablation.student_data_share) == ("scenes", 0.5)
+  assert config.ablation.student_steps > 0  # the student is instruction-tuned on its data first
+  check_config(config)
+  few = tmp_path / "few.jsonl"
+  few.write_text("".join(json.dumps({"id": str(i), "image": "scene_000000.png", "question": "q?",
+                                     "answer": "a"}) + "\n" for i in range(3)))
+  enough = ablation.derive(config, {"ablation.student_data": str(few), "generation.num_final": 3})
+  check_config(enough)  # 3 generated records need 3 of the student's at 0.5
+  for overrides, message in (
+      ({"ablation.student_data_share": 1.0},
+       r"student_data_share=1.0 is out of range \(must be in \[0.0, 1.0\)\)"),
+      ({"ablation.student_data_share": -0.1}, "student_data_share=-0.1 is out of range"),
+      ({"ablation.student_data_share": 0.0}, "student_data_share=0.0 must be > 0"),
+      ({"ablation.student_data": str(tmp_path / "none.jsonl")}, "is neither a records file nor a source"),
+      ({"ablation.student_data": "records"}, "that source builds no instruction data"),
+      ({"ablation.student_data": str(few)}, "holds 3 valid records; .* needs 300"),
+      ({"ablation.student_data": str(few), "generation.num_final": 3, "ablation.student_data_share": 0.7},
+       "needs 7"),  # 3 * 0.7 / 0.3
+      ({"data.source": "records", "data.records": str(few)}, "needs config.data.source='scenes'")):
+    with pytest.raises(ConfigError, match=message):
+      check_config(ablation.derive(config, overrides))
+  with pytest.raises(ConfigError, match="student_steps=1000 needs config.ablation.student_data"):
+    check_config(ablation.derive(config, {"ablation.student_data": ""}))
+  with pytest.raises(ConfigError, match="student_steps=-1 is out of range"):
+    check_config(ablation.derive(config, {"ablation.student_steps": -1}))
+  check_config(ablation.derive(config, {"ablation.student_data": "", "ablation.student_data_share": 0.0,
+                                        "ablation.student_steps": 0}))  # today's protocol
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="memory maps are counted on Linux")

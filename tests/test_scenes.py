@@ -346,3 +346,53 @@ print('OK')
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                      cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
   assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_the_students_own_data_is_ground_truth_on_training_scenes():
+  """The ablation's student data (`ablation.student_data=scenes`, seed 1 of configs/scenes_ablation.py):
+  per training scene of the seed's world a short VQA, a description and yes / no object questions, none
+  on a held-out (eval) scene; each scene's yes / no questions are half "Yes", half "No" (as many as it
+  has present or absent shapes, whichever is fewer), each recounted from the scene's objects by hand;
+  the checker passes every short VQA answer and description."""
+  from c3l_jax import registry
+  from c3l_jax.pipeline import ablation
+  from c3l_jax.scenes import dataset
+  from configs import scenes_ablation
+
+  config = ablation.seeded(scenes_ablation.get_config(), 1)
+  n, world_seed = config.data.scenes_images, config.data.scenes_seed
+  assert world_seed == 1
+  records = registry.SOURCES["scenes"].instruction_data(config)
+  world = S.generate_world(n, world_seed)  # the training split: scenes 0 .. n-1 of the seed's world
+  held_out = {S.file_name_for(i) for i in range(n, n + dataset.default_num_val(n))}  # the eval's `val`
+  assert len({r["id"] for r in records}) == len(records)
+  assert {r["image"] for r in records} == {s.file_name for s in world} and not held_out & {
+      r["image"] for r in records}
+  by_kind = {k: [r for r in records if r["kind"] == k] for k in ("vqa", "yes_no", "description")}
+  assert len(records) == sum(map(len, by_kind.values()))
+  assert len(by_kind["vqa"]) == len(by_kind["description"]) == n
+  suffix = "\nAnswer the question using a single word or phrase."
+  answers: dict[int, list[bool]] = {}
+  for r in by_kind["yes_no"]:
+    scene = world[r["scene"]]
+    assert r["image"] == scene.file_name and r["question"].endswith("?" + suffix)
+    named = [w for w in S.tokenize_words(r["question"][:-len(suffix)]) if w in S.SHAPES]
+    assert len(named) == 1, r
+    truth = any(o.shape == named[0] for o in scene.objects)
+    assert r["answer"] == ("Yes" if truth else "No"), r
+    answers.setdefault(r["scene"], []).append(truth)
+  for i, scene in enumerate(world):  # balanced in every scene: min(present, absent) of each answer
+    present = len({o.shape for o in scene.objects})
+    pairs = min(present, len(S.SHAPES) - present)
+    assert sorted(answers.get(i, [])) == [False] * pairs + [True] * pairs, i
+  assert sum(map(sum, answers.values())) == len(by_kind["yes_no"]) / 2 > n / 2
+  for r in by_kind["vqa"] + by_kind["description"]:
+    scene = world[r["scene"]]
+    question = r["question"][:-len(suffix)] if r["kind"] == "vqa" else r["question"]
+    assert (r["kind"] == "vqa") == r["question"].endswith(suffix)
+    assert S.check(scene, question, r["answer"]).correct is True, r
+  assert max(len(r["answer"].split()) for r in by_kind["vqa"]) <= 5  # a word or phrase
+  # Another seed is another world: its records are of other scenes.
+  other = registry.SOURCES["scenes"].instruction_data(ablation.seeded(scenes_ablation.get_config(), 2))
+  assert [r["answer"] for r in other if r["kind"] == "description"] != \
+      [r["answer"] for r in by_kind["description"]]

@@ -274,9 +274,13 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
   """`configs/scenes_ablation.py` (Table 4) for one seed on the shrunken demo: four generator
   rows, the variants (the other final mode, for the base and the C3L generator; length-normalised
   S(I2C)) and the student
-  (`checkpoints/scenes_student`: captions only, no instruction data); each row's data fine-tunes a fresh
+  (`checkpoints/scenes_student`: captions only, no instruction data); each row's data, with as many of
+  the student's own instruction records (`ablation.student_data=scenes`, share 0.5), fine-tunes a fresh
   copy of the student (VLIT) that is evaluated on scenes POPE (random / popular / adversarial) and
-  held-out VQA. One seed: the interval arithmetic over seeds is `test_mean_interval_by_hand`'s, and
+  held-out VQA; the reference row is the student fine-tuned on its own records alone. The own records
+  are of the seed's training scenes, never of a scene the eval asks about; every fine-tune starts from
+  the student instruction-tuned on all of them. One seed: the interval arithmetic over seeds is
+  `test_mean_interval_by_hand`'s, and
   what a second seed changes (the world and every seeded field) is `test_ablation_rows_derive_their_configs`'."""
   import shutil
 
@@ -289,39 +293,65 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
     shutil.copytree(demo_dir / stage, workdir / stage)
   cmd = [sys.executable, "launch.py", "--config=configs/scenes_ablation.py", f"--workdir={workdir}",
          f"--config.data.tfds_dir={tfds_dir}", *SHRINK,  # the config's stages: initial..score are done
-         "--config.ablation.vlit_steps=2", "--config.ablation.seeds=1",
+         "--config.ablation.vlit_steps=2", "--config.ablation.seeds=1", "--config.ablation.student_steps=3",
          "--config.generation.num_final=8", "--config.eval.max_items=4"]  # 14 rows: kept small
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.load(open(workdir / "metrics.json"))["ablation"]
-  names = ["student", *ablation.ROWS, "filtering direct", "+CRM+CLM direct", "+CRM+CLM len-norm"]
+  names = ["student + own data", *ablation.ROWS, "filtering direct", "+CRM+CLM direct", "+CRM+CLM len-norm"]
   assert out["seeds"] == 1 and [list(r) for r in out["per_seed"]] == [names]
   dirs = {name: row.dirname for name, row in ablation.all_rows(scenes_ablation.get_config()).items()}
-  dirs["student"] = "base"
+  dirs["student + own data"] = "base"
 
   for k, results in enumerate(out["per_seed"]):
     seed_dir = workdir / "ablation" / f"seed{k}"
     world = {s.file_name: s for s in scenes.generate_world(40, k)}  # seed k is world k
     scored = _parts(seed_dir / "score")
     assert all(world.get(r["image"]) for r in scored)
+    # The student's own data: the seed's training scenes (the 40 of world k).
+    own = {r["id"]: r for r in _rows(seed_dir / "student_data.jsonl")}
+    assert {r["image"] for r in own.values()} == set(world)
+    assert all(scenes.check(world[r["image"]], r["question"].split("\n")[0], r["answer"]).correct is True
+               for r in own.values())
+    # The student, instruction-tuned on all of them first, is where every fine-tune starts.
+    assert {r["id"] for r in _rows(seed_dir / "student" / "records.jsonl")} == set(own)
+    tuned = json.load(open(seed_dir / "student" / "train" / "DONE.json"))
+    assert tuned["steps"] == 3 and tuned["checkpoint"] == "checkpoints/scenes_student"
+    reference = _rows(seed_dir / "base" / "downstream" / "records.jsonl")
+    assert len(reference) == 8 and all(r["id"] in own for r in reference)  # num_final 8 * 0.5 / 0.5
+    asked: set = set()  # every image the seed's evals asked about
     for name, result in results.items():
       down = seed_dir / dirs[name] / "downstream"
-      if name != "student":
-        # The row's final data: its size and checker quality, and it is exactly what fine-tuned the copy.
+      trained = _rows(down / "records.jsonl")
+      assert [(r["image"], r["question"], r["answer"]) for r in trained if r["id"] in own] == \
+          [(own[r["id"]]["image"], own[r["id"]]["question"], own[r["id"]]["answer"]) for r in trained
+           if r["id"] in own]
+      mine = [r for r in trained if r["id"] in own]
+      fine_tune = json.load(open(down / "train" / "DONE.json"))
+      assert fine_tune["steps"] == 2
+      assert fine_tune["checkpoint"] == str(seed_dir / "student" / "train" / "generator")  # the tuned student
+      evaluated = json.load(open(down / "metrics.json"))["eval"]["checkpoint"]  # the fine-tuned copy
+      assert os.path.realpath(evaluated) == os.path.realpath(down / "train" / "generator")
+      if name != "student + own data":
+        # The row's final data: its size and checker quality; it and as many of the student's own
+        # records (share 0.5: the first of the seed's order, as the reference row's) fine-tuned the copy.
         data = _parts(seed_dir / dirs[name] / "final" / "filtered")
         assert result["instances"] == len(data) > 0
         verdicts = [scenes.check(world[r["image"]], r["question"], r["answer"]) for r in data]
         assert result["relevance"] == pytest.approx(sum(v.image_dependent for v in verdicts) / len(data))
-        assert [(r["id"], r["question"], r["answer"]) for r in _rows(down / "records.jsonl")] == \
+        assert [(r["id"], r["question"], r["answer"]) for r in trained[:len(data)]] == \
             [(r["id"], r["question"], r["answer"]) for r in data]
-        assert json.load(open(down / "train" / "DONE.json"))["steps"] == 2
+        assert trained[len(data):] == mine and result["student_records"] == len(mine) == len(data)
+        assert len(mine) / len(trained) == 0.5
+        assert [r["id"] for r in mine] == [r["id"] for r in reference[:len(mine)]]
         mode = "direct" if name.endswith(" direct") else "two_step"  # two-step: the paper's final generation
         assert {r["mode"] for r in _parts(seed_dir / dirs[name] / "final")} == {mode}
       else:
-        # The reference row evaluates the student as shipped (that the fine-tunes start from it:
-        # test_pipeline_parts.py::test_ablation_fine_tunes_the_student).
-        assert not (down / "train").exists()
-        assert json.load(open(down / "metrics.json"))["eval"]["checkpoint"] == "checkpoints/scenes_student"
+        # The reference row: the student (that the fine-tunes start from it:
+        # test_pipeline_parts.py::test_ablation_fine_tunes_the_student) on its own records alone.
+        assert trained == mine == reference and result["student_records"] == 8
+      asked |= {r["image"] for split in pope.SPLITS for r in _parts(down / "eval" / f"pope_{split}")}
+      asked |= {r["image"] for r in _rows(down / "eval" / "scenes_vqa_answers.jsonl")}
       # POPE per split and VQA, recounted from the downstream model's written answers.
       for split in pope.SPLITS:
         answers = _parts(down / "eval" / f"pope_{split}")
@@ -332,6 +362,7 @@ def test_ablation_table_on_the_demo_data(demo, tmp_path):
         assert result[f"pope_{split}_yes"] == pytest.approx(np.mean([s == "yes" for s in said]))
       assert result["pope_acc"] == pytest.approx(np.mean([result[f"pope_{s}_acc"] for s in pope.SPLITS]))
       assert 0.0 <= result["vqa_acc"] <= 1.0
+    assert asked and not asked & {r["image"] for r in own.values()}  # never an eval scene
 
     # Which generator each row trained: +CRM has no contrastive term, +CLM picked its roles at random.
     history = lambda d: _rows(seed_dir / d / "train" / "history.jsonl")  # noqa: E731

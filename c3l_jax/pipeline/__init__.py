@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from c3l_jax import console, registry
-from c3l_jax.data.records import write_text_atomic
+from c3l_jax.data.records import read_records, write_text_atomic
 from c3l_jax.models.configs import MODEL_CONFIG_FILE
 
 STAGE_ORDER: tuple[str, ...] = (
@@ -121,6 +121,9 @@ _RANGES: dict[str, tuple[float, bool, float, bool]] = {
     "ablation.vlit_steps": (1, True, math.inf, False),
     "ablation.seeds": (1, True, math.inf, False),
     "ablation.vlit_learning_rate": (0.0, False, math.inf, False),
+    "ablation.student_data_share": (0.0, True, 1.0, False),
+    "ablation.student_steps": (0, True, math.inf, False),
+    "ablation.student_learning_rate": (0.0, False, math.inf, False),
     "data.max_images": (0, True, math.inf, False),
     "data.max_pixels": (1, True, math.inf, False),
     "model.min_pixels": (0, True, math.inf, False),
@@ -294,6 +297,47 @@ def _check_ablation(config: Any) -> None:
   if student and not (epath.Path(student) / MODEL_CONFIG_FILE).exists():
     raise ConfigError(f"config.ablation.student={student!r} is not a model directory (no "
                       f"{MODEL_CONFIG_FILE}): give a converted or exported model")
+  _check_student_data(config)
+
+
+def _check_student_data(config: Any) -> None:
+  """`ablation.student_data`: a source that builds it (and is the config's source, whose images its
+  records name), or a records file holding enough records for `generation.num_final` generated ones at
+  `ablation.student_data_share`."""
+  data, share = config.ablation.student_data, config.ablation.student_data_share
+  if not data:
+    if config.ablation.student_steps:
+      raise ConfigError(f"config.ablation.student_steps={config.ablation.student_steps} needs "
+                        "config.ablation.student_data (what the student is instruction-tuned on)")
+    return
+  if not share > 0:
+    raise ConfigError(f"config.ablation.student_data_share={share!r} must be > 0 with "
+                      f"config.ablation.student_data={data!r} (the reference row trains on that share "
+                      "alone); for fine-tunes on the generated data alone set ablation.student_data=''")
+  builders = [name for name, s in registry.SOURCES.items() if s.instruction_data is not None]
+  if data in registry.SOURCES or data in registry.BUILTIN_SOURCES:
+    if data not in builders:
+      raise ConfigError(f"config.ablation.student_data={data!r}: that source builds no instruction "
+                        f"data (sources that do: {', '.join(builders) or 'none loaded'})")
+    if config.data.source != data:
+      raise ConfigError(f"config.ablation.student_data={data!r} needs config.data.source={data!r} "
+                        f"(its records name that source's images), not {config.data.source!r}")
+    return
+  if not os.path.isfile(data):
+    raise ConfigError(f"config.ablation.student_data={data!r} is neither a records file nor a source "
+                      f"that builds the student's data ({', '.join(builders) or 'none loaded'})")
+  rows, _ = read_records(data)
+  need = student_count(config.generation.num_final, share)
+  if len(rows) < need:
+    raise ConfigError(f"config.ablation.student_data={data!r} holds {len(rows)} valid records; a share "
+                      f"of {share} beside up to generation.num_final={config.generation.num_final} "
+                      f"generated records needs {need}")
+
+
+def student_count(generated: int, share: float) -> int:
+  """How many of the student's own records join `generated` generated ones so that they are `share` of
+  the fine-tune's records: round(generated * share / (1 - share))."""
+  return int(round(generated * share / (1.0 - share)))
 
 
 def needs_model(stages: Sequence[str], config: Any = None) -> tuple[str, ...]:

@@ -30,14 +30,31 @@ field: train, final, export; a `generation.*` field: all of them) and links the 
 seed's shared stages, the "+CRM+CLM" row's select and train).
 
 The student itself is evaluated too, as the reference row ("student", or "base model" when the
-student is the base model). Everything runs for `ablation.seeds`
+student is the base model).
+
+With `ablation.student_data` (the paper's student, LLaVA-7B, already follows instructions: its own
+instruction mix taught it, as LLaVA's fine-tunes keep that mix), every fine-tune mixes the student's own
+instruction data in at a fixed share s = `ablation.student_data_share`: a row whose final data hold N
+records trains on those N plus the first round(N s / (1 - s)) records of a seeded order of the
+student's data (`mix`; the order is a function of the seed alone, so rows' own parts are prefixes of
+one another and s is the share of the records file each fine-tune trains on: exactly, up to that
+rounding). The reference row ("student + own data") is then the student fine-tuned on its own part
+alone, round(`generation.num_final` s / (1 - s)) records, for the same steps, so each row differs from
+it only by the generated data. `student_data` is a records file or the name of a source that builds
+the data from its ground truth (`scenes`: `c3l_jax.scenes.student`), written per seed to
+`WORKDIR/ablation/seed<k>/student_data.jsonl`. With `ablation.student_steps`, the student is first
+instruction-tuned on all of that data (once per seed, `WORKDIR/ablation/seed<k>/student/`,
+`instruct_student`) and the seed's fine-tunes start from the tuned model: a student that has never
+answered a question does not learn to within a short fine-tune. Everything runs for `ablation.seeds`
 seeds: seed k adds k to every config field named in `ablation.seed_keys` (the pipeline's `seed`, which
 draws the generation and fine-tuning randomness, and e.g. the scenes world's `data.scenes_seed`), and
 the table reports each metric's mean and the half-width of its 95 % interval (Student's t over the
 seeds; none for one seed).
 
 Layout: `WORKDIR/ablation/seed<k>/` holds seed k's shared stages (`initial`, `filter`, `score`; seed 0
-links this workdir's own, run first if missing) and one directory per row (the generator's stages,
+links this workdir's own, run first if missing), with `ablation.student_data` the student's data
+(`student_data.jsonl`) and instruction-tuned model (`student/`), and one directory per row (the
+reference row's is `base/`; the generator's stages,
 then `downstream/` with the VLIT fine-tune and its `eval`). Metrics per row: the data's size and,
 where the source has ground truth, its quality (e.g. the scenes world's checker); POPE (random /
 popular / adversarial: accuracy, F1, yes-ratio) and the columns of registered benchmarks (e.g. the
@@ -61,9 +78,9 @@ from absl import logging
 from scipy import stats
 
 from c3l_jax import console, registry, runtime
-from c3l_jax.data.records import write_jsonl, write_text_atomic
+from c3l_jax.data.records import BadInput, read_records, write_jsonl, write_text_atomic
 from c3l_jax.eval.pope import SPLITS as POPE_SPLITS
-from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards, variant_overrides
+from c3l_jax.pipeline import ABLATION_VARIANTS, common, shards, student_count, variant_overrides
 
 SHARED = ("initial", "filter", "score")
 
@@ -190,7 +207,74 @@ def mean_interval(values: Sequence[float | None], confidence: float = 0.95
 
 
 def reference_row(config: Any) -> str:
-  return "student" if config.ablation.get("student") else "base model"
+  name = "student" if config.ablation.get("student") else "base model"
+  return f"{name} + own data" if config.ablation.get("student_data") else name
+
+
+_STUDENT_ORDER_SALT = 7301
+
+
+def student_data(config: Any, seed_dir: str) -> list[dict]:
+  """The student's own instruction data for the seed of `config` (already seeded): built by the source
+  `ablation.student_data` names (and written to `seed_dir/student_data.jsonl`), or read from the
+  records file it names; [] without it."""
+  data = config.ablation.get("student_data", "")
+  if not data:
+    return []
+  source = registry.SOURCES.get(data)
+  if source is not None and source.instruction_data is not None:
+    records = source.instruction_data(config)
+    path = os.path.join(seed_dir, "student_data.jsonl")
+    os.makedirs(seed_dir, exist_ok=True)
+    runtime.get().lead_writes("ablation:student_data", lambda: write_jsonl(path, records))
+    return records
+  records, _ = read_records(data)
+  return records
+
+
+def student_part(own: Sequence[dict], count: int, seed: int) -> list[dict]:
+  """The first `count` records of the seeded order of the student's data `own` (a permutation that
+  depends on `seed` alone: the parts of one seed are prefixes of one another)."""
+  if count > len(own):
+    raise BadInput(f"ablation: the student's data holds {len(own)} records, the mix needs {count} "
+                   "(lower ablation.student_data_share or give more records)")
+  order = np.random.default_rng([seed, _STUDENT_ORDER_SALT]).permutation(len(own))
+  return [own[int(i)] for i in order[:count]]
+
+
+def instruct_student(config: Any, seed_dir: str, own: Sequence[dict]) -> str:
+  """The student instruction-tuned on all of its own data `own` (VLIT, `ablation.student_steps` at
+  `ablation.student_learning_rate`) in `seed_dir/student/`; returns the tuned model's directory, from
+  which the seed's fine-tunes start. A rerun in the same workdir finds it done."""
+  from c3l_jax import pipeline
+
+  out = os.path.join(seed_dir, "student")
+  os.makedirs(out, exist_ok=True)
+  data = os.path.join(out, "records.jsonl")
+
+  def write() -> None:
+    if not os.path.exists(data):
+      write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in own])
+
+  runtime.get().lead_writes("ablation:student_records", write)
+  steps = config.ablation.student_steps
+  cfg = derive(config, {
+      "model.checkpoint": config.ablation.get("student") or config.model.checkpoint,
+      "stages": "train", "train.objective": "vlit", "data.records": data, "train.steps": steps,
+      "train.learning_rate": config.ablation.student_learning_rate, "train.checkpoint_every": steps})
+  with console.captured_stdout("ablation student instruction tuning"):
+    metrics = pipeline.run_stages(cfg, out, ("train",))
+  release("student instruction tuning")
+  console.say(f"ablation: the student instruction-tuned on its {len(own)} own records for {steps} steps "
+              f"(loss {metrics['train'].get('first_loss') or float('nan'):.3f} -> "
+              f"{metrics['train'].get('last_loss') or float('nan'):.3f})")
+  return os.path.join(out, "train", "generator")
+
+
+def mix(generated: Sequence[dict], own: Sequence[dict], share: float, seed: int) -> list[dict]:
+  """A fine-tune's records: the `generated` ones, then `student_count(len(generated), share)` of the
+  student's own (`student_part`), so that they are `share` of the whole."""
+  return list(generated) + student_part(own, student_count(len(generated), share), seed)
 
 
 def _memory_maps() -> int | None:
@@ -233,8 +317,9 @@ def release(label: str, fraction: float = 0.5) -> bool:
 
 
 def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> dict:
-  """VLIT fine-tune of the student on `records`, then eval (`ablation.benchmarks`); with no records,
-  the student's own eval. Returns the eval's table columns (`_summary`)."""
+  """VLIT fine-tune of the student on `records` (a row's data, with the student's own mixed in when
+  there is any), then eval (`ablation.benchmarks`); with no records, the student's own eval. Returns
+  the eval's table columns (`_summary`)."""
   from c3l_jax import pipeline
 
   down = os.path.join(row_dir, "downstream")
@@ -339,6 +424,15 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
 
   seed_dir = os.path.join(workdir, "ablation", f"seed{k}")
   cfg = seeded(config, k)
+  ref = reference_row(config)
+  own = student_data(cfg, seed_dir)  # first: a mix it cannot make fails before any model work
+  share = config.ablation.get("student_data_share", 0.0)
+  reference: list[dict] = []
+  if own:  # the student fine-tuned on its own part alone (that of generation.num_final records)
+    reference = student_part(own, student_count(cfg.generation.num_final, share), cfg.seed)
+  if own and config.ablation.get("student_steps", 0):
+    # The paper's student already follows instructions: tuned on its own data first, once per seed.
+    cfg = derive(cfg, {"ablation.student": instruct_student(cfg, seed_dir, own)})
   if k == 0:
     missing = [s for s in SHARED if not common.stage_done(workdir, s)]
     if missing:
@@ -348,8 +442,11 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
     pipeline.run_stages(derive(cfg, {"stages": ",".join(SHARED)}), seed_dir, SHARED)
   release(f"seed {k} shared stages")
   results: dict[str, dict] = {}
-  ref = reference_row(config)
-  results[ref] = _downstream(cfg, os.path.join(seed_dir, "base"), [], f"seed {k} {ref}")
+  if own:
+    console.say(f"ablation seed {k} {ref}: {len(reference)} of the student's {len(own)} own records")
+  results[ref] = _downstream(cfg, os.path.join(seed_dir, "base"), reference, f"seed {k} {ref}")
+  if own:
+    results[ref]["student_records"] = len(reference)
   for name, row in all_rows(config).items():
     row_dir = os.path.join(seed_dir, row.dirname)
     _link(seed_dir, row_dir, row.links)
@@ -365,7 +462,10 @@ def run_seed(config: Any, workdir: str, k: int) -> dict[str, dict]:
       result.update({m: quality.get(m) for m in ("relevance", "accuracy", "hallucination", "mean_i2c")})
     console.say(f"ablation seed {k} {name} data: " + ", ".join(
         f"{m} {v:.3f}" if isinstance(v, float) else f"{m} {v}" for m, v in result.items()))
-    result.update(_downstream(cfg, row_dir, rows, f"seed {k} {name}"))
+    records = mix(rows, own, share, cfg.seed) if own else rows
+    if own:
+      result["student_records"] = len(records) - len(rows)
+    result.update(_downstream(cfg, row_dir, records, f"seed {k} {name}"))
     results[name] = result
   return results
 
@@ -382,4 +482,5 @@ def run(config: Any, workdir: str) -> dict:
 
 
 __all__ = ["ROWS", "Row", "VARIANTS", "aggregate", "all_rows", "derive", "first_stage", "mean_interval",
-           "reading_row", "reference_row", "run", "seeded", "table", "variant_rows"]
+           "instruct_student", "mix", "reading_row", "reference_row", "run", "seeded", "student_data",
+           "student_part", "table", "variant_rows"]

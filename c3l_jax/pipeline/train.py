@@ -276,6 +276,7 @@ def run(config: Any, workdir: str) -> dict:
   runtime.get().lead_writes("train:history",
                             lambda: write_jsonl(os.path.join(stage_dir, "history.jsonl"), history))
   export_generator(trainer.model().vlm, config.model.checkpoint, os.path.join(stage_dir, "generator"))
-  return {"steps": trainer.step, "ce_examples": len(ce_examples), "groups": len(groups),
+  return {"checkpoint": config.model.checkpoint,  # the model the training started from
+          "steps": trainer.step, "ce_examples": len(ce_examples), "groups": len(groups),
           "first_loss": history[0]["loss"] if history else None,
           "last_loss": history[-1]["loss"] if history else None}

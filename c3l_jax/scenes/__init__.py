@@ -6,7 +6,9 @@ It is not part of the C3L pipeline; it plugs into it. Importing this package reg
 - the image source `data.source=scenes`: the world through its tfds builder (`data.scenes_images`
   training scenes of seed `data.scenes_seed`; split `val` = held-out scenes), with a ground-truth
   `quality` check that the export stage runs on the initial and the final data (the demo's table);
-- the eval benchmark `scenes_vqa`: grounded VQA on held-out scenes, judged by the checker.
+- the eval benchmark `scenes_vqa`: grounded VQA on held-out scenes, judged by the checker;
+- the source's own instruction data (`c3l_jax.scenes.student`): what the ablation's student is
+  fine-tuned on besides the generated data (`config.ablation.student_data = "scenes"`).
 
 A config turns it on with `config.plugins = "c3l_jax.scenes"` (`configs/scenes_*.py` do). Modules:
 
@@ -16,6 +18,7 @@ A config turns it on with `config.plugins = "c3l_jax.scenes"` (`configs/scenes_*
   dataset    the tfds builder (`load_split`)
   quality    dataset quality against ground truth, the `scenes_vqa` benchmark
   processor  the world's word-level tokenizer / image processor and the tiny model's training text
+  student    the ablation student's own instruction data (`ablation.student_data=scenes`)
   pretrain   the command that trains the shipped model `checkpoints/scenes_tiny` and the student
              `checkpoints/scenes_student`: `python -m c3l_jax.scenes.pretrain` (see docs/scenes.md)
   grounded   its default recipe (`pretrain.recipe=grounded`): supervised tower, cached image tokens
@@ -68,6 +71,12 @@ def _verdicts(config: Any, source: Any, rows: Sequence[dict]) -> list[dict]:
   return quality.verdicts(rows, quality.scene_lookup(source))
 
 
+def _instruction_data(config: Any) -> list[dict]:
+  from c3l_jax.scenes import student
+
+  return student.from_config(config)
+
+
 def _check(config: Any) -> str | None:
   n = config.data.scenes_images
   if not n >= 1:
@@ -90,7 +99,7 @@ def _scenes_vqa(evaluator: Any, eval_config: Any) -> dict:
 
 registry.register_source(registry.Source(SOURCE, _elements, quality=_quality,
                                          quality_title=QUALITY_TITLE, verdicts=_verdicts,
-                                         check=_check))
+                                         check=_check, instruction_data=_instruction_data))
 registry.register_benchmark(registry.Benchmark("scenes_vqa", _scenes_vqa, sources=(SOURCE,),
                                                summary=lambda m: {"vqa_acc": m.get("accuracy")}))
 
