@@ -242,6 +242,20 @@ def student_part(own: Sequence[dict], count: int, seed: int) -> list[dict]:
   return [own[int(i)] for i in order[:count]]
 
 
+def _write_records(directory: str, records: Sequence[dict], barrier: str) -> str:
+  """`directory/records.jsonl`: the QA fields of `records`, the VLIT data of a sub-run; written once by
+  the lead process (kept on a rerun), every process meeting at `barrier`. Returns the path."""
+  os.makedirs(directory, exist_ok=True)
+  data = os.path.join(directory, "records.jsonl")
+
+  def write() -> None:
+    if not os.path.exists(data):
+      write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in records])
+
+  runtime.get().lead_writes(barrier, write)
+  return data
+
+
 def instruct_student(config: Any, seed_dir: str, own: Sequence[dict]) -> str:
   """The student instruction-tuned on all of its own data `own` (VLIT, `ablation.student_steps` at
   `ablation.student_learning_rate`) in `seed_dir/student/`; returns the tuned model's directory, from
@@ -249,14 +263,7 @@ def instruct_student(config: Any, seed_dir: str, own: Sequence[dict]) -> str:
   from c3l_jax import pipeline
 
   out = os.path.join(seed_dir, "student")
-  os.makedirs(out, exist_ok=True)
-  data = os.path.join(out, "records.jsonl")
-
-  def write() -> None:
-    if not os.path.exists(data):
-      write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in own])
-
-  runtime.get().lead_writes("ablation:student_records", write)
+  data = _write_records(out, own, "ablation:student_records")
   steps = config.ablation.student_steps
   cfg = derive(config, {
       "model.checkpoint": config.ablation.get("student") or config.model.checkpoint,
@@ -323,14 +330,7 @@ def _downstream(config: Any, row_dir: str, records: list[dict], name: str) -> di
   from c3l_jax import pipeline
 
   down = os.path.join(row_dir, "downstream")
-  os.makedirs(down, exist_ok=True)
-  data = os.path.join(down, "records.jsonl")
-
-  def write() -> None:
-    if not os.path.exists(data):
-      write_jsonl(data, [{k: r[k] for k in ("id", "image", "question", "answer")} for r in records])
-
-  runtime.get().lead_writes("ablation:records", write)  # every process meets here
+  data = _write_records(down, records, "ablation:records")
   student = config.ablation.get("student") or config.model.checkpoint
   config = derive(config, {"model.checkpoint": student})
   if records:
