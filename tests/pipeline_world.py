@@ -125,3 +125,27 @@ def make_world(root: str) -> dict:
   records = make_images(root)
   teach_qa_format(model, os.path.join(root, "images"))
   return {"root": root, "model": model, "records": records, "images": os.path.join(root, "images")}
+
+
+def rows(path) -> list[dict]:
+  """The records of a JSONL file."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def parts(workdir, stage: str) -> list[dict]:
+  """Every record a stage wrote to its part files, in part order (not the quarantine)."""
+  d = os.path.join(workdir, stage)
+  return [r for p in sorted(os.listdir(d)) if p.startswith("part-") and p.endswith(".jsonl")
+          and "rejected" not in p for r in rows(os.path.join(d, p))]
+
+
+def tree(directory, workdir) -> dict[str, bytes]:
+  """Every file under `directory` (relative path -> bytes), the workdir's path replaced by "W"."""
+  out = {}
+  for base, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(base, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read().replace(str(workdir).encode(), b"W")
+  return out

@@ -22,6 +22,7 @@ import PIL.Image
 import pytest
 
 import pipeline_world as pw
+from pipeline_world import rows as _rows, parts as _parts
 from hf_reference import REPO
 
 STAGES = ("initial", "filter", "score", "select", "train", "final", "export")
@@ -56,15 +57,8 @@ def _env():
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
 
 
-def _rows(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
-def _parts(workdir, stage):
-  d = os.path.join(workdir, stage)
-  return [r for p in sorted(os.listdir(d)) if p.startswith("part-") and p.endswith(".jsonl")
-          and "rejected" not in p for r in _rows(os.path.join(d, p))]
 
 
 @pytest.fixture(scope="module")

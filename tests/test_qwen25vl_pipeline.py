@@ -24,6 +24,7 @@ import PIL.Image
 import pytest
 
 import pipeline_world as pw
+from pipeline_world import rows as _rows, parts as _parts, tree as _tree
 import ports
 import qwen_reference as Q
 from c3l_jax import convert
@@ -146,16 +147,8 @@ def runs(world):
   return {"one": one, "two": two, "kept": kept, "metrics": metrics}
 
 
-def _rows(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
-def _parts(workdir, stage):
-  d = os.path.join(workdir, stage)
-  return [r for p in sorted(os.listdir(d)) if p.startswith("part-") and p.endswith(".jsonl")
-          and "rejected" not in p
-          for r in _rows(os.path.join(d, p))]
 
 
 def test_generation_stages_quarantine_and_count(world, runs):
@@ -198,15 +191,6 @@ def test_scoring_training_final_and_export(world, runs):
   assert os.path.exists(os.path.join(workdir, "export", "c3l_vlit.json"))
 
 
-def _tree(directory, workdir):
-  """Every file under `directory` (relative path -> bytes), the workdir's path replaced by "W"."""
-  out = {}
-  for base, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(base, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = f.read().replace(workdir.encode(), b"W")
-  return out
 
 
 def test_two_processes_resume_final_and_write_the_same_bytes(runs):
